@@ -1,0 +1,30 @@
+# Two commands for users (see README): `make demo` and `make test`. Both create .venv/ on first use and reuse it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test pipeline-yaml clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip<26"
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: install
+	test -d .dvc || $(BIN)/dvc init -q
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+
+test: install
+	$(BIN)/python -m pytest -q
+
+pipeline-yaml: install
+	$(BIN)/python -m pipelines.kfp_pipeline --output infra/kubeflow/mer_pipeline.yaml
+
+clean:
+	rm -rf $(VENV) data runs mlruns mlartifacts mlflow.db metrics.json plots reports

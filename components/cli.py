@@ -1,0 +1,63 @@
+"""The single `mer` entry point: one subcommand per component.
+
+Each module in COMMANDS exposes `register(subparsers)`, which adds its subcommand and sets `func` to a callable taking
+the parsed arguments and returning an exit code. Modules keep heavy imports (torch, ray, mlflow) inside functions so
+that `mer --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from mer_model.errors import MerError
+from mer_model.logging_utils import setup_logging
+
+COMMANDS = [
+    "components.synth",
+    "components.ingest",
+    "components.preprocess",
+    "components.tune",
+    "components.evaluate",
+    "components.register",
+    "components.report",
+    "components.predict",
+    "components.benchmark",
+]
+
+log = logging.getLogger("mer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mer", description="Micro-expression recognition experiment platform")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:  # component not written yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except MerError as err:
+        print(f"mer {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mer {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

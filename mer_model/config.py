@@ -1,0 +1,214 @@
+"""Typed, validated configuration: `params.yaml` is loaded once into these objects.
+
+One place defines every knob of the platform. DVC stages depend on sections of params.yaml (`params:` in dvc.yaml),
+so a training parameter never invalidates the preprocessing cache. Validation errors name the offending key
+(e.g. `params.yaml: train.protocol: Input should be 'fixed', 'inner' or 'oracle'`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mer_model.errors import ConfigError
+
+DatasetName = Literal["synthetic", "casme2", "samm", "smic", "casme3", "megc2019"]
+Protocol = Literal["fixed", "inner", "oracle"]
+
+
+class _Section(BaseModel):
+    """Unknown keys are errors: a typo in params.yaml must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class SynthConfig(_Section):
+    """The embedded synthetic dataset (CASME II layout)."""
+
+    out: str = "data/synthetic"
+    subjects: int = Field(8, ge=2)
+    clips_per_subject: int = Field(10, ge=1)
+    min_frames: int = Field(12, ge=10)
+    max_frames: int = Field(24, le=30)
+    image_size: int = Field(256, ge=128)
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    """Which dataset to read and how to label it."""
+
+    source: DatasetName = "synthetic"
+    root: str = "data/synthetic"
+    annotation: str | None = None  # coding sheet; None = the loader's default file name under root
+    class_set: str = "casme2_5"
+    au_sheets: dict[str, str] = Field(default_factory=dict)  # composite AU join: {"casme2": path, "samm": path}
+    strict: bool = False  # annotation-vs-disk warnings become errors
+    ingested: str = "data/ingested/annotations.csv"
+
+
+class FlowConfig(_Section):
+    """TV-L1 settings (cv2.optflow.DualTVL1OpticalFlow) and the 28x28 flow-map convention."""
+
+    tau: float = 0.25
+    lambda_: float = Field(0.15, alias="lambda")
+    theta: float = 0.3
+    nscales: int = 5
+    warps: int = 5
+    epsilon: float = 0.01
+    inner_iterations: int = 30
+    outer_iterations: int = 10
+    scale_step: float = 0.8
+    median_filtering: int = 5
+    map_size: int = 28
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class PreprocessConfig(_Section):
+    """Face alignment, crops, flow and landmarks; the cache every model reads."""
+
+    out: str = "data/preprocessed"
+    detector: Literal["dlib", "annotation"] = "dlib"  # annotation = use landmarks saved with the dataset
+    detector_upsample: int = 1
+    margin: float = 0.15
+    face_size: int = 224
+    seq_frames: int = 8
+    seq_size: int = 128
+    flow: FlowConfig = Field(default_factory=FlowConfig)
+    num_workers: int = 0  # Ray CPUs to use; 0 = all available
+    ray_address: str | None = None  # None = local Ray; "auto" or ray://host:port for a cluster
+
+
+class ModelConfig(_Section):
+    """Which registered model to build; `config` picks a named preset, `kwargs` overrides single arguments."""
+
+    name: str = "cva_fpf"
+    config: str = "small"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(_Section):
+    """The fold trainer and the evaluation protocol."""
+
+    protocol: Protocol = "fixed"
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    val_fraction: float = Field(0.2, gt=0, lt=1)  # `inner`: share of TRAINING subjects held out for validation
+    patience: int = Field(0, ge=0)  # `inner`: early stopping patience in epochs (0 = select best epoch, no stop)
+    augment: bool = True
+    checkpoint_every: int = Field(0, ge=0)  # epochs; 0 = no intermediate checkpoints
+    device: str = "auto"
+    amp: bool = True  # only used on CUDA
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class SearchParam(_Section):
+    """One dimension of the hyperparameter search space."""
+
+    type: Literal["loguniform", "uniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+
+class TuneConfig(_Section):
+    """Ray Tune: LOSO folds as Ray tasks, Optuna search scored on inner validation only."""
+
+    num_samples: int = Field(0, ge=0)  # search trials; 0 = no search, evaluate the configured hyperparameters
+    search_space: dict[str, SearchParam] = Field(default_factory=dict)  # keys like "train.lr", "model.kwargs.dim"
+    search_folds: int = Field(3, ge=1)  # LOSO folds whose INNER validation score is a trial's objective
+    metric: str = "uf1"
+    max_concurrent_trials: int = Field(2, ge=1)
+    fold_cpus: float = Field(1, gt=0)
+    fold_gpus: float = Field(0, ge=0)  # fractional: several small folds share one GPU
+    max_retries: int = Field(2, ge=0)  # a fold whose worker died is retried by Ray
+    storage_path: str = "runs/tune"  # local dir or s3://bucket/prefix; experiment state survives the head node
+    experiment: str | None = None  # None = derived from dataset x model x protocol
+    ray_address: str | None = None
+    final_model: bool = True  # train on all subjects with the chosen config and register it
+
+
+class TrackingConfig(_Section):
+    """MLflow: an embedded SQLite store by default; MLFLOW_TRACKING_URI overrides `uri`."""
+
+    uri: str = "sqlite:///mlflow.db"
+    artifact_location: str | None = None
+    experiment: str = "mer"
+    registered_model: str = "mer-model"
+
+
+class EvaluateConfig(_Section):
+    metrics: str = "metrics.json"
+    plots: str = "plots"
+    report: str = "reports"
+
+
+class Params(_Section):
+    """The whole of params.yaml."""
+
+    seed: int = 0
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {key}: {first['msg']}{more}"
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a params mapping; a ConfigError names the first bad key."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Load and validate params.yaml, applying dotted overrides such as {"train.epochs": 3}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameters file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return parse_params(raw, str(path))
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set tree["a"]["b"] for key "a.b", creating intermediate mappings."""
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a mapping")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse a CLI override `key=value`; the value is read as YAML (numbers, booleans, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)

@@ -1,0 +1,34 @@
+"""User-facing error types.
+
+Every error a user can cause (a bad path, an unparseable annotation row, an invalid params.yaml value) is raised as a
+`MerError` subclass carrying one line that names the file, row or key. The CLI prints that line and exits non-zero
+without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class MerError(Exception):
+    """Base class of errors caused by user input; `str(err)` is a complete one-line message."""
+
+
+class ConfigError(MerError):
+    """An invalid or missing configuration value; the message names the key."""
+
+
+class DataError(MerError):
+    """A problem with a dataset file or annotation row; the message names the file and row."""
+
+    def __init__(self, message: str, *, file: str | None = None, row: int | str | None = None) -> None:
+        where = ", ".join(p for p in (f"{file}" if file else "", f"row {row}" if row is not None else "") if p)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.file = file
+        self.row = row
+
+
+class SampleError(MerError):
+    """One sample cannot be processed; the run records it and continues with the others."""
+
+    def __init__(self, sample_id: str, message: str) -> None:
+        super().__init__(f"sample {sample_id}: {message}")
+        self.sample_id = sample_id
