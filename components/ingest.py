@@ -1,0 +1,82 @@
+"""`mer ingest`: the dataset named in params.data -> the unified annotation table, its exclusions and a summary.
+
+Outputs (beside params.data.ingested, e.g. data/ingested/annotations.csv):
+* `annotations.csv` -- the labelled table (mer_model.data.schema), read back with `mer_model.data.read_table`;
+* `annotations.exclusions.csv` -- every row left out, with `stage` (class_set/disk), `reason` and `detail`;
+* `annotations.summary.json` -- counts per dataset, class, exclusion reason and warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from components.common import add_params_arguments, params_from_args
+from mer_model.config import Params
+from mer_model.data import apply_class_set, check_table, get_class_set, load_annotations, validate_table
+from mer_model.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def output_paths(params: Params) -> dict[str, Path]:
+    table = Path(params.data.ingested)
+    return {
+        "table": table,
+        "exclusions": table.with_name(f"{table.stem}.exclusions.csv"),
+        "summary": table.with_name(f"{table.stem}.summary.json"),
+    }
+
+
+def ingest(params: Params) -> pd.DataFrame:
+    """Load, label (params.data.class_set), check against disk (params.data.strict), write; returns the table."""
+    data = params.data
+    root = Path(data.root).expanduser()
+    if not root.is_dir():
+        raise DataError("data.root: directory not found", file=str(root))
+    class_set = get_class_set(data.class_set)
+    options: dict[str, Any] = {"au_sheets": data.au_sheets} if data.source == "megc2019" else {}
+    if data.au_sheets and data.source != "megc2019":
+        log.warning("data.au_sheets is only used by the megc2019 composite; ignored for %s", data.source)
+    loaded = load_annotations(data.source, root, data.annotation, **options)
+    labelled, by_class = apply_class_set(loaded, class_set)
+    kept, by_disk, checks = check_table(labelled, strict=data.strict)
+    if kept.empty:
+        raise DataError(f"no sample of {data.source} passed the disk checks (see the warnings above)", file=str(root))
+    validate_table(kept)
+
+    paths = output_paths(params)
+    paths["table"].parent.mkdir(parents=True, exist_ok=True)
+    kept.to_csv(paths["table"], index=False)
+    exclusions = pd.concat([by_class.assign(stage="class_set", detail=""), by_disk.assign(stage="disk")],
+                           ignore_index=True)
+    exclusions.to_csv(paths["exclusions"], index=False)
+    summary = {
+        "source": data.source, "root": str(root.resolve()), "class_set": class_set.name,
+        "classes": list(class_set.names), "loaded": len(loaded), "ingested": len(kept),
+        "subjects": int(kept["subject"].nunique()),
+        "per_dataset": {str(k): int(v) for k, v in kept["dataset"].value_counts().sort_index().items()},
+        "per_class": {class_set.names[int(k)]: int(v) for k, v in kept["label"].value_counts().sort_index().items()},
+        "excluded": {str(k): int(v) for k, v in exclusions["reason"].value_counts().items()},
+        "warnings": dict(checks.warnings),
+    }
+    paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("ingested %d of %d samples (%d subjects) -> %s; %d excluded -> %s", len(kept), len(loaded),
+             summary["subjects"], paths["table"], len(exclusions), paths["exclusions"])
+    return kept
+
+
+def _run(args: argparse.Namespace) -> int:
+    ingest(params_from_args(args))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("ingest", help="read a dataset's native layout into the unified annotation table")
+    add_params_arguments(parser)
+    parser.set_defaults(func=_run)

@@ -1,0 +1,119 @@
+"""MEGC2019 composite (CASME II + SMIC + SAMM, 3 classes) as distributed with the HTNet code.
+
+`combined_3_class2_for_optical_flow.csv`: dataset (casme2/smic/samm), sub, filename_o, label (0 negative,
+1 positive, 2 surprise), apex (usually empty), imagename. Beside it: `datasets/STSNet_whole_norm_u_v_os/<sub>_<clip> .png`
+(28x28 onset->apex u/v/strain; note the space before `.png`), optionally `datasets/combined_datasets_whole/<imagename>`
+(apex crops) and `landmarks5_28px.csv` (five points per imagename in the 28 px frame). The composite carries no AUs:
+they are joined from the CASME II / SAMM coding sheets given as `au_sheets` (params data.au_sheets), by subject
+and clip, together with their onset/apex/offset.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mer_model.data.loaders import LOADERS, register
+from mer_model.data.loaders import casme2, samm, smic
+from mer_model.data.loaders.common import cell_text, find_annotation, finish, frame_number, read_sheet
+from mer_model.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+PATTERNS = ("combined_3_class2_for_optical_flow.csv", "combined_3_class*.csv")
+FLOW_DIR = Path("datasets") / "STSNet_whole_norm_u_v_os"
+APEX_DIR = Path("datasets") / "combined_datasets_whole"
+LANDMARKS = "landmarks5_28px.csv"
+CLASSES = ("negative", "positive", "surprise")
+POINT_COLUMNS = ("left_eye_x", "left_eye_y", "right_eye_x", "right_eye_y", "nose_x", "nose_y",
+                 "mouth_left_x", "mouth_left_y", "mouth_right_x", "mouth_right_y")
+SUBJECTS = {"casme2": casme2.subject_folder, "samm": samm.subject_folder, "smic": smic.subject_folder}
+AU_DATASETS = ("casme2", "samm")
+
+
+def _points5(path: Path) -> dict[str, str]:
+    """imagename -> 'x1,y1,...,x5,y5' from landmarks5_28px.csv; {} when the file is absent."""
+    if not path.is_file():
+        log.info("%s absent: points5 left empty (preprocessing detects them on the apex crops)", path)
+        return {}
+    sheet = read_sheet(path, ("imagename",) + POINT_COLUMNS)
+    out: dict[str, str] = {}
+    for (_, row), line in zip(sheet.rows.iterrows(), sheet.line):
+        try:
+            values = [float(row[sheet.column(c)]) for c in POINT_COLUMNS]
+        except ValueError:
+            raise DataError("landmark coordinate is not a number", file=str(path), row=int(line)) from None
+        out[cell_text(row[sheet.column("imagename")])] = ",".join(f"{v:g}" for v in values)
+    return out
+
+
+def _au_coding(au_sheets: dict[str, str]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(subject, clip) -> AU string, frame numbers and sheet row, from the native CASME II / SAMM sheets."""
+    coding: dict[tuple[str, str], dict[str, Any]] = {}
+    for dataset, sheet_path in au_sheets.items():
+        if dataset not in AU_DATASETS:
+            raise ConfigError(f"data.au_sheets.{dataset}: AU coding can be joined for {', '.join(AU_DATASETS)} only")
+        path = Path(sheet_path).expanduser().resolve()
+        table = LOADERS[dataset](path.parent, path, frames=False)
+        for row in table.itertuples():
+            coding[(row.subject, row.clip)] = {
+                "au_raw": row.au_raw, "onset": row.onset, "apex": row.apex, "offset": row.offset,
+            }
+    return coding
+
+
+def load_megc2019(root: Path, annotation: Path | None = None, *, frames: bool = True,
+                  au_sheets: dict[str, str] | None = None) -> pd.DataFrame:
+    path = find_annotation(root, annotation, PATTERNS, "megc2019")
+    sheet = read_sheet(path, ("dataset", "sub", "filename_o", "label"))
+    cols = {k: sheet.column(k) for k in ("dataset", "sub", "filename_o", "label")}
+    apex_col, image_col = sheet.optional_column("apex"), sheet.optional_column("imagename")
+    base = path.parent
+    points = _points5(base / LANDMARKS)
+    coding = _au_coding(au_sheets or {})
+    records = []
+    no_points = no_coding = 0
+    for (_, row), line in zip(sheet.rows.iterrows(), sheet.line):
+        dataset = cell_text(row[cols["dataset"]]).lower()
+        if dataset not in SUBJECTS:
+            raise DataError(f"dataset {dataset!r} is not casme2/smic/samm", file=str(path), row=int(line))
+        raw_sub, clip = cell_text(row[cols["sub"]]), cell_text(row[cols["filename_o"]])
+        label = cell_text(row[cols["label"]])
+        if label not in ("0", "1", "2"):
+            raise DataError(f"label {label!r} is not 0/1/2", file=str(path), row=int(line))
+        subject = f"{dataset}/{SUBJECTS[dataset](raw_sub, file=path, row=int(line))}"
+        image = cell_text(row[image_col]) if image_col else ""
+        record: dict[str, Any] = {
+            "dataset": dataset, "collection": "megc2019", "subject": subject, "clip": clip,
+            "emotion": CLASSES[int(label)], "au_raw": "", "source_file": str(path), "source_row": int(line),
+            "apex": frame_number(row[apex_col], file=path, row=int(line), column="apex") if apex_col else None,
+            "points5": points.get(image, ""),
+        }
+        if frames:
+            flow = base / FLOW_DIR / f"{raw_sub}_{clip} .png"
+            if not flow.is_file() and flow.with_name(f"{raw_sub}_{clip}.png").is_file():
+                flow = flow.with_name(f"{raw_sub}_{clip}.png")  # re-distributions without the space
+            record["flow_path"] = str(flow)
+            if image and (base / APEX_DIR / image).is_file():
+                record["apex_path"] = str(base / APEX_DIR / image)
+        if points and not record["points5"]:
+            no_points += 1
+        if coding:
+            joined = coding.get((subject, clip))
+            if joined is None and dataset in au_sheets:
+                no_coding += 1
+            elif joined is not None:
+                record.update({k: (None if pd.isna(v) else v) for k, v in joined.items()
+                               if k == "au_raw" or record.get(k) is None})
+        records.append(record)
+    if no_points:
+        log.warning("%s: %d samples without a row in %s", path, no_points, LANDMARKS)
+    if no_coding:
+        log.warning("%s: %d samples not found in the AU sheets %s", path, no_coding, au_sheets)
+    return finish(records)
+
+
+register("megc2019", load_megc2019)
