@@ -10,8 +10,7 @@ any tail of the sheet's path; frame numbers are zero-padded to six digits (`imag
 from __future__ import annotations
 
 import re
-from pathlib import PurePosixPath
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
@@ -53,8 +52,9 @@ def load_smic(root: Path, annotation: Path | None = None, *, frames: bool = True
     sheet = read_sheet(path, ("subject", "clip", "label"))
     cols = {k: sheet.column(*names) for k, names in {
         "subject": ("subject",), "clip": ("clip",), "label": ("label",), "onset": ("onset_frame", "onset"),
-        "apex": ("apex_frame", "apex"), "offset": ("offset_frame", "offset"),
+        "apex": ("apex_frame", "apex"),
     }.items()}
+    offset_col = sheet.optional_column("offset_frame", "offset")  # apex-only sheets exist
     path_col = sheet.optional_column("onset_frame_path")
     finder = FrameFinder(root, SUBFOLDERS)
     records = []
@@ -65,7 +65,8 @@ def load_smic(root: Path, annotation: Path | None = None, *, frames: bool = True
             "dataset": "smic", "collection": "smic", "subject": f"smic/{subject}", "clip": clip,
             "emotion": emotion_of(row[cols["label"]], clip, file=path, row=line), "au_raw": "",
             "source_file": str(path), "source_row": int(line),
-            **{k: frame_number(row[cols[k]], file=path, row=line, column=cols[k]) for k in ("onset", "apex", "offset")},
+            **{k: frame_number(row[cols[k]], file=path, row=line, column=cols[k]) for k in ("onset", "apex")},
+            "offset": frame_number(row[offset_col], file=path, row=line, column=offset_col) if offset_col else None,
         }
         if frames:
             number = subject[1:].lstrip("0")
