@@ -99,6 +99,11 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    # Class-balanced cross-entropy (weights n / (K n_c) from the training fold). On by default: the field's metrics
+    # (UF1, UAR) weight every class equally while MER classes are heavily imbalanced, so a balanced loss optimises the
+    # quantity that is reported; set false to reproduce authors' plain-CE training.
+    class_weights: bool = True
     val_fraction: float = Field(0.2, gt=0, lt=1)  # `inner`: share of TRAINING subjects held out for validation
     patience: int = Field(0, ge=0)  # `inner`: early stopping patience in epochs (0 = select best epoch, no stop)
     augment: bool = True

@@ -1,0 +1,1 @@
+"""Training and evaluation core: cache-backed datasets, LOSO folds, the fold trainer, metrics."""

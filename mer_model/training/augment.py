@@ -1,0 +1,127 @@
+"""Training-time augmentation applied IDENTICALLY to every array of one sample (MMNet recipe).
+
+Onset and apex (or the frames of a sequence) must move together: a different flip or crop per frame would itself look
+like motion, which is exactly the signal the models learn. One affine transform (horizontal flip, rotation up to
+3 degrees, random crop with padding 15 px of a 224 image) is drawn per sample in RESOLUTION-FREE units and instantiated
+for each array's size, so a 28 px flow map and a 224 px crop of the same sample get the same geometric change.
+Vector fields are transformed too: raw flow (`flows128`) gets the affine's linear part applied to (u, v); the
+min-max-normalised `flow28` maps get u -> 1 - u on a flip (exact for a min-max normalised map) and no vector rotation
+(not exact under per-map normalisation; at 3 degrees the mixing is below 5%). Landmarks follow the points and, on a
+flip, are re-indexed by the mirror permutation so that index 36 still means the image-left eye corner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+REFERENCE_SIZE = 224  # the MMNet recipe is stated for 224 px crops
+MAX_ROTATION_DEG = 3.0
+CROP_PADDING = 15  # at REFERENCE_SIZE
+
+
+def _mirror_68() -> np.ndarray:
+    """Index permutation of the 68-point (iBUG) scheme under a horizontal flip."""
+    perm = np.arange(68)
+    pairs = [(i, 16 - i) for i in range(8)]  # jaw
+    pairs += [(17 + i, 26 - i) for i in range(5)]  # brows
+    pairs += [(31, 35), (32, 34)]  # nose base
+    pairs += [(36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46)]  # eyes
+    pairs += [(48, 54), (49, 53), (50, 52), (55, 59), (56, 58)]  # outer lips
+    pairs += [(60, 64), (61, 63), (65, 67)]  # inner lips
+    for a, b in pairs:
+        perm[a], perm[b] = b, a
+    return perm
+
+
+MIRROR_68 = _mirror_68()
+MIRROR_5 = np.array([1, 0, 2, 4, 3])  # left eye, right eye, nose, left mouth, right mouth
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """One draw of the sample-level transform; shifts are fractions of the image side."""
+
+    flip: bool
+    angle: float  # degrees, counter-clockwise
+    shift_x: float
+    shift_y: float
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> Augmentation:
+        # RandomCrop(padding=p) on a padded image == an integer translation in [-p, p].
+        sx, sy = (rng.integers(-CROP_PADDING, CROP_PADDING + 1, size=2) / REFERENCE_SIZE).tolist()
+        return cls(bool(rng.random() < 0.5), float(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)), sx, sy)
+
+    def matrix(self, height: int, width: int) -> np.ndarray:
+        """2x3 affine (pixel-centre coordinates, as cv2.warpAffine uses) for an image of this size."""
+        flip = np.array([[-1.0, 0, width - 1], [0, 1, 0], [0, 0, 1]]) if self.flip else np.eye(3)
+        rot = np.vstack([cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), self.angle, 1.0), [0, 0, 1]])
+        shift = np.array([[1.0, 0, round(self.shift_x * width)], [0, 1, round(self.shift_y * height)], [0, 0, 1]])
+        return (shift @ rot @ flip)[:2]
+
+
+def _warp(image_hwc: np.ndarray, m: np.ndarray, border: int) -> np.ndarray:
+    """warpAffine for any channel count (cv2 handles at most 4 per call in some builds, so chunk)."""
+    h, w = image_hwc.shape[:2]
+    squeeze = image_hwc.ndim == 2
+    img = image_hwc[..., None] if squeeze else image_hwc
+    chunks = [
+        cv2.warpAffine(np.ascontiguousarray(img[..., i:i + 4]), m, (w, h), flags=cv2.INTER_LINEAR, borderMode=border)
+        for i in range(0, img.shape[-1], 4)
+    ]
+    out = np.concatenate([c.reshape(h, w, -1) for c in chunks], axis=-1)
+    return out[..., 0] if squeeze else out
+
+
+def _points(points: np.ndarray, m: np.ndarray, perm: np.ndarray | None) -> np.ndarray:
+    out = points @ m[:, :2].T + m[:, 2]
+    if perm is not None:
+        out = out[..., perm, :]
+    return out.astype(points.dtype)
+
+
+def apply(arrays: dict[str, np.ndarray], aug: Augmentation) -> dict[str, np.ndarray]:
+    """Return augmented copies of the cache arrays of one sample (keys as in the preprocessed cache); keys that carry
+    no geometry (`aus`, ...) pass through. Point sets use the frame of the image they belong to (points5 -> flow28,
+    landmarks68 -> frames128)."""
+    out = dict(arrays)
+    sizes: dict[str, tuple[int, int]] = {}
+    for key in ("onset224", "apex224"):
+        if key in arrays:
+            img = arrays[key]
+            m = aug.matrix(*img.shape[:2])
+            out[key] = _warp(img, m, cv2.BORDER_CONSTANT)
+    if "frames128" in arrays:
+        frames = arrays["frames128"]  # (N, H, W)
+        sizes["frames128"] = frames.shape[1:3]
+        m = aug.matrix(*frames.shape[1:3])
+        out["frames128"] = _warp(np.moveaxis(frames, 0, -1), m, cv2.BORDER_CONSTANT).reshape(
+            frames.shape[1], frames.shape[2], -1).transpose(2, 0, 1)
+    if "flows128" in arrays:
+        flows = arrays["flows128"].astype(np.float32)  # (N-1, 2, H, W), pixels
+        n, _, h, w = flows.shape
+        sizes["frames128"] = (h, w)
+        m = aug.matrix(h, w)
+        warped = _warp(flows.reshape(n * 2, h, w).transpose(1, 2, 0), m, cv2.BORDER_CONSTANT)
+        warped = warped.reshape(h, w, n, 2).transpose(2, 3, 0, 1)
+        # A displacement d maps to A d under x -> A x + b.
+        out["flows128"] = np.einsum("ij,njhw->nihw", m[:, :2], warped).astype(arrays["flows128"].dtype)
+    if "flow28" in arrays:
+        flow = arrays["flow28"]  # (3, H, W) u, v, strain in [0, 1]
+        sizes["flow28"] = flow.shape[1:3]
+        m = aug.matrix(*flow.shape[1:3])
+        # Replicate borders: 0 in a min-max normalised map is the most negative motion, not "no motion".
+        warped = _warp(flow.transpose(1, 2, 0), m, cv2.BORDER_REPLICATE).transpose(2, 0, 1).copy()
+        if aug.flip:
+            warped[0] = 1.0 - warped[0]
+        out["flow28"] = warped.astype(flow.dtype)
+    if "points5" in arrays:
+        h, w = sizes.get("flow28", (28, 28))
+        out["points5"] = _points(arrays["points5"], aug.matrix(h, w), MIRROR_5 if aug.flip else None)
+    if "landmarks68" in arrays:
+        h, w = sizes.get("frames128", (128, 128))
+        out["landmarks68"] = _points(arrays["landmarks68"], aug.matrix(h, w), MIRROR_68 if aug.flip else None)
+    return out

@@ -1,0 +1,408 @@
+"""Training of one LOSO fold under an explicit evaluation protocol, and of the final all-subject model.
+
+Protocols (TrainConfig.protocol):
+
+* `fixed`  - train a fixed number of epochs; the test subject is predicted ONCE, with the last epoch's weights.
+* `inner`  - hold out some TRAINING subjects (subject-wise, never the test subject) as validation; select the epoch with
+             the best validation UF1 (optionally stopping early); predict the test subject once with those weights.
+             `val_score` is the honest number a hyperparameter search may optimise.
+* `oracle` - evaluate the test subject every epoch and keep the epoch with its best ACCURACY, as the public HTNet,
+             MMNet and FaceSleuth scripts do. Reported for comparison with published numbers only: the result is
+             flagged `leaky=True` because the test labels chose the epoch.
+
+Runs are reproducible for a given seed: the model is initialised from the seed, and every epoch reseeds the global
+torch RNG, the shuffling generator and the augmentation draws from (seed, epoch), so a fold resumed from a checkpoint
+continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mer_model.config import ModelConfig, TrainConfig
+from mer_model.errors import ConfigError
+from mer_model.training.data import SampleDataset, SampleStore
+from mer_model.training.folds import Fold, inner_split
+from mer_model.training.metrics import au_f1, classification_metrics, flow_epe, landmark_nme
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[int, dict[str, Any]], None]
+CHECKPOINT_NAME = "last.pt"
+# Cache keys a loss or an auxiliary metric may need besides the model's inputs; loaded where every sample has them.
+TARGET_KEYS = ("aus",)
+
+
+@dataclass
+class FoldSpec:
+    """Everything that determines the result of one fold."""
+
+    model: ModelConfig
+    train: TrainConfig
+    fold: Fold
+    class_names: list[str]
+    num_classes: int = 0  # 0 = len(class_names)
+
+    def __post_init__(self) -> None:
+        self.num_classes = self.num_classes or len(self.class_names)
+        if self.num_classes != len(self.class_names):
+            raise ConfigError(f"fold {self.fold.name}: {self.num_classes} classes but {len(self.class_names)} names")
+
+
+@dataclass
+class FoldResult:
+    """Outcome of one fold; `predictions` has sample_id, subject, dataset, fold, label, pred, prob_0..prob_{C-1}."""
+
+    fold: str
+    predictions: pd.DataFrame
+    history: list[dict[str, Any]]
+    selected_epoch: int
+    val_score: float | None  # `inner`: best validation UF1; None otherwise
+    state_dict: dict[str, torch.Tensor]
+    protocol: str
+    leaky: bool
+    wall_time: float
+    device: str
+    test_metrics: dict[str, Any] = field(default_factory=dict)  # this fold alone, plus au_f1 / flow_epe / landmark_nme
+    train_subjects: tuple[str, ...] = ()
+    val_subjects: tuple[str, ...] = ()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name} requested but CUDA is not available")
+    return device
+
+
+def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The registered model named by the config (imported here so the training core does not depend on every model's
+    third-party code at import time)."""
+    from mer_model.models import create_model
+
+    return create_model(model_cfg.name, model_cfg.config, num_classes=num_classes, **model_cfg.kwargs)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """'Balanced' weights n / (K * n_c) over the K classes present in the TRAINING labels (absent classes: 0, they
+    never occur as a target). They make the expected loss class-balanced, i.e. aligned with UF1/UAR."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class _Loop:
+    """Model, optimiser and data plumbing shared by `train_fold` and `train_final`."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, store: SampleStore, num_classes: int,
+                 train_ids: list[str]) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.device = resolve_device(cfg.device)
+        self.amp = cfg.amp and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        _seed_everything(cfg.seed)
+        self.model = build_model(model_cfg, num_classes).to(self.device)
+        # Loss targets are needed for every split (validation and test losses are reported too); `label` comes from
+        # the index, not the npz.
+        targets = tuple(k for k in getattr(self.model, "targets", ()) if k != "label")
+        self.inputs = tuple(self.model.inputs) + tuple(k for k in targets if k not in self.model.inputs)
+        self.optional = TARGET_KEYS
+        self.optimizer = _optimizer(self.model, cfg)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.train_set = store.torch_dataset(train_ids, self.inputs, cfg.augment, cfg.seed, self.optional)
+        labels = store.labels(train_ids)
+        self.weights = class_weights(labels, num_classes).to(self.device) if cfg.class_weights else None
+        self.weights_checked = False
+
+    def loader(self, dataset: SampleDataset, shuffle: bool, epoch: int = 0) -> DataLoader:
+        generator = torch.Generator().manual_seed(_derived_seed(self.cfg.seed, epoch, 1))
+        # BatchNorm cannot train on a final batch of one sample.
+        drop_last = shuffle and len(dataset) % self.cfg.batch_size == 1 and len(dataset) > 1
+        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=self.cfg.num_workers, generator=generator,
+                          pin_memory=self.device.type == "cuda")
+
+    def _with_weights(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.weights is not None:
+            batch["class_weights"] = self.weights
+        return batch
+
+    def _check_weights_used(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                            loss: torch.Tensor) -> None:
+        """Warn once if the model's loss ignores `class_weights` (it would silently train with plain CE)."""
+        if len(set(self.weights[batch["label"]].tolist())) < 2:
+            return  # this batch cannot tell weighted from unweighted CE
+        self.weights_checked = True
+        plain = {k: v for k, v in batch.items() if k != "class_weights"}
+        with torch.no_grad():
+            unweighted, _ = self.model.loss(outputs, plain)
+        if torch.equal(unweighted.detach(), loss.detach()):
+            log.warning("model %s ignores batch['class_weights']: train.class_weights has no effect",
+                        type(self.model).__name__)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training set; returns sample-weighted means of the loss and its parts."""
+        torch.manual_seed(_derived_seed(self.cfg.seed, epoch, 2))
+        self.train_set.set_epoch(epoch)
+        self.model.train()
+        sums: dict[str, float] = {}
+        seen = 0
+        for batch in self.loader(self.train_set, shuffle=True, epoch=epoch):
+            batch = self._with_weights(_to_device(batch, self.device))
+            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+                outputs = self.model(batch)
+                loss, parts = self.model.loss(outputs, batch)
+            if self.weights is not None and not self.weights_checked:
+                self._check_weights_used(outputs, batch, loss)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"epoch {epoch}: training loss is {loss.item()}")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            n = int(batch["label"].shape[0])
+            seen += n
+            sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach()) * n
+            for name, value in parts.items():
+                if name != "loss":  # the total, already recorded
+                    sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + float(value) * n
+        return {k: v / max(seen, 1) for k, v in sums.items()}
+
+    @torch.no_grad()
+    def evaluate(self, dataset: SampleDataset) -> tuple[np.ndarray, dict[str, Any]]:
+        """Class probabilities (N, C) in dataset order, the loss and the auxiliary-task metrics where the model
+        predicts them and the batch has ground truth."""
+        self.model.eval()
+        probs, au_true, au_pred = [], [], []
+        loss_sum, epe_sum, nme_sum, epe_n, nme_n = 0.0, 0.0, 0.0, 0, 0
+        for batch in self.loader(dataset, shuffle=False):
+            batch = self._with_weights(_to_device(batch, self.device))
+            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+                outputs = self.model(batch)
+                loss, _ = self.model.loss(outputs, batch)
+            n = int(batch["label"].shape[0])
+            loss_sum += float(loss) * n
+            probs.append(torch.softmax(outputs["logits"].float(), dim=1).cpu().numpy())
+            if "au_logits" in outputs and "aus" in batch:
+                au_true.append(batch["aus"].cpu().numpy() > 0.5)
+                au_pred.append(outputs["au_logits"].float().cpu().numpy() > 0.0)
+            if "flow" in outputs and "flows128" in batch and outputs["flow"].shape == batch["flows128"].shape:
+                epe_sum += flow_epe(outputs["flow"].float().cpu().numpy(), batch["flows128"].cpu().numpy()) * n
+                epe_n += n
+            if "landmarks" in outputs and "landmarks68" in batch:
+                pred, true = outputs["landmarks"].float().cpu().numpy(), batch["landmarks68"].cpu().numpy()
+                if pred.shape[1] == true.shape[1] - 1:  # landmarks predicted for frames 2..N
+                    true = true[:, 1:]
+                if pred.shape == true.shape:
+                    nme_sum += landmark_nme(pred, true) * n
+                    nme_n += n
+        extra: dict[str, Any] = {"loss": loss_sum / max(len(dataset), 1)}
+        if au_true:
+            extra["au_f1"] = au_f1(np.concatenate(au_true), np.concatenate(au_pred))["au_f1"]
+        if epe_n:
+            extra["flow_epe"] = epe_sum / epe_n
+        if nme_n:
+            extra["landmark_nme"] = nme_sum / nme_n
+        return np.concatenate(probs), extra
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+
+def _score(dataset: SampleDataset, probs: np.ndarray, extra: dict[str, Any], num_classes: int,
+           class_names: Sequence[str], prefix: str) -> dict[str, Any]:
+    m = classification_metrics(dataset.labels, probs.argmax(1), num_classes, class_names)
+    out = {f"{prefix}_uf1": m["uf1"], f"{prefix}_uar": m["uar"], f"{prefix}_accuracy": m["accuracy"]}
+    out.update({f"{prefix}_{k}": v for k, v in extra.items()})
+    return out
+
+
+def _fingerprint(spec: FoldSpec) -> str:
+    """What must match for a checkpoint to be resumed: every setting that changes the numbers."""
+    train = spec.train.model_dump(exclude={"checkpoint_every", "num_workers", "device"})
+    payload = {"model": spec.model.model_dump(), "train": train, "fold": [spec.fold.name, spec.fold.train_subjects,
+               spec.fold.test_subjects, spec.fold.val_subjects], "classes": spec.class_names}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # a worker killed mid-write leaves the previous checkpoint intact
+
+
+def _predictions(store: SampleStore, dataset: SampleDataset, probs: np.ndarray, fold: str) -> pd.DataFrame:
+    rows = store.rows(dataset.sample_ids)
+    frame = pd.DataFrame({
+        "sample_id": rows["sample_id"].to_numpy(), "subject": rows["subject"].to_numpy(),
+        "dataset": rows["dataset"].to_numpy(), "fold": fold, "label": dataset.labels.astype(int),
+        "pred": probs.argmax(1).astype(int),
+    })
+    for c in range(probs.shape[1]):
+        frame[f"prob_{c}"] = probs[:, c]
+    return frame
+
+
+def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = None,
+               checkpoint_dir: str | Path | None = None) -> FoldResult:
+    """Train and evaluate one fold under `spec.train.protocol`; see the module docstring.
+
+    `callback(epoch, metrics)` receives each epoch's history entry (1-based epoch). With `checkpoint_dir` and
+    `train.checkpoint_every > 0` the state is saved every that many epochs, and an existing checkpoint of the same spec
+    is resumed, so a retried fold continues where its worker died.
+    """
+    start = time.perf_counter()
+    cfg, fold = spec.train, spec.fold
+    protocol = cfg.protocol
+    train_subjects, val_subjects = tuple(fold.train_subjects), ()
+    if protocol == "inner":
+        if fold.val_subjects:
+            val_subjects = tuple(fold.val_subjects)
+        else:
+            subject_labels = {s: store.labels(store.sample_ids([s])) for s in train_subjects}
+            train_subjects, val_subjects = inner_split(train_subjects, cfg.val_fraction, cfg.seed, subject_labels)
+    leaked = set(fold.test_subjects) & (set(train_subjects) | set(val_subjects))
+    if leaked:
+        raise ConfigError(f"fold {fold.name}: test subjects {sorted(leaked)} are also used for training/validation")
+    train_ids = store.sample_ids(train_subjects)
+    test_ids = store.sample_ids(fold.test_subjects)
+    if not train_ids or not test_ids:
+        raise ConfigError(f"fold {fold.name}: {len(train_ids)} training and {len(test_ids)} test samples in the cache")
+
+    loop = _Loop(spec.model, cfg, store, spec.num_classes, train_ids)
+    test_set = store.torch_dataset(test_ids, loop.inputs, False, cfg.seed, loop.optional)
+    val_set = (store.torch_dataset(store.sample_ids(val_subjects), loop.inputs, False, cfg.seed, loop.optional)
+               if val_subjects else None)
+
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"score": None, "epoch": 0, "state": None, "probs": None, "extra": None}
+    bad_epochs, first_epoch = 0, 1
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    fingerprint = _fingerprint(spec)
+    if ckpt is not None and ckpt.is_file():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if saved["fingerprint"] != fingerprint:
+            raise ConfigError(f"{ckpt}: checkpoint of a different configuration; use another checkpoint_dir")
+        loop.model.load_state_dict(saved["model"])
+        loop.optimizer.load_state_dict(saved["optimizer"])
+        loop.scaler.load_state_dict(saved["scaler"])
+        history, best, bad_epochs = saved["history"], saved["best"], saved["bad_epochs"]
+        first_epoch = saved["epoch"] + 1
+        log.info("fold %s: resuming from %s after epoch %d", fold.name, ckpt, saved["epoch"])
+
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        entry: dict[str, Any] = {"epoch": epoch, **loop.train_epoch(epoch)}
+        if protocol == "inner":
+            probs, extra = loop.evaluate(val_set)
+            entry.update(_score(val_set, probs, extra, spec.num_classes, spec.class_names, "val"))
+            score = (entry["val_uf1"], -entry["val_loss"])
+            improved = best["score"] is None or score > tuple(best["score"])
+        elif protocol == "oracle":
+            probs, extra = loop.evaluate(test_set)
+            entry.update(_score(test_set, probs, extra, spec.num_classes, spec.class_names, "test"))
+            score = (entry["test_accuracy"],)
+            # `>=`: the authors' scripts keep the LAST epoch reaching the best test accuracy.
+            improved = best["score"] is None or score >= tuple(best["score"])
+            if improved:
+                best.update(probs=probs, extra=extra)
+        else:
+            score, improved = (epoch,), True
+        if improved:
+            best.update(score=list(score), epoch=epoch, state=loop.state() if protocol != "fixed" else None)
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        entry["time_s"] = time.perf_counter() - t0
+        history.append(entry)
+        if callback is not None:
+            callback(epoch, dict(entry))
+        stop = protocol == "inner" and cfg.patience > 0 and bad_epochs >= cfg.patience
+        if ckpt is not None and cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or stop):
+            _save_checkpoint(ckpt, {"fingerprint": fingerprint, "epoch": epoch, "model": loop.model.state_dict(),
+                                    "optimizer": loop.optimizer.state_dict(), "scaler": loop.scaler.state_dict(),
+                                    "history": history, "best": best, "bad_epochs": bad_epochs})
+        if stop:
+            log.info("fold %s: early stop after epoch %d (best %d)", fold.name, epoch, best["epoch"])
+            break
+
+    if protocol == "fixed":
+        selected = history[-1]["epoch"] if history else cfg.epochs
+    else:
+        selected = best["epoch"]
+        loop.model.load_state_dict(best["state"])
+    if protocol == "oracle":
+        probs, extra = best["probs"], best["extra"]
+    else:
+        probs, extra = loop.evaluate(test_set)
+    test_metrics = classification_metrics(test_set.labels, probs.argmax(1), spec.num_classes, spec.class_names)
+    test_metrics.update(extra)
+    result = FoldResult(
+        fold=fold.name, predictions=_predictions(store, test_set, probs, fold.name), history=history,
+        selected_epoch=selected, val_score=float(best["score"][0]) if protocol == "inner" else None,
+        state_dict=loop.state(), protocol=protocol, leaky=protocol == "oracle",
+        wall_time=time.perf_counter() - start, device=str(loop.device), test_metrics=test_metrics,
+        train_subjects=tuple(train_subjects), val_subjects=tuple(val_subjects),
+    )
+    log.info("fold %s (%s): epoch %d, test acc %.3f, %.1fs", fold.name, protocol, selected,
+             test_metrics["accuracy"], result.wall_time)
+    return result
+
+
+def train_final(model_cfg: ModelConfig, train_cfg: TrainConfig, store: SampleStore, subjects: Sequence[str],
+                epochs: int) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Train on all `subjects` for a fixed number of epochs (chosen beforehand, e.g. from the folds' selected epochs)
+    without any evaluation; returns the model in eval mode on the CPU and the per-epoch history."""
+    ids = store.sample_ids(subjects)
+    if not ids:
+        raise ConfigError(f"final model: no samples for subjects {list(subjects)[:3]}...")
+    loop = _Loop(model_cfg, train_cfg, store, store.num_classes, ids)
+    history = [{"epoch": e, **loop.train_epoch(e)} for e in range(1, epochs + 1)]
+    return loop.model.cpu().eval(), history

@@ -1,0 +1,178 @@
+"""SampleStore, batch conversion, and augmentation applied identically to all images of a sample.
+
+`write_cache` writes a small preprocessed cache in the documented format (docs/architecture.md) for these tests and
+the trainer tests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mer_model.errors import DataError
+from mer_model.training import augment
+from mer_model.training.data import SampleStore
+
+CLASSES = ["negative", "positive", "surprise"]
+N_AUS = 21
+
+
+def signal_flow28(label: int, rng: np.random.Generator) -> np.ndarray:
+    """A flow28 map in [0, 1] whose u channel has a bright 8x8 block at a class-specific place: trivially separable."""
+    flow = (0.5 + 0.05 * rng.standard_normal((3, 28, 28))).astype(np.float32)
+    r, c = [(4, 4), (4, 16), (16, 10)][label]
+    flow[0, r:r + 8, c:c + 8] = 0.95
+    return np.clip(flow, 0, 1)
+
+
+def write_cache(root: Path, subjects: int = 4, per_subject: int = 6, seed: int = 0, images: bool = False,
+                failed: int = 0) -> Path:
+    """A cache of `subjects` x `per_subject` samples (labels cycle over 3 classes) with flow28, points5, aus, and
+    optionally onset224/apex224/frames128/flows128/landmarks68 (small random content)."""
+    rng = np.random.default_rng(seed)
+    (root / "samples").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for s in range(subjects):
+        for k in range(per_subject):
+            label = (k + s) % 3
+            sid = f"synthetic/s{s:02d}/clip{k}"
+            npz = f"samples/{sid.replace('/', '__')}.npz"
+            arrays = {
+                "flow28": signal_flow28(label, rng),
+                "points5": np.array([[9, 10], [19, 10], [14, 15], [10, 20], [18, 20]], dtype=np.float32),
+                "aus": (rng.random(N_AUS) < 0.2).astype(np.uint8),
+            }
+            if images:
+                arrays["onset224"] = rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)
+                arrays["apex224"] = rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)
+                arrays["frames128"] = rng.integers(0, 255, (4, 128, 128), dtype=np.uint8)
+                arrays["flows128"] = rng.standard_normal((3, 2, 128, 128)).astype(np.float16)
+                arrays["landmarks68"] = (30 + 60 * rng.random((4, 68, 2))).astype(np.float32)
+            np.savez_compressed(root / npz, **arrays)
+            rows.append({"sample_id": sid, "dataset": "synthetic", "collection": "synthetic",
+                         "subject": f"synthetic/s{s:02d}", "clip": f"clip{k}", "label": label, "aus": "",
+                         "status": "ok", "error": "", "npz": npz})
+    for f in range(failed):
+        rows.append({"sample_id": f"synthetic/bad/clip{f}", "dataset": "synthetic", "collection": "synthetic",
+                     "subject": "synthetic/bad", "clip": f"clip{f}", "label": 0, "aus": "", "status": "failed",
+                     "error": "no face", "npz": ""})
+    pd.DataFrame(rows).to_csv(root / "index.csv", index=False)
+    (root / "manifest.json").write_text(json.dumps({"class_names": CLASSES}))
+    return root
+
+
+@pytest.fixture()
+def image_cache(tmp_path: Path) -> Path:
+    return write_cache(tmp_path / "cache", subjects=2, per_subject=2, images=True, failed=1)
+
+
+def test_store_reads_ok_rows_and_class_names(image_cache: Path) -> None:
+    store = SampleStore.open(image_cache)
+    assert store.class_names == CLASSES and store.num_classes == 3
+    assert store.subjects() == ["synthetic/s00", "synthetic/s01"]  # the failed subject is gone
+    assert len(store.index) == 4
+    assert store.sample_ids(["synthetic/s01"]) == ["synthetic/s01/clip0", "synthetic/s01/clip1"]
+
+
+def test_batch_conversion(image_cache: Path) -> None:
+    store = SampleStore.open(image_cache)
+    ids = store.sample_ids(store.subjects())
+    keys = ("onset224", "apex224", "frames128", "flows128", "landmarks68", "flow28", "points5")
+    ds = store.torch_dataset(ids, keys, augment=False, seed=0, optional=("aus", "not_there"))
+    item = ds[1]
+    raw = np.load(store.npz_path(ids[1]))
+    assert item["onset224"].shape == (3, 224, 224) and item["onset224"].dtype == torch.float32
+    assert torch.allclose(item["onset224"], torch.from_numpy(raw["onset224"]).permute(2, 0, 1).float() / 255)
+    assert item["frames128"].shape == (4, 128, 128) and float(item["frames128"].max()) <= 1.0
+    assert item["flows128"].dtype == torch.float32 and item["aus"].shape == (N_AUS,)
+    assert item["label"].dtype == torch.long and int(item["label"]) == store.labels(ids)[1]
+    assert "not_there" not in item
+
+
+def test_missing_input_is_a_one_line_error(tmp_path: Path) -> None:
+    store = SampleStore.open(write_cache(tmp_path / "c", subjects=2, per_subject=1))
+    with pytest.raises(DataError) as err:
+        store.torch_dataset(store.sample_ids(store.subjects()), ("flow28", "onset224"), augment=False, seed=0)
+    message = str(err.value)
+    assert "\n" not in message and "onset224" in message and "synthetic/s00/clip0" in message
+
+
+def test_label_outside_class_set_is_rejected(tmp_path: Path) -> None:
+    root = write_cache(tmp_path / "c", subjects=2, per_subject=3)
+    with pytest.raises(DataError, match="label 2 outside the 2 classes"):
+        SampleStore.open(root, class_names=["a", "b"])
+
+
+def _marked_sample() -> dict[str, np.ndarray]:
+    """One bright square at the same relative place in every image; flow u is a constant +1 px (rightwards)."""
+    onset = np.zeros((224, 224, 3), np.uint8)
+    onset[40:80, 40:80] = 255
+    frames = np.zeros((4, 128, 128), np.uint8)
+    frames[:, 23:46, 23:46] = 255
+    flows = np.zeros((3, 2, 128, 128), np.float16)
+    flows[:, 0] = 1.0
+    flow28 = np.full((3, 28, 28), 0.5, np.float32)
+    flow28[:, 5:10, 5:10] = 1.0
+    landmarks = np.tile(np.array([[30.0, 30.0]], np.float32), (4, 68, 1))
+    landmarks[:, 36:42] = [30.0, 40.0]  # image-left eye
+    landmarks[:, 42:48] = [90.0, 40.0]  # image-right eye
+    return {"onset224": onset, "apex224": onset.copy(), "frames128": frames, "flows128": flows, "flow28": flow28,
+            "landmarks68": landmarks, "points5": np.array([[7, 7]] * 5, np.float32), "aus": np.ones(N_AUS, np.uint8)}
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask > mask.max() / 2)
+    return (np.array([xs.mean(), ys.mean()]) + 0.5) / mask.shape[-1]  # pixel centres
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_augmentation_is_identical_across_images_of_a_sample(seed: int) -> None:
+    sample = _marked_sample()
+    aug = augment.Augmentation.draw(np.random.default_rng(seed))
+    out = augment.apply(sample, aug)
+    assert np.array_equal(out["onset224"], out["apex224"])
+    for f in range(1, 4):
+        assert np.array_equal(out["frames128"][0], out["frames128"][f])
+    # The same geometric change at every resolution: relative positions of the square agree to about a pixel.
+    ref = _centroid(out["onset224"][..., 0])
+    assert np.allclose(_centroid(out["frames128"][0]), ref, atol=2 / 128)
+    assert np.allclose(_centroid(out["flow28"][2]), ref, atol=1.5 / 28)
+    # Flow vectors: a flip reverses u, the small rotation barely changes it.
+    u = float(np.median(out["flows128"][:, 0].astype(np.float32)[:, 40:90, 40:90]))
+    assert u == pytest.approx(-1.0 if aug.flip else 1.0, abs=0.01)
+    # Landmarks: index 36-41 stays the image-left eye after a flip.
+    lm = out["landmarks68"][0]
+    assert lm[36:42, 0].mean() < lm[42:48, 0].mean()
+    assert np.array_equal(out["aus"], sample["aus"])
+
+
+def test_flip_maps_points_like_pixels() -> None:
+    img = np.zeros((28, 28), np.float32)
+    img[5, 3] = 1.0
+    flow = np.stack([img, img, img])
+    aug = augment.Augmentation(flip=True, angle=0.0, shift_x=0.0, shift_y=0.0)
+    out = augment.apply({"flow28": flow, "points5": np.array([[3, 5], [20, 5], [14, 14], [3, 20], [20, 20]],
+                                                             np.float32)}, aug)
+    y, x = np.unravel_index(np.argmax(out["flow28"][2]), (28, 28))
+    assert (x, y) == (24, 5)
+    # Point order after the flip: the old right eye (20 -> 7) is now the image-left eye.
+    assert out["points5"][0].tolist() == [7.0, 5.0] and out["points5"][1].tolist() == [24.0, 5.0]
+    assert np.allclose(out["flow28"][0], 1.0 - np.fliplr(flow[0]))
+
+
+def test_dataset_augmentation_is_seeded_per_epoch(image_cache: Path) -> None:
+    store = SampleStore.open(image_cache)
+    ids = store.sample_ids(store.subjects())
+    a = store.torch_dataset(ids, ("onset224",), augment=True, seed=3)
+    b = store.torch_dataset(ids, ("onset224",), augment=True, seed=3)
+    assert torch.equal(a[0]["onset224"], b[0]["onset224"])
+    views = set()
+    for epoch in range(4):
+        a.set_epoch(epoch)
+        views.add(a[0]["onset224"].numpy().tobytes())
+    assert len(views) > 1
