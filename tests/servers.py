@@ -1,0 +1,197 @@
+"""Real local services for integration tests: PostgreSQL, an S3 endpoint (moto) and an MLflow tracking server.
+
+Each service is a context manager that starts a real process bound to 127.0.0.1 on a free port, waits for it with a
+bounded timeout, and on exit stops it and removes its files. Failures raise with the tail of the process log, so a
+broken service explains itself instead of timing out silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+PG_BIN = Path(os.environ.get("MER_PG_BIN", "/usr/lib/postgresql/15/bin"))
+VENV_BIN = Path(sys.executable).parent
+LOOPBACK = "127.0.0.1"
+# Dummy credentials: moto accepts any, and they make sure nothing reaches a real AWS account.
+S3_KEY_ID = "testing"
+S3_SECRET = "testing"
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
+               log: Path | None = None) -> None:
+    """Poll `check` until it is true; raise naming `what` (and the log tail) on timeout or if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}\n{log_tail(log)}")
+        with contextlib.suppress(OSError):
+            if check():
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f} s\n{log_tail(log)}")
+
+
+def log_tail(log: Path | None, chars: int = 3000) -> str:
+    if log is None or not log.exists():
+        return ""
+    return log.read_text(errors="replace")[-chars:]
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback URL built by the tests
+        return response.status == 200
+
+
+def stop(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Terminate a process group started with start_new_session=True; kill it if it does not stop in time."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        proc.wait(timeout)
+
+
+def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `cmd` in its own session (so stop() reaches its children), output to `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+@dataclass(frozen=True)
+class Postgres:
+    host: str
+    port: int
+    user: str
+    password: str
+
+    def uri(self, database: str) -> str:
+        return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{database}"
+
+
+@contextlib.contextmanager
+def postgres_server(database: str = "mlflow", timeout: float = 60) -> Iterator[Postgres]:
+    """A throwaway PostgreSQL cluster (initdb + pg_ctl) with password authentication on TCP.
+
+    initdb refuses to run as root, so when the tests run as root the cluster belongs to `nobody`; its directory is a
+    fresh mkdtemp opened to that user (pytest's own tmp dirs are 0700 root).
+    """
+    if not (PG_BIN / "initdb").exists():
+        raise FileNotFoundError(f"PostgreSQL binaries not found in {PG_BIN} (set MER_PG_BIN)")
+    root = Path(tempfile.mkdtemp(prefix="mer-pg-"))
+    root.chmod(0o755)
+    run_as = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    pg = Postgres(LOOPBACK, free_port(), "mer", "mer-test-password")
+    data, sockets, log = root / "data", root / "sockets", root / "postgres.log"
+    pwfile = root / "pwfile"
+    pwfile.write_text(pg.password + "\n")
+    for path in (data, sockets):
+        path.mkdir()
+    if run_as:
+        for path in (data, sockets, pwfile):
+            shutil.chown(path, "nobody")
+        log.touch()
+        shutil.chown(log, "nobody")
+    started = False
+    try:
+        subprocess.run(
+            [*run_as, str(PG_BIN / "initdb"), "-D", str(data), "-U", pg.user, f"--pwfile={pwfile}",
+             "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--no-sync"],
+            check=True, capture_output=True, timeout=timeout,
+        )
+        options = f"-h {LOOPBACK} -p {pg.port} -k {sockets} -c fsync=off"
+        subprocess.run(
+            [*run_as, str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w",
+             "-t", str(int(timeout)), "start"],
+            check=True, capture_output=True, timeout=timeout + 10,
+        )
+        started = True
+        subprocess.run(
+            [*run_as, str(PG_BIN / "createdb"), "-h", str(sockets), "-p", str(pg.port), "-U", pg.user, database],
+            check=True, capture_output=True, timeout=timeout,
+        )
+        yield pg
+    except subprocess.CalledProcessError as err:
+        raise RuntimeError(f"{err.cmd[len(run_as)]} failed: {err.stderr.decode(errors='replace')}\n"
+                           f"{log_tail(log)}") from None
+    finally:
+        if started:
+            subprocess.run([*run_as, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                           capture_output=True, timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """Environment that points boto3, MLflow, DVC and Ray at the local S3 endpoint with dummy credentials."""
+    return {
+        "AWS_ACCESS_KEY_ID": S3_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+    }
+
+
+@contextlib.contextmanager
+def s3_server(buckets: tuple[str, ...] = (), timeout: float = 60) -> Iterator[str]:
+    """moto's standalone S3 server on loopback; yields the endpoint URL with `buckets` already created."""
+    import boto3
+
+    root = Path(tempfile.mkdtemp(prefix="mer-s3-"))
+    port = free_port()
+    endpoint = f"http://{LOOPBACK}:{port}"
+    log = root / "moto.log"
+    proc = _spawn([sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)], log,
+                  env={**os.environ, **s3_env(endpoint)})
+    try:
+        wait_until(lambda: http_ok(f"{endpoint}/moto-api/"), timeout, "moto S3 server", proc, log)
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY_ID,
+                              aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+        for bucket in buckets:
+            client.create_bucket(Bucket=bucket)
+        yield endpoint
+    finally:
+        stop(proc)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_store_uri: str, artifacts_destination: str, env: dict[str, str],
+                  timeout: float = 120) -> Iterator[str]:
+    """`mlflow server` with the given stores; yields the tracking URI once /health answers."""
+    root = Path(tempfile.mkdtemp(prefix="mer-mlflow-"))
+    port = free_port()
+    log = root / "mlflow.log"
+    cmd = [str(VENV_BIN / "mlflow"), "server", "--host", LOOPBACK, "--port", str(port),
+           "--backend-store-uri", backend_store_uri, "--artifacts-destination", artifacts_destination,
+           "--workers", "1"]
+    proc = _spawn(cmd, log, env={**os.environ, **env})
+    uri = f"http://{LOOPBACK}:{port}"
+    try:
+        wait_until(lambda: http_ok(f"{uri}/health"), timeout, "mlflow server", proc, log)
+        yield uri
+    finally:
+        stop(proc)
+        shutil.rmtree(root, ignore_errors=True)
