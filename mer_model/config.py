@@ -62,6 +62,7 @@ class FlowConfig(_Section):
     outer_iterations: int = 10
     scale_step: float = 0.8
     median_filtering: int = 5
+    size: int = Field(224, ge=32)  # side of the aligned grey crops the onset->apex flow is computed on
     map_size: int = 28
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
