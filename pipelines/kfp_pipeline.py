@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 from kfp import compiler, dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from mer_model.config import Params, parse_params, set_dotted
 from mer_model.errors import ConfigError, MerError
@@ -64,10 +64,13 @@ def step_outputs(step: str, params: Params) -> list[str]:
     if step == "preprocess":
         return [params.preprocess.out]
     if step == "tune":
-        return [] if "://" in params.tune.storage_path else [params.tune.storage_path]
+        local_state = [] if "://" in params.tune.storage_path else [params.tune.storage_path]
+        return [params.tune.results, *local_state]
     if step == "evaluate":
         return [params.evaluate.metrics, params.evaluate.plots]
-    return []
+    if step == "register":
+        return [params.tracking.registered_info]
+    raise ValueError(f"unknown pipeline step {step!r}")
 
 
 def _link_inputs(inputs: list[str], workdir: Path) -> None:
@@ -92,7 +95,7 @@ def _collect_outputs(paths: list[str], workdir: Path, output: str) -> None:
 
 
 def run_step(step: str, params_file: str, overrides: dict[str, Any], tracking_uri: str, ray_address: str,
-             inputs: list[str], output: str | None) -> None:
+             inputs: list[str], output: str) -> None:
     """Run `mer <step>` (and `mer synth` before a synthetic ingest) in a fresh working directory."""
     from components.cli import main as mer
 
@@ -111,8 +114,7 @@ def run_step(step: str, params_file: str, overrides: dict[str, Any], tracking_ur
             code = mer([command, "--params", "params.yaml"])
             if code:
                 raise MerError(f"mer {command} exited with {code}")
-        if output is not None:
-            _collect_outputs(step_outputs(step, params), workdir, output)
+        _collect_outputs(step_outputs(step, params), workdir, output)
     finally:
         os.chdir(cwd)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -170,11 +172,12 @@ def evaluate(params_file: str, overrides: dict, tracking_uri: str, ray_address: 
 
 @_component
 def register(params_file: str, overrides: dict, tracking_uri: str, ray_address: str, ingested: Input[Dataset],
-             preprocessed: Input[Dataset], tuned: Input[Model], evaluation: Input[Dataset]):
+             preprocessed: Input[Dataset], tuned: Input[Model], evaluation: Input[Dataset],
+             registered: Output[Artifact]):
     from pipelines.kfp_pipeline import run_step
 
     run_step("register", params_file, overrides, tracking_uri, ray_address,
-             [ingested.path, preprocessed.path, tuned.path, evaluation.path], None)
+             [ingested.path, preprocessed.path, tuned.path, evaluation.path], registered.path)
 
 
 @dsl.pipeline(name="mer-loso", description="Micro-expression recognition: LOSO experiment and model registration")

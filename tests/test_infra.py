@@ -214,7 +214,7 @@ def test_rayjob_runs_the_loso_driver_on_the_cluster() -> None:
 def test_mlflow_server_stores() -> None:
     (server,) = [c for c in containers(next(d for d in by_kind("Deployment") if d["metadata"]["name"] == "mer-mlflow"))]
     args = dict(a.lstrip("-").split("=", 1) for a in server["args"])
-    assert args["backend-store-uri"].startswith("postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@mer-postgres:")
+    assert args["backend-store-uri"].startswith("postgresql+psycopg2://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@mer-postgres:")
     assert args["artifacts-destination"].startswith("s3://mer-mlflow/")
     # Kubernetes expands $(VAR) in args only for variables the container defines; undefined ones stay literal.
     assert {"POSTGRES_USER", "POSTGRES_PASSWORD"} <= {e["name"] for e in server["env"]}

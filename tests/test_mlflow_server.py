@@ -1,0 +1,95 @@
+"""The project's training run against the deployment's tracking stack, with real processes on 127.0.0.1:
+`mlflow server` with a PostgreSQL backend store and an S3 artifact store (moto's server standing in for MinIO).
+
+The run is the project's own chain (`mer synth`, `ingest`, `preprocess`, `tune` on a tiny synthetic set) with only
+MLFLOW_TRACKING_URI pointing at the server and NO S3 credentials: as in infra/k8s/mlflow.yaml, the server proxies
+artifact uploads, so only it needs the bucket. The test then checks the runs landed in PostgreSQL and reads the
+final model back from the bucket with boto3.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import psycopg2
+import pytest
+import yaml
+
+from tests.servers import (
+    S3_KEY_ID,
+    S3_SECRET,
+    log_tail,
+    mlflow_server,
+    postgres_server,
+    s3_env,
+    s3_server,
+    tiny_params_file,
+)
+
+pytestmark = pytest.mark.slow
+BUCKET = "mer-mlflow"
+EXPERIMENT = "mer-server-test"
+# One interpreter and one local Ray for the whole chain (the components reuse an initialised Ray): the heavy imports
+# and the Ray start are paid once.
+CHAIN = """
+import sys, ray
+from components.cli import main
+ray.init(num_cpus=2, include_dashboard=False)
+for step in sys.argv[1:]:
+    code = main([step, "--params", "params.yaml"])
+    if code:
+        sys.exit(f"mer {step} exited with {code}")
+"""
+
+
+def test_project_run_logs_to_mlflow_server_with_postgres_and_s3(tmp_path: Path) -> None:
+    import torch
+
+    with postgres_server() as pg, s3_server(buckets=(BUCKET,)) as endpoint:
+        with mlflow_server(pg.uri("mlflow"), f"s3://{BUCKET}/artifacts", s3_env(endpoint)) as uri:
+            tiny_params_file(tmp_path, **{"tracking.experiment": EXPERIMENT})
+            client_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_S3"))}
+            client_env |= {"MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+            log = tmp_path / "chain.log"
+            with log.open("wb") as out:
+                result = subprocess.run([sys.executable, "-c", CHAIN, "synth", "ingest", "preprocess", "tune"],
+                                        cwd=tmp_path, env=client_env, stdout=out, stderr=subprocess.STDOUT,
+                                        timeout=420)
+            assert result.returncode == 0, log_tail(log, 6000)
+
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=uri)
+            experiment = client.get_experiment_by_name(EXPERIMENT)
+            assert experiment is not None and experiment.artifact_location.startswith("mlflow-artifacts:")
+            runs = client.search_runs([experiment.experiment_id])
+            kinds = {run.data.tags.get("mer.kind") for run in runs}
+            assert {"parent", "fold"} <= kinds, kinds
+            (parent,) = [run for run in runs if run.data.tags.get("mer.kind") == "parent"]
+            assert "uf1" in parent.data.metrics
+            model_uri = parent.data.tags["mer.final_model_uri"]
+
+        # The server is gone: what follows reads the stores themselves.
+        with psycopg2.connect(host=pg.host, port=pg.port, user=pg.user, password=pg.password,
+                              dbname="mlflow") as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM runs WHERE experiment_id = %s", (int(experiment.experiment_id),))
+            assert cur.fetchone()[0] == len(runs)
+
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY_ID,
+                          aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="artifacts/")
+                for o in page.get("Contents", [])]
+        mlmodels = [k for k in keys if k.endswith("/MLmodel")]
+        assert len(mlmodels) == 1, (model_uri, mlmodels)
+        spec = yaml.safe_load(s3.get_object(Bucket=BUCKET, Key=mlmodels[0])["Body"].read())
+        assert "pytorch" in spec["flavors"]
+        prefix = mlmodels[0].rsplit("/", 1)[0]
+        weights = s3.get_object(Bucket=BUCKET, Key=f"{prefix}/data/model.pth")["Body"].read()
+        model = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=False)
+        assert isinstance(model, torch.nn.Module)
+        assert sum(p.numel() for p in model.parameters()) > 0
