@@ -7,6 +7,7 @@ the trainer tests.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,15 @@ def test_batch_conversion(image_cache: Path) -> None:
     assert item["flows128"].dtype == torch.float32 and item["aus"].shape == (N_AUS,)
     assert item["label"].dtype == torch.long and int(item["label"]) == store.labels(ids)[1]
     assert "not_there" not in item
+
+
+def test_store_pickles_without_its_array_cache(image_cache: Path) -> None:
+    store = SampleStore.open(image_cache)
+    sid = store.sample_ids(store.subjects())[0]
+    before = store.arrays(sid, ("flow28",))["flow28"]
+    copy = pickle.loads(pickle.dumps(store))
+    assert not copy._cache
+    assert np.array_equal(copy.arrays(sid, ("flow28",))["flow28"], before)
 
 
 def test_missing_input_is_a_one_line_error(tmp_path: Path) -> None:

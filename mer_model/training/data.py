@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,10 @@ class SampleStore:
         self._rows = {sid: i for i, sid in enumerate(self.index["sample_id"])}
         self._cache: dict[tuple[str, str], np.ndarray] = {}
         self._keys: dict[str, frozenset[str]] = {}
-        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (to a Ray task or a spawned loader worker) without the array cache: the copy reloads lazily."""
+        return {**self.__dict__, "_cache": {}}
 
     @classmethod
     def open(cls, cache_dir: str | Path, class_names: Sequence[str] | None = None) -> SampleStore:
@@ -117,8 +119,7 @@ class SampleStore:
         if missing:
             with np.load(self.npz_path(sample_id)) as npz:
                 loaded = {k: npz[k] for k in missing}
-            with self._lock:
-                self._cache.update({(sample_id, k): v for k, v in loaded.items()})
+            self._cache.update({(sample_id, k): v for k, v in loaded.items()})
         return {k: self._cache[(sample_id, k)] for k in keys}
 
     def check_inputs(self, sample_ids: Sequence[str], inputs: Sequence[str]) -> None:
