@@ -156,6 +156,31 @@ class EvaluateConfig(_Section):
     report: str = "reports"
 
 
+class BenchmarkModel(_Section):
+    """One model of `mer benchmark`: a registered model and configuration plus its training recipe."""
+
+    name: str
+    config: str = "small"
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # model.kwargs
+    faces: dict[str, Any] = Field(default_factory=dict)  # extra model.kwargs used only when the cache has apex crops
+    train: dict[str, Any] = Field(default_factory=dict)  # overrides of the train section (epochs, lr, batch_size, ..)
+    label: str = ""  # name in the tables; "" = the key
+
+
+class BenchmarkConfig(_Section):
+    """`mer benchmark`: LOSO of several models x protocols through ingest -> preprocess -> the LOSO driver."""
+
+    work: str = "runs/benchmark"  # per collection: ingested table, preprocessed cache, Tune/fold state, run results
+    out: str = "results"  # tables under <out>/<collection>/ (results.md, results.csv, results.png)
+    models: dict[str, BenchmarkModel] = Field(default_factory=dict)
+    default_models: list[str] = Field(default_factory=list)  # [] = every entry of `models`
+    protocols: list[Protocol] = Field(default_factory=lambda: ["fixed", "inner", "oracle"])
+    # `fixed` trains for the median epoch that `inner` selected on validation subjects (run first), so the fixed
+    # epoch count is chosen without looking at a test fold; false = the model's configured epochs.
+    fixed_epochs_from_inner: bool = True
+    cpus: int = Field(0, ge=0)  # local Ray CPUs; 0 = all (tune.ray_address set = use that cluster)
+
+
 class Params(_Section):
     """The whole of params.yaml."""
 
@@ -168,6 +193,7 @@ class Params(_Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
 
 
 def _format_validation_error(source: str, err: ValidationError) -> str:

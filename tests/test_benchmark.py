@@ -1,0 +1,99 @@
+"""`mer benchmark` end to end on a tiny real composite (4 subjects of the shared CASME II + SMIC part, 1 epoch):
+ingest -> preprocess -> the Ray Tune LOSO driver -> results.csv / results.md / results.png."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from components.benchmark import adapt_entry, order_protocols, parse_au_sheets
+from components.cli import main
+from mer_model.config import BenchmarkModel
+from mer_model.errors import ConfigError, DataError
+
+REPO = Path(__file__).resolve().parents[1]
+SUBJECTS = {("casme2", "sub02"), ("casme2", "sub19"), ("smic", "s14"), ("smic", "s08")}
+CSV = "combined_3_class2_for_optical_flow.csv"
+FLOWS = Path("datasets") / "STSNet_whole_norm_u_v_os"
+
+
+@pytest.fixture()
+def tiny_composite(composite_dir: Path, tmp_path: Path) -> Path:
+    """Four subjects of the shared composite, copied into tmp (flow PNGs, the label CSV and the 5-point file)."""
+    root = tmp_path / "composite"
+    (root / FLOWS).mkdir(parents=True)
+    table = pd.read_csv(composite_dir / CSV, dtype=str, keep_default_na=False)
+    table = table[[(d, s) in SUBJECTS for d, s in zip(table["dataset"], table["sub"], strict=True)]]
+    table.to_csv(root / CSV, index=False)
+    for sub, clip in zip(table["sub"], table["filename_o"], strict=True):
+        name = f"{sub}_{clip} .png"
+        shutil.copy(composite_dir / FLOWS / name, root / FLOWS / name)
+    points = pd.read_csv(composite_dir / "landmarks5_28px.csv", dtype=str, keep_default_na=False)
+    points[points["imagename"].isin(set(table["imagename"]))].to_csv(root / "landmarks5_28px.csv", index=False)
+    return root
+
+
+def test_benchmark_command_end_to_end(tiny_composite: Path, annotations_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    small = "benchmark.models.cva-fpf-flow-au.kwargs"
+    code = main([
+        "benchmark", "megc2019", "--root", str(tiny_composite), "--models", "ststnet", "cva-fpf-flow-au",
+        "--protocol", "oracle", "fixed", "inner", "--epochs", "1", "--out", str(out),
+        "--au-sheets", f"casme2={annotations_dir / 'CASME2-coding-20140508.xlsx'}",
+        "--params", str(REPO / "params.yaml"),
+        "-S", f"benchmark.work={tmp_path / 'work'}", "-S", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "-S", "benchmark.cpus=2", "-S", f"{small}.img_size=32", "-S", f"{small}.stage_channels=[8,8,8,8]",
+        "-S", f"{small}.act_channels=8", "-S", f"{small}.fc_dim=16", "-S", f"{small}.fc2_dim=8",
+    ])
+    assert code == 0
+    table = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
+    assert set(zip(table["model"], table["protocol"], strict=True)) == {
+        (m, p) for m in ("ststnet", "cva-fpf-flow-au") for p in ("fixed", "inner", "oracle")}
+    n = len(pd.read_csv(tiny_composite / CSV))
+    assert (table["n_samples"] == n).all() and (table["n_subjects"] == 4).all()
+    assert table[["uf1", "uar", "accuracy", "casme2_uf1", "smic_uf1"]].notna().all().all()
+    assert table["samm_uf1"].isna().all() and (table["samm_n"] == 0).all()
+    # Leak flags: every oracle row, and every row whose model reads annotated AUs.
+    expected_leaky = (table["protocol"] == "oracle") | (table["model"] == "cva-fpf-flow-au")
+    assert (table["leaky"].astype(bool) == expected_leaky).all()
+    au_rows = table[table["model"] == "cva-fpf-flow-au"]
+    assert (au_rows["au"] == "annotated").all()
+    assert au_rows["notes"].str.contains("FPF disabled").all() and au_rows["notes"].str.contains("smic uncoded").all()
+    assert table["device"].eq("cpu").all() and (table["wall_s"] > 0).all()
+    inner = table[table["protocol"] == "inner"]
+    assert inner["inner_val_uf1"].between(0, 1).all()
+    markdown = (out / "results.md").read_text()
+    assert markdown.index("## Honest protocols") < markdown.index("## Leaky rows")
+    assert "0.8603 / 0.8475" in markdown  # the published HTNet row of the reproduction check
+    assert (out / "results.png").stat().st_size > 10_000
+    # MLflow holds a parent run per model x protocol.
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("benchmark-megc2019")
+    parents = client.search_runs([experiment.experiment_id], "tags.`mer.kind` = 'parent'")
+    assert len(parents) == 6
+
+
+def test_adapt_entry_switches_off_what_the_data_lacks() -> None:
+    entry = BenchmarkModel(name="cva_fpf", config="flow_small", kwargs={"au_mode": "predicted"},
+                           faces={"position": "fpf", "position_frames": ["apex224"]})
+    bare = {"faces": False, "au_coded": {}, "per_dataset": {"smic": 3}}
+    kwargs, au_mode, notes = adapt_entry("cva", entry, bare)
+    assert kwargs == {"au_mode": "none"} and au_mode == "none"
+    assert any("FPF disabled" in n for n in notes) and any("AUs disabled" in n for n in notes)
+    full = {"faces": True, "au_coded": {"casme2": 2}, "per_dataset": {"casme2": 2}}
+    kwargs, au_mode, notes = adapt_entry("cva", entry, full)
+    assert kwargs["position"] == "fpf" and au_mode == "predicted" and not any("disabled" in n for n in notes)
+
+
+def test_protocol_order_and_au_sheet_arguments(tmp_path: Path) -> None:
+    assert order_protocols(["oracle", "fixed", "inner"], True) == ["oracle", "inner", "fixed"]
+    assert order_protocols(["fixed", "inner", "fixed"], False) == ["fixed", "inner"]
+    with pytest.raises(ConfigError, match="DATASET=PATH"):
+        parse_au_sheets(["casme2"])
+    with pytest.raises(DataError, match="missing.xlsx"):
+        parse_au_sheets([f"casme2={tmp_path / 'missing.xlsx'}"])
