@@ -134,7 +134,8 @@ def test_checkpoint_resume_continues_exactly(store: SampleStore, tmp_path: Path)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
     assert resumed.selected_epoch == reference.selected_epoch
     prob_cols = [f"prob_{k}" for k in range(3)]
-    assert np.allclose(resumed.predictions[prob_cols].to_numpy(), reference.predictions[prob_cols].to_numpy())
+    assert np.array_equal(resumed.predictions[prob_cols].to_numpy(), reference.predictions[prob_cols].to_numpy())
+    assert [h["val_uf1"] for h in resumed.history] == [h["val_uf1"] for h in reference.history]
     other = _spec(store, epochs=4, protocol="inner", checkpoint_every=2, lr=0.02)
     with pytest.raises(ConfigError, match="different configuration"):
         train_fold(other, store, checkpoint_dir=tmp_path / "ckpt")

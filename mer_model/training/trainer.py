@@ -400,6 +400,8 @@ def train_final(model_cfg: ModelConfig, train_cfg: TrainConfig, store: SampleSto
                 epochs: int) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Train on all `subjects` for a fixed number of epochs (chosen beforehand, e.g. from the folds' selected epochs)
     without any evaluation; returns the model in eval mode on the CPU and the per-epoch history."""
+    if epochs < 1:
+        raise ConfigError(f"final model: epochs must be at least 1, got {epochs}")
     ids = store.sample_ids(subjects)
     if not ids:
         raise ConfigError(f"final model: no samples for subjects {list(subjects)[:3]}...")
