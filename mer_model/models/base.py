@@ -1,0 +1,107 @@
+"""The model contract shared by every registered network (see docs/architecture.md, "Model contract").
+
+A model reads named tensors from a batch dict and says which ones it needs (`inputs`) and which ones only its loss
+reads (`targets`), so the data layer can feed any model without special cases and inference never depends on a target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mer_model.errors import ConfigError, DataError
+
+Batch = Mapping[str, Tensor]
+
+# Keys a batch may carry (docs/architecture.md, "Batch tensors").
+BATCH_KEYS = ("flow28", "points5", "onset224", "apex224", "frames128", "flows128", "landmarks68", "aus", "label")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_num_aus() -> int:
+    """Length of the AU vocabulary the data layer writes (21 if that module is unavailable)."""
+    try:
+        from mer_model.data.aus import AU_LIST
+    except ImportError:  # the data package is optional for model-only use
+        return 21
+    return len(AU_LIST)
+
+
+def imagenet_normalise(x: Tensor) -> Tensor:
+    """RGB in [0,1] -> ImageNet statistics, the normalisation the two-frame papers use."""
+    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def choice(name: str, key: str, value: Any, allowed: tuple[Any, ...]) -> Any:
+    """Validate a string option; the error names the model argument like params.yaml does (model.kwargs.<key>)."""
+    if value not in allowed:
+        raise ConfigError(f"model.kwargs.{key}: {name} accepts {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
+
+
+class MERModel(nn.Module):
+    """Base of all models: batch-dict forward, declared inputs/targets, a loss returning its named parts."""
+
+    name: ClassVar[str] = "model"
+    #: True when an input is (part of) the human coding the labels were derived from (annotated AUs).
+    leaks_labels: bool = False
+    #: channels-last memory layout speeds up its convolutions on GPU (see checkpoint.prepare_for_device).
+    prefers_channels_last: ClassVar[bool] = False
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ConfigError(f"model.num_classes: {self.name} needs at least 2 classes, got {num_classes}")
+        self.num_classes = num_classes
+        self.inputs: tuple[str, ...] = ()
+        self.targets: tuple[str, ...] = ("label",)
+
+    @classmethod
+    def io_keys(cls, **cfg: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(inputs, targets) for the resolved constructor arguments `cfg`, without building the network."""
+        raise NotImplementedError
+
+    def _set_io(self, **cfg: Any) -> None:
+        self.inputs, self.targets = self.io_keys(**cfg)
+
+    def get(self, batch: Batch, key: str) -> Tensor:
+        """batch[key] with a one-line error naming the model and the missing key."""
+        if key not in batch:
+            raise DataError(f"{self.name}: batch has no {key!r} (this configuration reads {', '.join(self.inputs)})")
+        return batch[key]
+
+    def classification_loss(self, outputs: Mapping[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        ce = F.cross_entropy(outputs["logits"].float(), self.get(batch, "label"))
+        return ce, {"ce": float(ce.detach())}
+
+    def loss(self, outputs: Mapping[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """Total training loss and its named parts; cross-entropy unless a model adds auxiliary terms."""
+        total, parts = self.classification_loss(outputs, batch)
+        parts["loss"] = float(total.detach())
+        return total, parts
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of a (B,C,H,W) map, with (1,C,1,1) gain and bias (NesT/HTNet style)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
+        self.b = nn.Parameter(torch.zeros(1, dim, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.g + self.b
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
