@@ -299,7 +299,7 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
                 inner_epoch = max(1, int(round(row["selected_epoch_median"])))
             log.info("benchmark: %s %s: UF1 %.4f UAR %.4f acc %.4f (%.0f s)", key, protocol, row["uf1"], row["uar"],
                      row["accuracy"], wall)
-    table = merge_rows(out / "results.csv", pd.DataFrame(rows))
+    table = merge_rows(out / "results.csv", pd.DataFrame(rows), list(base.benchmark.models))
     settings = {
         "collection": collection, "root": str(root), "samples": len(store.index),
         "subjects": len(store.subjects()), "per_dataset": caps["per_dataset"], "apex_crops": caps["faces"],
@@ -319,14 +319,15 @@ def environment() -> dict[str, Any]:
             "git_commit": tracking.git_commit(Path(__file__).resolve().parents[1])}
 
 
-def merge_rows(path: Path, rows: pd.DataFrame) -> pd.DataFrame:
-    """Rows of earlier invocations (other models or protocols) kept; the same model x protocol replaced."""
+def merge_rows(path: Path, rows: pd.DataFrame, model_order: Sequence[str] = ()) -> pd.DataFrame:
+    """Rows of earlier invocations (other models or protocols) kept; the same model x protocol replaced. Sorted by
+    `model_order` (params order), then protocol fixed, inner, oracle."""
     if path.is_file():
         old = pd.read_csv(path, keep_default_na=False, na_values=[""])
         keep = ~old.set_index(list(KEY_COLUMNS)).index.isin(rows.set_index(list(KEY_COLUMNS)).index)
         rows = pd.concat([old[keep], rows], ignore_index=True)
-    order = {"fixed": 0, "inner": 1, "oracle": 2}
-    return rows.sort_values(["model", "protocol"], key=lambda s: s.map(order) if s.name == "protocol" else s,
+    rank = {"fixed": 0, "inner": 1, "oracle": 2} | {m: i for i, m in enumerate(model_order)}
+    return rows.sort_values(["model", "protocol"], key=lambda col: col.map(lambda v: (rank.get(v, len(rank)), v)),
                             kind="stable").reset_index(drop=True)
 
 
@@ -334,10 +335,10 @@ def merge_rows(path: Path, rows: pd.DataFrame) -> pd.DataFrame:
 # Tables and chart
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, spec: str = ".4f") -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "–"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return format(value, spec) if isinstance(value, (float, np.floating)) else str(value)
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -347,10 +348,10 @@ def markdown_table(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.to_dict("records"):
         protocol = r["protocol"] + (" ⚠ leaky" if r["leaky"] else "")
-        epochs = str(r["epochs"]) + (f" (sel. {_fmt(r['selected_epoch_median'])})" if r["protocol"] != "fixed" else "")
+        epochs = str(r["epochs"]) + (f" (sel. {_fmt(r['selected_epoch_median'], 'g')})" if r["protocol"] != "fixed" else "")
         cells = [r["label"], protocol] + [_fmt(r[k]) for k in SCORES]
         cells += [" / ".join(_fmt(r[f"{d}_{k}"]) for k in SCORES) for d in datasets]
-        cells += [f"{r['n_samples']} / {r['n_subjects']}", epochs, r["au"], _fmt(r["wall_s"]), r["device"]]
+        cells += [f"{r['n_samples']} / {r['n_subjects']}", epochs, r["au"], _fmt(r["wall_s"], ".0f"), r["device"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -432,6 +433,7 @@ def plot_results(table: pd.DataFrame, path: Path, settings: Mapping[str, Any]) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     scopes = [("overall", "composite")] + [(d, d.upper() if d != "casme2" else "CASME II") for d in DATASETS
@@ -458,15 +460,17 @@ def plot_results(table: pd.DataFrame, path: Path, settings: Mapping[str, Any]) -
         reference = FIELD_BASELINES["SSSNet"].get(scope)
         if reference is not None:
             ax.axhline(reference, color="black", linestyle="--", linewidth=1)
-            ax.text(len(labels) - 0.5, reference + 0.01, f"SSSNet honest {reference:.3f}", ha="right", fontsize=7)
+            ax.set_title(f"{title} (SSSNet honest: {reference:.3f})")
+        else:
+            ax.set_title(title)
         ax.set_xticks(range(len(labels)), [lab.replace(" (", "\n(") for lab in labels], rotation=45, ha="right",
                       fontsize=8)
-        ax.set_title(title)
         ax.set_ylim(0, 1.08)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("UF1 (pooled LOSO)")
     handles = [Patch(facecolor=colours[p], edgecolor="black", label=p) for p in protocols]
     handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="leaky (oracle / annotated AUs)"))
+    handles.append(Line2D([], [], color="black", linestyle="--", label="SSSNet, honest field baseline"))
     fig.legend(handles=handles, loc="upper right", fontsize=8, ncol=len(handles))
     fig.suptitle(f"{settings['collection']}: {settings['samples']} samples, {settings['subjects']} subjects "
                  f"({'GPU' if settings['cuda'] else 'CPU, reduced settings'})", x=0.01, ha="left", fontsize=10)
