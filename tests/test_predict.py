@@ -1,0 +1,179 @@
+"""`mer predict` and the pyfunc model: clip discovery, default key frames, the real CLI on real frames and a video,
+MLflow model URIs, and `mlflow models serve` answering one request."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mer_model.config import Params, PreprocessConfig
+from mer_model.errors import SampleError
+from mer_model.inference import example_arrays, input_batch, open_clip, predict_proba
+from mer_model.models import create_model, save_checkpoint
+from tests.servers import LOOPBACK, VENV_BIN, _spawn, free_port, stop, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["negative", "positive", "surprise"]
+
+torch.set_num_threads(1)
+
+
+def _frames(directory: Path, names: list[str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if name.endswith(".txt"):
+            (directory / name).write_text("not a frame")
+        else:
+            cv2.imwrite(str(directory / name), np.zeros((8, 8, 3), np.uint8))
+    return directory
+
+
+@pytest.mark.parametrize(("names", "template", "numbers"), [
+    ([f"img{n}.jpg" for n in (46, 47, 9, 100)], "img{}.jpg", (9, 46, 47, 100)),
+    ([f"{n:03d}.png" for n in range(1, 12)], "{:03d}.png", tuple(range(1, 12))),
+    ([f"006_{n:05d}.jpg" for n in (10, 11)] + ["notes.txt"], "006_{:05d}.jpg", (10, 11)),
+])
+def test_folder_clip_keeps_the_dataset_numbering(tmp_path: Path, names: list[str], template: str,
+                                                 numbers: tuple[int, ...]) -> None:
+    clip = open_clip(_frames(tmp_path / "clip", names), tmp_path)
+    assert (clip.template, clip.numbers, clip.source) == (template, numbers, "folder")
+    assert clip.frame(numbers[0]).is_file()
+
+
+@pytest.mark.parametrize(("names", "message"), [
+    ([], "no image frames"),
+    (["a1.jpg", "b2.jpg"], "more than one name pattern"),
+    (["1.png", "02.png", "003.png"], "zero-padded to different widths"),
+    (["face.png"], "has no frame number"),
+])
+def test_unusable_folders_fail_naming_the_clip(tmp_path: Path, names: list[str], message: str) -> None:
+    with pytest.raises(SampleError, match=message) as err:
+        open_clip(_frames(tmp_path / "myclip", names), tmp_path)
+    assert err.value.sample_id == "myclip"
+
+
+def _write_video(frames: list[Path], path: Path) -> Path:
+    first = cv2.imread(str(frames[0]))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), 30, (first.shape[1], first.shape[0]))
+    for frame in frames:
+        writer.write(cv2.imread(str(frame)))
+    writer.release()
+    return path
+
+
+def _checkpoint(path: Path, name: str = "htnet") -> Path:
+    model = create_model(name, "small", num_classes=len(CLASSES))
+    meta = {"class_names": CLASSES, "preprocess": PreprocessConfig().model_dump(mode="json", by_alias=True)}
+    return save_checkpoint(model, path, meta)
+
+
+def _mer(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "components.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_predict_cli_on_real_frames_and_video(tmp_path: Path, casme2_clip_dir: Path) -> None:
+    """Folder and lossless video of the same real frames give the same answer; failing clips are reported by name
+    and counted while the others complete; default key frames are reported."""
+    frames = sorted(casme2_clip_dir.glob("*.jpg"))
+    video = _write_video(frames, tmp_path / "clip.avi")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.mp4").write_bytes(b"\x00not a video" * 64)
+    checkpoint = _checkpoint(tmp_path / "model.pt")
+    result = _mer("predict", "--model", str(checkpoint), "--json", "--params", str(REPO / "params.yaml"),
+                  str(casme2_clip_dir), str(video), str(tmp_path / "empty"), str(tmp_path / "broken.mp4"),
+                  cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    out = {r["clip"]: r for r in json.loads(result.stdout)}
+    folder, decoded = out[casme2_clip_dir.name], out["clip.avi"]
+    for r in (folder, decoded):
+        assert r["status"] == "ok"
+        assert (r["onset"], r["offset"]) == (1, 10) and 1 < r["apex"] <= 10
+        assert r["key_frames"] == {"onset": "first frame", "offset": "last frame",
+                                   "apex": "max flow magnitude from onset"}
+        assert set(r["probabilities"]) == set(CLASSES)
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert decoded["apex"] == folder["apex"]
+    for name in CLASSES:
+        assert decoded["probabilities"][name] == pytest.approx(folder["probabilities"][name], abs=1e-3)
+    assert out["empty"]["status"] == "failed" and "no image frames" in out["empty"]["error"]
+    assert out["broken.mp4"]["status"] == "failed" and "not a video OpenCV can decode" in out["broken.mp4"]["error"]
+    assert "sample empty:" in result.stderr and "2 ok, 2 failed" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_given_key_frames_are_used_and_checked(casme2_clip_dir: Path, tmp_path: Path) -> None:
+    from components.predict import predict_clips
+    from components.pyfunc import load_for_inference
+
+    loaded = load_for_inference(str(_checkpoint(tmp_path / "model.pt")), Params())
+    [ok] = predict_clips(loaded, [str(casme2_clip_dir)], onset=2, apex=6)
+    assert (ok["onset"], ok["apex"], ok["offset"]) == (2, 6, 10)
+    assert ok["key_frames"]["apex"] == "given" and ok["key_frames"]["onset"] == "given"
+    [bad] = predict_clips(loaded, [str(casme2_clip_dir)], onset=1, apex=42)
+    assert bad["status"] == "failed" and "--apex 42: no such frame" in bad["error"]
+
+
+@pytest.mark.slow
+def test_pyfunc_registry_uris_and_mlflow_serve(tmp_path: Path) -> None:
+    """log_pyfunc_model -> registered version; models:/ and runs:/ URIs load it for `mer predict`; `mlflow models
+    serve` answers an {"inputs": ...} request with the same probabilities as the model itself."""
+    import mlflow
+
+    from components.pyfunc import load_for_inference, log_pyfunc_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    mlflow.set_experiment("predict-test")
+    model = create_model("htnet", "small", num_classes=3).eval()
+    with mlflow.start_run() as run:
+        info = log_pyfunc_model(model, CLASSES, PreprocessConfig(), name="model", registered_model_name="mer-model")
+    arrays = {k: np.random.default_rng(0).random((2, *v.shape)).astype(np.float32)
+              for k, v in example_arrays(model.inputs, PreprocessConfig()).items()}
+    expected = predict_proba(model, input_batch(arrays, model.inputs, batched=True))
+
+    params = Params.model_validate({"tracking": {"uri": uri}})
+    for model_uri in ("models:/mer-model/1", f"runs:/{run.info.run_id}/model", info.model_uri):
+        loaded = load_for_inference(model_uri, params)
+        assert loaded.class_names == CLASSES and loaded.source == "mlflow pyfunc"
+        np.testing.assert_allclose(predict_proba(loaded.model, input_batch(arrays, model.inputs, batched=True)),
+                                   expected, atol=1e-6)
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    proc = _spawn([str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/mer-model/1", "-h", LOOPBACK,
+                   "-p", str(port), "--env-manager", "local", "-w", "1"], log, env=env)
+    base = f"http://{LOOPBACK}:{port}"
+    try:
+        wait_until(lambda: urllib.request.urlopen(f"{base}/ping", timeout=2).status == 200, 240,
+                   "mlflow models serve", proc, log)
+        body = json.dumps({"inputs": {k: v.tolist() for k, v in arrays.items()}}).encode()
+        request = urllib.request.Request(f"{base}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - loopback
+            answer = json.loads(response.read())
+    finally:
+        stop(proc)
+    rows = answer["predictions"]
+    assert [list(r) for r in rows] == [CLASSES, CLASSES]
+    np.testing.assert_allclose([[r[c] for c in CLASSES] for r in rows], expected, atol=1e-5)
+
+
+def test_unknown_model_uri_is_one_clear_error(tmp_path: Path) -> None:
+    from components.pyfunc import load_for_inference
+    from mer_model.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no such checkpoint file"):
+        load_for_inference(str(tmp_path / "nope.pt"), Params())
