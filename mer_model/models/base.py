@@ -79,7 +79,8 @@ class MERModel(nn.Module):
         return batch[key]
 
     def classification_loss(self, outputs: Mapping[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        ce = F.cross_entropy(outputs["logits"].float(), self.get(batch, "label"))
+        # `class_weights` (C,) is set by the trainer from the training fold's class frequencies (train.class_weights).
+        ce = F.cross_entropy(outputs["logits"].float(), self.get(batch, "label"), weight=batch.get("class_weights"))
         return ce, {"ce": float(ce.detach())}
 
     def loss(self, outputs: Mapping[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:

@@ -158,7 +158,6 @@ class _Loop:
         self.train_set = store.torch_dataset(train_ids, self.inputs, cfg.augment, cfg.seed, self.optional)
         labels = store.labels(train_ids)
         self.weights = class_weights(labels, num_classes).to(self.device) if cfg.class_weights else None
-        self.weights_checked = False
 
     def loader(self, dataset: SampleDataset, shuffle: bool, epoch: int = 0) -> DataLoader:
         generator = torch.Generator().manual_seed(_derived_seed(self.cfg.seed, epoch, 1))
@@ -173,19 +172,6 @@ class _Loop:
             batch["class_weights"] = self.weights
         return batch
 
-    def _check_weights_used(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
-                            loss: torch.Tensor) -> None:
-        """Warn once if the model's loss ignores `class_weights` (it would silently train with plain CE)."""
-        if len(set(self.weights[batch["label"]].tolist())) < 2:
-            return  # this batch cannot tell weighted from unweighted CE
-        self.weights_checked = True
-        plain = {k: v for k, v in batch.items() if k != "class_weights"}
-        with torch.no_grad():
-            unweighted, _ = self.model.loss(outputs, plain)
-        if torch.equal(unweighted.detach(), loss.detach()):
-            log.warning("model %s ignores batch['class_weights']: train.class_weights has no effect",
-                        type(self.model).__name__)
-
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set; returns sample-weighted means of the loss and its parts."""
         torch.manual_seed(_derived_seed(self.cfg.seed, epoch, 2))
@@ -198,8 +184,6 @@ class _Loop:
             with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
                 outputs = self.model(batch)
                 loss, parts = self.model.loss(outputs, batch)
-            if self.weights is not None and not self.weights_checked:
-                self._check_weights_used(outputs, batch, loss)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"epoch {epoch}: training loss is {loss.item()}")
             self.optimizer.zero_grad(set_to_none=True)
