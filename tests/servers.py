@@ -26,6 +26,8 @@ LOOPBACK = "127.0.0.1"
 # Dummy credentials: moto accepts any, and they make sure nothing reaches a real AWS account.
 S3_KEY_ID = "testing"
 S3_SECRET = "testing"
+# No usage reporting from test processes (no outbound traffic; MLflow's telemetry thread also races os.environ).
+NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 
 def free_port() -> int:
@@ -188,7 +190,7 @@ def mlflow_server(backend_store_uri: str, artifacts_destination: str, env: dict[
     cmd = [str(VENV_BIN / "mlflow"), "server", "--host", LOOPBACK, "--port", str(port),
            "--backend-store-uri", backend_store_uri, "--artifacts-destination", artifacts_destination,
            "--workers", "1"]
-    proc = _spawn(cmd, log, env={**os.environ, **env})
+    proc = _spawn(cmd, log, env={**os.environ, **NO_TELEMETRY, **env})
     uri = f"http://{LOOPBACK}:{port}"
     try:
         wait_until(lambda: http_ok(f"{uri}/health"), timeout, "mlflow server", proc, log)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.servers import tiny_params_file
+from tests.servers import NO_TELEMETRY, tiny_params_file
 
 REPO = Path(__file__).resolve().parents[1]
 COMPILED = REPO / "infra" / "kubeflow" / "mer_pipeline.yaml"
@@ -53,7 +53,8 @@ def test_pipeline_runs_locally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
     from pipelines.kfp_pipeline import mer_pipeline
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for key, value in {"OMP_NUM_THREADS": "1", **NO_TELEMETRY}.items():
+        monkeypatch.setenv(key, value)
     params = tiny_params_file(tmp_path, **{"tracking.experiment": "mer-kfp-test"})
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     root = tmp_path / "kfp"

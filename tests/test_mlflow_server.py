@@ -9,7 +9,6 @@ final model back from the bucket with boto3.
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 import yaml
 
 from tests.servers import (
+    NO_TELEMETRY,
     S3_KEY_ID,
     S3_SECRET,
     log_tail,
@@ -47,8 +47,12 @@ for step in sys.argv[1:]:
 """
 
 
-def test_project_run_logs_to_mlflow_server_with_postgres_and_s3(tmp_path: Path) -> None:
+def test_project_run_logs_to_mlflow_server_with_postgres_and_s3(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
+
+    for key, value in NO_TELEMETRY.items():
+        monkeypatch.setenv(key, value)
 
     with postgres_server() as pg, s3_server(buckets=(BUCKET,)) as endpoint:
         with mlflow_server(pg.uri("mlflow"), f"s3://{BUCKET}/artifacts", s3_env(endpoint)) as uri:
@@ -86,10 +90,16 @@ def test_project_run_logs_to_mlflow_server_with_postgres_and_s3(tmp_path: Path) 
                 for o in page.get("Contents", [])]
         mlmodels = [k for k in keys if k.endswith("/MLmodel")]
         assert len(mlmodels) == 1, (model_uri, mlmodels)
-        spec = yaml.safe_load(s3.get_object(Bucket=BUCKET, Key=mlmodels[0])["Body"].read())
-        assert "pytorch" in spec["flavors"]
         prefix = mlmodels[0].rsplit("/", 1)[0]
-        weights = s3.get_object(Bucket=BUCKET, Key=f"{prefix}/data/model.pth")["Body"].read()
-        model = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=False)
+        local = tmp_path / "final_model"
+        for key in (k for k in keys if k.startswith(prefix + "/")):
+            target = local / key[len(prefix) + 1:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(BUCKET, key, str(target))
+        assert "pytorch" in yaml.safe_load((local / "MLmodel").read_text())["flavors"]
+
+        import mlflow.pytorch
+
+        model = mlflow.pytorch.load_model(str(local), map_location="cpu")
         assert isinstance(model, torch.nn.Module)
         assert sum(p.numel() for p in model.parameters()) > 0
