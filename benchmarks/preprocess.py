@@ -1,0 +1,133 @@
+"""Preprocessing throughput: clips/second for face detection + alignment, TV-L1 at 224 and 128 px, and a whole sample,
+with 1 and 2 worker processes (each single-threaded, as the Ray stage runs them).
+
+Input: the real CASME II clip in ../shared/data/casme2-clip when present, else frames cut from scikit-image's
+astronaut photo. Parameters come from params.yaml (`preprocess`), so the figures match what `mer preprocess` does.
+
+    python benchmarks/preprocess.py [--params params.yaml] [--clips 4] [--workers 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from mer_model.config import PreprocessConfig, load_params
+from mer_model.preprocess import face as facelib
+from mer_model.preprocess.cache import process_row
+from mer_model.preprocess.flow import compute_flow, tvl1
+from mer_model.preprocess.sample import sampled_frames
+
+SHARED_CLIP = Path(os.environ.get("MER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "casme2-clip"
+
+
+def clip_folder(workdir: Path) -> tuple[Path, str, int]:
+    """(frames folder, frame template, frame count): the real clip, else 10 synthetic frames written to `workdir`."""
+    if SHARED_CLIP.is_dir():
+        return SHARED_CLIP, "{:03d}.jpg", len(list(SHARED_CLIP.glob("*.jpg")))
+    import skimage.data
+
+    base = cv2.cvtColor(skimage.data.astronaut()[40:220, 130:310], cv2.COLOR_RGB2BGR)
+    for k in range(10):
+        moved = cv2.warpAffine(base, np.float32([[1, 0, 0.3 * k], [0, 1, 0]]), base.shape[1::-1],
+                               borderMode=cv2.BORDER_REFLECT)
+        cv2.imwrite(str(workdir / f"{k + 1:03d}.jpg"), moved)
+    return workdir, "{:03d}.jpg", 10
+
+
+_STATE: dict[str, Any] = {}
+
+
+def _init(folder: Path, template: str, count: int, cfg: PreprocessConfig) -> None:
+    """Per worker: single-threaded OpenCV, models loaded and frames read once (not part of the timings)."""
+    cv2.setNumThreads(1)
+    facelib.dlib_models()
+    frames = [cv2.imread(str(folder / template.format(n)), cv2.IMREAD_GRAYSCALE) for n in range(1, count + 1)]
+    _STATE.update(folder=folder, template=template, count=count, cfg=cfg, frames=frames)
+
+
+def detect_align(_: int) -> None:
+    cfg, frames = _STATE["cfg"], _STATE["frames"]
+    box = facelib.detect_face(frames[0], cfg.detector_upsample)
+    align = facelib.alignment_from_landmarks(facelib.predict_landmarks(frames[0], box), cfg.margin)
+    for frame in frames:
+        align.warp(frame, cfg.face_size)
+        align.warp(frame, cfg.seq_size)
+
+
+def _aligned(size: int) -> list[np.ndarray]:
+    key = f"aligned{size}"
+    if key not in _STATE:
+        cfg, frames = _STATE["cfg"], _STATE["frames"]
+        align = facelib.alignment_from_landmarks(
+            facelib.predict_landmarks(frames[0], facelib.detect_face(frames[0], cfg.detector_upsample)), cfg.margin)
+        _STATE[key] = [align.warp(f, size) for f in frames]
+    return _STATE[key]
+
+
+def tvl1_224(_: int) -> None:
+    """One onset->apex flow at 224 px (flow28's source)."""
+    frames = _aligned(224)
+    compute_flow(tvl1(_STATE["cfg"].flow), frames[0], frames[len(frames) // 2])
+
+
+def tvl1_128(_: int) -> None:
+    """The seq_frames-1 consecutive flows at 128 px of one clip (flows128)."""
+    cfg = _STATE["cfg"]
+    frames = _aligned(cfg.seq_size)
+    picked = [frames[n - 1] for n in sampled_frames(1, len(frames), cfg.seq_frames)]
+    solver = tvl1(cfg.flow)
+    for a, b in zip(picked[:-1], picked[1:]):
+        compute_flow(solver, a, b)
+
+
+def whole_sample(_: int) -> None:
+    count = _STATE["count"]
+    row = {"sample_id": "bench/sub/clip", "frames_dir": str(_STATE["folder"]), "frame_template": _STATE["template"],
+           "onset": 1, "apex": count // 2, "offset": count, "aus": "", "landmarks_path": "", "flow_path": "",
+           "apex_path": "", "points5": ""}
+    result = process_row(row, _STATE["cfg"], Path("."))
+    if result.status != "ok":
+        raise RuntimeError(result.error)
+
+
+TASKS: dict[str, Callable[[int], None]] = {
+    "detect+align": detect_align, "tvl1@224": tvl1_224, "tvl1@128 x(N-1)": tvl1_128, "whole sample": whole_sample,
+}
+
+
+def clips_per_second(task: Callable[[int], None], workers: int, clips: int, init_args: tuple[Any, ...]) -> float:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init, initargs=init_args) as pool:
+        list(pool.map(task, range(workers)))  # warm-up: every worker has run the task once
+        start = time.perf_counter()
+        list(pool.map(task, range(clips * workers)))
+        return clips * workers / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--clips", type=int, default=4, help="clips per worker per measurement")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    cfg = load_params(args.params).preprocess
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, template, count = clip_folder(Path(tmp))
+        print(f"input: {folder} ({count} frames); cores: {os.cpu_count()}; opencv {cv2.__version__}")
+        print(f"{'task':<18}" + "".join(f"{f'{w} worker(s)':>14}" for w in args.workers) + f"{'speed-up':>10}")
+        for name, task in TASKS.items():
+            rates = [clips_per_second(task, w, args.clips, (folder, template, count, cfg)) for w in args.workers]
+            print(f"{name:<18}" + "".join(f"{r:>10.2f} c/s" for r in rates) + f"{rates[-1] / rates[0]:>9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
