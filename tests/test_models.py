@@ -9,6 +9,7 @@ import torch
 
 from mer_model.errors import ConfigError, DataError
 from mer_model.models import (
+    autocast_dtype,
     count_parameters,
     create_model,
     list_configs,
@@ -16,7 +17,9 @@ from mer_model.models import (
     load_checkpoint,
     model_inputs,
     model_targets,
+    prepare_for_device,
     save_checkpoint,
+    to_device_batch,
 )
 from mer_model.models.htnet import tile_regions
 from mer_model.models.cva_fpf import UNUSED_AUTHOR_PARAMETERS as SWIN_UNUSED
@@ -275,11 +278,43 @@ def test_determinism_with_fixed_seed() -> None:
 
 
 def test_checkpoint_roundtrip_rebuilds_without_params(tmp_path: Any) -> None:
-    model = create_model("htnet", "small", num_classes=4, regions="corrected").eval()
+    model = create_model("htnet", "small", num_classes=4, regions="corrected", block_repeats=(1, 1, 1)).eval()
     path = save_checkpoint(model, tmp_path / "m.pt", {"fold": "casme2/sub01"})
     loaded = load_checkpoint(path)
-    assert loaded.regions == "corrected" and loaded.num_classes == 4
+    assert loaded.regions == "corrected" and loaded.num_classes == 4 and len(loaded.levels[2][0].layers) == 1
     assert loaded.checkpoint_meta == {"fold": "casme2/sub01"}
     batch = make_batch(model.inputs)
     with torch.no_grad():
         assert torch.equal(model(batch)["logits"], loaded(batch)["logits"])
+
+
+def test_htnet_paper_input_matches_authors_pipeline_on_a_real_sample(composite_dir: Any) -> None:
+    """The stored PNG read the authors' way (cv2 BGR, 0-255, x as row) equals what HTNet builds from our batch."""
+    import csv
+
+    import cv2
+    import numpy as np
+
+    with open(composite_dir / "landmarks5_28px.csv", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    png = composite_dir / "datasets" / "STSNet_whole_norm_u_v_os" / f"{row['imagename'].rsplit('.', 1)[0]} .png"
+    bgr = cv2.imread(str(png)).astype(np.float32)
+    names = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+    pts = np.array([[float(row[f"{n}_x"]), float(row[f"{n}_y"])] for n in names])
+    xy = np.clip(np.rint(pts).astype(int), 7, 21)
+    patch = [bgr[x - 7 : x + 7, y - 7 : y + 7] for x, y in xy]
+    authors = cv2.vconcat([cv2.hconcat([patch[0], patch[1]]), cv2.hconcat([patch[3], patch[4]])])
+
+    rgb01 = torch.from_numpy(bgr[..., ::-1].copy() / 255.0).permute(2, 0, 1)[None].float()  # our flow28 convention
+    model = create_model("htnet", "small", num_classes=3)
+    ours = model.prepare_input({"flow28": rgb01, "points5": torch.from_numpy(pts)[None].float()})
+    assert torch.allclose(ours[0].permute(1, 2, 0), torch.from_numpy(authors), atol=1e-3)
+
+
+def test_mixed_precision_keeps_the_loss_in_float32() -> None:
+    model = prepare_for_device(create_model("htnet", "small", num_classes=3, regions="none"), "cpu")
+    batch = to_device_batch(make_batch(model.inputs + model.targets), model, "cpu")
+    with torch.autocast("cpu", dtype=autocast_dtype("cpu")):
+        out = model(batch)
+        loss, _ = model.loss(out, batch)
+    assert out["logits"].dtype == torch.bfloat16 and loss.dtype == torch.float32 and torch.isfinite(loss)
