@@ -152,7 +152,9 @@ def test_pyfunc_registry_uris_and_mlflow_serve(tmp_path: Path) -> None:
 
     port = free_port()
     log = tmp_path / "serve.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    # mlflow starts `uvicorn` by name: the venv's bin must be on PATH even when pytest runs as .venv/bin/python.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1",
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = _spawn([str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/mer-model/1", "-h", LOOPBACK,
                    "-p", str(port), "--env-manager", "local", "-w", "1"], log, env=env)
     base = f"http://{LOOPBACK}:{port}"

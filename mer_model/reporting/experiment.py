@@ -56,7 +56,8 @@ def write_experiment_report(predictions: pd.DataFrame, history: pd.DataFrame | N
     sections = []
     if leaky:
         sections.append(f'<p class="banner">{html.escape(LEAKY_TEXT)}</p>')
-    sections += ["<h2>Metrics</h2>", html.table(scores, leaky_rows=[leaky] * len(scores)),
+    headers = {"n": "samples", "uf1": "UF1", "uar": "UAR", "accuracy": "accuracy", "weighted_f1": "weighted F1"}
+    sections += ["<h2>Metrics</h2>", html.table(scores.rename(columns=headers), leaky_rows=[leaky] * len(scores)),
                  '<p class="note">UF1 = macro F1 over classes, UAR = mean per-class recall, on test predictions '
                  "pooled over all leave-one-subject-out folds.</p>"]
     recall = pooled["overall"]["per_class_recall"]

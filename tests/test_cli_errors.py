@@ -1,0 +1,113 @@
+"""User errors through the real `mer` CLI: exit code != 0, no traceback, and ONE line on stderr that says what is
+wrong and where (file, row, key or path)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mer(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "components.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if ": error: " in line or line.startswith("Traceback")]
+
+
+@pytest.fixture()
+def project(tmp_path: Path) -> Path:
+    """A working directory holding the repository's params.yaml (every other input deliberately missing)."""
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    return tmp_path
+
+
+def _bad_params(project: Path, key: str, value: object) -> str:
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    section, name = key.split(".")
+    raw[section][name] = value
+    (project / "bad.yaml").write_text(yaml.safe_dump(raw))
+    return str(project / "bad.yaml")
+
+
+def _casme2_sheet(project: Path) -> Path:
+    """A CASME II coding sheet whose second data row (sheet line 3) has an unparseable onset."""
+    root = project / "casme2"
+    root.mkdir()
+    rows = [["01", "EP02_01f", 46, 59, 86, "12", "happiness"], ["01", "EP03_02", "abc", 61, 80, "4", "disgust"]]
+    pd.DataFrame(rows, columns=["Subject", "Filename", "OnsetFrame", "ApexFrame", "OffsetFrame", "Action Units",
+                                "Estimated Emotion"]).to_excel(root / "coding.xlsx", index=False)
+    return root
+
+
+CASES = {
+    "params value out of range": (["synth", "-S", "synth.subjects=1"],
+                                  "params.yaml: synth.subjects: Input should be greater than or equal to 2"),
+    "unknown params key": (["tune", "-S", "train.epoch=3"], "train.epoch: Extra inputs are not permitted"),
+    "malformed override": (["evaluate", "-S", "train.epochs"], "override 'train.epochs': expected key=value"),
+    "missing params file": (["ingest", "--params", "missing.yaml"], "missing.yaml: parameters file not found"),
+    "missing data root": (["ingest", "-S", "data.source=casme2", "-S", "data.root=nowhere"],
+                          "nowhere: data.root: directory not found"),
+    "missing annotation table": (["preprocess", "-S", "data.ingested=nope.csv"], "nope.csv: annotation table not"),
+    "no tune results for evaluate": (["evaluate"], "runs/results/summary.json: missing; run `mer tune` first"),
+    "no tune results for register": (["register"], "runs/results/summary.json: missing; run `mer tune` first"),
+    "no tune results for report": (["report"], "runs/results/summary.json: missing; run `mer tune` first"),
+    "report flag misuse": (["report", "--experiment", "x"], "--experiment: only with --compare"),
+    "missing model for predict": (["predict", "--model", "nope.pt", "clip"], "--model nope.pt: no such checkpoint"),
+    "missing cache for tune": (["tune"], "data/preprocessed: no index.csv; run `mer preprocess` first"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_error_is_one_line_without_traceback(project: Path, case: str) -> None:
+    args, expected = CASES[case]
+    result = mer(*args, cwd=project)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = error_lines(result)
+    assert line.startswith(f"mer {args[0]}: error: ") and expected in line, line
+
+
+def test_invalid_value_in_params_file_names_file_and_key(project: Path) -> None:
+    bad = _bad_params(project, "train.protocol", "honest")
+    result = mer("evaluate", "--params", bad, cwd=project)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = error_lines(result)
+    assert f"{bad}: train.protocol: Input should be 'fixed', 'inner' or 'oracle'" in line
+
+
+def test_unparseable_annotation_row_names_file_and_row(project: Path) -> None:
+    root = _casme2_sheet(project)
+    result = mer("ingest", "-S", "data.source=casme2", "-S", f"data.root={root}", "-S",
+                 f"data.annotation={root / 'coding.xlsx'}", cwd=project)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = error_lines(result)
+    assert "coding.xlsx" in line and "row 3" in line and "abc" in line, line
+
+
+def test_unwritable_report_dir_fails_before_work(project: Path) -> None:
+    (project / "afile").write_text("not a directory")
+    results = project / "results"
+    results.mkdir()
+    (results / "summary.json").write_text('{"experiment": "x"}')
+    (results / "predictions.csv").write_text("sample_id,label,pred\n")
+    result = mer("report", "-S", f"tune.results={results}", "--out", str(project / "afile" / "reports"), cwd=project)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = error_lines(result)
+    assert "evaluate.report" in line and "afile/reports" in line and "not writable" in line, line
+
+
+def test_unknown_subcommand_and_missing_argument_are_usage_errors(project: Path) -> None:
+    result = mer("trian", cwd=project)
+    assert result.returncode == 2 and "invalid choice: 'trian'" in result.stderr and "Traceback" not in result.stderr
+    result = mer("predict", "clip", cwd=project)
+    assert result.returncode == 2 and "--model" in result.stderr and "Traceback" not in result.stderr

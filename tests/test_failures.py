@@ -1,0 +1,100 @@
+"""Failure behaviour users must be able to trust: bad samples fail by id while the run completes and counts them,
+output directories are checked before long work, and no credential reaches MLflow, artifacts or logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from components.common import check_output_dir
+from mer_model.config import parse_params
+from mer_model.data.schema import make_table
+from mer_model.errors import ConfigError
+from tests.servers import tiny_params_file
+from tests.test_preprocess import write_clip
+from tests.test_preprocess_stage import CHEAP
+
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYSECRETKEY"
+KEY_ID = "AKIAMERTESTKEYID0001"
+
+
+def _record(subject: str, folder: Path) -> dict[str, object]:
+    return {"dataset": "synthetic", "collection": "synthetic", "subject": f"synthetic/{subject}", "clip": "EP01",
+            "onset": 10, "apex": 12, "offset": 15, "emotion": "happiness", "label": 0, "aus": "6+12",
+            "au_raw": "6+12", "frames_dir": str(folder), "frame_template": "img{}.jpg", "n_frames": 6,
+            "source_file": "sheet.xlsx", "source_row": 2}
+
+
+def test_corrupt_image_and_empty_clip_fail_by_id_and_the_stage_completes(tmp_path: Path) -> None:
+    """(Missing and truncated frames are covered by test_preprocess_stage; here: bytes that are no image at all, and
+    a clip folder emptied after ingest.)"""
+    from components.preprocess import preprocess
+
+    root = tmp_path / "data"
+    for subject in ("sub01", "sub02", "sub03"):
+        write_clip(root / subject / "EP01")
+    (root / "sub02/EP01/img11.jpg").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)
+    for frame in (root / "sub03/EP01").iterdir():
+        frame.unlink()
+    ingested = tmp_path / "annotations.csv"
+    make_table([_record(s, root / s / "EP01") for s in ("sub01", "sub02", "sub03")]).to_csv(ingested, index=False)
+    params = parse_params({"data": {"root": str(root), "ingested": str(ingested)},
+                           "preprocess": {**CHEAP, "num_workers": 1, "out": str(tmp_path / "cache")}})
+    manifest = preprocess(params)
+    assert (manifest["counts"]["ok"], manifest["counts"]["failed"]) == (1, 2)
+    errors = {f["sample_id"]: f["error"] for f in manifest["failures"]}
+    assert errors["synthetic/sub02/EP01"].startswith("sample synthetic/sub02/EP01: corrupt or unsupported image")
+    assert "img11.jpg" in errors["synthetic/sub02/EP01"]
+    assert errors["synthetic/sub03/EP01"].startswith("sample synthetic/sub03/EP01: frame file missing")
+    index = pd.read_csv(tmp_path / "cache" / "index.csv", keep_default_na=False)
+    assert index.set_index("sample_id")["status"].to_dict() == {
+        "synthetic/sub01/EP01": "ok", "synthetic/sub02/EP01": "failed", "synthetic/sub03/EP01": "failed"}
+
+
+def test_output_dir_check_fails_up_front_naming_the_key(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"^preprocess.out: .*/file/cache: output directory is not writable"):
+        check_output_dir(tmp_path / "file" / "cache", "preprocess.out")
+    with pytest.raises(ConfigError, match=r"^evaluate.report: .* MiB free on its disk, need at least"):
+        check_output_dir(tmp_path / "ok", "evaluate.report", min_free_mb=2**40)
+    assert check_output_dir(tmp_path / "ok", "evaluate.report") == tmp_path / "ok"
+    assert list((tmp_path / "ok").iterdir()) == []  # the probe file is gone
+
+
+def _grep(root: Path, needle: bytes) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_no_credentials_in_tracking_artifacts_or_logs(tmp_path: Path) -> None:
+    """The whole tiny chain (synth -> ingest -> preprocess -> tune with MLflow) with AWS credentials in the
+    environment: neither the key id nor the secret appears in run params, tags, artifacts, the store or the logs."""
+    tiny_params_file(tmp_path, **{"model.name": "htnet", "model.config": "small",
+                                  "tracking.uri": "sqlite:///mlflow.db"})
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": KEY_ID, "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    logs = []
+    for stage in ("synth", "ingest", "preprocess", "tune"):
+        result = subprocess.run([sys.executable, "-m", "components.cli", "-v", stage], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"mer {stage}:\n{result.stderr[-3000:]}"
+        logs.append(result.stdout + result.stderr)
+    assert not [log for log in logs if SECRET in log or KEY_ID in log]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+    assert len(runs) >= 3  # parent, trial, folds
+    for run in runs:
+        text = json.dumps({"params": run.data.params, "tags": run.data.tags})
+        assert SECRET not in text and KEY_ID not in text
+    shutil.rmtree(tmp_path / "data", ignore_errors=True)  # frames and cache: no place a credential could be
+    assert _grep(tmp_path, SECRET.encode()) == [] and _grep(tmp_path, KEY_ID.encode()) == []
