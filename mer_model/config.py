@@ -134,8 +134,10 @@ class TuneConfig(_Section):
     max_concurrent_trials: int = Field(2, ge=1)
     fold_cpus: float = Field(1, gt=0)
     fold_gpus: float = Field(0, ge=0)  # fractional: several small folds share one GPU
+    folds_per_trial: int = Field(0, ge=0)  # folds of one trial in flight at once; 0 = as many as the cluster holds
     max_retries: int = Field(2, ge=0)  # a fold whose worker died is retried by Ray
     storage_path: str = "runs/tune"  # local dir or s3://bucket/prefix; experiment state survives the head node
+    results: str = "runs/results"  # local: summary.json + pooled predictions of the chosen config (the DVC output)
     experiment: str | None = None  # None = derived from dataset x model x protocol
     ray_address: str | None = None
     final_model: bool = True  # train on all subjects with the chosen config and register it
@@ -148,6 +150,7 @@ class TrackingConfig(_Section):
     artifact_location: str | None = None
     experiment: str = "mer"
     registered_model: str = "mer-model"
+    registered_info: str = "runs/registered.json"  # written by `mer register`: model name, version, source run
 
 
 class EvaluateConfig(_Section):
