@@ -24,8 +24,9 @@ UNUSED_AUTHOR_PARAMETERS = 512 * 1000 + 1000
 
 _PAPER = {"attention": "cva", "position": "fpf", "position_frames": ("onset224", "apex224"), "head": "au_mlp",
           "au_mode": "predicted", "dropout": 0.5}  # fmt: skip
-_SMALL = {**_PAPER, "img_size": 64, "swin_window": 4, "act_channels": 16, "stage_channels": (16, 16, 32, 64), "swin_embed_dim": 16,
-          "swin_depths": (1, 1, 1), "swin_heads": (1, 2, 4), "fc_dim": 64, "fc2_dim": 32}  # fmt: skip
+_SMALL = {**_PAPER, "img_size": 64, "swin_window": 4, "act_channels": 16, "stage_channels": (16, 16, 32, 64),
+          "swin_embed_dim": 16, "swin_depths": (1, 1, 1), "swin_heads": (1, 2, 4), "fc_dim": 64,
+          "fc2_dim": 32}  # fmt: skip
 
 
 @register_model(

@@ -161,8 +161,8 @@ class FlowHead(nn.Module):
     "mol",
     configs={
         "paper": {},
-        "small": {"frame_size": 64, "stem_channels": (4, 8, 16, 32), "mer_channels": 32, "mer_fc": 64, "flow_max_disp": 2,
-                  "flow_redir": 8, "flow_enc": (32, 48, 64, 96), "flow_dec": (64, 32, 16, 8, 8, 8),
+        "small": {"frame_size": 64, "stem_channels": (4, 8, 16, 32), "mer_channels": 32, "mer_fc": 64,
+                  "flow_max_disp": 2, "flow_redir": 8, "flow_enc": (32, 48, 64, 96), "flow_dec": (64, 32, 16, 8, 8, 8),
                   "landmark_channels": 8, "landmark_fc": 64},
         "mer_only": {"use_flow": False, "use_landmarks": False},
     },  # fmt: skip
@@ -229,7 +229,9 @@ class MOL(MERModel):
         )
 
     @classmethod
-    def io_keys(cls, use_flow: bool = True, use_landmarks: bool = True, **_: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def io_keys(
+        cls, use_flow: bool = True, use_landmarks: bool = True, **_: Any
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
         targets = ("label",) + (("flows128",) if use_flow else ()) + (("landmarks68",) if use_landmarks else ())
         return ("frames128",), targets
 

@@ -76,7 +76,8 @@ def resolve_kwargs(name: str, config: str = "paper", **overrides: Any) -> dict[s
         if key not in entry.arguments:
             raise ConfigError(f"model.kwargs.{key}: not an argument of {name} (known: {', '.join(entry.arguments)})")
     params = inspect.signature(entry.cls.__init__).parameters
-    resolved = {key: params[key].default for key in entry.arguments if params[key].default is not inspect.Parameter.empty}
+    empty = inspect.Parameter.empty
+    resolved = {key: params[key].default for key in entry.arguments if params[key].default is not empty}
     resolved.update(entry.configs[config])
     resolved.update(overrides)
     return resolved

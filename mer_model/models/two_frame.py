@@ -223,7 +223,7 @@ class TwoFrameNet(MERModel):
             swin_out = swin_embed_dim * 2 ** (len(swin_depths) - 1)
             if swin_out != c_last:
                 raise ConfigError(
-                    f"model.kwargs.swin_embed_dim: Swin output {swin_out} channels must equal stage_channels[-1]={c_last}"
+                    f"model.kwargs.swin_embed_dim: Swin output {swin_out} channels != stage_channels[-1]={c_last}"
                 )
             self.pos_branch = FacialPositionFocalizer(img_size, swin_embed_dim, swin_depths, swin_heads, swin_window,
                                                       drop_path)  # fmt: skip
