@@ -1,0 +1,117 @@
+"""What a Kubeflow step does inside its pod: run `mer <component>` in a fresh working directory whose inputs are the
+upstream steps' artifacts, then move the component's outputs into the step's output artifact.
+
+Kept apart from pipelines/kfp_pipeline.py (the pipeline DEFINITION) because KFP's executor loads kfp in a runtime-only
+mode in which the compiler cannot be imported; this module imports nothing from kfp.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mer_model.config import Params, parse_params, set_dotted
+from mer_model.errors import ConfigError, MerError
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PATHS_FILE = "paths.json"  # in every artifact: the params-relative paths it carries
+
+
+def resolve_params(params_file: str, overrides: dict[str, Any], ray_address: str) -> tuple[dict[str, Any], Params]:
+    """params.yaml with the run's overrides applied and validated; `ray_address` goes to every Ray-using section."""
+    path = Path(params_file)
+    path = path if path.is_absolute() else PROJECT_ROOT / path
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameters file not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    for key, value in overrides.items():
+        set_dotted(raw, key, value)
+    if ray_address:
+        set_dotted(raw, "preprocess.ray_address", ray_address)
+        set_dotted(raw, "tune.ray_address", ray_address)
+    return raw, parse_params(raw, f"{path} + overrides")
+
+
+def step_outputs(step: str, params: Params) -> list[str]:
+    """The params-relative paths a step produces (what its output artifact carries)."""
+    if step == "ingest":
+        produced = [str(Path(params.data.ingested).parent)]
+        if params.data.source == "synthetic":
+            produced.insert(0, params.synth.out)
+        return produced
+    if step == "preprocess":
+        return [params.preprocess.out]
+    if step == "tune":
+        local_state = [] if "://" in params.tune.storage_path else [params.tune.storage_path]
+        return [params.tune.results, *local_state]
+    if step == "evaluate":
+        return [params.evaluate.metrics, params.evaluate.plots]
+    if step == "register":
+        return [params.tracking.registered_info]
+    raise ValueError(f"unknown pipeline step {step!r}")
+
+
+def _link_inputs(inputs: list[str], workdir: Path) -> None:
+    for artifact in map(Path, inputs):
+        for rel in json.loads((artifact / PATHS_FILE).read_text()):
+            target = workdir / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(artifact / rel)
+
+
+def _collect_outputs(paths: list[str], workdir: Path, output: str) -> None:
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    present = [rel for rel in paths if (workdir / rel).exists()]
+    missing = sorted(set(paths) - set(present))
+    if missing:
+        log.warning("step produced no %s", ", ".join(missing))
+    for rel in present:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(workdir / rel), str(out / rel))
+    (out / PATHS_FILE).write_text(json.dumps(present))
+
+
+def run_step(step: str, params_file: str, overrides: dict[str, Any], tracking_uri: str, ray_address: str,
+             inputs: list[str], output: str) -> None:
+    """Run `mer <step>` (and `mer synth` before a synthetic ingest) in a fresh working directory."""
+    from components.cli import main as mer
+
+    raw, params = resolve_params(params_file, overrides, ray_address)
+    if tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    workdir = Path(tempfile.mkdtemp(prefix=f"mer-{step}-"))
+    cwd = Path.cwd()
+    try:
+        (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        _link_inputs(inputs, workdir)
+        os.chdir(workdir)
+        commands = (["synth"] if step == "ingest" and params.data.source == "synthetic" else []) + [step]
+        for command in commands:
+            log.info("kfp step %s: mer %s", step, command)
+            code = mer([command, "--params", "params.yaml"])
+            if code:
+                raise MerError(f"mer {command} exited with {code}")
+        _collect_outputs(step_outputs(step, params), workdir, output)
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def log_metrics(metrics_dir: str, metrics_file: str, sink: Any) -> None:
+    """Copy the scalar numbers of metrics.json (one level of nesting flattened) to a KFP Metrics artifact."""
+    data = json.loads((Path(metrics_dir) / metrics_file).read_text())
+    for key, value in data.items():
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        for sub, number in items:
+            if isinstance(number, (int, float)) and not isinstance(number, bool):
+                sink.log_metric(f"{key}.{sub}" if sub else key, float(number))
