@@ -179,3 +179,26 @@ def test_unknown_model_uri_is_one_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="no such checkpoint file"):
         load_for_inference(str(tmp_path / "nope.pt"), Params())
+
+
+def test_plain_pytorch_model_takes_names_and_preprocessing_from_its_run(tmp_path: Path) -> None:
+    """The LOSO driver's `mlflow.pytorch` final model: class names and preprocessing come from the run's params."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from components import tracking
+    from components.pyfunc import load_for_inference
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    logged = Params.model_validate({"data": {"class_set": "casme2_5"}, "preprocess": {"seq_frames": 6},
+                                    "tracking": {"uri": uri}})
+    model = create_model("htnet", "small", num_classes=5).eval()
+    with mlflow.start_run() as run:
+        tracking.log_params(MlflowClient(uri), run.info.run_id, tracking.run_params(logged))
+        mlflow.set_tag("leaky", "true")
+        mlflow.pytorch.log_model(model, name="final_model", serialization_format="pickle")
+    loaded = load_for_inference(f"runs:/{run.info.run_id}/final_model", Params())
+    assert loaded.source == "mlflow pytorch" and loaded.leaky
+    assert loaded.class_names == ["happiness", "surprise", "disgust", "repression", "others"]
+    assert loaded.preprocess == logged.preprocess
