@@ -417,9 +417,11 @@ class MlflowCallback:
                                          step=int(result["folds_done"]))
                 key = result.get("fold_key")
                 if key:
-                    self._log_fold(trial_run, self._trial_key(trial), result["fold"], key)
+                    overrides = {k: trial.config[k] for k in ctx.search_keys if k in trial.config}
+                    resolved = trial_params(ctx.params, overrides, ctx.protocol)
+                    self._log_fold(trial_run, self._trial_key(trial), result["fold"], key, resolved)
 
-            def _log_fold(self, trial_run: str, trial_key: str, fold: str, key: str) -> None:
+            def _log_fold(self, trial_run: str, trial_key: str, fold: str, key: str, resolved: Params) -> None:
                 stored = self.storage.load(key)
                 assert stored is not None, f"fold {fold} reported but not stored under {key}"
                 run_key = f"{trial_key}/fold/{fold}"
@@ -432,7 +434,7 @@ class MlflowCallback:
                      "phase": ctx.phase, "fold_key": key, **leaky_tags(stored["protocol"])},
                     parent_id=trial_run)
                 runs.add(run_id)
-                tracking.log_params(client, run_id, {
+                tracking.log_params(client, run_id, info.base_params | tracking.run_params(resolved) | {
                     "fold.test_subjects": ",".join(stored["test_subjects"]),
                     "fold.val_subjects": ",".join(stored["val_subjects"]),
                     "fold.n_train_subjects": str(len(stored["train_subjects"])),

@@ -1,0 +1,197 @@
+"""The LOSO driver end to end on a tiny synthetic set: MLflow hierarchy, honest search objective, registry, leaky tags.
+
+The tiny set (4 subjects x 3 clips, cheap preprocessing settings) is built once per session by the real stages
+(`synthesize`, `ingest`, `preprocess`); test_resume.py and test_ray_job.py reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+# Bind every Ray process these tests start to the loopback interface.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_params(root: Path, **overrides: Any) -> Path:
+    """params.yaml for a tiny, fast run with every path absolute under `root`; `overrides` are dotted keys."""
+    from mer_model.config import set_dotted
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    data = root.parent / "tiny-data"  # shared by every run of the session
+    values: dict[str, Any] = {
+        "synth.out": str(data / "synthetic"), "synth.subjects": 4, "synth.clips_per_subject": 3,
+        "synth.min_frames": 10, "synth.max_frames": 12, "synth.image_size": 128,
+        "data.root": str(data / "synthetic"), "data.ingested": str(data / "ingested" / "annotations.csv"),
+        "preprocess.out": str(data / "preprocessed"), "preprocess.detector": "annotation",
+        "preprocess.face_size": 64, "preprocess.seq_frames": 2, "preprocess.seq_size": 32,
+        "preprocess.flow.nscales": 1, "preprocess.flow.warps": 1, "preprocess.flow.inner_iterations": 5,
+        "preprocess.flow.outer_iterations": 2, "preprocess.num_workers": 2,
+        "model.name": "ststnet", "model.config": "small",
+        "train.epochs": 2, "train.batch_size": 8, "train.device": "cpu", "train.protocol": "fixed",
+        "tune.num_samples": 0, "tune.search_folds": 2, "tune.fold_cpus": 1, "tune.max_concurrent_trials": 2,
+        "tune.storage_path": str(root / "runs" / "tune"), "tune.results": str(root / "runs" / "results"),
+        "tracking.uri": f"sqlite:///{root / 'mlflow.db'}", "tracking.registered_info": str(root / "registered.json"),
+        "evaluate.metrics": str(root / "metrics.json"), "evaluate.plots": str(root / "plots"),
+    }
+    values.update(overrides)
+    for key, value in values.items():
+        set_dotted(raw, key, value)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> Iterator[None]:
+    """One Ray for the in-process tests of this session: the cluster at RAY_ADDRESS if set, else local with 2 CPUs."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started and os.environ.get("RAY_ADDRESS"):
+        ray.init(configure_logging=False)
+    elif started:
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory, local_ray: None) -> Path:
+    """A directory whose sibling `tiny-data/` holds the synthesized, ingested and preprocessed tiny set."""
+    from components.ingest import ingest
+    from components.preprocess import preprocess
+    from components.synth import synthesize
+    from mer_model.config import load_params
+
+    root = tmp_path_factory.mktemp("tiny-build")
+    params = load_params(tiny_params(root))
+    synthesize(params.synth)
+    ingest(params)
+    preprocess(params)
+    return root
+
+
+def _client(root: Path) -> tuple[Any, str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    return client, client.get_experiment_by_name("mer").experiment_id
+
+
+def runs_by_kind(root: Path) -> dict[str, list[Any]]:
+    client, experiment_id = _client(root)
+    out: dict[str, list[Any]] = {"parent": [], "trial": [], "fold": []}
+    for run in client.search_runs([experiment_id], max_results=1000):
+        out[run.data.tags["mer.kind"]].append(run)
+    return out
+
+
+@pytest.mark.slow
+def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.evaluate import evaluate
+    from components.register import register_final_model
+    from mer_model.config import load_params
+    from pipelines.loso import run_experiment
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = load_params(tiny_params(tmp_path, **{
+        "tune.num_samples": 2, "tune.search_space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+        "tune.final_model": True}))
+    summary = run_experiment(params)
+    assert summary["protocol"] == "fixed" and summary["leaky"] is False and summary["folds"] == 4
+    assert set(summary["chosen"]) == {"train.lr"}
+
+    runs = runs_by_kind(tmp_path)
+    (parent,) = runs["parent"]
+    trials = {r.info.run_id: r for r in runs["trial"]}
+    assert len(trials) == 3  # two search trials + the evaluation of the chosen config
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials.values())
+    assert all(r.data.tags["mlflow.parentRunId"] in trials for r in runs["fold"])
+    assert all(r.info.status == "FINISHED" for kind in runs.values() for r in kind)
+
+    # Parent: resolved config, data version, git commit; pooled metrics; evaluation artifacts.
+    assert parent.data.params["model.name"] == "ststnet"
+    assert parent.data.params["data_version"].startswith(("dvc:", "files:"))
+    assert parent.data.params["git_commit"]
+    assert parent.data.tags["protocol"] == "fixed" and parent.data.tags["leaky"] == "false"
+    assert parent.data.metrics["uf1"] == pytest.approx(summary["metrics"]["uf1"])
+    client, _ = _client(tmp_path)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "confusion_matrix.png", "per_subject.csv", "predictions.csv"} <= artifacts
+
+    # Search trials: objective = mean INNER validation score of their folds (protocol inner), never test metrics.
+    search = [r for r in trials.values() if r.data.tags["phase"] == "search"]
+    assert len(search) == 2
+    for trial in search:
+        folds = [r for r in runs["fold"] if r.data.tags["mlflow.parentRunId"] == trial.info.run_id]
+        assert len(folds) == 2 and all(r.data.tags["protocol"] == "inner" for r in folds)
+        assert all(r.data.params["fold.val_subjects"] for r in folds)
+        mean_val = sum(r.data.metrics["val_score"] for r in folds) / len(folds)
+        assert trial.data.metrics["objective"] == pytest.approx(mean_val)
+        history = client.get_metric_history(folds[0].info.run_id, "train_loss")
+        assert sorted(m.step for m in history) == [1, 2]  # per-epoch metrics
+
+    (chosen,) = [r for r in trials.values() if r.data.tags["phase"] == "evaluate"]
+    chosen_folds = [r for r in runs["fold"] if r.data.tags["mlflow.parentRunId"] == chosen.info.run_id]
+    assert len(chosen_folds) == 4
+    assert float(chosen.data.params["train.lr"]) == pytest.approx(summary["chosen"]["train.lr"])
+
+    info = register_final_model(params)
+    assert info["version"] == 1 and info["run_id"] == parent.info.run_id
+    assert register_final_model(params)["version"] == 1  # idempotent
+    version = client.get_model_version(params.tracking.registered_model, "1")
+    assert version.tags["leaky"] == "false"
+
+    metrics = evaluate(params)
+    written = json.loads(Path(params.evaluate.metrics).read_text())
+    assert written["uf1"] == pytest.approx(summary["metrics"]["uf1"]) == pytest.approx(metrics["uf1"])
+    for name in ("confusion.csv", "per_class_recall.csv", "per_subject.csv", "confusion_matrix.png"):
+        assert (Path(params.evaluate.plots) / name).is_file()
+
+
+@pytest.mark.slow
+def test_oracle_runs_are_tagged_leaky(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mer_model.config import load_params
+    from pipelines.loso import run_experiment
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = load_params(tiny_params(tmp_path, **{"train.protocol": "oracle", "tune.final_model": False}))
+    summary = run_experiment(params)
+    assert summary["leaky"] is True and summary["model_uri"] is None
+
+    runs = runs_by_kind(tmp_path)
+    every = [r for kind in runs.values() for r in kind]
+    assert len(runs["parent"]) == 1 and len(runs["trial"]) == 1 and len(runs["fold"]) == 4
+    assert all(r.data.tags["leaky"] == "true" and r.data.tags["protocol"] == "oracle" for r in every)
+    assert all("oracle (leaky)" in r.info.run_name for r in every)
+
+
+def test_sqlite_uri_is_made_absolute_and_env_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from components.tracking import tracking_uri
+    from mer_model.config import TrackingConfig
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert tracking_uri(TrackingConfig()) == "http://mlflow:5000"
+
+
+def test_params_never_carry_credentials() -> None:
+    from components.tracking import flatten
+
+    flat = flatten({"tracking": {"uri": "postgresql://mer:hunter2@db:5432/mlflow"},
+                    "s3": {"secret_access_key": "abc", "endpoint": "http://minio:9000"}})
+    assert flat == {"tracking.uri": "postgresql://***@db:5432/mlflow", "s3.endpoint": "http://minio:9000"}
+    assert "hunter2" not in json.dumps(flat)
