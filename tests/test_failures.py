@@ -36,26 +36,30 @@ def _record(subject: str, folder: Path) -> dict[str, object]:
             "source_file": "sheet.xlsx", "source_row": 2}
 
 
-def test_corrupt_image_and_empty_clip_fail_by_id_and_the_stage_completes(tmp_path: Path) -> None:
-    """(Missing and truncated frames are covered by test_preprocess_stage; here: bytes that are no image at all, and
-    a clip folder emptied after ingest.)"""
-    from components.preprocess import preprocess
+def test_corrupt_image_and_empty_clip_fail_by_id_and_the_run_completes(tmp_path: Path) -> None:
+    """Bytes that are no image at all, and a clip folder emptied after ingest: each sample fails with its id and the
+    file, the good one is cached, and the manifest counts both. (This is the stage's own loop without Ray; the Ray
+    stage itself, with missing and truncated frames, is covered by test_preprocess_stage.)"""
+    from mer_model.preprocess import Cache, process_row
 
     root = tmp_path / "data"
     for subject in ("sub01", "sub02", "sub03"):
         write_clip(root / subject / "EP01")
-    (root / "sub02/EP01/img11.jpg").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)
+    (root / "sub02/EP01/img12.jpg").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)
     for frame in (root / "sub03/EP01").iterdir():
         frame.unlink()
-    ingested = tmp_path / "annotations.csv"
-    make_table([_record(s, root / s / "EP01") for s in ("sub01", "sub02", "sub03")]).to_csv(ingested, index=False)
-    params = parse_params({"data": {"root": str(root), "ingested": str(ingested)},
-                           "preprocess": {**CHEAP, "num_workers": 1, "out": str(tmp_path / "cache")}})
-    manifest = preprocess(params)
-    assert (manifest["counts"]["ok"], manifest["counts"]["failed"]) == (1, 2)
+    table = make_table([_record(s, root / s / "EP01") for s in ("sub01", "sub02", "sub03")])
+    params = parse_params({"preprocess": {**CHEAP, "out": str(tmp_path / "cache")}})
+    cache = Cache(params.preprocess.out)
+    todo, reused = cache.plan(table, params.preprocess)
+    results = [process_row(row, params.preprocess, root) for row in table.to_dict("records")]
+    for result in results:
+        cache.write(result)
+    manifest = cache.finish(table, results, reused, params.preprocess, {})
+    assert len(todo) == 3 and (manifest["counts"]["ok"], manifest["counts"]["failed"]) == (1, 2)
     errors = {f["sample_id"]: f["error"] for f in manifest["failures"]}
     assert errors["synthetic/sub02/EP01"].startswith("sample synthetic/sub02/EP01: corrupt or unsupported image")
-    assert "img11.jpg" in errors["synthetic/sub02/EP01"]
+    assert "img12.jpg" in errors["synthetic/sub02/EP01"]
     assert errors["synthetic/sub03/EP01"].startswith("sample synthetic/sub03/EP01: frame file missing")
     index = pd.read_csv(tmp_path / "cache" / "index.csv", keep_default_na=False)
     assert index.set_index("sample_id")["status"].to_dict() == {
