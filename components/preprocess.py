@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from components.common import add_params_arguments, params_from_args
+from components.common import add_params_arguments, check_output_dir, params_from_args
 from mer_model.config import Params, PreprocessConfig
 from mer_model.data.schema import read_table
 from mer_model.errors import DataError
@@ -77,6 +77,7 @@ def _class_names(ingested: Path) -> list[str] | None:
 def preprocess(params: Params) -> dict[str, Any]:
     """Run the stage; returns the manifest written to `<preprocess.out>/manifest.json`."""
     cfg = params.preprocess
+    check_output_dir(cfg.out, "preprocess.out")  # fail now, not after hours of TV-L1
     ingested = Path(params.data.ingested)
     table = read_table(ingested)
     cache = Cache(cfg.out)

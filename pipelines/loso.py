@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from components import tracking
-from components.common import add_params_arguments, params_from_args
+from components.common import add_params_arguments, check_output_dir, params_from_args
 from components.tune import (
     OBJECTIVE,
     FoldStorage,
@@ -138,6 +138,9 @@ def run_experiment(params: Params) -> dict[str, Any]:
     from mer_model.training.data import SampleStore
 
     cfg = params.tune
+    check_output_dir(cfg.results, "tune.results")  # fail now, not after the whole LOSO run
+    if "://" not in cfg.storage_path:
+        check_output_dir(cfg.storage_path, "tune.storage_path")
     cache_dir = str(Path(params.preprocess.out).resolve())
     store = SampleStore.open(cache_dir)
     folds = loso_folds(store.index)
