@@ -64,6 +64,10 @@ CASES = {
     "report flag misuse": (["report", "--experiment", "x"], "--experiment: only with --compare"),
     "missing model for predict": (["predict", "--model", "nope.pt", "clip"], "--model nope.pt: no such checkpoint"),
     "missing cache for tune": (["tune"], "data/preprocessed: no index.csv; run `mer preprocess` first"),
+    "unwritable preprocess.out": (["preprocess", "-S", "preprocess.out=params.yaml/cache"],
+                                  "preprocess.out: params.yaml/cache: output directory is not writable"),
+    "unwritable tune.results": (["tune", "-S", "tune.results=params.yaml/results"],
+                                "tune.results: params.yaml/results: output directory is not writable"),
 }
 
 
