@@ -19,7 +19,6 @@ import pandas as pd
 from components.common import add_params_arguments, params_from_args
 from mer_model.config import Params
 from mer_model.errors import DataError
-from mer_model.training.metrics import pooled_metrics
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +28,8 @@ SCALARS = ("uf1", "uar", "accuracy", "weighted_f1", "n")
 def flat_metrics(predictions: pd.DataFrame, class_names: Sequence[str]) -> tuple[dict[str, float], dict[str, Any]]:
     """({"uf1": .., "casme2/uf1": .., ...}, the full pooled_metrics result). Per-dataset entries appear only when the
     predictions mix datasets (a composite)."""
+    from mer_model.training.metrics import pooled_metrics  # sklearn: imported on use, so `mer --help` stays fast
+
     pooled = pooled_metrics(predictions, class_names)
     flat = {k: pooled["overall"][k] for k in SCALARS}
     if len(pooled["per_dataset"]) > 1:
