@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -25,6 +26,17 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["negative", "positive", "surprise"]
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_uris() -> Iterator[None]:
+    """Tests here point MLflow's process-wide URIs at their own stores; later tests must not inherit them."""
+    import mlflow
+
+    tracking, registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    yield
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(registry)
 
 
 def _frames(directory: Path, names: list[str]) -> Path:
