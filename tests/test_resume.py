@@ -1,0 +1,104 @@
+"""Killing the LOSO driver and starting it again: finished folds are not recomputed, MLflow runs are not duplicated,
+and the killed driver's runs end KILLED (SIGTERM) or are marked FAILED by the next start (SIGKILL)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_pipeline import REPO, local_ray, runs_by_kind, tiny_params, tiny_root  # noqa: F401  (fixtures)
+
+FOLDS = 4
+DEADLINE_S = 300
+
+
+def _start(params: Path, log: Path) -> subprocess.Popen:
+    """The driver in its own session, so that it and the local Ray it starts can be ended as one process group."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-m", "pipelines.loso", "--params", str(params)], cwd=REPO, env=env,
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _end_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # Ray processes the driver left behind
+        except ProcessLookupError:
+            pass
+
+
+def _finished_folds(storage: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in storage.glob("*/folds/*/result.json")}
+
+
+def _kill_after(params: Path, log: Path, storage: Path, done: int, sig: int) -> dict[Path, int]:
+    """Run the driver until `done` folds are stored, then send `sig`; returns the stored folds at that moment."""
+    proc = _start(params, log)
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while len(_finished_folds(storage)) < done:
+            assert proc.poll() is None, f"driver exited early (rc {proc.returncode}); see {log}"
+            assert time.monotonic() < deadline, f"no {done} folds within {DEADLINE_S}s; see {log}"
+            time.sleep(0.1)
+        finished = _finished_folds(storage)
+    finally:
+        _end_group(proc, sig)
+    assert len(finished) < FOLDS, "the driver finished before it could be killed; make the folds slower"
+    return finished
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Path, tmp_path: Path) -> None:  # noqa: F811
+    from mlflow.tracking import MlflowClient
+
+    from components import tracking
+
+    # Folds one at a time, long enough (60 epochs) that a kill lands between two of them.
+    params = tiny_params(tmp_path, **{"train.epochs": 60, "tune.folds_per_trial": 1, "tune.final_model": False})
+    storage = tmp_path / "runs" / "tune"
+    log = tmp_path / "driver.log"
+
+    first = _kill_after(params, log, storage, 1, signal.SIGTERM)
+    runs = runs_by_kind(tmp_path)
+    (parent,) = runs["parent"]
+    assert parent.info.status == "KILLED"  # the SIGTERM handler ended it
+    assert all(r.info.status != "RUNNING" for kind in runs.values() for r in kind)
+
+    second = _kill_after(params, log, storage, len(first) + 1, signal.SIGKILL)
+    assert all(second[p] == mtime for p, mtime in first.items())  # not recomputed
+    stale = [r for kind in runs_by_kind(tmp_path).values() for r in kind if r.info.status == "RUNNING"]
+    assert stale, "a SIGKILLed driver leaves RUNNING runs behind"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_key = parent.data.tags[tracking.EXPERIMENT_KEY_TAG]
+    # What the next start does first: the dead driver's runs become FAILED, not RUNNING forever.
+    assert tracking.fail_stale_runs(client, stale[0].info.experiment_id, experiment_key) == len(stale)
+    assert all(client.get_run(r.info.run_id).info.status == "FAILED" for r in stale)
+
+    proc = _start(params, log)
+    try:
+        assert proc.wait(timeout=DEADLINE_S) == 0, f"see {log}"
+    finally:
+        _end_group(proc, signal.SIGKILL)
+    final = _finished_folds(storage)
+    assert len(final) == FOLDS
+    assert all(final[p] == mtime for p, mtime in second.items())  # finished folds were read back, not retrained
+
+    runs = runs_by_kind(tmp_path)
+    assert len(runs["parent"]) == 1 and runs["parent"][0].info.run_id == parent.info.run_id
+    assert len(runs["trial"]) == 1
+    fold_names = sorted(r.data.tags["fold"] for r in runs["fold"])
+    assert fold_names == sorted(set(fold_names)) and len(fold_names) == FOLDS  # one run per fold, no duplicates
+    assert all(r.info.status == "FINISHED" for kind in runs.values() for r in kind)
