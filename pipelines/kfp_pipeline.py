@@ -34,55 +34,62 @@ _component = dsl.component(base_image=IMAGE, install_kfp_package=False)
 
 
 @_component
-def ingest(params_file: str, overrides: dict, tracking_uri: str, ray_address: str, ingested: Output[Dataset]):
+def ingest(run_id: str, params_file: str, overrides: dict, tracking_uri: str, ray_address: str,
+           ingested: Output[Dataset]):
     from pipelines.kfp_steps import run_step
 
-    run_step("ingest", params_file, overrides, tracking_uri, ray_address, [], ingested.path)
+    run_step("ingest", run_id, params_file, overrides, tracking_uri, ray_address, [], ingested.path)
 
 
 @_component
-def preprocess(params_file: str, overrides: dict, tracking_uri: str, ray_address: str, ingested: Input[Dataset],
+def preprocess(run_id: str, params_file: str, overrides: dict, tracking_uri: str, ray_address: str,
+               ingested: Input[Dataset],
                preprocessed: Output[Dataset]):
     from pipelines.kfp_steps import run_step
 
-    run_step("preprocess", params_file, overrides, tracking_uri, ray_address, [ingested.path], preprocessed.path)
+    run_step("preprocess", run_id, params_file, overrides, tracking_uri, ray_address, [ingested.path],
+             preprocessed.path)
 
 
 @_component
-def tune(params_file: str, overrides: dict, tracking_uri: str, ray_address: str, ingested: Input[Dataset],
+def tune(run_id: str, params_file: str, overrides: dict, tracking_uri: str, ray_address: str,
+         ingested: Input[Dataset],
          preprocessed: Input[Dataset], tuned: Output[Model]):
     from pipelines.kfp_steps import run_step
 
-    run_step("tune", params_file, overrides, tracking_uri, ray_address, [ingested.path, preprocessed.path],
-             tuned.path)
+    run_step("tune", run_id, params_file, overrides, tracking_uri, ray_address,
+             [ingested.path, preprocessed.path], tuned.path)
 
 
 @_component
-def evaluate(params_file: str, overrides: dict, tracking_uri: str, ray_address: str, ingested: Input[Dataset],
+def evaluate(run_id: str, params_file: str, overrides: dict, tracking_uri: str, ray_address: str,
+             ingested: Input[Dataset],
              preprocessed: Input[Dataset], tuned: Input[Model], evaluation: Output[Dataset],
              metrics: Output[Metrics]):
     from pipelines.kfp_steps import log_metrics, resolve_params, run_step
 
-    run_step("evaluate", params_file, overrides, tracking_uri, ray_address,
+    run_step("evaluate", run_id, params_file, overrides, tracking_uri, ray_address,
              [ingested.path, preprocessed.path, tuned.path], evaluation.path)
     _, params = resolve_params(params_file, overrides, ray_address)
     log_metrics(evaluation.path, params.evaluate.metrics, metrics)
 
 
 @_component
-def register(params_file: str, overrides: dict, tracking_uri: str, ray_address: str, ingested: Input[Dataset],
+def register(run_id: str, params_file: str, overrides: dict, tracking_uri: str, ray_address: str,
+             ingested: Input[Dataset],
              preprocessed: Input[Dataset], tuned: Input[Model], evaluation: Input[Dataset],
              registered: Output[Artifact]):
     from pipelines.kfp_steps import run_step
 
-    run_step("register", params_file, overrides, tracking_uri, ray_address,
+    run_step("register", run_id, params_file, overrides, tracking_uri, ray_address,
              [ingested.path, preprocessed.path, tuned.path, evaluation.path], registered.path)
 
 
 @dsl.pipeline(name="mer-loso", description="Micro-expression recognition: LOSO experiment and model registration")
 def mer_pipeline(params_file: str = "params.yaml", overrides: dict = {}, tracking_uri: str = "",  # noqa: B006
                  ray_address: str = ""):
-    common = dict(params_file=params_file, overrides=overrides, tracking_uri=tracking_uri, ray_address=ray_address)
+    common = dict(run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, params_file=params_file, overrides=overrides,
+                  tracking_uri=tracking_uri, ray_address=ray_address)
     ingest_task = ingest(**common)
     preprocess_task = preprocess(**common, ingested=ingest_task.outputs["ingested"])
     tune_task = tune(**common, ingested=ingest_task.outputs["ingested"],

@@ -81,15 +81,21 @@ def _collect_outputs(paths: list[str], workdir: Path, output: str) -> None:
     (out / PATHS_FILE).write_text(json.dumps(present))
 
 
-def run_step(step: str, params_file: str, overrides: dict[str, Any], tracking_uri: str, ray_address: str,
-             inputs: list[str], output: str) -> None:
-    """Run `mer <step>` (and `mer synth` before a synthetic ingest) in a fresh working directory."""
+def run_step(step: str, run_id: str, params_file: str, overrides: dict[str, Any], tracking_uri: str,
+             ray_address: str, inputs: list[str], output: str) -> None:
+    """Run `mer <step>` (and `mer synth` before a synthetic ingest) in a fresh working directory.
+
+    The directory's path is the same in every step of a run (`<tmp>/mer-kfp-<run id>`), so absolute paths a
+    component records (e.g. the frame directories in annotations.csv) still resolve downstream, through the links.
+    """
     from components.cli import main as mer
 
     raw, params = resolve_params(params_file, overrides, ray_address)
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    workdir = Path(tempfile.mkdtemp(prefix=f"mer-{step}-"))
+    workdir = Path(tempfile.gettempdir()) / f"mer-kfp-{run_id}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
     cwd = Path.cwd()
     try:
         (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -67,7 +67,8 @@ def pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    return [c for t in pod_templates(doc) for c in t["spec"].get("containers", []) + t["spec"].get("initContainers", [])]
+    return [c for t in pod_templates(doc)
+            for c in t["spec"].get("containers", []) + t["spec"].get("initContainers", [])]
 
 
 def validate_core(doc: dict[str, Any]) -> None:
@@ -214,7 +215,8 @@ def test_rayjob_runs_the_loso_driver_on_the_cluster() -> None:
 def test_mlflow_server_stores() -> None:
     (server,) = [c for c in containers(next(d for d in by_kind("Deployment") if d["metadata"]["name"] == "mer-mlflow"))]
     args = dict(a.lstrip("-").split("=", 1) for a in server["args"])
-    assert args["backend-store-uri"].startswith("postgresql+psycopg2://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@mer-postgres:")
+    backend = "postgresql+psycopg2://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@mer-postgres:"
+    assert args["backend-store-uri"].startswith(backend)
     assert args["artifacts-destination"].startswith("s3://mer-mlflow/")
     # Kubernetes expands $(VAR) in args only for variables the container defines; undefined ones stay literal.
     assert {"POSTGRES_USER", "POSTGRES_PASSWORD"} <= {e["name"] for e in server["env"]}
