@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,6 +95,7 @@ def test_ray_job_submit_runs_the_driver(tiny_root: Path, tmp_path: Path) -> None
                 head.wait(timeout=30)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
     summary = json.loads((tmp_path / "runs" / "results" / "summary.json").read_text())
     assert summary["folds"] == 4 and summary["metrics"]["n"] == 12
