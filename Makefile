@@ -15,9 +15,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# dvc runs the stages' `mer ...` commands from PATH: put the venv first.
 demo: install
-	test -d .dvc || $(BIN)/dvc init -q
-	$(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 
 test: install
