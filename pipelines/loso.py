@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import statistics
 import sys
@@ -254,7 +253,6 @@ def final_model(params: Params, resolved: Params, store: Any, epochs: int, clien
         tracking.log_metrics(client, parent_id, {f"final_{k}": v for k, v in entry.items()
                                                  if k != "epoch" and isinstance(v, (int, float))},
                              step=int(entry["epoch"]))
-    import torch
 
     code = Path(__file__).resolve().parents[1] / "mer_model"
     with mlflow.start_run(run_id=parent_id):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MER_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -37,3 +40,82 @@ def composite_dir() -> Path:
 def casme2_clip_dir() -> Path:
     """../shared/data/casme2-clip (10 real CASME II frames)."""
     return _shared("casme2-clip")
+
+
+# Bind every Ray process these tests start to the loopback interface.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def tiny_params(root: Path, **overrides: Any) -> Path:
+    """params.yaml for a tiny, fast run with every path absolute under `root`; `overrides` are dotted keys."""
+    from mer_model.config import set_dotted
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    data = root.parent / "tiny-data"  # shared by every run of the session
+    values: dict[str, Any] = {
+        "synth.out": str(data / "synthetic"), "synth.subjects": 4, "synth.clips_per_subject": 3,
+        "synth.min_frames": 10, "synth.max_frames": 12, "synth.image_size": 128,
+        "data.root": str(data / "synthetic"), "data.ingested": str(data / "ingested" / "annotations.csv"),
+        "preprocess.out": str(data / "preprocessed"), "preprocess.detector": "annotation",
+        "preprocess.face_size": 64, "preprocess.seq_frames": 2, "preprocess.seq_size": 32,
+        "preprocess.flow.nscales": 1, "preprocess.flow.warps": 1, "preprocess.flow.inner_iterations": 5,
+        "preprocess.flow.outer_iterations": 2, "preprocess.num_workers": 2,
+        "model.name": "ststnet", "model.config": "small",
+        "train.epochs": 2, "train.batch_size": 8, "train.device": "cpu", "train.protocol": "fixed",
+        "tune.num_samples": 0, "tune.search_folds": 2, "tune.fold_cpus": 1, "tune.max_concurrent_trials": 2,
+        "tune.storage_path": str(root / "runs" / "tune"), "tune.results": str(root / "runs" / "results"),
+        "tracking.uri": f"sqlite:///{root / 'mlflow.db'}", "tracking.registered_info": str(root / "registered.json"),
+        "evaluate.metrics": str(root / "metrics.json"), "evaluate.plots": str(root / "plots"),
+    }
+    values.update(overrides)
+    for key, value in values.items():
+        set_dotted(raw, key, value)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> Iterator[None]:
+    """One Ray for the in-process tests of this session: the cluster at RAY_ADDRESS if set, else local with 2 CPUs."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started and os.environ.get("RAY_ADDRESS"):
+        ray.init(configure_logging=False)
+    elif started:
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory, local_ray: None) -> Path:
+    """A directory whose sibling `tiny-data/` holds the synthesized, ingested and preprocessed tiny set."""
+    from components.ingest import ingest
+    from components.preprocess import preprocess
+    from components.synth import synthesize
+    from mer_model.config import load_params
+
+    root = tmp_path_factory.mktemp("tiny-build")
+    params = load_params(tiny_params(root))
+    synthesize(params.synth)
+    ingest(params)
+    preprocess(params)
+    return root
+
+
+def mlflow_client(root: Path) -> tuple[Any, str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    return client, client.get_experiment_by_name("mer").experiment_id
+
+
+def runs_by_kind(root: Path) -> dict[str, list[Any]]:
+    client, experiment_id = mlflow_client(root)
+    out: dict[str, list[Any]] = {"parent": [], "trial": [], "fold": []}
+    for run in client.search_runs([experiment_id], max_results=1000):
+        out[run.data.tags["mer.kind"]].append(run)
+    return out

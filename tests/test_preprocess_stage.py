@@ -31,14 +31,7 @@ CHEAP = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray() -> Any:
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the session (tests/conftest.py)
 
 
 def _record(subject: str, clip: str, folder: Path, onset: int = 10, apex: int = 12, offset: int = 15) -> dict[str, Any]:

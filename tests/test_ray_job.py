@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline import REPO, local_ray, runs_by_kind, tiny_params, tiny_root  # noqa: F401  (fixtures)
+from conftest import REPO, runs_by_kind, tiny_params
 
 START_S = 120
 JOB_S = 400
@@ -59,7 +59,7 @@ def _submit(command: list[str], env: dict[str, str]) -> subprocess.CompletedProc
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_the_driver(tiny_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_ray_job_submit_runs_the_driver(tiny_root: Path, tmp_path: Path) -> None:
     venv_bin = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is the venv's
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind to 127.0.0.1, not the machine's address

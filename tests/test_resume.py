@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline import REPO, local_ray, runs_by_kind, tiny_params, tiny_root  # noqa: F401  (fixtures)
+from conftest import REPO, runs_by_kind, tiny_params
 
 FOLDS = 4
 DEADLINE_S = 300
@@ -61,7 +61,7 @@ def _kill_after(params: Path, log: Path, storage: Path, done: int, sig: int) -> 
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Path, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     from components import tracking
