@@ -203,6 +203,7 @@ def test_plain_pytorch_model_takes_names_and_preprocessing_from_its_run(tmp_path
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("pytorch-flavour")  # the active experiment is process-wide: never inherit another test's
     logged = Params.model_validate({"data": {"class_set": "casme2_5"}, "preprocess": {"seq_frames": 6},
                                     "tracking": {"uri": uri}})
     model = create_model("htnet", "small", num_classes=5).eval()
