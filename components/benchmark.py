@@ -32,6 +32,7 @@ import pandas as pd
 from components.common import add_params_arguments, params_from_args
 from mer_model.config import BenchmarkModel, Params, parse_params, set_dotted
 from mer_model.errors import ConfigError, DataError
+from components.ray_session import connect_ray
 
 log = logging.getLogger(__name__)
 
@@ -226,19 +227,6 @@ def model_info(name: str, config: str, kwargs: Mapping[str, Any], num_classes: i
 # The whole benchmark
 
 
-def _connect_ray(params: Params) -> None:
-    """One Ray for every stage (preprocess and each LOSO run reuse it): a cluster if configured, else local."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if params.tune.ray_address:
-        ray.init(address=params.tune.ray_address, configure_logging=False)
-    else:
-        ray.init(num_cpus=params.benchmark.cpus or None, include_dashboard=False, configure_logging=False,
-                 logging_level=logging.WARNING)
-
-
 def select_models(params: Params, requested: Sequence[str] | None) -> list[str]:
     cfg = params.benchmark
     keys = list(requested or cfg.default_models or cfg.models)
@@ -270,7 +258,7 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
     keys = select_models(base, models)
     chosen = order_protocols(protocols or base.benchmark.protocols, base.benchmark.fixed_epochs_from_inner)
     out = out or Path(base.benchmark.out) / collection
-    _connect_ray(base)
+    connect_ray(base.tune.ray_address, base.benchmark.cpus)
     ingest(base)
     preprocess(base)
     store = SampleStore.open(base.preprocess.out)

@@ -22,15 +22,9 @@ from mer_model.config import Params, PreprocessConfig
 from mer_model.data.schema import read_table
 from mer_model.errors import DataError
 from mer_model.preprocess.cache import Cache, SampleResult, process_row
+from components.ray_session import connect_ray
 
 log = logging.getLogger(__name__)
-
-
-def ray_init_kwargs(cfg: PreprocessConfig) -> dict[str, Any]:
-    """Local Ray: only the CPUs asked for, no dashboard. A cluster address: connect as is (its resources are fixed)."""
-    if cfg.ray_address:
-        return {"address": cfg.ray_address}
-    return {"num_cpus": cfg.num_workers or None, "include_dashboard": False}
 
 
 def run_parallel(rows: Sequence[dict[str, Any]], cfg: PreprocessConfig, root: Path, cache: Cache) -> list[SampleResult]:
@@ -42,8 +36,7 @@ def run_parallel(rows: Sequence[dict[str, Any]], cfg: PreprocessConfig, root: Pa
     from tqdm import tqdm
 
     started = not ray.is_initialized()
-    if started:
-        ray.init(**ray_init_kwargs(cfg), logging_level=logging.WARNING)
+    connect_ray(cfg.ray_address, cfg.num_workers)
     try:
         task = ray.remote(num_cpus=1, max_retries=1)(process_row)
         cfg_ref = ray.put(cfg)

@@ -52,6 +52,7 @@ from mer_model.config import Params, SearchParam
 from mer_model.errors import ConfigError, MerError
 from mer_model.logging_utils import setup_logging
 from mer_model.training.folds import Fold, loso_folds
+from components.ray_session import connect_ray
 
 log = logging.getLogger("pipelines.loso")
 
@@ -88,15 +89,6 @@ def tune_domain(name: str, spec: SearchParam) -> Any:
     if spec.type == "int":
         return tune.randint(int(spec.low), int(spec.high) + 1)
     return tune.uniform(spec.low, spec.high)
-
-
-def connect_ray(address: str | None) -> None:
-    """Local Ray on a laptop; the job's cluster under `ray job submit` (RAY_ADDRESS), or `tune.ray_address`."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
-    log.info("Ray cluster resources: %s", ray.cluster_resources())
 
 
 def _run_phase(phase: str, ctx: TrialContext, space: dict[str, Any], num_samples: int, concurrent: int,

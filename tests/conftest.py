@@ -42,10 +42,6 @@ def casme2_clip_dir() -> Path:
     return _shared("casme2-clip")
 
 
-# Bind every Ray process these tests start to the loopback interface.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-
 def tiny_params(root: Path, **overrides: Any) -> Path:
     """params.yaml for a tiny, fast run with every path absolute under `root`; `overrides` are dotted keys."""
     from mer_model.config import set_dotted
@@ -80,11 +76,10 @@ def local_ray() -> Iterator[None]:
     """One Ray for the in-process tests of this session: the cluster at RAY_ADDRESS if set, else local with 2 CPUs."""
     import ray
 
+    from components.ray_session import connect_ray
+
     started = not ray.is_initialized()
-    if started and os.environ.get("RAY_ADDRESS"):
-        ray.init(configure_logging=False)
-    elif started:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    connect_ray(num_cpus=2)
     yield
     if started:
         ray.shutdown()

@@ -37,9 +37,10 @@ EXPERIMENT = "mer-server-test"
 # One interpreter and one local Ray for the whole chain (the components reuse an initialised Ray): the heavy imports
 # and the Ray start are paid once.
 CHAIN = """
-import sys, ray
+import sys
 from components.cli import main
-ray.init(num_cpus=2, include_dashboard=False)
+from components.ray_session import connect_ray
+connect_ray(num_cpus=2)
 for step in sys.argv[1:]:
     code = main([step, "--params", "params.yaml"])
     if code:
