@@ -15,6 +15,8 @@ SHARED_DATA = Path(os.environ.get("MER_SHARED_DATA", REPO.parent / "shared" / "d
 
 # Keep tests from oversubscribing the two CI cores.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Every Ray these tests start binds to 127.0.0.1; Ray reads this when imported (see components/__init__.py).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def _shared(relative: str) -> Path:
@@ -61,7 +63,7 @@ def tiny_params(root: Path, **overrides: Any) -> Path:
         "tune.num_samples": 0, "tune.search_folds": 2, "tune.fold_cpus": 1, "tune.max_concurrent_trials": 2,
         "tune.storage_path": str(root / "runs" / "tune"), "tune.results": str(root / "runs" / "results"),
         "tracking.uri": f"sqlite:///{root / 'mlflow.db'}", "tracking.registered_info": str(root / "registered.json"),
-        "evaluate.metrics": str(root / "metrics.json"), "evaluate.plots": str(root / "plots"),
+        "evaluate.metrics": str(root / "metrics.json"), "evaluate.plots": str(root / "plots"), "evaluate.report": str(root / "reports"),
     }
     values.update(overrides)
     for key, value in values.items():
