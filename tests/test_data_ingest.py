@@ -58,6 +58,7 @@ def test_ingest_writes_table_exclusions_summary(casme2_root: Path, tmp_path: Pat
     back = read_table(paths["table"])
     pd.testing.assert_frame_equal(back, table)
     assert back["sample_id"].tolist() == ["casme2/sub01/EP01"] and back["label"].tolist() == [0]
+    assert back["au_coded"].dtype == bool and back["au_coded"].tolist() == [True]  # survives the CSV round trip
     exclusions = pd.read_csv(paths["exclusions"])
     assert dict(zip(exclusions["clip"], exclusions["stage"])) == {
         "EP05": "class_set", "EP02": "disk", "EP03": "disk", "EP04": "disk"}

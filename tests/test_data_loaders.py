@@ -85,11 +85,15 @@ def test_composite(composite_dir: Path, annotations_dir: Path) -> None:
     assert (casme2["aus"] != "").all() and casme2["onset"].notna().all()  # joined from the CASME II sheet
     assert casme2.loc["casme2/sub01/EP02_01f", "aus"] == "12" and casme2.loc["casme2/sub01/EP02_01f", "apex"] == 59
     assert (table.loc[table["dataset"] == "smic", "aus"] == "").all()  # SMIC has no AU coding
+    # ... so its empty `aus` means "not coded", unlike a coded CASME II row without AUs.
+    assert table.groupby("dataset")["au_coded"].agg(["all", "any"]).to_dict("index") == {
+        "casme2": {"all": True, "any": True}, "smic": {"all": False, "any": False}}
 
 
 def test_composite_without_au_sheets_and_bad_au_dataset(composite_dir: Path) -> None:
     table = load_annotations("megc2019", composite_dir)
     assert (table["aus"] == "").all() and table["onset"].isna().all()
+    assert not table["au_coded"].any()  # no AU sheets joined: nothing is coded
     with pytest.raises(ConfigError, match="data.au_sheets.smic"):
         load_annotations("megc2019", composite_dir, au_sheets={"smic": "x.xlsx"})
 
@@ -112,6 +116,7 @@ def test_casme2_frames(tmp_path: Path, subfolder: str, prefix: str) -> None:
     assert first["frame_template"] == f"{prefix}{{}}.jpg"
     assert frame_file(first, 47) == tmp_path / subfolder / "sub01" / "EP02_01f" / f"{prefix}47.jpg"
     assert pd.isna(second["apex"]) and second["n_frames"] == 2 and second["aus"] == "4+10"
+    assert table["au_coded"].tolist() == [True, True]
 
 
 def test_samm_v2_header_below_title(tmp_path: Path) -> None:
@@ -138,6 +143,7 @@ def test_smic_frames_below_sheet_path(tmp_path: Path) -> None:
     assert table["frame_template"].tolist() == ["image{:06d}.jpg"] * 2
     assert table["n_frames"].tolist() == [3, 2]  # second: offset missing -> counted onset..apex
     assert table["subject"].tolist() == ["smic/s14", "smic/s03"]
+    assert table["aus"].tolist() == ["", ""] and table["au_coded"].tolist() == [False, False]  # SMIC codes no AUs
 
 
 def test_smic_label_contradicting_clip_name(tmp_path: Path) -> None:

@@ -217,6 +217,37 @@ def test_predicted_au_mode_never_reads_ground_truth_at_inference() -> None:
         annotated(guarded)
 
 
+def test_au_loss_ignores_samples_without_au_coding() -> None:
+    """A sample whose dataset has no AU coding (aus_mask 0) adds nothing to the AU term: its all-zero `aus` is
+    unknown, not "no AU". All coded = the plain BCE mean; none coded = 0, and backward still works."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = create_model("cva_fpf", "small", num_classes=3, num_aus=NUM_AUS)
+    batch = make_batch(("onset224", "apex224", "aus", "label"), b=3)
+    outputs = model(batch)
+    plain = F.binary_cross_entropy_with_logits(outputs["au_logits"].float(), batch["aus"])
+    _, parts = model.loss(outputs, batch)
+    assert parts["au_bce"] == pytest.approx(plain.item(), rel=1e-6)  # no mask: every sample coded
+    _, parts = model.loss(outputs, {**batch, "aus_mask": torch.ones(3)})
+    assert parts["au_bce"] == pytest.approx(plain.item(), rel=1e-6)
+
+    mask = torch.tensor([1.0, 0.0, 1.0])
+    _, parts = model.loss(outputs, {**batch, "aus_mask": mask})
+    coded = F.binary_cross_entropy_with_logits(outputs["au_logits"].float()[[0, 2]], batch["aus"][[0, 2]])
+    assert parts["au_bce"] == pytest.approx(coded.item(), rel=1e-6)
+    flipped = batch["aus"].clone()
+    flipped[1] = 1 - flipped[1]  # the uncoded sample's targets do not matter
+    _, again = model.loss(outputs, {**batch, "aus": flipped, "aus_mask": mask})
+    assert again["au_bce"] == parts["au_bce"]
+
+    total, parts = model.loss(outputs, {**batch, "aus_mask": torch.zeros(3)})
+    ce, _ = model.classification_loss(outputs, batch)
+    assert parts["au_bce"] == 0.0 and total.item() == pytest.approx(ce.item())
+    total.backward()
+    assert any(p.grad is not None for p in model.parameters())
+
+
 def test_fpf_without_face_input_is_a_clear_error() -> None:
     model = create_model("cva_fpf", "small", num_classes=3, motion="flow")
     with pytest.raises(DataError, match="onset224"):

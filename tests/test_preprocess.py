@@ -37,6 +37,7 @@ CONTRACT = {  # key -> (dtype, shape) for the default configuration (docs/archit
     "flows128": ("float16", (7, 2, 128, 128)),
     "landmarks68": ("float32", (8, 68, 2)),
     "aus": ("uint8", (len(AU_LIST),)),
+    "au_coded": ("uint8", ()),
 }
 
 
@@ -175,7 +176,7 @@ def test_composite_row(composite_dir: Path) -> None:
     row = make_row("casme2/sub01/x", onset=None, apex=None, offset=None, flow_path=str(path),
                    points5="6,7.5,21.5,7.8,13.9,14.6,7.1,21.1,20.2,21.4")
     out = preprocess_sample(row, PreprocessConfig(), Path("."))
-    assert out.face == "composite" and set(out.arrays) == {"flow28", "points5", "aus"}
+    assert out.face == "composite" and set(out.arrays) == {"flow28", "points5", "aus", "au_coded"}
     bgr = cv2.imread(str(path))
     np.testing.assert_allclose(out.arrays["flow28"][0], bgr[..., 2] / 255.0, atol=1e-6)  # channel 0 = PNG red
     np.testing.assert_allclose(out.arrays["points5"][2], [13.9, 14.6])
@@ -197,6 +198,9 @@ def test_good_clip_cheap_config(clip: Path) -> None:
     arrays = np.load(io.BytesIO(result.npz))
     assert arrays["frames128"].shape == (3, 64, 64) and arrays["flows128"].shape == (2, 2, 64, 64)
     assert arrays["aus"][AU_LIST.index(4)] == 1 and arrays["aus"].sum() == 2
+    assert arrays["au_coded"].shape == () and arrays["au_coded"] == 0  # a hand-made row without au_coded
+    coded = process_row(make_row("synthetic/sub01/EP01", clip, au_coded=True), CHEAP, Path("."))
+    assert np.load(io.BytesIO(coded.npz))["au_coded"] == 1
 
 
 @pytest.mark.parametrize(

@@ -121,6 +121,12 @@ def test_rerun_redoes_only_missing_failed_or_changed(dataset: tuple[Params, Path
     assert (last["total"], last["reused"], last["computed"]) == (4, 1, 3)
     assert not (out / "samples" / "synthetic__sub01__EP01.npz").exists()
 
+    # A cache written before a schema column existed (its npz files lack e.g. au_coded) is recomputed.
+    index = pd.read_csv(out / "index.csv", dtype=str, keep_default_na=False)
+    index.drop(columns=["au_coded"]).to_csv(out / "index.csv", index=False)
+    older = preprocess(params.model_copy(update={"preprocess": changed}))["counts"]
+    assert (older["reused"], older["computed"]) == (0, 4)
+
 
 def test_cli_and_all_failed(dataset: tuple[Params, Path], capsys: pytest.CaptureFixture[str]) -> None:
     params, params_file = dataset

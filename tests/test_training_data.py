@@ -112,6 +112,21 @@ def test_missing_input_is_a_one_line_error(tmp_path: Path) -> None:
     assert "\n" not in message and "onset224" in message and "synthetic/s00/clip0" in message
 
 
+def test_aus_mask_follows_au_coding(tmp_path: Path) -> None:
+    """`aus_mask` (B,) comes with `aus`: 0 for a dataset without AU coding, 1 for coded and for older caches."""
+    from torch.utils.data import DataLoader
+
+    store = SampleStore.open(write_cache(tmp_path / "c", subjects=3, per_subject=2))
+    for sid in store.sample_ids(["synthetic/s00", "synthetic/s01"]):  # s02 stays a cache without au_coded
+        arrays = dict(np.load(store.npz_path(sid)))
+        np.savez_compressed(store.npz_path(sid), **arrays, au_coded=np.uint8(sid.startswith("synthetic/s00")))
+    ids = store.sample_ids(store.subjects())
+    ds = store.torch_dataset(ids, ("flow28",), augment=True, seed=0, optional=("aus",))
+    batch = next(iter(DataLoader(ds, batch_size=len(ids))))
+    assert batch["aus_mask"].dtype == torch.float32 and batch["aus_mask"].tolist() == [1, 1, 0, 0, 1, 1]
+    assert "aus_mask" not in store.torch_dataset(ids, ("flow28",), augment=False, seed=0)[0]  # no aus, no mask
+
+
 def test_label_outside_class_set_is_rejected(tmp_path: Path) -> None:
     root = write_cache(tmp_path / "c", subjects=2, per_subject=3)
     with pytest.raises(DataError, match="label 2 outside the 2 classes"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from mer_model.errors import DataError
@@ -27,6 +28,7 @@ COLUMNS: dict[str, str] = {
     "label": "Int64",
     "aus": "string",
     "au_raw": "string",
+    "au_coded": "bool",
     "frames_dir": "string",
     "frame_template": "string",
     "n_frames": "int64",
@@ -41,7 +43,7 @@ COLUMNS: dict[str, str] = {
 # Columns a loader must fill; the rest get their neutral default in `make_table`.
 REQUIRED = ("dataset", "collection", "subject", "clip", "emotion", "source_file", "source_row")
 _DEFAULTS: dict[str, Any] = {
-    "onset": pd.NA, "apex": pd.NA, "offset": pd.NA, "label": pd.NA, "aus": "", "au_raw": "", "frames_dir": "",
+    "onset": pd.NA, "apex": pd.NA, "offset": pd.NA, "label": pd.NA, "aus": "", "au_raw": "", "au_coded": False, "frames_dir": "",
     "frame_template": "", "n_frames": 0, "flow_path": "", "apex_path": "", "landmarks_path": "", "points5": "",
 }
 
@@ -67,12 +69,26 @@ def conform(frame: pd.DataFrame) -> pd.DataFrame:
     for column, dtype in COLUMNS.items():
         if dtype == "string":
             out[column] = out[column].fillna("").astype(str).astype("string")
+        elif dtype == "bool":
+            out[column] = out[column].map(_as_bool).astype(bool)
         elif dtype == "Int64":
             out[column] = pd.to_numeric(out[column], errors="raise").astype("Int64")
         else:
             out[column] = pd.to_numeric(out[column], errors="raise").astype(dtype)
     extra = [c for c in frame.columns if c not in COLUMNS]
     return out[list(COLUMNS) + extra].reset_index(drop=True)
+
+
+def _as_bool(value: Any) -> bool:
+    """A bool cell as written by pandas (`True`/`False`) or by hand (`1`/`0`, `true`/`false`)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "1"):
+        return True
+    if text in ("false", "0", ""):
+        return False
+    raise DataError(f"annotation table: {value!r} is not a boolean")
 
 
 def validate_table(frame: pd.DataFrame) -> None:

@@ -33,6 +33,17 @@ def default_num_aus() -> int:
     return len(AU_LIST)
 
 
+def masked_au_bce(au_logits: Tensor, aus: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Multi-label AU loss: per-sample mean BCE, averaged over the samples whose dataset codes AUs (`mask` (B,), the
+    batch's `aus_mask`; None = all coded). An uncoded sample's all-zero `aus` is unknown, not "no AU", so it adds
+    nothing; a batch without any coded sample gives 0 (with a gradient path, so backward still works)."""
+    per_sample = F.binary_cross_entropy_with_logits(au_logits.float(), aus.float(), reduction="none").mean(dim=1)
+    if mask is None:
+        return per_sample.mean()
+    weights = mask.float().reshape(-1)
+    return (per_sample * weights).sum() / weights.sum().clamp_min(1.0)
+
+
 def imagenet_normalise(x: Tensor) -> Tensor:
     """RGB in [0,1] -> ImageNet statistics, the normalisation the two-frame papers use."""
     mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

@@ -24,7 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from mer_model.errors import ConfigError
-from mer_model.models.base import Batch, MERModel, choice, default_num_aus, imagenet_normalise
+from mer_model.models.base import Batch, MERModel, choice, default_num_aus, imagenet_normalise, masked_au_bce
 
 FACE_KEYS = ("onset224", "apex224")
 
@@ -291,7 +291,7 @@ class TwoFrameNet(MERModel):
     def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
         total, parts = self.classification_loss(outputs, batch)
         if "au_logits" in outputs:
-            au = F.binary_cross_entropy_with_logits(outputs["au_logits"].float(), self.get(batch, "aus").float())
+            au = masked_au_bce(outputs["au_logits"], self.get(batch, "aus"), batch.get("aus_mask"))
             total = total + self.au_weight * au
             parts["au_bce"] = float(au.detach())
         parts["loss"] = float(total.detach())

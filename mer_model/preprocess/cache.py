@@ -123,7 +123,11 @@ class Cache:
             return table["sample_id"].astype(str).tolist(), {}
         previous = pd.read_csv(self.index_path, dtype=str, keep_default_na=False).set_index("sample_id", drop=False)
         current = _as_csv_strings(table)
-        columns = [c for c in COLUMNS if c in previous.columns]
+        missing = [c for c in COLUMNS if c not in previous.columns]
+        if missing:  # written before the schema had these columns (e.g. au_coded): its npz files lack their arrays
+            log.info("%s lacks columns %s: recomputing every sample", self.index_path, ", ".join(missing))
+            return table["sample_id"].astype(str).tolist(), {}
+        columns = list(COLUMNS)
         todo: list[str] = []
         reused: dict[str, dict[str, str]] = {}
         for _, row in current.iterrows():

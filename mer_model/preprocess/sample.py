@@ -128,11 +128,15 @@ def _check_frames(row: Mapping[str, Any], cfg: PreprocessConfig) -> tuple[int, i
     return onset, apex, offset
 
 
-def _aus(row: Mapping[str, Any]) -> np.ndarray:
+def _aus(row: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """`aus` (multi-hot) and `au_coded` (uint8 scalar): an empty `aus` means "no AU" only where the dataset codes AUs,
+    so training masks the AU loss of uncoded samples (SMIC, composite rows without joined coding) instead of teaching
+    "no AU". A hand-made row without `au_coded` (inference, tools) counts as uncoded."""
     try:
-        return to_multi_hot(aus_from_string(row["aus"]), AU_LIST)
+        aus = to_multi_hot(aus_from_string(row["aus"]), AU_LIST)
     except MerError as err:
         raise SampleError(str(row["sample_id"]), str(err)) from None
+    return {"aus": aus, "au_coded": np.array(bool(row.get("au_coded", False)), dtype=np.uint8)}
 
 
 def preprocess_frames(row: Mapping[str, Any], cfg: PreprocessConfig, root: Path) -> SampleOutput:
@@ -194,7 +198,7 @@ def preprocess_frames(row: Mapping[str, Any], cfg: PreprocessConfig, root: Path)
         "frames128": frames128,
         "flows128": flows128.transpose(0, 3, 1, 2).astype(np.float16),
         "landmarks68": np.stack([align.points(landmarks_of(n), cfg.seq_size) for n in numbers]),
-        "aus": _aus(row),
+        **_aus(row),
     }
     return SampleOutput(arrays, source)
 
@@ -211,7 +215,7 @@ def parse_points5(text: str, sample_id: str) -> np.ndarray:
 
 
 def preprocess_composite(row: Mapping[str, Any], cfg: PreprocessConfig, root: Path) -> SampleOutput:
-    """A flow-only composite row -> flow28, points5, aus."""
+    """A flow-only composite row -> flow28, points5, aus, au_coded."""
     sample_id = str(row["sample_id"])
     flow28 = read_flow_png(resolve(str(row["flow_path"]), root), sample_id, cfg.flow.map_size)
     if row["points5"]:
@@ -226,7 +230,7 @@ def preprocess_composite(row: Mapping[str, Any], cfg: PreprocessConfig, root: Pa
         points = (facelib.points5(facelib.predict_landmarks(grey, box)) + 0.5) * scale - 0.5
     else:
         raise SampleError(sample_id, "composite row has neither points5 nor an apex crop")
-    return SampleOutput({"flow28": flow28, "points5": points.astype(np.float32), "aus": _aus(row)}, "composite")
+    return SampleOutput({"flow28": flow28, "points5": points.astype(np.float32), **_aus(row)}, "composite")
 
 
 def preprocess_sample(row: Mapping[str, Any], cfg: PreprocessConfig, root: Path) -> SampleOutput:

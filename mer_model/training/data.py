@@ -122,6 +122,14 @@ class SampleStore:
             self._cache.update({(sample_id, k): v for k, v in loaded.items()})
         return {k: self._cache[(sample_id, k)] for k in keys}
 
+    def au_coded(self, sample_id: str) -> float:
+        """1.0 when the sample's dataset codes AUs (its `aus` is ground truth, empty meaning "no AU"), 0.0 when not
+        (SMIC, composite rows without joined coding). A cache written before `au_coded` existed counts as coded,
+        which is how it was trained then."""
+        if "au_coded" not in self.keys(sample_id):
+            return 1.0
+        return float(self.arrays(sample_id, ("au_coded",))["au_coded"])
+
     def check_inputs(self, sample_ids: Sequence[str], inputs: Sequence[str]) -> None:
         """Fail before training, with one line, if a sample lacks an array the model reads."""
         for sid in sample_ids:
@@ -187,6 +195,8 @@ class SampleDataset(Dataset):
             rng = np.random.default_rng((self.seed, self.epoch, i))
             arrays = aug_lib.apply(arrays, aug_lib.Augmentation.draw(rng))
         item = {k: to_tensor(k, v) for k, v in arrays.items()}
+        if "aus" in arrays:  # the AU loss and AU metrics ignore samples whose dataset has no AU coding
+            item["aus_mask"] = torch.tensor(self.store.au_coded(self.sample_ids[i]), dtype=torch.float32)
         item["label"] = torch.tensor(int(self.labels[i]), dtype=torch.long)
         item["index"] = torch.tensor(i, dtype=torch.long)
         return item

@@ -50,7 +50,7 @@ def load_casme2(root: Path, annotation: Path | None = None, *, dataset: str = "c
         clip = cell_text(row[cols["clip"]])
         record: dict[str, Any] = {
             "dataset": dataset, "collection": dataset, "subject": f"{dataset}/{folder}", "clip": clip,
-            "emotion": cell_text(row[cols["emotion"]]), "au_raw": row[cols["aus"]],
+            "emotion": cell_text(row[cols["emotion"]]), "au_raw": row[cols["aus"]], "au_coded": True,
             "source_file": str(path), "source_row": int(line),
             **{k: frame_number(row[cols[k]], file=path, row=line, column=cols[k]) for k in ("onset", "apex", "offset")},
         }

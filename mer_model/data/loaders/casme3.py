@@ -41,7 +41,7 @@ def load_casme3(root: Path, annotation: Path | None = None, *, frames: bool = Tr
             raise DataError("empty Subject or Filename", file=str(path), row=int(line))
         record: dict[str, Any] = {
             "dataset": "casme3", "collection": "casme3", "subject": f"casme3/{subject}", "clip": clip,
-            "emotion": cell_text(row[cols["emotion"]]), "au_raw": row[cols["aus"]],
+            "emotion": cell_text(row[cols["emotion"]]), "au_raw": row[cols["aus"]], "au_coded": True,
             "source_file": str(path), "source_row": int(line),
             **{k: frame_number(row[cols[k]], file=path, row=line, column=cols[k]) for k in ("onset", "apex", "offset")},
         }

@@ -108,6 +108,7 @@ def load_megc2019(root: Path, annotation: Path | None = None, *, frames: bool = 
             elif joined is not None:
                 record.update({k: (None if pd.isna(v) else v) for k, v in joined.items()
                                if k == "au_raw" or record.get(k) is None})
+                record["au_coded"] = True  # the composite itself has no AU coding: only joined rows have one
         records.append(record)
     if no_points:
         log.warning("%s: %d samples without a row in %s", path, no_points, LANDMARKS)

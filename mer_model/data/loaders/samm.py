@@ -44,7 +44,7 @@ def load_samm(root: Path, annotation: Path | None = None, *, frames: bool = True
         clip = cell_text(row[cols["clip"]])
         record: dict[str, Any] = {
             "dataset": "samm", "collection": "samm", "subject": f"samm/{folder}", "clip": clip,
-            "emotion": cell_text(row[cols["emotion"]]), "au_raw": row[cols["aus"]],
+            "emotion": cell_text(row[cols["emotion"]]), "au_raw": row[cols["aus"]], "au_coded": True,
             "source_file": str(path), "source_row": int(line),
             **{k: frame_number(row[cols[k]], file=path, row=line, column=cols[k]) for k in ("onset", "apex", "offset")},
         }
