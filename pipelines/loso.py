@@ -9,8 +9,9 @@
    validation score (validation subjects drawn from each fold's training subjects). No test fold is ever looked at.
 2. Evaluation: the chosen configuration (or params.yaml's, without a search) on every LOSO fold under
    `train.protocol` (fixed | inner | oracle, the last tagged leaky); pooled test predictions -> `tune.results`.
-3. Final model (`tune.final_model`): trained on all subjects, logged with mlflow.pytorch.log_model; `mer register`
-   puts it in the model registry.
+3. Final model (`tune.final_model`): trained on all subjects, logged as this platform's MLflow pyfunc
+   (`components.pyfunc.log_pyfunc_model`: servable with `mlflow models serve`); `mer register` puts it in the model
+   registry.
 
 Everything a restart needs lives under `tune.storage_path` (Tune's experiment state, fold results, the final model),
 so killing the driver and starting it again continues: Tune restores its trials, finished folds are read back, and
@@ -31,6 +32,7 @@ from typing import Any
 
 from components import tracking
 from components.common import add_params_arguments, check_output_dir, params_from_args
+from components.pyfunc import log_pyfunc_model
 from components.tune import (
     OBJECTIVE,
     FoldStorage,
@@ -48,7 +50,7 @@ from components.tune import (
     trial_params,
     trial_trainable,
 )
-from mer_model.config import Params, SearchParam
+from mer_model.config import Params, PreprocessConfig, SearchParam
 from mer_model.errors import ConfigError, MerError
 from mer_model.logging_utils import setup_logging
 from mer_model.training.folds import Fold, loso_folds
@@ -246,28 +248,14 @@ def final_model(params: Params, resolved: Params, store: Any, epochs: int, clien
                                                  if k != "epoch" and isinstance(v, (int, float))},
                              step=int(entry["epoch"]))
 
-    code = Path(__file__).resolve().parents[1] / "mer_model"
     with mlflow.start_run(run_id=parent_id):
-        # `pickle`: the models take a dict batch, which the traced `pt2` format cannot express. The library travels
-        # with the model (code_paths), so `mlflow.pytorch.load_model` works without this repository.
-        info = mlflow.pytorch.log_model(model, name="final_model", serialization_format="pickle",
-                                        code_paths=[str(code)], pip_requirements=_requirements())
+        # The pyfunc carries the class names, the training preprocessing and the leaky flag with the checkpoint, so
+        # `mlflow models serve` and `mer predict` need nothing else from this run.
+        info = log_pyfunc_model(model, store.class_names, PreprocessConfig.model_validate(store.manifest["preprocess"]),
+                                name="final_model", leaky=params.train.protocol == "oracle")
     client.set_tag(parent_id, tag, info.model_uri)
     log.info("final model (%d epochs on %d subjects) logged as %s", epochs, len(store.subjects()), info.model_uri)
     return info.model_uri
-
-
-def _requirements() -> list[str]:
-    """The model's runtime requirements, pinned to what trained it (MLflow's own inference would reload the model)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    pins = []
-    for package in ("torch", "timm", "numpy", "pandas", "pydantic", "pyyaml", "scikit-learn"):
-        try:
-            pins.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:
-            continue
-    return pins
 
 
 def main(argv: list[str] | None = None) -> int:

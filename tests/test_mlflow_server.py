@@ -4,7 +4,7 @@
 The run is the project's own chain (`mer synth`, `ingest`, `preprocess`, `tune` on a tiny synthetic set) with only
 MLFLOW_TRACKING_URI pointing at the server and NO S3 credentials: as in infra/k8s/mlflow.yaml, the server proxies
 artifact uploads, so only it needs the bucket. The test then checks the runs landed in PostgreSQL and reads the
-final model back from the bucket with boto3.
+final model back from the bucket with boto3 and runs it as the pyfunc `mlflow models serve` would serve.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import boto3
+import numpy as np
 import psycopg2
 import pytest
 import yaml
@@ -97,10 +98,21 @@ def test_project_run_logs_to_mlflow_server_with_postgres_and_s3(tmp_path: Path,
             target = local / key[len(prefix) + 1:]
             target.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(BUCKET, key, str(target))
-        assert "pytorch" in yaml.safe_load((local / "MLmodel").read_text())["flavors"]
+        flavors = yaml.safe_load((local / "MLmodel").read_text())["flavors"]
+        assert flavors["python_function"]["loader_module"] == "mlflow.pyfunc.model" and "pytorch" not in flavors
 
-        import mlflow.pytorch
+        import mlflow.pyfunc
 
-        model = mlflow.pytorch.load_model(str(local), map_location="cpu")
+        from mer_model.inference import example_arrays
+
+        served = mlflow.pyfunc.load_model(str(local))
+        model = served.unwrap_python_model().model
         assert isinstance(model, torch.nn.Module)
         assert sum(p.numel() for p in model.parameters()) > 0
+        names = served.metadata.get_input_schema().input_names()
+        assert sorted(names) == sorted(model.inputs)
+        preprocess = served.unwrap_python_model().preprocess
+        batch = {k: v[None].astype(np.float32) for k, v in example_arrays(names, preprocess).items()}
+        probabilities = served.predict(batch)
+        assert list(probabilities.columns) == served.unwrap_python_model().class_names
+        np.testing.assert_allclose(probabilities.to_numpy().sum(axis=1), 1.0, atol=1e-5)

@@ -69,6 +69,16 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     assert register_final_model(params)["version"] == 1  # idempotent
     version = client.get_model_version(params.tracking.registered_model, "1")
     assert version.tags["leaky"] == "false"
+    # The registered final model is the servable pyfunc, and `mer predict` loads it as such.
+    from mlflow.models import get_model_info
+
+    from components.pyfunc import load_for_inference
+
+    registered = f"models:/{params.tracking.registered_model}/1"
+    flavors = get_model_info(registered).flavors
+    assert flavors["python_function"]["loader_module"] == "mlflow.pyfunc.model" and "pytorch" not in flavors
+    loaded = load_for_inference(registered, params)
+    assert loaded.source == "mlflow pyfunc" and loaded.class_names == summary["class_names"] and not loaded.leaky
 
     metrics = evaluate(params)
     written = json.loads(Path(params.evaluate.metrics).read_text())

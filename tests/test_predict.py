@@ -194,7 +194,8 @@ def test_unknown_model_uri_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_plain_pytorch_model_takes_names_and_preprocessing_from_its_run(tmp_path: Path) -> None:
-    """The LOSO driver's `mlflow.pytorch` final model: class names and preprocessing come from the run's params."""
+    """A plain `mlflow.pytorch` model (what the LOSO driver logged before it logged the pyfunc): class names and
+    preprocessing come from the run's params."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
