@@ -1,4 +1,5 @@
-"""The `evaluate` step: pooled LOSO predictions -> metrics.json and plot files for `dvc metrics` / `dvc plots`.
+"""The `evaluate` step: pooled LOSO predictions -> metrics.json and plot files for `dvc metrics` / `dvc plots`, and
+the HTML experiment report (`mer report`'s, written by the same function) under `evaluate.report`.
 
 The same functions produce the evaluation artifacts the LOSO driver logs to MLflow (confusion matrix PNG, per-subject
 CSV, predictions CSV), so a number in metrics.json and the same number in the MLflow UI come from one computation.
@@ -108,7 +109,10 @@ def load_results(results_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
 
 
 def evaluate(params: Params) -> dict[str, Any]:
-    """Write metrics.json and the plot files from the tune stage's results; returns the metrics written."""
+    """Write metrics.json, the plot files and the HTML report from the tune stage's results; returns the metrics
+    written."""
+    from components.report import experiment_report  # report imports this module's loaders
+
     predictions, summary = load_results(Path(params.tune.results))
     flat, pooled = flat_metrics(predictions, summary["class_names"])
     metrics = {"protocol": summary["protocol"], "leaky": summary["leaky"], **flat,
@@ -121,6 +125,7 @@ def evaluate(params: Params) -> dict[str, Any]:
     write_artifacts(predictions, summary["class_names"], plots, title=title, with_predictions=False)
     log.info("%s: UF1 %.4f, UAR %.4f, accuracy %.4f over %d samples (%s)", metrics_path, flat["uf1"], flat["uar"],
              flat["accuracy"], flat["n"], summary["protocol"])
+    log.info("report: %s", experiment_report(params))
     return metrics
 
 
@@ -130,6 +135,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("evaluate", help="pooled LOSO metrics -> metrics.json and plots/ (dvc)")
+    parser = subparsers.add_parser("evaluate", help="pooled LOSO metrics -> metrics.json, plots/ (dvc) and the HTML report")
     add_params_arguments(parser)
     parser.set_defaults(func=_run)

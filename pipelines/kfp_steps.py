@@ -54,7 +54,7 @@ def step_outputs(step: str, params: Params) -> list[str]:
         local_state = [] if "://" in params.tune.storage_path else [params.tune.storage_path]
         return [params.tune.results, *local_state]
     if step == "evaluate":
-        return [params.evaluate.metrics, params.evaluate.plots]
+        return [params.evaluate.metrics, params.evaluate.plots, params.evaluate.report]
     if step == "register":
         return [params.tracking.registered_info]
     raise ValueError(f"unknown pipeline step {step!r}")

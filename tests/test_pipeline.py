@@ -85,6 +85,11 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     assert written["uf1"] == pytest.approx(summary["metrics"]["uf1"]) == pytest.approx(metrics["uf1"])
     for name in ("confusion.csv", "per_class_recall.csv", "per_subject.csv", "confusion_matrix.png"):
         assert (Path(params.evaluate.plots) / name).is_file()
+    # The evaluate stage also writes the experiment report (the function `mer report` runs), with its learning curves.
+    report = Path(params.evaluate.report) / summary["experiment"]
+    text = (report / "report.html").read_text()
+    assert f"{summary['metrics']['uf1']:.4f}" in text and "LEAKY" not in text
+    assert (report / "learning_curves.png").is_file()
 
 
 @pytest.mark.slow
