@@ -487,6 +487,43 @@ def pooled_predictions(storage: FoldStorage, jobs: Sequence[FoldJob]) -> tuple[p
     if not frames or names is None:
         raise ConfigError("no finished fold to pool")
     return pd.concat(frames, ignore_index=True), names
+class FoldProgress:
+    """Tune callback on the driver: folds done/total and an ETA for one phase (Tune itself runs with verbose=0).
+
+    A tqdm bar on a terminal; elsewhere (`dvc repro`, `ray job` logs, files) one log line per finished fold, since a
+    redrawn bar turns into one unreadable line there. Folds read back from storage count as done at once."""
+
+    def __new__(cls, phase: str, total: int, interactive: bool | None = None) -> Any:
+        import sys
+        import time
+
+        from ray.tune import Callback
+        from tqdm import tqdm
+
+        class _Progress(Callback):
+            def __init__(self) -> None:
+                self.done = 0
+                self.start = time.monotonic()
+                tty = sys.stderr.isatty() if interactive is None else interactive
+                self.bar = tqdm(total=total, desc=phase, unit="fold", disable=not tty, dynamic_ncols=True)
+
+            def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info_: Any) -> None:
+                if not result.get("fold_key"):
+                    return
+                self.done += 1
+                self.bar.update(1)
+                if self.bar.disable:
+                    elapsed = time.monotonic() - self.start
+                    eta = elapsed / self.done * max(0, total - self.done)
+                    log.info("%s: %d/%d folds done (fold %s), elapsed %s, ETA %s", phase, self.done, total,
+                             result.get("fold"), tqdm.format_interval(elapsed), tqdm.format_interval(eta))
+
+            def on_experiment_end(self, trials: list, **info_: Any) -> None:
+                self.bar.close()
+
+        return _Progress()
+
+
 
 
 def log_pooled(client: Any, run_id: str, pooled: tuple[pd.DataFrame, list[str]], directory: Path,

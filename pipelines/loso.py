@@ -35,6 +35,7 @@ from components.common import add_params_arguments, check_output_dir, params_fro
 from components.pyfunc import log_pyfunc_model
 from components.tune import (
     OBJECTIVE,
+    FoldProgress,
     FoldStorage,
     MlflowCallback,
     RunInfo,
@@ -116,7 +117,7 @@ def _run_phase(phase: str, ctx: TrialContext, space: dict[str, Any], num_samples
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
     # The MLflow callback holds live clients and cannot be pickled into tuner.pkl (written when the Tuner is built
     # and read by Tuner.restore), so it is attached after construction, on a fresh and on a restored Tuner alike.
-    tuner._local_tuner.get_run_config().callbacks = [callback]
+    tuner._local_tuner.get_run_config().callbacks = [callback, FoldProgress(phase, num_samples * len(ctx.folds))]
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error is not None]
     if errors:
@@ -238,6 +239,7 @@ def final_model(params: Params, resolved: Params, store: Any, epochs: int, clien
     existing = client.get_run(parent_id).data.tags.get(tag)
     if existing:
         return existing
+    log.info("final model: training %d epochs on all %d subjects", epochs, len(store.subjects()))
     task = ray.remote(run_final).options(num_cpus=params.tune.fold_cpus, num_gpus=params.tune.fold_gpus,
                                           max_retries=params.tune.max_retries)
     model, history = ray.get(task.remote(resolved.model.model_dump(mode="json"),

@@ -7,6 +7,7 @@ The tiny set (4 subjects x 3 clips, cheap preprocessing settings) is built once 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -93,13 +94,18 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
 
 
 @pytest.mark.slow
-def test_oracle_runs_are_tagged_leaky(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_oracle_runs_are_tagged_leaky(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      caplog: pytest.LogCaptureFixture) -> None:
     from mer_model.config import load_params
     from pipelines.loso import run_experiment
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = load_params(tiny_params(tmp_path, **{"train.protocol": "oracle", "tune.final_model": False}))
+    caplog.set_level(logging.INFO, logger="components.tune")
     summary = run_experiment(params)
+    # Progress without a terminal: one line per finished fold, done/total with an ETA.
+    progress = [r.getMessage() for r in caplog.records if "folds done" in r.getMessage()]
+    assert len(progress) == 4 and progress[-1].startswith("evaluate: 4/4 folds done") and "ETA 00:00" in progress[-1]
     assert summary["leaky"] is True and summary["model_uri"] is None
 
     runs = runs_by_kind(tmp_path)
@@ -107,6 +113,21 @@ def test_oracle_runs_are_tagged_leaky(tiny_root: Path, tmp_path: Path, monkeypat
     assert len(runs["parent"]) == 1 and len(runs["trial"]) == 1 and len(runs["fold"]) == 4
     assert all(r.data.tags["leaky"] == "true" and r.data.tags["protocol"] == "oracle" for r in every)
     assert all("oracle (leaky)" in r.info.run_name for r in every)
+
+
+def test_fold_progress_counts_folds_and_estimates_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+    from components.tune import FoldProgress
+
+    caplog.set_level(logging.INFO, logger="components.tune")
+    progress = FoldProgress("search", 6, interactive=False)
+    progress.on_trial_result(0, [], None, {"objective": 0.5})  # not a fold result: not counted
+    for n in range(1, 3):
+        progress.on_trial_result(n, [], None, {"fold_key": f"k{n}", "fold": f"s{n}"})
+    progress.on_experiment_end([])
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(" (")[0] for line in lines] == ["search: 1/6 folds done", "search: 2/6 folds done"]
+    assert all("elapsed" in line and "ETA" in line for line in lines)
+    assert progress.done == 2
 
 
 def test_sqlite_uri_is_made_absolute_and_env_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
