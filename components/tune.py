@@ -34,6 +34,7 @@ import pandas as pd
 from components import tracking
 from components.common import add_params_arguments, params_from_args
 from components.evaluate import flat_metrics, write_artifacts
+from components.report import reads_annotated_aus
 from mer_model.config import ModelConfig, Params, TrainConfig, parse_params, set_dotted
 from mer_model.errors import ConfigError
 from mer_model.training.folds import Fold
@@ -197,7 +198,8 @@ def run_fold(job: FoldJob) -> dict[str, Any]:
 
         result = train_fold(spec, store, callback=on_epoch, checkpoint_dir=ckpt_dir)
         summary = {
-            "key": job.key, "fold": result.fold, "protocol": result.protocol, "leaky": result.leaky,
+            "key": job.key, "fold": result.fold, "protocol": result.protocol,
+            "leaky": result.leaky or reads_annotated_aus(job.model),
             "selected_epoch": result.selected_epoch, "val_score": result.val_score, "history": result.history,
             "test_metrics": result.test_metrics, "wall_time": result.wall_time, "device": result.device,
             "train_subjects": list(result.train_subjects), "val_subjects": list(result.val_subjects),
@@ -363,12 +365,20 @@ class RunInfo:
     artifacts_dir: Path
 
 
-def leaky_tags(protocol: str) -> dict[str, str]:
-    return {"protocol": protocol, "leaky": str(protocol == "oracle").lower()}
+def is_leaky(protocol: str, model: ModelConfig | Mapping[str, Any]) -> bool:
+    """Results used test labels: the `oracle` protocol chose the epoch on the test subject, or the model reads the
+    annotated AUs the labels derive from (known from the configuration, without building the network)."""
+    return protocol == "oracle" or reads_annotated_aus(model)
 
 
-def run_label(protocol: str) -> str:
-    return "oracle (leaky)" if protocol == "oracle" else protocol
+def leaky_tags(protocol: str, leaks_labels: bool = False) -> dict[str, str]:
+    """`protocol` and `leaky` run tags; `leaks_labels`: the model reads annotated AUs (see `is_leaky`)."""
+    return {"protocol": protocol, "leaky": str(protocol == "oracle" or leaks_labels).lower()}
+
+
+def run_label(protocol: str, leaks_labels: bool = False) -> str:
+    """The protocol as run names and titles show it, e.g. "oracle (leaky)", "fixed (leaky)" for annotated AUs."""
+    return f"{protocol} (leaky)" if protocol == "oracle" or leaks_labels else protocol
 
 
 class MlflowCallback:
@@ -392,12 +402,13 @@ class MlflowCallback:
                     return self.trial_runs[trial.trial_id]
                 overrides = {k: trial.config[k] for k in ctx.search_keys if k in trial.config}
                 resolved = trial_params(ctx.params, overrides, ctx.protocol)
-                name = (f"search trial {trial.trial_id} (inner)" if ctx.phase == "search"
-                        else f"LOSO {run_label(ctx.protocol)}")
+                leaks = reads_annotated_aus(resolved.model)
+                name = (f"search trial {trial.trial_id} ({run_label('inner', leaks)})" if ctx.phase == "search"
+                        else f"LOSO {run_label(ctx.protocol, leaks)}")
                 run_id, created = tracking.get_or_create_run(
                     client, experiment_id, self._trial_key(trial), name,
                     {tracking.KIND_TAG: "trial", tracking.EXPERIMENT_KEY_TAG: info.experiment_key, "phase": ctx.phase,
-                     **leaky_tags(ctx.protocol)},
+                     **leaky_tags(ctx.protocol, leaks)},
                     parent_id=info.parent_id)
                 runs.add(run_id)
                 if created:
@@ -428,10 +439,11 @@ class MlflowCallback:
                 existing = tracking.find_run(client, experiment_id, run_key)
                 if existing is not None and existing.info.status == "FINISHED":
                     return  # logged by an earlier driver
+                leaks = reads_annotated_aus(resolved.model)
                 run_id, _ = tracking.get_or_create_run(
-                    client, experiment_id, run_key, f"fold {fold} ({run_label(stored['protocol'])})",
+                    client, experiment_id, run_key, f"fold {fold} ({run_label(stored['protocol'], leaks)})",
                     {tracking.KIND_TAG: "fold", tracking.EXPERIMENT_KEY_TAG: info.experiment_key, "fold": fold,
-                     "phase": ctx.phase, "fold_key": key, **leaky_tags(stored["protocol"])},
+                     "phase": ctx.phase, "fold_key": key, **leaky_tags(stored["protocol"], leaks)},
                     parent_id=trial_run)
                 runs.add(run_id)
                 tracking.log_params(client, run_id, info.base_params | tracking.run_params(resolved) | {
@@ -463,7 +475,7 @@ class MlflowCallback:
                 resolved = trial_params(ctx.params, overrides, ctx.protocol)
                 pooled = pooled_predictions(self.storage, fold_jobs(ctx, resolved))
                 log_pooled(client, run_id, pooled, info.artifacts_dir / run_id,
-                           f"{trial.trial_id} ({run_label(ctx.protocol)})")
+                           f"{trial.trial_id} ({run_label(ctx.protocol, reads_annotated_aus(resolved.model))})")
                 last = trial.last_result or {}
                 if OBJECTIVE in last:
                     tracking.log_metrics(client, run_id, {OBJECTIVE: last[OBJECTIVE]})
@@ -475,18 +487,6 @@ class MlflowCallback:
         return _Callback()
 
 
-def pooled_predictions(storage: FoldStorage, jobs: Sequence[FoldJob]) -> tuple[pd.DataFrame, list[str]]:
-    """Test predictions of all (finished) folds of a configuration, and the class names."""
-    frames, names = [], None
-    for job in jobs:
-        stored = storage.load(job.key)
-        if stored is None:
-            continue
-        frames.append(stored["predictions"])
-        names = names or list(stored["test_metrics"]["per_class_recall"])
-    if not frames or names is None:
-        raise ConfigError("no finished fold to pool")
-    return pd.concat(frames, ignore_index=True), names
 class FoldProgress:
     """Tune callback on the driver: folds done/total and an ETA for one phase (Tune itself runs with verbose=0).
 
@@ -524,6 +524,18 @@ class FoldProgress:
         return _Progress()
 
 
+def pooled_predictions(storage: FoldStorage, jobs: Sequence[FoldJob]) -> tuple[pd.DataFrame, list[str]]:
+    """Test predictions of all (finished) folds of a configuration, and the class names."""
+    frames, names = [], None
+    for job in jobs:
+        stored = storage.load(job.key)
+        if stored is None:
+            continue
+        frames.append(stored["predictions"])
+        names = names or list(stored["test_metrics"]["per_class_recall"])
+    if not frames or names is None:
+        raise ConfigError("no finished fold to pool")
+    return pd.concat(frames, ignore_index=True), names
 
 
 def log_pooled(client: Any, run_id: str, pooled: tuple[pd.DataFrame, list[str]], directory: Path,

@@ -33,6 +33,7 @@ from typing import Any
 from components import tracking
 from components.common import add_params_arguments, check_output_dir, params_from_args
 from components.pyfunc import log_pyfunc_model
+from components.report import reads_annotated_aus
 from components.tune import (
     OBJECTIVE,
     FoldProgress,
@@ -43,6 +44,7 @@ from components.tune import (
     fold_jobs,
     fold_resources,
     fold_slots,
+    is_leaky,
     leaky_tags,
     log_pooled,
     pooled_predictions,
@@ -157,12 +159,13 @@ def run_experiment(params: Params) -> dict[str, Any]:
     runs.install_sigterm_handler()
     artifacts_dir = Path(tempfile.mkdtemp(prefix="mer-mlflow-"))  # staging only: MLflow copies artifacts away
     try:
+        leaks = reads_annotated_aus(params.model)  # annotated AUs as input: leaky like the oracle protocol
         base = {"data_version": version, "git_commit": tracking.git_commit(Path(__file__).resolve().parents[1]),
                 "experiment": name}
         parent_id, created = tracking.get_or_create_run(
-            client, experiment_id, experiment_key, f"{name} {run_label(protocol)}",
+            client, experiment_id, experiment_key, f"{name} {run_label(protocol, leaks)}",
             {tracking.KIND_TAG: "parent", tracking.EXPERIMENT_KEY_TAG: experiment_key, "dataset": params.data.source,
-             "model": params.model.name, "data_version": version, **leaky_tags(protocol)})
+             "model": params.model.name, "data_version": version, **leaky_tags(protocol, leaks)})
         runs.add(parent_id)
         if created:
             tracking.log_params(client, parent_id, tracking.run_params(params, base))
@@ -200,15 +203,17 @@ def run_experiment(params: Params) -> dict[str, Any]:
         storage = FoldStorage(fold_store)
         predictions, class_names = pooled_predictions(storage, jobs)
         metrics = log_pooled(client, parent_id, (predictions, class_names), artifacts_dir / parent_id,
-                             f"{name} ({run_label(protocol)})")
+                             f"{name} ({run_label(protocol, leaks)})")
 
         model_uri = None
         if cfg.final_model:
             epochs = [storage.load(j.key)["selected_epoch"] for j in jobs]  # type: ignore[index]
-            model_uri = final_model(params, resolved, store, int(statistics.median(epochs)), client, parent_id)
+            model_uri = final_model(params, resolved, store, int(statistics.median(epochs)), client, parent_id,
+                                    leaky=is_leaky(protocol, resolved.model))
 
         summary = {
-            "experiment": name, "experiment_key": experiment_key, "protocol": protocol, "leaky": protocol == "oracle",
+            "experiment": name, "experiment_key": experiment_key, "protocol": protocol,
+            "leaky": is_leaky(protocol, resolved.model),
             "class_names": class_names, "chosen": chosen, "metrics": metrics, "data_version": version,
             "mlflow_experiment": params.tracking.experiment, "parent_run_id": parent_id, "model_uri": model_uri,
             "folds": len(jobs),
@@ -219,7 +224,7 @@ def run_experiment(params: Params) -> dict[str, Any]:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         runs.end(parent_id, "FINISHED")
         log.info("%s: UF1 %.4f UAR %.4f accuracy %.4f (%s) -> %s", name, metrics["uf1"], metrics["uar"],
-                 metrics["accuracy"], run_label(protocol), out)
+                 metrics["accuracy"], run_label(protocol, leaks), out)
     except BaseException as err:
         # A SIGTERM has already ended the runs as KILLED; anything else (a failed trial, Ctrl-C) ends them here.
         runs.end_all("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
@@ -229,9 +234,11 @@ def run_experiment(params: Params) -> dict[str, Any]:
     return summary
 
 
-def final_model(params: Params, resolved: Params, store: Any, epochs: int, client: Any, parent_id: str) -> str:
-    """Train on all subjects (a Ray task with a fold's resources), log it to the parent run; returns its model URI.
-    A model already logged by an earlier driver for this experiment key is reused."""
+def final_model(params: Params, resolved: Params, store: Any, epochs: int, client: Any, parent_id: str,
+                leaky: bool) -> str:
+    """Train on all subjects (a Ray task with a fold's resources), log it to the parent run as the servable pyfunc
+    (flagged `leaky` when its evaluation was); returns its model URI. A model already logged by an earlier driver for
+    this experiment key is reused."""
     import mlflow
     import ray
 
@@ -254,7 +261,7 @@ def final_model(params: Params, resolved: Params, store: Any, epochs: int, clien
         # The pyfunc carries the class names, the training preprocessing and the leaky flag with the checkpoint, so
         # `mlflow models serve` and `mer predict` need nothing else from this run.
         info = log_pyfunc_model(model, store.class_names, PreprocessConfig.model_validate(store.manifest["preprocess"]),
-                                name="final_model", leaky=params.train.protocol == "oracle")
+                                name="final_model", leaky=leaky)
     client.set_tag(parent_id, tag, info.model_uri)
     log.info("final model (%d epochs on %d subjects) logged as %s", epochs, len(store.subjects()), info.model_uri)
     return info.model_uri

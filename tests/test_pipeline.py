@@ -115,6 +115,32 @@ def test_oracle_runs_are_tagged_leaky(tiny_root: Path, tmp_path: Path, monkeypat
     assert all("oracle (leaky)" in r.info.run_name for r in every)
 
 
+@pytest.mark.slow
+def test_annotated_au_model_is_tagged_leaky(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model fed the annotated AUs is leaky under an honest protocol too: tags, run names, results, metrics.json."""
+    from components.evaluate import evaluate
+    from mer_model.config import load_params
+    from pipelines.loso import run_experiment
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = load_params(tiny_params(tmp_path, **{
+        "model.name": "cva_fpf", "model.config": "flow_small", "model.kwargs": {"au_mode": "annotated"},
+        "train.epochs": 1, "tune.final_model": False}))
+    summary = run_experiment(params)
+    assert summary["protocol"] == "fixed" and summary["leaky"] is True
+
+    runs = runs_by_kind(tmp_path)
+    every = [r for kind in runs.values() for r in kind]
+    assert len(runs["parent"]) == 1 and len(runs["fold"]) == 4
+    assert all(r.data.tags["leaky"] == "true" and r.data.tags["protocol"] == "fixed" for r in every)
+    assert all("fixed (leaky)" in r.info.run_name for r in every)
+    assert json.loads((Path(params.tune.results) / "summary.json").read_text())["leaky"] is True
+    folds = list(Path(params.tune.storage_path).glob("*/folds/*/result.json"))  # not Tune's own result.json
+    assert len(folds) == 4 and all(json.loads(f.read_text())["leaky"] is True for f in folds)
+    assert evaluate(params)["leaky"] is True
+    assert json.loads(Path(params.evaluate.metrics).read_text())["leaky"] is True
+
+
 def test_fold_progress_counts_folds_and_estimates_the_rest(caplog: pytest.LogCaptureFixture) -> None:
     from components.tune import FoldProgress
 
