@@ -134,6 +134,8 @@ def run_experiment(params: Params) -> dict[str, Any]:
     from mer_model.training.data import SampleStore
 
     cfg = params.tune
+    # Also validates model.name/config/kwargs: an unknown model fails here, before the cache, Ray or MLflow.
+    leaks = reads_annotated_aus(params.model)  # annotated AUs as input: leaky like the oracle protocol
     check_output_dir(cfg.results, "tune.results")  # fail now, not after the whole LOSO run
     if "://" not in cfg.storage_path:
         check_output_dir(cfg.storage_path, "tune.storage_path")
@@ -159,7 +161,6 @@ def run_experiment(params: Params) -> dict[str, Any]:
     runs.install_sigterm_handler()
     artifacts_dir = Path(tempfile.mkdtemp(prefix="mer-mlflow-"))  # staging only: MLflow copies artifacts away
     try:
-        leaks = reads_annotated_aus(params.model)  # annotated AUs as input: leaky like the oracle protocol
         base = {"data_version": version, "git_commit": tracking.git_commit(Path(__file__).resolve().parents[1]),
                 "experiment": name}
         parent_id, created = tracking.get_or_create_run(

@@ -64,6 +64,8 @@ CASES = {
     "report flag misuse": (["report", "--experiment", "x"], "--experiment: only with --compare"),
     "missing model for predict": (["predict", "--model", "nope.pt", "clip"], "--model nope.pt: no such checkpoint"),
     "missing cache for tune": (["tune"], "data/preprocessed: no index.csv; run `mer preprocess` first"),
+    # Checked before the cache is opened (the project has none): the model is named, not the missing cache.
+    "unknown model for tune": (["tune", "-S", "model.name=nope"], "model.name: unknown model 'nope' (known: "),
     "unwritable preprocess.out": (["preprocess", "-S", "preprocess.out=params.yaml/cache"],
                                   "preprocess.out: params.yaml/cache: output directory is not writable"),
     "unwritable tune.results": (["tune", "-S", "tune.results=params.yaml/results"],
