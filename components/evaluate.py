@@ -135,6 +135,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("evaluate", help="pooled LOSO metrics -> metrics.json, plots/ (dvc) and the HTML report")
+    parser = subparsers.add_parser("evaluate",
+                                   help="pooled LOSO metrics -> metrics.json, plots/ (dvc) and the HTML report")
     add_params_arguments(parser)
     parser.set_defaults(func=_run)

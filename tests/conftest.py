@@ -63,7 +63,8 @@ def tiny_params(root: Path, **overrides: Any) -> Path:
         "tune.num_samples": 0, "tune.search_folds": 2, "tune.fold_cpus": 1, "tune.max_concurrent_trials": 2,
         "tune.storage_path": str(root / "runs" / "tune"), "tune.results": str(root / "runs" / "results"),
         "tracking.uri": f"sqlite:///{root / 'mlflow.db'}", "tracking.registered_info": str(root / "registered.json"),
-        "evaluate.metrics": str(root / "metrics.json"), "evaluate.plots": str(root / "plots"), "evaluate.report": str(root / "reports"),
+        "evaluate.metrics": str(root / "metrics.json"), "evaluate.plots": str(root / "plots"),
+        "evaluate.report": str(root / "reports"),
     }
     values.update(overrides)
     for key, value in values.items():
