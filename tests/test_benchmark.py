@@ -41,7 +41,7 @@ def test_benchmark_command_end_to_end(tiny_composite: Path, annotations_dir: Pat
     small = "benchmark.models.cva-fpf-flow-au.kwargs"
     code = main([
         "benchmark", "megc2019", "--root", str(tiny_composite), "--models", "ststnet", "cva-fpf-flow-au",
-        "--protocol", "oracle", "fixed", "inner", "--epochs", "1", "--out", str(out),
+        "--protocol", "oracle", "inner", "--epochs", "1", "--out", str(out),
         "--au-sheets", f"casme2={annotations_dir / 'CASME2-coding-20140508.xlsx'}",
         "--params", str(REPO / "params.yaml"),
         "-S", f"benchmark.work={tmp_path / 'work'}", "-S", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
@@ -51,7 +51,7 @@ def test_benchmark_command_end_to_end(tiny_composite: Path, annotations_dir: Pat
     assert code == 0
     table = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
     assert set(zip(table["model"], table["protocol"], strict=True)) == {
-        (m, p) for m in ("ststnet", "cva-fpf-flow-au") for p in ("fixed", "inner", "oracle")}
+        (m, p) for m in ("ststnet", "cva-fpf-flow-au") for p in ("inner", "oracle")}
     n = len(pd.read_csv(tiny_composite / CSV))
     assert (table["n_samples"] == n).all() and (table["n_subjects"] == 4).all()
     assert table[["uf1", "uar", "accuracy", "casme2_uf1", "smic_uf1"]].notna().all().all()
@@ -75,7 +75,7 @@ def test_benchmark_command_end_to_end(tiny_composite: Path, annotations_dir: Pat
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("benchmark-megc2019")
     parents = client.search_runs([experiment.experiment_id], "tags.`mer.kind` = 'parent'")
-    assert len(parents) == 6
+    assert len(parents) == 4
 
 
 def test_adapt_entry_switches_off_what_the_data_lacks() -> None:

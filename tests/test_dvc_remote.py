@@ -1,6 +1,6 @@
 """`dvc push` / `dvc pull` round trip through an S3 remote (moto's server standing in for MinIO / AWS S3).
 
-The remote is configured exactly as docs/cluster.md tells users to: the bucket URL in the committed .dvc/config, the
+The remote is configured exactly as the README (Running on a cluster) tells users to: the bucket URL in the committed .dvc/config, the
 endpoint only in .dvc/config.local (`dvc remote modify --local`), credentials only in the environment.
 """
 
