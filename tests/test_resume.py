@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,15 +45,20 @@ def _finished_folds(storage: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in storage.glob("*/folds/*/result.json")}
 
 
-def _kill_after(params: Path, log: Path, storage: Path, done: int, sig: int) -> dict[Path, int]:
-    """Run the driver until `done` folds are stored, then send `sig`; returns the stored folds at that moment."""
+def _kill_after(params: Path, log: Path, storage: Path, done: int, sig: int,
+                ready: Callable[[], bool] = lambda: True) -> dict[Path, int]:
+    """Run the driver until `done` folds are stored and `ready()` holds, then send `sig`; returns the stored folds.
+
+    `ready` guards against a fold file written by a worker of the previous, already killed driver: the kill must land
+    while THIS driver is at work.
+    """
     proc = _start(params, log)
     deadline = time.monotonic() + DEADLINE_S
     try:
-        while len(_finished_folds(storage)) < done:
+        while len(_finished_folds(storage)) < done or not ready():
             assert proc.poll() is None, f"driver exited early (rc {proc.returncode}); see {log}"
             assert time.monotonic() < deadline, f"no {done} folds within {DEADLINE_S}s; see {log}"
-            time.sleep(0.1)
+            time.sleep(0.5)
         finished = _finished_folds(storage)
     finally:
         _end_group(proc, sig)
@@ -77,7 +83,10 @@ def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Pat
     assert parent.info.status == "KILLED"  # the SIGTERM handler ended it
     assert all(r.info.status != "RUNNING" for kind in runs.values() for r in kind)
 
-    second = _kill_after(params, log, storage, len(first) + 1, signal.SIGKILL)
+    def parent_running() -> bool:
+        return any(r.info.status == "RUNNING" for r in runs_by_kind(tmp_path)["parent"])
+
+    second = _kill_after(params, log, storage, len(first) + 1, signal.SIGKILL, parent_running)
     assert all(second[p] == mtime for p, mtime in first.items())  # not recomputed
     stale = [r for kind in runs_by_kind(tmp_path).values() for r in kind if r.info.status == "RUNNING"]
     assert stale, "a SIGKILLed driver leaves RUNNING runs behind"
