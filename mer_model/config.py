@@ -101,6 +101,12 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    # Learning-rate schedule over the epochs of a run, stepped once per epoch (mer_model.training.trainer.lr_factor):
+    # constant; cosine annealing to 0 at the last epoch; exponential decay by `lr_gamma` per epoch (MMNet's recipe,
+    # gamma 0.987). `warmup_epochs` ramp linearly up to `lr` first.
+    schedule: Literal["constant", "cosine", "exponential"] = "constant"
+    warmup_epochs: int = Field(0, ge=0)
+    lr_gamma: float = Field(0.987, gt=0, le=1)  # exponential only
     # Class-balanced cross-entropy (weights n / (K n_c) from the training fold). On by default: the field's metrics
     # (UF1, UAR) weight every class equally while MER classes are heavily imbalanced, so a balanced loss optimises the
     # quantity that is reported; set false to reproduce authors' plain-CE training.

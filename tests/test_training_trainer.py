@@ -180,3 +180,36 @@ def test_class_weights_reach_the_model_loss(store: SampleStore, monkeypatch: pyt
     train_fold(spec, store)
     expected = class_weights(store.labels(store.sample_ids(spec.fold.train_subjects)), 3)
     assert seen and all((w is not None and np.allclose(w.cpu(), expected)) if enabled else w is None for w in seen)
+
+
+@pytest.mark.parametrize("schedule, warmup, expected", [
+    ("constant", 0, [1.0, 1.0, 1.0, 1.0]),
+    ("constant", 1, [0.5, 1.0, 1.0, 1.0]),
+    ("cosine", 0, [1.0, 0.5 * (1 + np.cos(np.pi / 4)), 0.5, 0.5 * (1 + np.cos(3 * np.pi / 4))]),
+    ("cosine", 2, [1 / 3, 2 / 3, 1.0, 0.5]),
+    ("exponential", 0, [1.0, 0.5, 0.25, 0.125]),
+])
+def test_lr_schedule_factors(schedule: str, warmup: int, expected: list[float]) -> None:
+    cfg = TrainConfig(schedule=schedule, warmup_epochs=warmup, lr_gamma=0.5)
+    assert [trainer.lr_factor(e, cfg, 4) for e in range(4)] == pytest.approx(expected)
+
+
+def test_schedule_is_applied_per_epoch_and_resumed(store: SampleStore, tmp_path: Path) -> None:
+    """The learning rate each epoch trained with is in the history, and a fold resumed from its checkpoint continues
+    the schedule where it stopped."""
+    spec = _spec(store, epochs=4, lr=0.02, schedule="cosine", warmup_epochs=1, checkpoint_every=2)
+    whole = train_fold(spec, store)
+    assert [h["lr"] for h in whole.history] == pytest.approx(
+        [0.02 * trainer.lr_factor(e, spec.train, 4) for e in range(4)])
+
+    class Killed(Exception):
+        pass
+
+    def die_in_epoch_three(epoch: int, metrics: dict) -> None:
+        if epoch == 3:  # after the epoch-2 checkpoint, before the epoch-3 one
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_fold(spec, store, callback=die_in_epoch_three, checkpoint_dir=tmp_path)
+    resumed = train_fold(spec, store, checkpoint_dir=tmp_path)
+    assert [h["lr"] for h in resumed.history] == pytest.approx([h["lr"] for h in whole.history])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -130,6 +131,21 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
 
 
+def lr_factor(epoch: int, cfg: TrainConfig, total: int) -> float:
+    """Multiplier of `cfg.lr` during 0-based `epoch` of a `total`-epoch run: a linear warm-up over
+    `cfg.warmup_epochs` ((e+1)/(w+1)), then `cfg.schedule` over the remaining epochs (constant 1; cosine
+    0.5 (1 + cos(pi t)) with t the fraction of the post-warm-up epochs done; exponential lr_gamma^t in epochs)."""
+    warmup = min(cfg.warmup_epochs, max(total - 1, 0))
+    if epoch < warmup:
+        return (epoch + 1) / (warmup + 1)
+    done = epoch - warmup
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * done / max(total - warmup, 1)))
+    if cfg.schedule == "exponential":
+        return cfg.lr_gamma**done
+    return 1.0
+
+
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -138,7 +154,7 @@ class _Loop:
     """Model, optimiser and data plumbing shared by `train_fold` and `train_final`."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, store: SampleStore, num_classes: int,
-                 train_ids: list[str]) -> None:
+                 train_ids: list[str], epochs: int) -> None:
         self.cfg = cfg
         self.store = store
         self.device = resolve_device(cfg.device)
@@ -154,6 +170,9 @@ class _Loop:
         self.inputs = tuple(self.model.inputs) + tuple(k for k in targets if k not in self.model.inputs)
         self.optional = TARGET_KEYS
         self.optimizer = _optimizer(self.model, cfg)
+        # Stepped once per epoch; `epochs` is the length of THIS run (a final model may train for fewer epochs than
+        # train.epochs), so a cosine schedule always ends annealed.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(e, cfg, epochs))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.train_set = store.torch_dataset(train_ids, self.inputs, cfg.augment, cfg.seed, self.optional)
         labels = store.labels(train_ids)
@@ -196,7 +215,9 @@ class _Loop:
             for name, value in parts.items():
                 if name != "loss":  # the total, already recorded
                     sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + float(value) * n
-        return {k: v / max(seen, 1) for k, v in sums.items()}
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        return {**{k: v / max(seen, 1) for k, v in sums.items()}, "lr": lr}
 
     @torch.no_grad()
     def evaluate(self, dataset: SampleDataset) -> tuple[np.ndarray, dict[str, Any]]:
@@ -301,7 +322,7 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
     if not train_ids or not test_ids:
         raise ConfigError(f"fold {fold.name}: {len(train_ids)} training and {len(test_ids)} test samples in the cache")
 
-    loop = _Loop(spec.model, cfg, store, spec.num_classes, train_ids)
+    loop = _Loop(spec.model, cfg, store, spec.num_classes, train_ids, cfg.epochs)
     test_set = store.torch_dataset(test_ids, loop.inputs, False, cfg.seed, loop.optional)
     val_set = (store.torch_dataset(store.sample_ids(val_subjects), loop.inputs, False, cfg.seed, loop.optional)
                if val_subjects else None)
@@ -318,6 +339,7 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
         loop.model.load_state_dict(saved["model"])
         loop.optimizer.load_state_dict(saved["optimizer"])
         loop.scaler.load_state_dict(saved["scaler"])
+        loop.scheduler.load_state_dict(saved["scheduler"])
         history, best, bad_epochs = saved["history"], saved["best"], saved["bad_epochs"]
         first_epoch = saved["epoch"] + 1
         log.info("fold %s: resuming from %s after epoch %d", fold.name, ckpt, saved["epoch"])
@@ -353,6 +375,7 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
         if ckpt is not None and cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or stop):
             _save_checkpoint(ckpt, {"fingerprint": fingerprint, "epoch": epoch, "model": loop.model.state_dict(),
                                     "optimizer": loop.optimizer.state_dict(), "scaler": loop.scaler.state_dict(),
+                                    "scheduler": loop.scheduler.state_dict(),
                                     "history": history, "best": best, "bad_epochs": bad_epochs})
         if stop:
             log.info("fold %s: early stop after epoch %d (best %d)", fold.name, epoch, best["epoch"])
@@ -390,6 +413,6 @@ def train_final(model_cfg: ModelConfig, train_cfg: TrainConfig, store: SampleSto
     ids = store.sample_ids(subjects)
     if not ids:
         raise ConfigError(f"final model: no samples for subjects {list(subjects)[:3]}...")
-    loop = _Loop(model_cfg, train_cfg, store, store.num_classes, ids)
+    loop = _Loop(model_cfg, train_cfg, store, store.num_classes, ids, epochs)
     history = [{"epoch": e, **loop.train_epoch(e)} for e in range(1, epochs + 1)]
     return loop.model.cpu().eval(), history
