@@ -248,6 +248,31 @@ def test_au_loss_ignores_samples_without_au_coding() -> None:
     assert any(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", ["mmnet", "cva_fpf"])
+def test_chained_attention_maps_start_positive(name: str) -> None:
+    """The chained attention of the main branch starts as a product of (0, 1) maps at every stage (CVA projects the
+    previous map across channels: a signed random projection made it a near-zero, sign-flipping map that shrank the
+    last stages' features ~20x at initialisation)."""
+    torch.manual_seed(0)
+    model = create_model(name, "flow_small", num_classes=3).train()
+    x = model.main.stem(model.main.conv_act(torch.rand(8, 3, 64, 64)))
+    amap = None
+    for unit, attention in zip(model.main.units, model.main.attentions, strict=True):
+        x, amap = attention(unit(x), amap)
+        assert float(amap.min()) > 0.0 and float(amap.max()) < 1.0
+
+
+def test_flow_motion_input_is_centred_on_the_zero_motion_level() -> None:
+    """flow_center=median subtracts each map's per-channel median (the zero-motion level of a min-max normalised map);
+    "none" feeds the map as stored."""
+    flow = torch.rand(2, 3, 28, 28) * 0.2 + torch.tensor([0.2, 0.6, 0.1]).view(1, 3, 1, 1)
+    centred = create_model("mmnet", "flow_small", num_classes=3, img_size=32)
+    raw = create_model("mmnet", "flow_small", num_classes=3, img_size=32, flow_center="none")
+    medians = centred.motion_input({"flow28": flow}).flatten(2).median(dim=2).values
+    assert medians.abs().max() < 0.02  # bilinear resizing to 32 px moves the median slightly
+    assert torch.allclose(raw.motion_input({"flow28": flow}).mean((2, 3)), flow.mean((2, 3)), atol=1e-2)
+
+
 def test_fpf_without_face_input_is_a_clear_error() -> None:
     model = create_model("cva_fpf", "small", num_classes=3, motion="flow")
     with pytest.raises(DataError, match="onset224"):

@@ -1,6 +1,7 @@
 """The two-branch onset/apex network shared by MMNet and CVA+FPF+AU (one code path, configured per paper).
 
-Main branch: motion (apex - onset of the normalised crops, or the 28x28 flow upsampled) -> 3x3 conv stride 2 -> a
+Main branch: motion (apex - onset of the normalised crops, or the 28x28 flow centred on its zero-motion level and
+upsampled) -> 3x3 conv stride 2 -> a
 ResNet-18-like stack of one residual block per stage whose output is re-weighted by a chained attention map:
   * "ca"  (MMNet): spatial map from channel mean and max -> 1x1 conv -> BN -> sigmoid, times the previous block's map
            (max-pooled 3/2/1), applied to the features;
@@ -82,6 +83,11 @@ class ContinuousVerticalAttention(nn.Module):
             if prev_channels is not None and prev_channels != channels
             else None
         )
+        if self.project is not None:
+            # Start as the channel average of the previous map: the chained map is then a product of (0, 1) maps, as
+            # in MMNet's CA chain. A default (signed, zero-mean) init turns it into a random signed mixture near 0 that
+            # scales the last stages' features down ~20x and flips their signs at random (measured on flow_small).
+            nn.init.constant_(self.project.weight, 1.0 / prev_channels)
 
     def forward(self, x: Tensor, prev: Tensor | None) -> tuple[Tensor, Tensor]:
         h = x.shape[2]
@@ -171,6 +177,7 @@ class TwoFrameNet(MERModel):
         self,
         num_classes: int,
         motion: str = "diff",
+        flow_center: str = "median",
         img_size: int = 224,
         act_channels: int = 180,
         stage_channels: tuple[int, ...] = (128, 128, 256, 512),
@@ -195,6 +202,7 @@ class TwoFrameNet(MERModel):
     ) -> None:
         super().__init__(num_classes)
         choice(self.name, "motion", motion, ("diff", "flow"))
+        self.flow_center = choice(self.name, "flow_center", flow_center, ("median", "none"))
         choice(self.name, "attention", attention, ("ca", "cva", "none"))
         choice(self.name, "position", position, ("pc", "fpf", "none"))
         choice(self.name, "head", head, ("linear", "au_mlp"))
@@ -266,9 +274,19 @@ class TwoFrameNet(MERModel):
         return imagenet_normalise(self._resized(self.get(batch, key)))
 
     def motion_input(self, batch: Batch) -> Tensor:
+        """The main branch's input (B,3,S,S): apex - onset of the normalised crops (the papers), or the flow map.
+
+        The papers' difference image is 0 where nothing moves. A min-max normalised flow map (the MEGC2019 convention,
+        mer_model.preprocess.flow) puts zero motion at an arbitrary level per map and channel (u/v medians span about
+        40..200 of 255 across the composite); with flow_center="median" each channel's median -- the zero-motion
+        level, since most of a face does not move in a micro-expression -- is subtracted, restoring that convention.
+        """
         if self.motion == "diff":
             return self.face(batch, "apex224") - self.face(batch, "onset224")
-        return self._resized(self.get(batch, "flow28"))
+        flow = self.get(batch, "flow28")
+        if self.flow_center == "median":
+            flow = flow - flow.flatten(2).median(dim=2).values[..., None, None]
+        return self._resized(flow)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         x = self.main(self.motion_input(batch))
