@@ -17,9 +17,6 @@ from mer_model.errors import ConfigError, DataError
 
 Batch = Mapping[str, Tensor]
 
-# Keys a batch may carry (docs/architecture.md, "Batch tensors").
-BATCH_KEYS = ("flow28", "points5", "onset224", "apex224", "frames128", "flows128", "landmarks68", "aus", "label")
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -17,6 +17,11 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, f1_score, recall_score
 
+# The metric names of every model, stage and report (metrics.json, MLflow, tables): pooled over the folds.
+METRICS = ("uf1", "uar", "accuracy", "weighted_f1")
+SCALARS = ("n", *METRICS)  # with the sample count
+LABELS = {"uf1": "UF1", "uar": "UAR", "accuracy": "accuracy", "weighted_f1": "weighted F1", "n": "samples"}
+
 # 68-point (iBUG/dlib) indices of the two eyes; their centres define the inter-ocular distance.
 _EYE_A = slice(36, 42)
 _EYE_B = slice(42, 48)
@@ -72,6 +77,18 @@ def pooled_metrics(predictions: pd.DataFrame, class_names: Sequence[str]) -> dic
         "per_dataset": {str(k): of(g) for k, g in predictions.groupby("dataset", sort=True)},
         "per_subject": {str(k): of(g) for k, g in predictions.groupby("subject", sort=True)},
     }
+
+
+def flat_metrics(predictions: pd.DataFrame, class_names: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """({"uf1": .., "n": .., "casme2/uf1": .., ...}, the full pooled_metrics result): the numbers every stage logs.
+    Per-dataset entries (`<dataset>/<metric>`) appear only when the predictions mix datasets (a composite; under the
+    leave-one-dataset-out split, one entry per held-out dataset)."""
+    pooled = pooled_metrics(predictions, class_names)
+    flat = {k: pooled["overall"][k] for k in SCALARS}
+    if len(pooled["per_dataset"]) > 1:
+        for dataset, values in pooled["per_dataset"].items():
+            flat.update({f"{dataset}/{k}": values[k] for k in SCALARS})
+    return flat, pooled
 
 
 def au_f1(
