@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mlflow_client, runs_by_kind, tiny_params
+from conftest import mlflow_client, runs_by_kind, tiny_data, tiny_params
 
 @pytest.mark.slow
 def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_path: Path,
@@ -23,12 +23,12 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     from pipelines.loso import run_experiment
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = load_params(tiny_params(tmp_path, **{
+    params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
         "tune.num_samples": 2, "tune.search_space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
         "tune.final_model": True}))
     summary = run_experiment(params)
-    assert summary["protocol"] == "fixed" and summary["leaky"] is False and summary["folds"] == 4
-    assert set(summary["chosen"]) == {"train.lr"}
+    assert summary.protocol == "fixed" and summary.leaky is False and summary.folds == 4
+    assert set(summary.chosen) == {"train.lr"}
 
     runs = runs_by_kind(tmp_path)
     (parent,) = runs["parent"]
@@ -43,7 +43,7 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     assert parent.data.params["data_version"].startswith(("dvc:", "files:"))
     assert parent.data.params["git_commit"]
     assert parent.data.tags["protocol"] == "fixed" and parent.data.tags["leaky"] == "false"
-    assert parent.data.metrics["uf1"] == pytest.approx(summary["metrics"]["uf1"])
+    assert parent.data.metrics["uf1"] == pytest.approx(summary.metrics["uf1"])
     client, _ = mlflow_client(tmp_path)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "confusion_matrix.png", "per_subject.csv", "predictions.csv"} <= artifacts
@@ -63,7 +63,7 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     (chosen,) = [r for r in trials.values() if r.data.tags["phase"] == "evaluate"]
     chosen_folds = [r for r in runs["fold"] if r.data.tags["mlflow.parentRunId"] == chosen.info.run_id]
     assert len(chosen_folds) == 4
-    assert float(chosen.data.params["train.lr"]) == pytest.approx(summary["chosen"]["train.lr"])
+    assert float(chosen.data.params["train.lr"]) == pytest.approx(summary.chosen["train.lr"])
 
     info = register_final_model(params)
     assert info["version"] == 1 and info["run_id"] == parent.info.run_id
@@ -73,23 +73,23 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     # The registered final model is the servable pyfunc, and `mer predict` loads it as such.
     from mlflow.models import get_model_info
 
-    from components.pyfunc import load_for_inference
+    from components.tracking.pyfunc import load_for_inference
 
     registered = f"models:/{params.tracking.registered_model}/1"
     flavors = get_model_info(registered).flavors
     assert flavors["python_function"]["loader_module"] == "mlflow.pyfunc.model" and "pytorch" not in flavors
     loaded = load_for_inference(registered, params)
-    assert loaded.source == "mlflow pyfunc" and loaded.class_names == summary["class_names"] and not loaded.leaky
+    assert loaded.source == "mlflow pyfunc" and loaded.class_names == summary.class_names and not loaded.leaky
 
     metrics = evaluate(params)
     written = json.loads(Path(params.evaluate.metrics).read_text())
-    assert written["uf1"] == pytest.approx(summary["metrics"]["uf1"]) == pytest.approx(metrics["uf1"])
+    assert written["uf1"] == pytest.approx(summary.metrics["uf1"]) == pytest.approx(metrics["uf1"])
     for name in ("confusion.csv", "per_class_recall.csv", "per_subject.csv", "confusion_matrix.png"):
         assert (Path(params.evaluate.plots) / name).is_file()
     # The evaluate stage also writes the experiment report (the function `mer report` runs), with its learning curves.
-    report = Path(params.evaluate.report) / summary["experiment"]
+    report = Path(params.evaluate.report) / summary.experiment
     text = (report / "report.html").read_text()
-    assert f"{summary['metrics']['uf1']:.4f}" in text and "LEAKY" not in text
+    assert f"{summary.metrics['uf1']:.4f}" in text and "LEAKY" not in text
     assert (report / "learning_curves.png").is_file()
 
 
@@ -100,13 +100,14 @@ def test_oracle_runs_are_tagged_leaky(tiny_root: Path, tmp_path: Path, monkeypat
     from pipelines.loso import run_experiment
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = load_params(tiny_params(tmp_path, **{"train.protocol": "oracle", "tune.final_model": False}))
-    caplog.set_level(logging.INFO, logger="components.tune")
+    params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{"train.protocol": "oracle",
+                                                                        "tune.final_model": False}))
+    caplog.set_level(logging.INFO, logger="pipelines.engine.callbacks")
     summary = run_experiment(params)
     # Progress without a terminal: one line per finished fold, done/total with an ETA.
     progress = [r.getMessage() for r in caplog.records if "folds done" in r.getMessage()]
     assert len(progress) == 4 and progress[-1].startswith("evaluate: 4/4 folds done") and "ETA 00:00" in progress[-1]
-    assert summary["leaky"] is True and summary["model_uri"] is None
+    assert summary.leaky is True and summary.model_uri is None
 
     runs = runs_by_kind(tmp_path)
     every = [r for kind in runs.values() for r in kind]
@@ -123,11 +124,11 @@ def test_annotated_au_model_is_tagged_leaky(tiny_root: Path, tmp_path: Path, mon
     from pipelines.loso import run_experiment
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = load_params(tiny_params(tmp_path, **{
+    params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
         "model.name": "cva_fpf", "model.config": "flow_small", "model.kwargs": {"au_mode": "annotated"},
         "train.epochs": 1, "tune.final_model": False}))
     summary = run_experiment(params)
-    assert summary["protocol"] == "fixed" and summary["leaky"] is True
+    assert summary.protocol == "fixed" and summary.leaky is True
 
     runs = runs_by_kind(tmp_path)
     every = [r for kind in runs.values() for r in kind]
@@ -142,9 +143,9 @@ def test_annotated_au_model_is_tagged_leaky(tiny_root: Path, tmp_path: Path, mon
 
 
 def test_fold_progress_counts_folds_and_estimates_the_rest(caplog: pytest.LogCaptureFixture) -> None:
-    from components.tune import FoldProgress
+    from pipelines.engine.callbacks import FoldProgress
 
-    caplog.set_level(logging.INFO, logger="components.tune")
+    caplog.set_level(logging.INFO, logger="pipelines.engine.callbacks")
     progress = FoldProgress("search", 6, interactive=False)
     progress.on_trial_result(0, [], None, {"objective": 0.5})  # not a fold result: not counted
     for n in range(1, 3):

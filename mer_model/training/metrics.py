@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import confusion_matrix, f1_score, recall_score
 
 # The metric names of every model, stage and report (metrics.json, MLflow, tables): pooled over the folds.
 METRICS = ("uf1", "uar", "accuracy", "weighted_f1")
@@ -35,6 +34,8 @@ def classification_metrics(
 ) -> dict[str, Any]:
     """UF1, UAR, accuracy, weighted F1, per-class recall (None where a class has no true sample) and the confusion
     matrix (rows = true class, columns = predicted) over `num_classes` classes."""
+    from sklearn.metrics import confusion_matrix, f1_score, recall_score  # seconds to import: on first use
+
     y_true = np.asarray(y_true, dtype=int)
     y_pred = np.asarray(y_pred, dtype=int)
     if y_true.shape != y_pred.shape:
@@ -96,6 +97,8 @@ def au_f1(
 ) -> dict[str, Any]:
     """F1 per action unit of a multi-label prediction (both (N, K) 0/1 arrays); `au_f1` is the mean over AUs that
     occur in the ground truth (an AU nobody shows has no meaningful F1)."""
+    from sklearn.metrics import f1_score  # seconds to import: on first use
+
     au_true = np.asarray(au_true).astype(int)
     au_pred = np.asarray(au_pred).astype(int)
     if au_true.shape != au_pred.shape or au_true.ndim != 2:

@@ -111,15 +111,19 @@ class Oracle(EpochProtocol):
 
 
 def _model_fields(model: Any) -> tuple[str, str, dict[str, Any]]:
-    """(name, config, kwargs) of a ModelConfig or of its JSON mapping."""
+    """(name, config, kwargs) of a ModelConfig, of its JSON mapping, or of a built model (its `build_spec`)."""
+    spec = getattr(model, "build_spec", None)
+    if spec is not None:
+        return spec["name"], spec["config"], dict(spec["overrides"])
     if isinstance(model, Mapping):
         return str(model["name"]), str(model.get("config", "small")), dict(model.get("kwargs") or {})
     return model.name, model.config, dict(model.kwargs)
 
 
 def reads_annotated_aus(model: Any) -> bool:
-    """True when the model configuration (a ModelConfig or its mapping) takes the dataset's AU coding as an input;
-    known from the registry without building the network. Unknown names raise ConfigError naming `model.*`."""
+    """True when the model (a ModelConfig, its mapping, or a model built by `create_model`) takes the dataset's AU
+    coding as an input; known from the registry without building the network. Unknown names raise ConfigError
+    naming `model.*`."""
     from mer_model.models import model_inputs  # torch + timm: only when a model is asked about
 
     name, config, kwargs = _model_fields(model)
