@@ -20,7 +20,7 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     from components.evaluate import evaluate
     from components.register import register_final_model
     from mer_model.config import load_params
-    from pipelines.loso import run_experiment
+    from pipelines.engine.driver import run_experiment
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
@@ -80,6 +80,15 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     assert flavors["python_function"]["loader_module"] == "mlflow.pyfunc.model" and "pytorch" not in flavors
     loaded = load_for_inference(registered, params)
     assert loaded.source == "mlflow pyfunc" and loaded.class_names == summary.class_names and not loaded.leaky
+    # What the MLflow UI shows: a model-training experiment (not the GenAI traces overview), the run's dataset with
+    # its DVC data version, its source, a model with an input example, and the champion alias on the honest model.
+    assert client.get_experiment_by_name("mer").tags["mlflow.experimentKind"] == "custom_model_development"
+    (data_input,) = client.get_run(parent.info.run_id).inputs.dataset_inputs
+    assert data_input.dataset.name == params.data.source
+    assert data_input.dataset.digest in parent.data.params["data_version"]
+    assert parent.data.tags["mlflow.source.name"] and parent.data.tags["mlflow.source.git.commit"]
+    assert get_model_info(registered).saved_input_example_info is not None
+    assert str(client.get_model_version_by_alias(params.tracking.registered_model, "champion").version) == "1"
 
     metrics = evaluate(params)
     written = json.loads(Path(params.evaluate.metrics).read_text())
@@ -97,7 +106,7 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
 def test_oracle_runs_are_tagged_leaky(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       caplog: pytest.LogCaptureFixture) -> None:
     from mer_model.config import load_params
-    from pipelines.loso import run_experiment
+    from pipelines.engine.driver import run_experiment
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{"train.protocol": "oracle",
@@ -121,7 +130,7 @@ def test_annotated_au_model_is_tagged_leaky(tiny_root: Path, tmp_path: Path, mon
     """A model fed the annotated AUs is leaky under an honest protocol too: tags, run names, results, metrics.json."""
     from components.evaluate import evaluate
     from mer_model.config import load_params
-    from pipelines.loso import run_experiment
+    from pipelines.engine.driver import run_experiment
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
@@ -175,3 +184,34 @@ def test_params_never_carry_credentials() -> None:
                     "s3": {"secret_access_key": "abc", "endpoint": "http://minio:9000"}})
     assert flat == {"tracking.uri": "postgresql://***@db:5432/mlflow", "s3.endpoint": "http://minio:9000"}
     assert "hunter2" not in json.dumps(flat)
+
+
+@pytest.mark.slow
+def test_leave_one_dataset_out_through_mer_tune_without_a_tracker(tiny_root: Path, tmp_path: Path) -> None:
+    """`mer tune` with train.split=lodo on the tiny two-dataset set, tracking.backend none: one fold per source
+    dataset, inner validation subjects drawn from the training dataset only, results per held-out dataset, and
+    evaluate + report working from tune.results alone (no tracking store exists)."""
+    from components.evaluate import evaluate
+    from mer_model.config import load_params
+    from mer_model.training.results import read_results
+    from pipelines.cli import main
+
+    path = tiny_params(tmp_path, tiny_data(tmp_path), **{"train.split": "lodo", "train.protocol": "inner",
+                                                         "tracking.backend": "none"})
+    assert main(["tune", "--params", str(path)]) == 0
+    params = load_params(path)
+    results = read_results(params.tune.results)
+    summary = results.summary
+    assert summary.split == "lodo" and summary.leaky is False and summary.folds == 2
+    assert summary.parent_run_id is None and summary.model_uri is None  # nothing tracked, no model stored
+    assert sorted(f.fold for f in results.folds) == ["synthetic1", "synthetic2"]
+    for fold in results.folds:
+        assert {s.split("/")[0] for s in fold.test_subjects} == {fold.fold}
+        assert fold.val_subjects and {s.split("/")[0] for s in fold.train_subjects + fold.val_subjects} == (
+            {"synthetic1", "synthetic2"} - {fold.fold})
+    assert {"synthetic1/uf1", "synthetic2/uf1"} <= set(summary.metrics)  # reported per held-out dataset
+    assert not (tmp_path / "mlflow.db").exists()
+    metrics = evaluate(params)
+    assert metrics["split"] == "lodo" and metrics["synthetic1/n"] + metrics["synthetic2/n"] == metrics["n"] == 12
+    assert (Path(params.evaluate.report) / summary.experiment / "learning_curves.png").is_file()
+

@@ -215,3 +215,26 @@ def test_plain_pytorch_model_takes_names_and_preprocessing_from_its_run(tmp_path
     assert loaded.source == "mlflow pytorch" and loaded.leaky
     assert loaded.class_names == ["happiness", "surprise", "disgust", "repression", "others"]
     assert loaded.preprocess == logged.preprocess
+
+
+def test_champion_alias_follows_honest_models_only(tmp_path: Path) -> None:
+    """Registering a leaky model adds a version but leaves the `champion` alias where it was (on an honest one)."""
+    import mlflow
+
+    from components.tracking.mlflow_tracker import MlflowTracker
+    from mer_model.config import TrackingConfig
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(TrackingConfig(uri=uri, experiment="alias-test"), "test", "unknown")
+    tracker.check()
+    model = create_model("ststnet", "small", num_classes=3).eval()
+    versions = []
+    for honest in (True, False):
+        run, _ = tracker.open_run(f"run-{honest}", "run", {})
+        model_uri = tracker.log_model(run, model, CLASSES, PreprocessConfig(), leaky=not honest)
+        versions.append(tracker.register_model(model_uri, run, "alias-model", {"leaky": str(not honest)}, honest))
+        tracker.end_run(run)
+    assert [(v.version, v.champion) for v in versions] == [(1, True), (2, False)]
+    client = mlflow.tracking.MlflowClient(uri)
+    assert str(client.get_model_version_by_alias("alias-model", "champion").version) == "1"
+

@@ -107,9 +107,16 @@ class MlflowTracker(Tracker):
             self.experiment_id = found.experiment_id
             if EXPERIMENT_KIND_TAG not in found.tags:  # created before the kind existed: make it a training one
                 self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
-        text = f"MLflow: {redact(self.uri)}, experiment {name!r} ({self.experiment_id})"
+        text = f"MLflow: {redact(self.uri)}, experiment {name!r} ({self.experiment_id}), runs at {self.ui_link()}"
         log.info("%s", text)
         return text
+
+    def ui_link(self) -> str:
+        """The experiment's training runs in the MLflow UI. MLflow 3.17's UI opens an experiment on the page of its
+        browser-wide "GenAI | Model training" switch (GenAI by default) whatever the experiment's kind tag, unless the
+        URL names the workflow: so this link does."""
+        page = f"#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+        return f"{redact(self.uri).rstrip('/')}/{page}" if self.uri.startswith(("http://", "https://")) else page
 
     # ---------------------------------------------------------------------------------------------------- runs
 
