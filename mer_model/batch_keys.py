@@ -69,11 +69,6 @@ BATCH_KEYS: dict[str, BatchKey] = {k.name: k for k in (
 )}
 
 
-def batch_key(name: str) -> BatchKey:
-    """The spec of `name`; KeyError for a name that is no cache array."""
-    return BATCH_KEYS[name]
-
-
 def example_array(name: str, cfg: PreprocessConfig) -> np.ndarray:
     """A zero array with the cache shape and dtype of `name` under `cfg`."""
     spec = BATCH_KEYS[name]

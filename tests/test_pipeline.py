@@ -215,3 +215,28 @@ def test_leave_one_dataset_out_through_mer_tune_without_a_tracker(tiny_root: Pat
     assert metrics["split"] == "lodo" and metrics["synthetic1/n"] + metrics["synthetic2/n"] == metrics["n"] == 12
     assert (Path(params.evaluate.report) / summary.experiment / "learning_curves.png").is_file()
 
+
+
+def test_tune_callbacks_pickle_with_their_tracker_and_reconnect(tmp_path: Path) -> None:
+    """The callbacks go into RunConfig and so into Tune's pickled experiment state, which Tuner.restore reads back:
+    they must pickle after the tracker connected, and the copy must reach the same store."""
+    import pickle
+
+    from components.tracking.mlflow_tracker import MlflowTracker
+    from mer_model.config import TrackingConfig
+    from pipelines.engine.callbacks import FoldProgress, RunInfo, TrackingCallback
+    from pipelines.engine.trial import TrialContext
+
+    tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "test", "unknown")
+    tracker.check()
+    run, _ = tracker.open_run("k", "parent", {})
+    ctx = TrialContext(phase="evaluate", params={}, protocol="fixed", folds=[], cache_dir="", storage="",
+                       data_version="", fold_cpus=1, fold_gpus=0, max_retries=0)
+    progress = FoldProgress("evaluate", 3, interactive=False)
+    progress.on_trial_result(0, [], None, {"fold_key": "a", "fold": "s1"})
+    callback, restored_progress = pickle.loads(pickle.dumps([TrackingCallback(tracker, RunInfo("k", run), ctx),
+                                                             progress]))
+    assert restored_progress.done == 0 and restored_progress.bar is None  # counts again from the restored state
+    assert callback.tracker.experiment_id == tracker.experiment_id
+    assert callback.tracker.get_tag(run, "mer.key") == "k"
+    tracker.end_run(run)

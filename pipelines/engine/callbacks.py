@@ -23,7 +23,6 @@ from ray.tune import Callback
 from tqdm import tqdm
 
 from components.tracking import EXPERIMENT_KEY_TAG, KIND_TAG, Tracker
-from mer_model.config import Params
 from mer_model.reporting.artifacts import write_artifacts
 from mer_model.training.metrics import METRICS, flat_metrics
 from mer_model.training.protocols import is_leaky, run_label
