@@ -1,14 +1,14 @@
 """Training of one LOSO fold under an explicit evaluation protocol, and of the final all-subject model.
 
-The protocol (`train.protocol`, mer_model.training.protocols) says which split is evaluated after each epoch and how
-the epoch is chosen; this module only trains, evaluates and keeps the weights the protocol selects:
+Protocols (TrainConfig.protocol; each an EpochProtocol of mer_model.training.protocols that this module asks):
 
-* `fixed`  - a fixed number of epochs; the test subject is predicted ONCE, with the last epoch's weights.
-* `inner`  - validation subjects held out from the TRAINING subjects (never the test subject); the epoch with the best
-             validation UF1 (optionally stopping early); the test subject predicted once with those weights.
+* `fixed`  - train a fixed number of epochs; the test subject is predicted ONCE, with the last epoch's weights.
+* `inner`  - hold out some TRAINING subjects (subject-wise, never the test subject) as validation; select the epoch with
+             the best validation UF1 (optionally stopping early); predict the test subject once with those weights.
              `val_score` is the honest number a hyperparameter search may optimise.
-* `oracle` - the test subject evaluated every epoch, its best-ACCURACY epoch kept, as the public HTNet, MMNet and
-             FaceSleuth scripts do; flagged `leaky=True` because the test labels chose the epoch.
+* `oracle` - evaluate the test subject every epoch and keep the epoch with its best ACCURACY, as the public HTNet,
+             MMNet and FaceSleuth scripts do. Reported for comparison with published numbers only: the result is
+             flagged `leaky=True` because the test labels chose the epoch.
 
 Runs are reproducible for a given seed: the model is initialised from the seed, and every epoch reseeds the global
 torch RNG, the shuffling generator and the augmentation draws from (seed, epoch), so a fold resumed from a checkpoint
