@@ -16,11 +16,10 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
+from mer_model.data.loaders import LOADERS
 from mer_model.errors import ConfigError
 from mer_model.training.protocols import list_protocols
 from mer_model.training.splits import list_splits
-
-DatasetName = Literal["synthetic", "casme2", "samm", "smic", "casme3", "megc2019"]
 
 
 def _registered(names: Callable[[], list[str]]) -> AfterValidator:
@@ -37,6 +36,7 @@ def _registered(names: Callable[[], list[str]]) -> AfterValidator:
     return AfterValidator(check)
 
 
+DatasetName = Annotated[str, _registered(lambda: list(LOADERS))]  # mer_model.data.loaders
 Protocol = Annotated[str, _registered(list_protocols)]  # mer_model.training.protocols
 SplitName = Annotated[str, _registered(list_splits)]  # mer_model.training.splits
 
