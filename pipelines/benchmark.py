@@ -18,6 +18,7 @@ rows of earlier invocations), results.md (honest protocols first, the reproducti
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import shlex
