@@ -4,7 +4,8 @@ The engine writes its complete results to `tune.results` whatever the tracker; a
 per-epoch metrics, artifacts, the dataset, the final model) for browsing and the model registry. Implementations:
 `mlflow` (components/tracking/mlflow_tracker.py: the only place MLflow is imported, with the pyfunc in pyfunc.py) and
 `none` (NullTracker below). `tracking.backend` selects one (`make_tracker`). A new tracker is one module with a
-Tracker subclass plus its name in `BACKENDS` (components/tracking/__init__.py).
+Tracker subclass, its branch in `make_tracker` (components/tracking/__init__.py) and its name in the
+`tracking.backend` choices (mer_model/config.py).
 
 Runs are identified by a unique key (experiment key + kind + identity), so a restarted driver finds the runs of the
 killed one instead of duplicating them. Trackers must pickle (Tune callbacks that hold one are pickled into the
