@@ -217,7 +217,8 @@ def test_leave_one_dataset_out_through_mer_tune_without_a_tracker(tiny_root: Pat
 
 
 
-def test_tune_callbacks_pickle_with_their_tracker_and_reconnect(tmp_path: Path) -> None:
+def test_tune_callbacks_pickle_with_their_tracker_and_reconnect(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The callbacks go into RunConfig and so into Tune's pickled experiment state, which Tuner.restore reads back:
     they must pickle after the tracker connected, and the copy must reach the same store."""
     import pickle
@@ -227,6 +228,7 @@ def test_tune_callbacks_pickle_with_their_tracker_and_reconnect(tmp_path: Path) 
     from pipelines.engine.callbacks import FoldProgress, RunInfo, TrackingCallback
     from pipelines.engine.trial import TrialContext
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # another test's mlflow.set_tracking_uri sets it
     tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "test", "unknown")
     tracker.check()
     run, _ = tracker.open_run("k", "parent", {})

@@ -217,13 +217,14 @@ def test_plain_pytorch_model_takes_names_and_preprocessing_from_its_run(tmp_path
     assert loaded.preprocess == logged.preprocess
 
 
-def test_champion_alias_follows_honest_models_only(tmp_path: Path) -> None:
+def test_champion_alias_follows_honest_models_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Registering a leaky model adds a version but leaves the `champion` alias where it was (on an honest one)."""
     import mlflow
 
     from components.tracking.mlflow_tracker import MlflowTracker
     from mer_model.config import TrackingConfig
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # another test's mlflow.set_tracking_uri sets it
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = MlflowTracker(TrackingConfig(uri=uri, experiment="alias-test"), "test", "unknown")
     tracker.check()

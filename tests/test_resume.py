@@ -67,7 +67,8 @@ def _kill_after(params: Path, log: Path, storage: Path, done: int, sig: int,
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Path, tmp_path: Path) -> None:
+def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
     from components.tracking import EXPERIMENT_KEY_TAG
@@ -75,7 +76,8 @@ def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Pat
     from mer_model.config import TrackingConfig
 
     # Folds one at a time, long enough (60 epochs) that a kill lands between two of them.
-    params = tiny_params(tmp_path, tiny_data(tmp_path), **{"train.epochs": 60, "tune.folds_per_trial": 1, "tune.final_model": False})
+    params = tiny_params(tmp_path, tiny_data(tmp_path),
+                         **{"train.epochs": 60, "tune.folds_per_trial": 1, "tune.final_model": False})
     storage = tmp_path / "runs" / "tune"
     log = tmp_path / "driver.log"
 
@@ -95,6 +97,7 @@ def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Pat
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_key = parent.data.tags[EXPERIMENT_KEY_TAG]
     # What the next start does first: the dead driver's runs become FAILED, not RUNNING forever.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # another test's mlflow.set_tracking_uri sets it
     tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "test", "unknown")
     tracker.experiment_id = stale[0].info.experiment_id
     assert tracker.fail_stale_runs(experiment_key) == len(stale)

@@ -86,9 +86,9 @@ class MlflowTracker(Tracker):
 
     @property
     def client(self) -> MlflowClient:
+        """A client of this tracker's store (explicit URIs: the process-wide ones are left to the fluent calls)."""
         if self._client is None:
-            mlflow.set_tracking_uri(self.uri)
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         return self._client
 
     def _experiment(self) -> str:
@@ -222,7 +222,9 @@ class MlflowTracker(Tracker):
 
     def log_model(self, run: str, model: Any, class_names: list[str], preprocess: Any, leaky: bool,
                   name: str = "final_model") -> str | None:
+        # MLflow's model logging is fluent: point the process-wide store and experiment at this run's.
         mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(experiment_id=self._experiment())
         with mlflow.start_run(run_id=run):
             return log_pyfunc_model(model, class_names, preprocess, name=name, leaky=leaky).model_uri
 
@@ -255,9 +257,9 @@ class MlflowTracker(Tracker):
         rows = []
         for run in runs:
             tags, logged = run.data.tags, run.data.params
+            kwargs = {k[len("model.kwargs."):]: v for k, v in logged.items() if k.startswith("model.kwargs.")}
             model = {"name": logged.get("model.name", tags.get("model", "?")),
-                     "config": logged.get("model.config", "paper"),
-                     "kwargs": {k[len("model.kwargs."):]: v for k, v in logged.items() if k.startswith("model.kwargs.")}}
+                     "config": logged.get("model.config", "paper"), "kwargs": kwargs}
             try:
                 annotated = reads_annotated_aus(model)
             except ConfigError:
