@@ -129,7 +129,8 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory, local_ray: None) -> Path
 def mlflow_client(root: Path) -> tuple[Any, str]:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)  # explicit: an earlier test may have pinned the process's registry
     return client, client.get_experiment_by_name("mer").experiment_id
 
 

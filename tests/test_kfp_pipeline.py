@@ -69,6 +69,6 @@ def test_pipeline_runs_locally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert 0.0 <= metrics["uf1"] <= 1.0 and metrics["n"] == 6  # TINY: 3 subjects x 2 clips, all tested once
     (registered_file,) = root.rglob("registered/runs/registered.json")
     registered = json.loads(registered_file.read_text())
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)  # not a registry another test pinned
     versions = client.search_model_versions("name='mer-model'")
     assert [str(v.version) for v in versions] == [str(registered["version"])]

@@ -236,6 +236,6 @@ def test_champion_alias_follows_honest_models_only(tmp_path: Path, monkeypatch: 
         versions.append(tracker.register_model(model_uri, run, "alias-model", {"leaky": str(not honest)}, honest))
         tracker.end_run(run)
     assert [(v.version, v.champion) for v in versions] == [(1, True), (2, False)]
-    client = mlflow.tracking.MlflowClient(uri)
+    client = mlflow.tracking.MlflowClient(uri, registry_uri=uri)
     assert str(client.get_model_version_by_alias("alias-model", "champion").version) == "1"
 
