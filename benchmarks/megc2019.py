@@ -50,7 +50,7 @@ def main() -> int:
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="extra params override")
     args = parser.parse_args()
 
-    from components.cli import main as mer
+    from pipelines.cli import main as mer
 
     common = ["--root", args.root, "--out", args.out, "--params", str(REPO / "params.yaml"), "--au-sheets",
               *args.au_sheets]

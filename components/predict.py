@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def predict_clips(loaded: Any, clips: Sequence[str], onset: int | None = None, apex: int | None = None,
                   offset: int | None = None, aus: str = "") -> list[dict[str, Any]]:
     """One result dict per clip: `status` ok (key frames, probabilities, predicted class) or failed (`error`)."""
-    from mer_model.inference import default_key_frames, input_batch, open_clip, predict_proba, preprocess_clip
+    from mer_model.inference import default_key_frames, input_batch, open_clip, predict_proba, preprocess_clip  # torch
 
     if "aus" in loaded.model.inputs and not aus:
         raise ConfigError("--aus: this model reads the clip's annotated AUs (au_mode=annotated); give them, e.g. "
@@ -74,7 +74,7 @@ def format_text(results: Sequence[dict[str, Any]]) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from components.pyfunc import load_for_inference
+    from components.tracking.pyfunc import load_for_inference  # mlflow + torch
 
     params = params_from_args(args)
     loaded = load_for_inference(args.model, params)

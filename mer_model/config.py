@@ -7,16 +7,38 @@ so a training parameter never invalidates the preprocessing cache. Validation er
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
+from mer_model.data.loaders import LOADERS
 from mer_model.errors import ConfigError
+from mer_model.training.protocols import list_protocols
+from mer_model.training.splits import list_splits
 
-DatasetName = Literal["synthetic", "casme2", "samm", "smic", "casme3", "megc2019"]
-Protocol = Literal["fixed", "inner", "oracle"]
+
+def _registered(names: Callable[[], list[str]]) -> AfterValidator:
+    """A name checked against a registry at validation time, worded like pydantic's literal error."""
+
+    def check(value: str) -> str:
+        known = names()
+        if value not in known:
+            expected = (f"{', '.join(repr(n) for n in known[:-1])} or {known[-1]!r}" if len(known) > 1
+                        else repr(known[0]))
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+        return value
+
+    return AfterValidator(check)
+
+
+DatasetName = Annotated[str, _registered(lambda: list(LOADERS))]  # mer_model.data.loaders
+Protocol = Annotated[str, _registered(list_protocols)]  # mer_model.training.protocols
+SplitName = Annotated[str, _registered(list_splits)]  # mer_model.training.splits
 
 
 class _Section(BaseModel):
@@ -34,6 +56,9 @@ class SynthConfig(_Section):
     min_frames: int = Field(12, ge=10)
     max_frames: int = Field(24, le=30)
     image_size: int = Field(256, ge=128)
+    # Source datasets the subjects are spread over (round robin): 1 = dataset `synthetic`; n > 1 = `synthetic1` ..
+    # `syntheticN`, a composite-like set for the leave-one-dataset-out split.
+    datasets: int = Field(1, ge=1)
     seed: int = 0
 
 
@@ -95,6 +120,7 @@ class TrainConfig(_Section):
     """The fold trainer and the evaluation protocol."""
 
     protocol: Protocol = "fixed"
+    split: SplitName = "loso"  # how the cache becomes folds: loso (one per subject) | lodo (one per dataset)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -150,8 +176,10 @@ class TuneConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    """MLflow: an embedded SQLite store by default; MLFLOW_TRACKING_URI overrides `uri`."""
+    """MLflow: an embedded SQLite store by default; MLFLOW_TRACKING_URI overrides `uri`. `backend: none` tracks
+    nothing (no server, no model logging): the results in tune.results are still complete."""
 
+    backend: Literal["mlflow", "none"] = "mlflow"
     uri: str = "sqlite:///mlflow.db"
     artifact_location: str | None = None
     experiment: str = "mer"
@@ -231,9 +259,17 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    for key, value in (overrides or {}).items():
-        set_dotted(raw, key, value)
-    return parse_params(raw, str(path))
+    return with_overrides(raw, overrides or {}, str(path))
+
+
+def with_overrides(base: Params | Mapping[str, Any], overrides: Mapping[str, Any], source: str) -> Params:
+    """`base` (Params or a params mapping) with dotted `overrides` applied ({"train.lr": 1e-3}), re-validated: the
+    one way every stage derives a configuration from another. A bad key or value is a ConfigError naming `source`."""
+    tree = (base.model_dump(mode="json", by_alias=True) if isinstance(base, Params)
+            else copy.deepcopy(dict(base)))
+    for key, value in overrides.items():
+        set_dotted(tree, key, value)
+    return parse_params(tree, source)
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

@@ -27,8 +27,8 @@ import cv2
 import numpy as np
 import torch
 
+from mer_model.batch_keys import BATCH_KEYS, example_array
 from mer_model.config import PreprocessConfig
-from mer_model.data.aus import AU_LIST
 from mer_model.errors import DataError, SampleError
 from mer_model.preprocess import face as facelib
 from mer_model.preprocess import preprocess_sample
@@ -202,16 +202,9 @@ def predict_proba(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> 
 
 
 def example_arrays(inputs: Sequence[str], cfg: PreprocessConfig) -> dict[str, np.ndarray]:
-    """Zero arrays with the cache shapes and dtypes of `inputs` (docs/architecture.md) under `cfg`: the model
+    """Zero arrays with the cache shapes and dtypes of `inputs` under `cfg` (mer_model.batch_keys): the model
     signature's example, so that the served model documents what a request must contain."""
-    n, m, s, f = cfg.seq_frames, cfg.flow.map_size, cfg.seq_size, cfg.face_size
-    shapes: dict[str, tuple[tuple[int, ...], Any]] = {
-        "flow28": ((3, m, m), np.float32), "points5": ((5, 2), np.float32),
-        "onset224": ((f, f, 3), np.uint8), "apex224": ((f, f, 3), np.uint8),
-        "frames128": ((n, s, s), np.uint8), "flows128": ((n - 1, 2, s, s), np.float16),
-        "landmarks68": ((n, 68, 2), np.float32), "aus": ((len(AU_LIST),), np.uint8),
-    }
-    unknown = [k for k in inputs if k not in shapes]
+    unknown = [k for k in inputs if k not in BATCH_KEYS]
     if unknown:
         raise DataError(f"no cache array named {', '.join(unknown)}")
-    return {k: np.zeros(shapes[k][0], dtype=shapes[k][1]) for k in inputs}
+    return {k: example_array(k, cfg) for k in inputs}

@@ -1,5 +1,5 @@
-"""What a Kubeflow step does inside its pod: run `mer <component>` in a fresh working directory whose inputs are the
-upstream steps' artifacts, then move the component's outputs into the step's output artifact.
+"""What a Kubeflow step does inside its pod: run the step's function (the one `mer <step>` runs) in a fresh working
+directory whose inputs are the upstream steps' artifacts, then move the step's outputs into its output artifact.
 
 Kept apart from pipelines/kfp_pipeline.py (the pipeline DEFINITION) because KFP's executor loads kfp in a runtime-only
 mode in which the compiler cannot be imported; this module imports nothing from kfp.
@@ -12,13 +12,19 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mer_model.config import Params, parse_params, set_dotted
-from mer_model.errors import ConfigError, MerError
+from components.evaluate import evaluate
+from components.ingest import ingest
+from components.preprocess import preprocess
+from components.register import register_final_model
+from components.synth import synthesize
+from mer_model.config import Params, load_params, with_overrides
+from mer_model.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +38,9 @@ def resolve_params(params_file: str, overrides: dict[str, Any], ray_address: str
     path = path if path.is_absolute() else PROJECT_ROOT / path
     if not path.is_file():
         raise ConfigError(f"{path}: parameters file not found")
-    raw = yaml.safe_load(path.read_text()) or {}
-    for key, value in overrides.items():
-        set_dotted(raw, key, value)
-    if ray_address:
-        set_dotted(raw, "preprocess.ray_address", ray_address)
-        set_dotted(raw, "tune.ray_address", ray_address)
-    return raw, parse_params(raw, f"{path} + overrides")
+    cluster = {"preprocess.ray_address": ray_address, "tune.ray_address": ray_address} if ray_address else {}
+    params = with_overrides(yaml.safe_load(path.read_text()) or {}, {**overrides, **cluster}, f"{path} + overrides")
+    return params.model_dump(mode="json", by_alias=True), params
 
 
 def step_outputs(step: str, params: Params) -> list[str]:
@@ -81,15 +83,24 @@ def _collect_outputs(paths: list[str], workdir: Path, output: str) -> None:
     (out / PATHS_FILE).write_text(json.dumps(present))
 
 
+def _tune(params: Params) -> Any:
+    from pipelines.engine.driver import run_experiment  # Ray Tune: only in the tune step's pod
+
+    return run_experiment(params, source="kubeflow tune step")
+
+
+STEPS: dict[str, Callable[[Params], Any]] = {
+    "ingest": ingest, "preprocess": preprocess, "tune": _tune, "evaluate": evaluate, "register": register_final_model,
+}
+
+
 def run_step(step: str, run_id: str, params_file: str, overrides: dict[str, Any], tracking_uri: str,
              ray_address: str, inputs: list[str], output: str) -> None:
-    """Run `mer <step>` (and `mer synth` before a synthetic ingest) in a fresh working directory.
+    """Run the step's function (and `synthesize` before a synthetic ingest) in a fresh working directory.
 
     The directory's path is the same in every step of a run (`<tmp>/mer-kfp-<run id>`), so absolute paths a
     component records (e.g. the frame directories in annotations.csv) still resolve downstream, through the links.
     """
-    from components.cli import main as mer
-
     raw, params = resolve_params(params_file, overrides, ray_address)
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -101,12 +112,12 @@ def run_step(step: str, run_id: str, params_file: str, overrides: dict[str, Any]
         (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         _link_inputs(inputs, workdir)
         os.chdir(workdir)
-        commands = (["synth"] if step == "ingest" and params.data.source == "synthetic" else []) + [step]
-        for command in commands:
-            log.info("kfp step %s: mer %s", step, command)
-            code = mer([command, "--params", "params.yaml"])
-            if code:
-                raise MerError(f"mer {command} exited with {code}")
+        local = load_params("params.yaml")  # relative paths resolve in the working directory, as for `mer <step>`
+        if step == "ingest" and local.data.source == "synthetic":
+            log.info("kfp step %s: synthesize", step)
+            synthesize(local.synth)
+        log.info("kfp step %s", step)
+        STEPS[step](local)
         _collect_outputs(step_outputs(step, params), workdir, output)
     finally:
         os.chdir(cwd)

@@ -44,34 +44,55 @@ def casme2_clip_dir() -> Path:
     return _shared("casme2-clip")
 
 
-def tiny_params(root: Path, **overrides: Any) -> Path:
-    """params.yaml for a tiny, fast run with every path absolute under `root`; `overrides` are dotted keys."""
-    from mer_model.config import set_dotted
+# Settings that make the project's whole chain (synth -> ingest -> preprocess -> tune) take seconds on two cores:
+# 4 subjects x 3 clips of 128 px spread over two source datasets (a tiny composite, so per-dataset results and the
+# leave-one-dataset-out split are exercised too), the synthetic landmarks instead of dlib, a coarse TV-L1 on 64 px
+# crops, small caches, two epochs of the tiny STSTNet on the CPU.
+TINY: dict[str, Any] = {
+    "synth.subjects": 4, "synth.clips_per_subject": 3, "synth.min_frames": 10, "synth.max_frames": 12,
+    "synth.image_size": 128, "synth.datasets": 2,
+    "preprocess.detector": "annotation", "preprocess.face_size": 64, "preprocess.seq_frames": 2,
+    "preprocess.seq_size": 32, "preprocess.flow.size": 64, "preprocess.flow.nscales": 1, "preprocess.flow.warps": 1,
+    "preprocess.flow.inner_iterations": 5, "preprocess.flow.outer_iterations": 2, "preprocess.num_workers": 2,
+    "model.name": "ststnet", "model.config": "small",
+    "train.epochs": 2, "train.batch_size": 8, "train.device": "cpu", "train.protocol": "fixed",
+    "tune.num_samples": 0, "tune.search_folds": 2, "tune.fold_cpus": 1, "tune.max_concurrent_trials": 2,
+}
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    data = root.parent / "tiny-data"  # shared by every run of the session
-    values: dict[str, Any] = {
-        "synth.out": str(data / "synthetic"), "synth.subjects": 4, "synth.clips_per_subject": 3,
-        "synth.min_frames": 10, "synth.max_frames": 12, "synth.image_size": 128,
-        "data.root": str(data / "synthetic"), "data.ingested": str(data / "ingested" / "annotations.csv"),
-        "preprocess.out": str(data / "preprocessed"), "preprocess.detector": "annotation",
-        "preprocess.face_size": 64, "preprocess.seq_frames": 2, "preprocess.seq_size": 32,
-        "preprocess.flow.nscales": 1, "preprocess.flow.warps": 1, "preprocess.flow.inner_iterations": 5,
-        "preprocess.flow.outer_iterations": 2, "preprocess.num_workers": 2,
-        "model.name": "ststnet", "model.config": "small",
-        "train.epochs": 2, "train.batch_size": 8, "train.device": "cpu", "train.protocol": "fixed",
-        "tune.num_samples": 0, "tune.search_folds": 2, "tune.fold_cpus": 1, "tune.max_concurrent_trials": 2,
-        "tune.storage_path": str(root / "runs" / "tune"), "tune.results": str(root / "runs" / "results"),
-        "tracking.uri": f"sqlite:///{root / 'mlflow.db'}", "tracking.registered_info": str(root / "registered.json"),
-        "evaluate.metrics": str(root / "metrics.json"), "evaluate.plots": str(root / "plots"),
-        "evaluate.report": str(root / "reports"),
-    }
-    values.update(overrides)
-    for key, value in values.items():
-        set_dotted(raw, key, value)
+# The smallest chain that still has LOSO folds (3 subjects x 2 clips, one epoch, one worker), for the runs of the
+# whole chain in one directory (the Kubeflow local run, the MLflow server test).
+THREE_BY_TWO: dict[str, Any] = {"synth.subjects": 3, "synth.clips_per_subject": 2, "train.epochs": 1,
+                                "preprocess.num_workers": 1, "tune.max_concurrent_trials": 1}
+
+
+def tiny_params(root: Path, data: Path | None = None, **overrides: Any) -> Path:
+    """`root/params.yaml`: the repository's params.yaml with TINY and `overrides` (dotted keys) applied, validated.
+
+    With `data`, every path is absolute: the dataset stages under `data` (a set shared by the session's runs) and
+    the run's outputs under `root`. Without, the paths stay the project's relative ones, for a chain of stages run
+    in `root` (as a user runs `dvc repro`)."""
+    from mer_model.config import with_overrides
+
+    paths: dict[str, Any] = {}
+    if data is not None:
+        paths = {
+            "synth.out": str(data / "synthetic"), "data.root": str(data / "synthetic"),
+            "data.ingested": str(data / "ingested" / "annotations.csv"), "preprocess.out": str(data / "preprocessed"),
+            "tune.storage_path": str(root / "runs" / "tune"), "tune.results": str(root / "runs" / "results"),
+            "tracking.uri": f"sqlite:///{root / 'mlflow.db'}", "tracking.registered_info": str(root / "registered.json"),
+            "evaluate.metrics": str(root / "metrics.json"), "evaluate.plots": str(root / "plots"),
+            "evaluate.report": str(root / "reports"),
+        }
+    params = with_overrides(yaml.safe_load((REPO / "params.yaml").read_text()), {**TINY, **paths, **overrides},
+                            "tiny params")
     path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False))
     return path
+
+
+def tiny_data(root: Path) -> Path:
+    """The session's shared tiny set beside `root` (built by the `tiny_root` fixture)."""
+    return root.parent / "tiny-data"
 
 
 @pytest.fixture(scope="session")
@@ -90,14 +111,15 @@ def local_ray() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory, local_ray: None) -> Path:
-    """A directory whose sibling `tiny-data/` holds the synthesized, ingested and preprocessed tiny set."""
+    """A directory whose sibling `tiny-data/` (`tiny_data`) holds the synthesized, ingested and preprocessed tiny
+    set."""
     from components.ingest import ingest
     from components.preprocess import preprocess
     from components.synth import synthesize
     from mer_model.config import load_params
 
     root = tmp_path_factory.mktemp("tiny-build")
-    params = load_params(tiny_params(root))
+    params = load_params(tiny_params(root, tiny_data(root)))
     synthesize(params.synth)
     ingest(params)
     preprocess(params)
@@ -107,7 +129,8 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory, local_ray: None) -> Path
 def mlflow_client(root: Path) -> tuple[Any, str]:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)  # explicit: an earlier test may have pinned the process's registry
     return client, client.get_experiment_by_name("mer").experiment_id
 
 

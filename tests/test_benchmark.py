@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components.benchmark import adapt_entry, order_protocols, parse_au_sheets
-from components.cli import main
+from pipelines.benchmark import adapt_entry, order_protocols, parse_au_sheets
+from pipelines.cli import main
 from mer_model.config import BenchmarkModel
 from mer_model.errors import ConfigError, DataError
 

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def mer(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "components.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 

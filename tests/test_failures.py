@@ -16,7 +16,7 @@ from components.common import check_output_dir
 from mer_model.config import parse_params
 from mer_model.data.schema import make_table
 from mer_model.errors import ConfigError
-from conftest import tiny_params
+from conftest import tiny_data, tiny_params
 from tests.test_preprocess import write_clip
 from tests.test_preprocess_stage import CHEAP
 
@@ -80,11 +80,11 @@ def test_no_credentials_in_tracking_artifacts_or_logs(tiny_root: Path, tmp_path:
     """A real tracked `mer tune` (the session's tiny preprocessed set) with AWS credentials in its environment:
     neither the key id nor the secret may appear in run params, tags, artifacts, the tracking store, the Tune storage
     or the logs. (SIGTERM -> KILLED runs is covered by the orchestration's resume test.)"""
-    params = tiny_params(tmp_path, **{"train.epochs": 1})
+    params = tiny_params(tmp_path, tiny_data(tmp_path), **{"train.epochs": 1})
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": KEY_ID, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
-    result = subprocess.run([sys.executable, "-m", "components.cli", "-v", "tune", "--params", str(params)],
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "-v", "tune", "--params", str(params)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert SECRET not in result.stdout + result.stderr and KEY_ID not in result.stdout + result.stderr

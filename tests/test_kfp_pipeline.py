@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.servers import NO_TELEMETRY, tiny_params_file
+from conftest import THREE_BY_TWO, tiny_params
+from tests.servers import NO_TELEMETRY
 
 REPO = Path(__file__).resolve().parents[1]
 COMPILED = REPO / "infra" / "kubeflow" / "mer_pipeline.yaml"
@@ -55,7 +56,7 @@ def test_pipeline_runs_locally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
     for key, value in {"OMP_NUM_THREADS": "1", **NO_TELEMETRY}.items():
         monkeypatch.setenv(key, value)
-    params = tiny_params_file(tmp_path, **{"tracking.experiment": "mer-kfp-test"})
+    params = tiny_params(tmp_path, **{**THREE_BY_TWO, "tracking.experiment": "mer-kfp-test"})
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     root = tmp_path / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
@@ -68,6 +69,6 @@ def test_pipeline_runs_locally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert 0.0 <= metrics["uf1"] <= 1.0 and metrics["n"] == 6  # TINY: 3 subjects x 2 clips, all tested once
     (registered_file,) = root.rglob("registered/runs/registered.json")
     registered = json.loads(registered_file.read_text())
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)  # not a registry another test pinned
     versions = client.search_model_versions("name='mer-model'")
     assert [str(v.version) for v in versions] == [str(registered["version"])]

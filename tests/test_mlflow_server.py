@@ -29,8 +29,9 @@ from tests.servers import (
     postgres_server,
     s3_env,
     s3_server,
-    tiny_params_file,
 )
+
+from conftest import THREE_BY_TWO, tiny_params
 
 pytestmark = pytest.mark.slow
 BUCKET = "mer-mlflow"
@@ -39,7 +40,7 @@ EXPERIMENT = "mer-server-test"
 # and the Ray start are paid once.
 CHAIN = """
 import sys
-from components.cli import main
+from pipelines.cli import main
 from components.ray_session import connect_ray
 connect_ray(num_cpus=2)
 for step in sys.argv[1:]:
@@ -58,7 +59,7 @@ def test_project_run_logs_to_mlflow_server_with_postgres_and_s3(tmp_path: Path,
 
     with postgres_server() as pg, s3_server(buckets=(BUCKET,)) as endpoint:
         with mlflow_server(pg.uri("mlflow"), f"s3://{BUCKET}/artifacts", s3_env(endpoint)) as uri:
-            tiny_params_file(tmp_path, **{"tracking.experiment": EXPERIMENT})
+            tiny_params(tmp_path, **{**THREE_BY_TWO, "tracking.experiment": EXPERIMENT})
             client_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_S3"))}
             client_env |= {"MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
             log = tmp_path / "chain.log"

@@ -138,7 +138,7 @@ def test_small_forward_backward_shapes(name: str, kw: dict[str, Any]) -> None:
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("name", ["htnet", "ststnet", "mmnet", "cva_fpf", "mol"])
+@pytest.mark.parametrize("name", list_models())
 def test_gradient_steps_reduce_loss(name: str) -> None:
     torch.manual_seed(0)
     kw = {"dropout": 0.0}

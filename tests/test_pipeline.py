@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mlflow_client, runs_by_kind, tiny_params
+from conftest import mlflow_client, runs_by_kind, tiny_data, tiny_params
 
 @pytest.mark.slow
 def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_path: Path,
@@ -20,15 +20,15 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     from components.evaluate import evaluate
     from components.register import register_final_model
     from mer_model.config import load_params
-    from pipelines.loso import run_experiment
+    from pipelines.engine.driver import run_experiment
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = load_params(tiny_params(tmp_path, **{
+    params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
         "tune.num_samples": 2, "tune.search_space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
         "tune.final_model": True}))
     summary = run_experiment(params)
-    assert summary["protocol"] == "fixed" and summary["leaky"] is False and summary["folds"] == 4
-    assert set(summary["chosen"]) == {"train.lr"}
+    assert summary.protocol == "fixed" and summary.leaky is False and summary.folds == 4
+    assert set(summary.chosen) == {"train.lr"}
 
     runs = runs_by_kind(tmp_path)
     (parent,) = runs["parent"]
@@ -43,7 +43,7 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     assert parent.data.params["data_version"].startswith(("dvc:", "files:"))
     assert parent.data.params["git_commit"]
     assert parent.data.tags["protocol"] == "fixed" and parent.data.tags["leaky"] == "false"
-    assert parent.data.metrics["uf1"] == pytest.approx(summary["metrics"]["uf1"])
+    assert parent.data.metrics["uf1"] == pytest.approx(summary.metrics["uf1"])
     client, _ = mlflow_client(tmp_path)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "confusion_matrix.png", "per_subject.csv", "predictions.csv"} <= artifacts
@@ -63,7 +63,7 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     (chosen,) = [r for r in trials.values() if r.data.tags["phase"] == "evaluate"]
     chosen_folds = [r for r in runs["fold"] if r.data.tags["mlflow.parentRunId"] == chosen.info.run_id]
     assert len(chosen_folds) == 4
-    assert float(chosen.data.params["train.lr"]) == pytest.approx(summary["chosen"]["train.lr"])
+    assert float(chosen.data.params["train.lr"]) == pytest.approx(summary.chosen["train.lr"])
 
     info = register_final_model(params)
     assert info["version"] == 1 and info["run_id"] == parent.info.run_id
@@ -73,23 +73,32 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     # The registered final model is the servable pyfunc, and `mer predict` loads it as such.
     from mlflow.models import get_model_info
 
-    from components.pyfunc import load_for_inference
+    from components.tracking.pyfunc import load_for_inference
 
     registered = f"models:/{params.tracking.registered_model}/1"
     flavors = get_model_info(registered).flavors
     assert flavors["python_function"]["loader_module"] == "mlflow.pyfunc.model" and "pytorch" not in flavors
     loaded = load_for_inference(registered, params)
-    assert loaded.source == "mlflow pyfunc" and loaded.class_names == summary["class_names"] and not loaded.leaky
+    assert loaded.source == "mlflow pyfunc" and loaded.class_names == summary.class_names and not loaded.leaky
+    # What the MLflow UI shows: a model-training experiment (not the GenAI traces overview), the run's dataset with
+    # its DVC data version, its source, a model with an input example, and the champion alias on the honest model.
+    assert client.get_experiment_by_name("mer").tags["mlflow.experimentKind"] == "custom_model_development"
+    (data_input,) = client.get_run(parent.info.run_id).inputs.dataset_inputs
+    assert data_input.dataset.name == params.data.source
+    assert data_input.dataset.digest in parent.data.params["data_version"]
+    assert parent.data.tags["mlflow.source.name"] and parent.data.tags["mlflow.source.git.commit"]
+    assert get_model_info(registered).saved_input_example_info is not None
+    assert str(client.get_model_version_by_alias(params.tracking.registered_model, "champion").version) == "1"
 
     metrics = evaluate(params)
     written = json.loads(Path(params.evaluate.metrics).read_text())
-    assert written["uf1"] == pytest.approx(summary["metrics"]["uf1"]) == pytest.approx(metrics["uf1"])
+    assert written["uf1"] == pytest.approx(summary.metrics["uf1"]) == pytest.approx(metrics["uf1"])
     for name in ("confusion.csv", "per_class_recall.csv", "per_subject.csv", "confusion_matrix.png"):
         assert (Path(params.evaluate.plots) / name).is_file()
     # The evaluate stage also writes the experiment report (the function `mer report` runs), with its learning curves.
-    report = Path(params.evaluate.report) / summary["experiment"]
+    report = Path(params.evaluate.report) / summary.experiment
     text = (report / "report.html").read_text()
-    assert f"{summary['metrics']['uf1']:.4f}" in text and "LEAKY" not in text
+    assert f"{summary.metrics['uf1']:.4f}" in text and "LEAKY" not in text
     assert (report / "learning_curves.png").is_file()
 
 
@@ -97,16 +106,17 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
 def test_oracle_runs_are_tagged_leaky(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       caplog: pytest.LogCaptureFixture) -> None:
     from mer_model.config import load_params
-    from pipelines.loso import run_experiment
+    from pipelines.engine.driver import run_experiment
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = load_params(tiny_params(tmp_path, **{"train.protocol": "oracle", "tune.final_model": False}))
-    caplog.set_level(logging.INFO, logger="components.tune")
+    params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{"train.protocol": "oracle",
+                                                                        "tune.final_model": False}))
+    caplog.set_level(logging.INFO, logger="pipelines.engine.callbacks")
     summary = run_experiment(params)
     # Progress without a terminal: one line per finished fold, done/total with an ETA.
     progress = [r.getMessage() for r in caplog.records if "folds done" in r.getMessage()]
     assert len(progress) == 4 and progress[-1].startswith("evaluate: 4/4 folds done") and "ETA 00:00" in progress[-1]
-    assert summary["leaky"] is True and summary["model_uri"] is None
+    assert summary.leaky is True and summary.model_uri is None
 
     runs = runs_by_kind(tmp_path)
     every = [r for kind in runs.values() for r in kind]
@@ -120,14 +130,14 @@ def test_annotated_au_model_is_tagged_leaky(tiny_root: Path, tmp_path: Path, mon
     """A model fed the annotated AUs is leaky under an honest protocol too: tags, run names, results, metrics.json."""
     from components.evaluate import evaluate
     from mer_model.config import load_params
-    from pipelines.loso import run_experiment
+    from pipelines.engine.driver import run_experiment
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = load_params(tiny_params(tmp_path, **{
+    params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
         "model.name": "cva_fpf", "model.config": "flow_small", "model.kwargs": {"au_mode": "annotated"},
         "train.epochs": 1, "tune.final_model": False}))
     summary = run_experiment(params)
-    assert summary["protocol"] == "fixed" and summary["leaky"] is True
+    assert summary.protocol == "fixed" and summary.leaky is True
 
     runs = runs_by_kind(tmp_path)
     every = [r for kind in runs.values() for r in kind]
@@ -142,9 +152,9 @@ def test_annotated_au_model_is_tagged_leaky(tiny_root: Path, tmp_path: Path, mon
 
 
 def test_fold_progress_counts_folds_and_estimates_the_rest(caplog: pytest.LogCaptureFixture) -> None:
-    from components.tune import FoldProgress
+    from pipelines.engine.callbacks import FoldProgress
 
-    caplog.set_level(logging.INFO, logger="components.tune")
+    caplog.set_level(logging.INFO, logger="pipelines.engine.callbacks")
     progress = FoldProgress("search", 6, interactive=False)
     progress.on_trial_result(0, [], None, {"objective": 0.5})  # not a fold result: not counted
     for n in range(1, 3):
@@ -174,3 +184,61 @@ def test_params_never_carry_credentials() -> None:
                     "s3": {"secret_access_key": "abc", "endpoint": "http://minio:9000"}})
     assert flat == {"tracking.uri": "postgresql://***@db:5432/mlflow", "s3.endpoint": "http://minio:9000"}
     assert "hunter2" not in json.dumps(flat)
+
+
+@pytest.mark.slow
+def test_leave_one_dataset_out_through_mer_tune_without_a_tracker(tiny_root: Path, tmp_path: Path) -> None:
+    """`mer tune` with train.split=lodo on the tiny two-dataset set, tracking.backend none: one fold per source
+    dataset, inner validation subjects drawn from the training dataset only, results per held-out dataset, and
+    evaluate + report working from tune.results alone (no tracking store exists)."""
+    from components.evaluate import evaluate
+    from mer_model.config import load_params
+    from mer_model.training.results import read_results
+    from pipelines.cli import main
+
+    path = tiny_params(tmp_path, tiny_data(tmp_path), **{"train.split": "lodo", "train.protocol": "inner",
+                                                         "tracking.backend": "none"})
+    assert main(["tune", "--params", str(path)]) == 0
+    params = load_params(path)
+    results = read_results(params.tune.results)
+    summary = results.summary
+    assert summary.split == "lodo" and summary.leaky is False and summary.folds == 2
+    assert summary.parent_run_id is None and summary.model_uri is None  # nothing tracked, no model stored
+    assert sorted(f.fold for f in results.folds) == ["synthetic1", "synthetic2"]
+    for fold in results.folds:
+        assert {s.split("/")[0] for s in fold.test_subjects} == {fold.fold}
+        assert fold.val_subjects and {s.split("/")[0] for s in fold.train_subjects + fold.val_subjects} == (
+            {"synthetic1", "synthetic2"} - {fold.fold})
+    assert {"synthetic1/uf1", "synthetic2/uf1"} <= set(summary.metrics)  # reported per held-out dataset
+    assert not (tmp_path / "mlflow.db").exists()
+    metrics = evaluate(params)
+    assert metrics["split"] == "lodo" and metrics["synthetic1/n"] + metrics["synthetic2/n"] == metrics["n"] == 12
+    assert (Path(params.evaluate.report) / summary.experiment / "learning_curves.png").is_file()
+
+
+
+def test_tune_callbacks_pickle_with_their_tracker_and_reconnect(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The callbacks go into RunConfig and so into Tune's pickled experiment state, which Tuner.restore reads back:
+    they must pickle after the tracker connected, and the copy must reach the same store."""
+    import pickle
+
+    from components.tracking.mlflow_tracker import MlflowTracker
+    from mer_model.config import TrackingConfig
+    from pipelines.engine.callbacks import FoldProgress, RunInfo, TrackingCallback
+    from pipelines.engine.trial import TrialContext
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # another test's mlflow.set_tracking_uri sets it
+    tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "test", "unknown")
+    tracker.check()
+    run, _ = tracker.open_run("k", "parent", {})
+    ctx = TrialContext(phase="evaluate", params={}, protocol="fixed", folds=[], cache_dir="", storage="",
+                       data_version="", fold_cpus=1, fold_gpus=0, max_retries=0)
+    progress = FoldProgress("evaluate", 3, interactive=False)
+    progress.on_trial_result(0, [], None, {"fold_key": "a", "fold": "s1"})
+    callback, restored_progress = pickle.loads(pickle.dumps([TrackingCallback(tracker, RunInfo("k", run), ctx),
+                                                             progress]))
+    assert restored_progress.done == 0 and restored_progress.bar is None  # counts again from the restored state
+    assert callback.tracker.experiment_id == tracker.experiment_id
+    assert callback.tracker.get_tag(run, "mer.key") == "k"
+    tracker.end_run(run)

@@ -90,7 +90,7 @@ def _checkpoint(path: Path, name: str = "htnet") -> Path:
 
 def _mer(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "components.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -126,7 +126,7 @@ def test_predict_cli_on_real_frames_and_video(tmp_path: Path, casme2_clip_dir: P
 
 def test_given_key_frames_are_used_and_checked(casme2_clip_dir: Path, tmp_path: Path) -> None:
     from components.predict import predict_clips
-    from components.pyfunc import load_for_inference
+    from components.tracking.pyfunc import load_for_inference
 
     loaded = load_for_inference(str(_checkpoint(tmp_path / "model.pt")), Params())
     [ok] = predict_clips(loaded, [str(casme2_clip_dir)], onset=2, apex=6)
@@ -142,7 +142,7 @@ def test_pyfunc_registry_uris_and_mlflow_serve(tmp_path: Path) -> None:
     serve` answers an {"inputs": ...} request with the same probabilities as the model itself."""
     import mlflow
 
-    from components.pyfunc import load_for_inference, log_pyfunc_model
+    from components.tracking.pyfunc import load_for_inference, log_pyfunc_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -186,7 +186,7 @@ def test_pyfunc_registry_uris_and_mlflow_serve(tmp_path: Path) -> None:
 
 
 def test_unknown_model_uri_is_one_clear_error(tmp_path: Path) -> None:
-    from components.pyfunc import load_for_inference
+    from components.tracking.pyfunc import load_for_inference
     from mer_model.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no such checkpoint file"):
@@ -197,10 +197,9 @@ def test_plain_pytorch_model_takes_names_and_preprocessing_from_its_run(tmp_path
     """A plain `mlflow.pytorch` model (what the LOSO driver logged before it logged the pyfunc): class names and
     preprocessing come from the run's params."""
     import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from components import tracking
-    from components.pyfunc import load_for_inference
+    from components.tracking import run_params
+    from components.tracking.mlflow_tracker import MlflowTracker
+    from components.tracking.pyfunc import load_for_inference
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -209,10 +208,34 @@ def test_plain_pytorch_model_takes_names_and_preprocessing_from_its_run(tmp_path
                                     "tracking": {"uri": uri}})
     model = create_model("htnet", "small", num_classes=5).eval()
     with mlflow.start_run() as run:
-        tracking.log_params(MlflowClient(uri), run.info.run_id, tracking.run_params(logged))
+        MlflowTracker(logged.tracking, "test", "unknown").log_params(run.info.run_id, run_params(logged))
         mlflow.set_tag("leaky", "true")
         mlflow.pytorch.log_model(model, name="final_model", serialization_format="pickle")
     loaded = load_for_inference(f"runs:/{run.info.run_id}/final_model", Params())
     assert loaded.source == "mlflow pytorch" and loaded.leaky
     assert loaded.class_names == ["happiness", "surprise", "disgust", "repression", "others"]
     assert loaded.preprocess == logged.preprocess
+
+
+def test_champion_alias_follows_honest_models_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registering a leaky model adds a version but leaves the `champion` alias where it was (on an honest one)."""
+    import mlflow
+
+    from components.tracking.mlflow_tracker import MlflowTracker
+    from mer_model.config import TrackingConfig
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # another test's mlflow.set_tracking_uri sets it
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(TrackingConfig(uri=uri, experiment="alias-test"), "test", "unknown")
+    tracker.check()
+    model = create_model("ststnet", "small", num_classes=3).eval()
+    versions = []
+    for honest in (True, False):
+        run, _ = tracker.open_run(f"run-{honest}", "run", {})
+        model_uri = tracker.log_model(run, model, CLASSES, PreprocessConfig(), leaky=not honest)
+        versions.append(tracker.register_model(model_uri, run, "alias-model", {"leaky": str(not honest)}, honest))
+        tracker.end_run(run)
+    assert [(v.version, v.champion) for v in versions] == [(1, True), (2, False)]
+    client = mlflow.tracking.MlflowClient(uri, registry_uri=uri)
+    assert str(client.get_model_version_by_alias("alias-model", "champion").version) == "1"
+

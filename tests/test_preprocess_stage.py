@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from components.cli import main
 from components.preprocess import preprocess
 from mer_model.config import Params, parse_params
 from mer_model.data.schema import make_table
 from mer_model.errors import DataError
 from mer_model.preprocess.cache import params_hash
+from pipelines.cli import main
 from tests.test_preprocess import write_clip
 
 ray = pytest.importorskip("ray")

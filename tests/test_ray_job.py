@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, runs_by_kind, tiny_params
+from conftest import REPO, runs_by_kind, tiny_data, tiny_params
 
 START_S = 120
 JOB_S = 400
@@ -81,7 +81,7 @@ def test_ray_job_submit_runs_the_driver(tiny_root: Path, tmp_path: Path) -> None
         cwd=tmp_path, env=env, stdout=head_log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for_head(url, head, head_log)
-        params = tiny_params(tmp_path, **{"tune.final_model": False})
+        params = tiny_params(tmp_path, tiny_data(tmp_path), **{"tune.final_model": False})
         runtime_env = json.dumps({"excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1"}})
         submit = _submit(
             [str(venv_bin / "ray"), "job", "submit", "--address", url, "--working-dir", ".",

@@ -91,17 +91,18 @@ def test_comparison_table_latest_run_and_leaky_rows(tmp_path: Path) -> None:
 
 
 def _mer(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "components.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env={**os.environ, **env})
 
 
 @pytest.mark.slow
 def test_mer_report_cli_single_and_compare(tmp_path: Path) -> None:
-    """Tune results + MLflow runs as the driver leaves them -> `mer report` (logs the report to the parent run) and
-    `mer report --compare`."""
+    """Tune results (summary, pooled predictions, fold histories) + MLflow parent runs as the driver leaves them ->
+    `mer report` (reads only tune.results; attaches the report to the parent run) and `mer report --compare`."""
     from mlflow.tracking import MlflowClient
 
     from components.tracking import EXPERIMENT_KEY_TAG, KIND_TAG
+    from mer_model.training.results import ExperimentSummary, FoldSummary, Results, write_results
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -116,20 +117,15 @@ def test_mer_report_cli_single_and_compare(tmp_path: Path) -> None:
                                                     "protocol": "oracle", "leaky": "true"})
     client.log_metric(oracle.info.run_id, "uf1", 0.86)
     client.set_terminated(oracle.info.run_id)
-    for fold, history in _history(folds=2).groupby("fold"):
-        run = client.create_run(experiment_id, tags={KIND_TAG: "fold", EXPERIMENT_KEY_TAG: key, "fold": fold,
-                                                     "phase": "evaluate"})
-        history.drop(columns="fold").to_csv(tmp_path / "history.csv", index=False)
-        client.log_artifact(run.info.run_id, str(tmp_path / "history.csv"))
-        client.set_terminated(run.info.run_id)
-
+    folds = [FoldSummary(key=f"k{fold}", fold=str(fold), protocol="inner", leaky=False, selected_epoch=2,
+                         val_score=0.4, history=history.drop(columns="fold").to_dict("records"), test_metrics={},
+                         class_names=CLASSES, wall_time=1.0, device="cpu")
+             for fold, history in _history(folds=2).groupby("fold")]
     results = tmp_path / "results"
-    results.mkdir()
-    _predictions().to_csv(results / "predictions.csv", index=False)
-    (results / "summary.json").write_text(json.dumps({
-        "experiment": "megc2019-htnet-inner", "experiment_key": key, "protocol": "inner", "leaky": False,
-        "class_names": CLASSES, "chosen": {}, "metrics": {"uf1": 0.61}, "parent_run_id": parent.info.run_id,
-        "folds": 9}))
+    write_results(results, Results(ExperimentSummary(
+        experiment="megc2019-htnet-inner", experiment_key=key, protocol="inner", leaky=False, class_names=CLASSES,
+        metrics={"uf1": 0.61}, parent_run_id=parent.info.run_id, folds=9), _predictions(), folds))
+    assert json.loads((results / "summary.json").read_text())["class_names"] == CLASSES  # stored explicitly
     env = {"MLFLOW_TRACKING_URI": uri}
     common = ["--params", str(REPO / "params.yaml"), "-S", f"tune.results={results}", "-S", "model.name=htnet",
               "-S", "model.config=small"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, runs_by_kind, tiny_params
+from conftest import REPO, runs_by_kind, tiny_data, tiny_params
 
 FOLDS = 4
 DEADLINE_S = 300
@@ -67,13 +67,17 @@ def _kill_after(params: Path, log: Path, storage: Path, done: int, sig: int,
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Path, tmp_path: Path) -> None:
+def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
-    from components import tracking
+    from components.tracking import EXPERIMENT_KEY_TAG
+    from components.tracking.mlflow_tracker import MlflowTracker
+    from mer_model.config import TrackingConfig
 
     # Folds one at a time, long enough (60 epochs) that a kill lands between two of them.
-    params = tiny_params(tmp_path, **{"train.epochs": 60, "tune.folds_per_trial": 1, "tune.final_model": False})
+    params = tiny_params(tmp_path, tiny_data(tmp_path),
+                         **{"train.epochs": 60, "tune.folds_per_trial": 1, "tune.final_model": False})
     storage = tmp_path / "runs" / "tune"
     log = tmp_path / "driver.log"
 
@@ -91,9 +95,12 @@ def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Pat
     stale = [r for kind in runs_by_kind(tmp_path).values() for r in kind if r.info.status == "RUNNING"]
     assert stale, "a SIGKILLed driver leaves RUNNING runs behind"
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment_key = parent.data.tags[tracking.EXPERIMENT_KEY_TAG]
+    experiment_key = parent.data.tags[EXPERIMENT_KEY_TAG]
     # What the next start does first: the dead driver's runs become FAILED, not RUNNING forever.
-    assert tracking.fail_stale_runs(client, stale[0].info.experiment_id, experiment_key) == len(stale)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # another test's mlflow.set_tracking_uri sets it
+    tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "test", "unknown")
+    tracker.experiment_id = stale[0].info.experiment_id
+    assert tracker.fail_stale_runs(experiment_key) == len(stale)
     assert all(client.get_run(r.info.run_id).info.status == "FAILED" for r in stale)
 
     proc = _start(params, log)

@@ -101,7 +101,10 @@ def apply_class_set(table: pd.DataFrame, class_set: ClassSet | str) -> tuple[pd.
     cs = get_class_set(class_set) if isinstance(class_set, str) else class_set
     reasons: list[str] = []
     labels: list[int | None] = []
-    for dataset, subject, clip, emotion in zip(table["dataset"], table["subject"], table["clip"], table["emotion"]):
+    # A part of a collection without an entry of its own (synthetic1, synthetic2 of synth.datasets) is labelled like
+    # its collection.
+    sources = [d if d in cs.mapping else c for d, c in zip(table["dataset"], table["collection"])]
+    for dataset, subject, clip, emotion in zip(sources, table["subject"], table["clip"], table["emotion"]):
         reason, label = "", None
         if dataset not in cs.mapping:
             reason = f"dataset {dataset} not in class set {cs.name}"

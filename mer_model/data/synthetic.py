@@ -54,6 +54,7 @@ SHEET_NAME = "CASME2-coding-synthetic.xlsx"
 SHEET_COLUMNS = ("Subject", "Filename", "OnsetFrame", "ApexFrame", "OffsetFrame", "Action Units", "Estimated Emotion")
 MANIFEST_NAME = "manifest.json"
 GROUNDTRUTH_DIR = "groundtruth"
+DATASET_COLUMN = "Dataset"  # only with synth.datasets > 1: the source dataset of the row (a composite-like set)
 FRAME_TEMPLATE = "img{}.jpg"
 FLOW_STEP = 1 / 128  # exact in float16 for |flow| < 8 px; makes the smooth flow fields compress well
 JPEG_QUALITY = 95
@@ -471,14 +472,14 @@ def _sheet_cell_au(coding: str) -> int | str:
     return int(coding) if coding.isdigit() else coding
 
 
-def _write_sheet(path: Path, rows: list[list[object]]) -> None:
+def _write_sheet(path: Path, rows: list[list[object]], columns: tuple[str, ...] = SHEET_COLUMNS) -> None:
     """The coding sheet, byte-reproducible: fixed document dates and zip timestamps."""
     from openpyxl import Workbook
 
     book = Workbook()
     sheet = book.active
     sheet.title = "Sheet1"
-    sheet.append(list(SHEET_COLUMNS))
+    sheet.append(list(columns))
     for row in rows:
         sheet.append(row)
     buffer = io.BytesIO()
@@ -493,8 +494,16 @@ def _write_sheet(path: Path, rows: list[list[object]]) -> None:
     _write_zip(path, entries, level=6)
 
 
+def dataset_name(cfg: SynthConfig, subject: int) -> str:
+    """The source dataset of a subject: `synthetic`, or with synth.datasets = n > 1, `synthetic1` .. `syntheticN`
+    (subjects dealt round robin), so the leave-one-dataset-out split has a composite to run on."""
+    return "synthetic" if cfg.datasets == 1 else f"synthetic{(subject - 1) % cfg.datasets + 1}"
+
+
 def _manifest(cfg: SynthConfig) -> dict[str, object]:
-    return {"generator": __name__, "version": GENERATOR_VERSION, "config": cfg.model_dump(exclude={"out"})}
+    # `datasets` only when used, so a single-dataset configuration keeps the manifest (and DVC hash) it had.
+    exclude = {"out"} | ({"datasets"} if cfg.datasets == 1 else set())
+    return {"generator": __name__, "version": GENERATOR_VERSION, "config": cfg.model_dump(exclude=exclude)}
 
 
 def is_up_to_date(cfg: SynthConfig, root: Path) -> bool:
@@ -543,10 +552,10 @@ def write_dataset(cfg: SynthConfig, root: Path | None = None) -> Path:
         _write_npz(truth_dir / f"{clip.filename}.npz",
                    {"landmarks": clip.landmarks, "flow": clip.flow, "frame_numbers": clip.frame_numbers})
         rows.append([clip.subject, clip.filename, clip.onset, clip.apex, clip.offset, _sheet_cell_au(clip.coding),
-                     clip.emotion])
+                     clip.emotion, *([dataset_name(cfg, int(clip.subject))] if cfg.datasets > 1 else [])])
         counts[clip.emotion] += 1
         n_frames += len(clip.frames)
-    _write_sheet(root / SHEET_NAME, rows)
+    _write_sheet(root / SHEET_NAME, rows, SHEET_COLUMNS + ((DATASET_COLUMN,) if cfg.datasets > 1 else ()))
     manifest = _manifest(cfg) | {"clips": len(rows), "frames": n_frames, "emotions": counts}
     (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return root

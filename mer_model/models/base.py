@@ -13,23 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mer_model.data.aus import AU_LIST
 from mer_model.errors import ConfigError, DataError
 
 Batch = Mapping[str, Tensor]
-
-# Keys a batch may carry (docs/architecture.md, "Batch tensors").
-BATCH_KEYS = ("flow28", "points5", "onset224", "apex224", "frames128", "flows128", "landmarks68", "aus", "label")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def default_num_aus() -> int:
-    """Length of the AU vocabulary the data layer writes (21 if that module is unavailable)."""
-    try:
-        from mer_model.data.aus import AU_LIST
-    except ImportError:  # the data package is optional for model-only use
-        return 21
+    """Length of the AU vocabulary the data layer writes."""
     return len(AU_LIST)
 
 

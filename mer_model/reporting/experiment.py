@@ -15,26 +15,25 @@ from typing import Any
 import pandas as pd
 
 from mer_model.reporting import html, plots
-from mer_model.training.metrics import pooled_metrics
+from mer_model.training.metrics import LABELS, SCALARS, pooled_metrics
 
 log = logging.getLogger(__name__)
 
-SCORES = ("n", "uf1", "uar", "accuracy", "weighted_f1")
 LEAKY_TEXT = ("LEAKY RESULT: test labels influenced these numbers (oracle epoch selection on the test subject, or "
               "the dataset's annotated AUs as a model input). They are an upper bound, not an estimate of "
               "performance on unseen subjects.")
 
 
 def _scores_table(pooled: Mapping[str, Any]) -> pd.DataFrame:
-    rows = [{"set": "pooled (all folds)", **{k: pooled["overall"][k] for k in SCORES}}]
+    rows = [{"set": "pooled (all folds)", **{k: pooled["overall"][k] for k in SCALARS}}]
     if len(pooled["per_dataset"]) > 1:
-        rows += [{"set": name, **{k: values[k] for k in SCORES}} for name, values in pooled["per_dataset"].items()]
+        rows += [{"set": name, **{k: values[k] for k in SCALARS}} for name, values in pooled["per_dataset"].items()]
     return pd.DataFrame(rows)
 
 
 def _details(metrics: Mapping[str, Any], computed: pd.DataFrame) -> pd.DataFrame:
     """Entries of the caller's metrics that the scores table does not already show (protocol, experiment, ...)."""
-    shown = set(SCORES) | {f"{d}/{k}" for d in computed["set"] for k in SCORES}
+    shown = set(SCALARS) | {f"{d}/{k}" for d in computed["set"] for k in SCALARS}
     rows = [{"key": k, "value": v} for k, v in metrics.items()
             if k not in shown and not isinstance(v, (Mapping, list, tuple))]
     return pd.DataFrame(rows, columns=["key", "value"])
@@ -56,10 +55,9 @@ def write_experiment_report(predictions: pd.DataFrame, history: pd.DataFrame | N
     sections = []
     if leaky:
         sections.append(f'<p class="banner">{html.escape(LEAKY_TEXT)}</p>')
-    headers = {"n": "samples", "uf1": "UF1", "uar": "UAR", "accuracy": "accuracy", "weighted_f1": "weighted F1"}
-    sections += ["<h2>Metrics</h2>", html.table(scores.rename(columns=headers), leaky_rows=[leaky] * len(scores)),
+    sections += ["<h2>Metrics</h2>", html.table(scores.rename(columns=LABELS), leaky_rows=[leaky] * len(scores)),
                  '<p class="note">UF1 = macro F1 over classes, UAR = mean per-class recall, on test predictions '
-                 "pooled over all leave-one-subject-out folds.</p>"]
+                 "pooled over all evaluation folds (the split is named under Run).</p>"]
     recall = pooled["overall"]["per_class_recall"]
     sections += ["<h3>Recall per class</h3>",
                  html.table(pd.DataFrame([{"class": c, "recall": recall[c],
@@ -85,7 +83,7 @@ def write_experiment_report(predictions: pd.DataFrame, history: pd.DataFrame | N
     sections.append("<h2>Per-subject results</h2>")
     plots.per_subject_bars(pooled["per_subject"], out / "per_subject.png", leaky=leaky)
     sections.append(html.figure("per_subject.png", "per-subject accuracy"))
-    subject_table = pd.DataFrame([{"subject": s, **{k: v[k] for k in SCORES}}
+    subject_table = pd.DataFrame([{"subject": s, **{k: v[k] for k in SCALARS}}
                                   for s, v in sorted(pooled["per_subject"].items())])
     subject_table.to_csv(out / "per_subject.csv", index=False)
     sections.append('<p class="note">Per-subject values: per_subject.csv (a subject\'s UF1 over few samples is '

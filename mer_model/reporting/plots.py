@@ -13,11 +13,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mer_model.training.metrics import LABELS
+
 DPI = 110
 LEAKY_NOTE = "LEAKY: test labels used (oracle epoch / annotated AUs)"
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, imported on first use (matplotlib is heavy)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,7 +30,7 @@ def _pyplot() -> Any:
 
 
 def _label(metric: str) -> str:
-    return {"uf1": "UF1", "uar": "UAR", "accuracy": "accuracy", "weighted_f1": "weighted F1"}.get(metric, metric)
+    return LABELS.get(metric, metric)
 
 
 def _save(fig: Any, path: Path, leaky: bool) -> Path:
@@ -35,14 +38,14 @@ def _save(fig: Any, path: Path, leaky: bool) -> Path:
     if leaky:
         fig.text(0.5, 1.0, LEAKY_NOTE, ha="center", va="bottom", fontsize=9, color="#b00020", weight="bold")
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str = "",
                      leaky: bool = False) -> Path:
     """Row-normalised confusion matrix (each row = one true class sums to 100 %), cells show % and the count."""
-    plt = _pyplot()
+    plt = pyplot()
     counts = np.asarray(matrix, dtype=float)
     rows = counts.sum(axis=1, keepdims=True)
     share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
@@ -67,7 +70,7 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str]
 def per_subject_bars(per_subject: Mapping[str, Mapping[str, Any]], path: Path, metric: str = "accuracy",
                      leaky: bool = False) -> Path:
     """One horizontal bar per LOSO test subject (its fold's `metric`), coloured by dataset, with the sample count."""
-    plt = _pyplot()
+    plt = pyplot()
     subjects = sorted(per_subject)
     values = [float(per_subject[s].get(metric) or 0.0) for s in subjects]
     datasets = [s.split("/", 1)[0] if "/" in s else "" for s in subjects]
@@ -94,7 +97,7 @@ def per_subject_bars(per_subject: Mapping[str, Mapping[str, Any]], path: Path, m
 def per_dataset_bars(per_dataset: Mapping[str, Mapping[str, Any]], path: Path,
                      metrics: Sequence[str] = ("uf1", "uar", "accuracy"), leaky: bool = False) -> Path:
     """Grouped bars: each dataset of a composite (and `overall` if given) x UF1 / UAR / accuracy."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(per_dataset)
     x = np.arange(len(names))
     width = 0.8 / len(metrics)
@@ -115,7 +118,7 @@ def per_dataset_bars(per_dataset: Mapping[str, Mapping[str, Any]], path: Path,
 def learning_curves(history: pd.DataFrame, path: Path, leaky: bool = False) -> Path:
     """Mean +- std over folds per epoch: losses (left) and scores (right). Curves on `test_*` exist only under the
     oracle protocol, which is why they are labelled as test-fold curves."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     frame = history.copy()

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from mer_model.batch_keys import BATCH_KEYS, Geometry
+
 REFERENCE_SIZE = 224  # the MMNet recipe is stated for 224 px crops
 MAX_ROTATION_DEG = 3.0
 CROP_PADDING = 15  # at REFERENCE_SIZE
@@ -83,45 +85,58 @@ def _points(points: np.ndarray, m: np.ndarray, perm: np.ndarray | None) -> np.nd
     return out.astype(points.dtype)
 
 
-def apply(arrays: dict[str, np.ndarray], aug: Augmentation) -> dict[str, np.ndarray]:
-    """Return augmented copies of the cache arrays of one sample (keys as in the preprocessed cache); keys that carry
-    no geometry (`aus`, ...) pass through. Point sets use the frame of the image they belong to (points5 -> flow28,
-    landmarks68 -> frames128)."""
-    out = dict(arrays)
-    sizes: dict[str, tuple[int, int]] = {}
-    for key in ("onset224", "apex224"):
-        if key in arrays:
-            img = arrays[key]
-            m = aug.matrix(*img.shape[:2])
-            out[key] = _warp(img, m, cv2.BORDER_CONSTANT)
-    if "frames128" in arrays:
-        frames = arrays["frames128"]  # (N, H, W)
-        sizes["frames128"] = frames.shape[1:3]
-        m = aug.matrix(*frames.shape[1:3])
-        out["frames128"] = _warp(np.moveaxis(frames, 0, -1), m, cv2.BORDER_CONSTANT).reshape(
-            frames.shape[1], frames.shape[2], -1).transpose(2, 0, 1)
-    if "flows128" in arrays:
-        flows = arrays["flows128"].astype(np.float32)  # (N-1, 2, H, W), pixels
+def _spatial(geometry: Geometry, array: np.ndarray) -> tuple[int, int]:
+    """(H, W) of an image-like array of this geometric kind."""
+    if geometry is Geometry.IMAGE:
+        return array.shape[0], array.shape[1]
+    if geometry is Geometry.FLOW_VECTORS:
+        return array.shape[2], array.shape[3]
+    return array.shape[1], array.shape[2]  # FRAME_STACK (N, H, W), MINMAX_FLOW_MAP (C, H, W)
+
+
+def _warp_kind(geometry: Geometry, array: np.ndarray, aug: Augmentation) -> np.ndarray:
+    """The augmented copy of one image-like array (geometry IMAGE, FRAME_STACK, FLOW_VECTORS, MINMAX_FLOW_MAP)."""
+    m = aug.matrix(*_spatial(geometry, array))
+    if geometry is Geometry.IMAGE:
+        return _warp(array, m, cv2.BORDER_CONSTANT)
+    if geometry is Geometry.FRAME_STACK:
+        n, h, w = array.shape
+        return _warp(np.moveaxis(array, 0, -1), m, cv2.BORDER_CONSTANT).reshape(h, w, -1).transpose(2, 0, 1)
+    if geometry is Geometry.FLOW_VECTORS:
+        flows = array.astype(np.float32)  # (N-1, 2, H, W), pixels
         n, _, h, w = flows.shape
-        sizes["frames128"] = (h, w)
-        m = aug.matrix(h, w)
         warped = _warp(flows.reshape(n * 2, h, w).transpose(1, 2, 0), m, cv2.BORDER_CONSTANT)
         warped = warped.reshape(h, w, n, 2).transpose(2, 3, 0, 1)
         # A displacement d maps to A d under x -> A x + b.
-        out["flows128"] = np.einsum("ij,njhw->nihw", m[:, :2], warped).astype(arrays["flows128"].dtype)
-    if "flow28" in arrays:
-        flow = arrays["flow28"]  # (3, H, W) u, v, strain in [0, 1]
-        sizes["flow28"] = flow.shape[1:3]
-        m = aug.matrix(*flow.shape[1:3])
-        # Replicate borders: 0 in a min-max normalised map is the most negative motion, not "no motion".
-        warped = _warp(flow.transpose(1, 2, 0), m, cv2.BORDER_REPLICATE).transpose(2, 0, 1).copy()
-        if aug.flip:
-            warped[0] = 1.0 - warped[0]
-        out["flow28"] = warped.astype(flow.dtype)
-    if "points5" in arrays:
-        h, w = sizes.get("flow28", (28, 28))
-        out["points5"] = _points(arrays["points5"], aug.matrix(h, w), MIRROR_5 if aug.flip else None)
-    if "landmarks68" in arrays:
-        h, w = sizes.get("frames128", (128, 128))
-        out["landmarks68"] = _points(arrays["landmarks68"], aug.matrix(h, w), MIRROR_68 if aug.flip else None)
+        return np.einsum("ij,njhw->nihw", m[:, :2], warped).astype(array.dtype)
+    # MINMAX_FLOW_MAP (3, H, W): replicate borders, as 0 in a min-max normalised map is the most negative motion.
+    warped = _warp(array.transpose(1, 2, 0), m, cv2.BORDER_REPLICATE).transpose(2, 0, 1).copy()
+    if aug.flip:
+        warped[0] = 1.0 - warped[0]
+    return warped.astype(array.dtype)
+
+
+_MIRRORS = {Geometry.POINTS5: MIRROR_5, Geometry.LANDMARKS68: MIRROR_68}
+
+
+def apply(arrays: dict[str, np.ndarray], aug: Augmentation) -> dict[str, np.ndarray]:
+    """Return augmented copies of the cache arrays of one sample, each moved by its geometric kind
+    (mer_model.batch_keys); keys without geometry (`aus`, ...) pass through. Point sets use the pixel frame of the key
+    their spec names (points5 -> flow28, landmarks68 -> frames128), or its default side when that key is absent."""
+    out = dict(arrays)
+    sizes: dict[str, tuple[int, int]] = {}
+    points = []
+    for key, array in arrays.items():
+        spec = BATCH_KEYS.get(key)
+        if spec is None or spec.geometry is Geometry.NONE:
+            continue
+        if spec.geometry in _MIRRORS:
+            points.append((key, spec))
+            continue
+        sizes[spec.frame_of[0] if spec.frame_of else key] = _spatial(spec.geometry, array)
+        out[key] = _warp_kind(spec.geometry, array, aug)
+    for key, spec in points:
+        frame, side = spec.frame_of or (key, 0)
+        m = aug.matrix(*sizes.get(frame, (side, side)))
+        out[key] = _points(arrays[key], m, _MIRRORS[spec.geometry] if aug.flip else None)
     return out

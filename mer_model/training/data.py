@@ -18,13 +18,11 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from mer_model.batch_keys import BATCH_KEYS
 from mer_model.errors import DataError
 from mer_model.training import augment as aug_lib
 
 log = logging.getLogger(__name__)
-
-# Keys whose uint8 pixel values become floats in [0, 1].
-_UINT8_IMAGES = {"onset224", "apex224", "frames128"}
 
 
 class SampleStore:
@@ -162,10 +160,12 @@ class SampleStore:
 
 
 def to_tensor(key: str, value: np.ndarray) -> torch.Tensor:
-    """Cache array -> batch tensor: uint8 pixels to [0, 1] floats, HWC images to CHW, everything else float32."""
-    if key in _UINT8_IMAGES:
+    """Cache array -> batch tensor by the key's spec (mer_model.batch_keys): pixels to [0, 1] floats, HWC images to
+    CHW, everything else float32."""
+    spec = BATCH_KEYS.get(key)
+    if spec is not None and spec.pixels:
         tensor = torch.from_numpy(np.ascontiguousarray(value)).float().div_(255.0)
-        return tensor.permute(2, 0, 1).contiguous() if key in ("onset224", "apex224") else tensor
+        return tensor.permute(2, 0, 1).contiguous() if spec.hwc else tensor
     return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
 
 

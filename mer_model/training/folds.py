@@ -6,8 +6,11 @@ The inner split only ever sees the training subjects of a fold, which is what ma
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,6 +19,9 @@ from mer_model.errors import ConfigError
 
 # Candidate validation sets drawn by `inner_split`; the best-stratified one is kept.
 _SPLIT_CANDIDATES = 64
+# Train settings that change where or how fast a fold runs, never its numbers. `amp` is NOT among them: mixed
+# precision changes the arithmetic on CUDA.
+SPEED_ONLY = frozenset({"checkpoint_every", "num_workers", "device"})
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,19 @@ class Fold:
     def slug(self) -> str:
         """The name as a file-system-safe token (subjects look like `casme2/sub01`)."""
         return self.name.replace("/", "__")
+
+
+def fold_fingerprint(model: Any, train: Any, fold: Fold, *context: Any, length: int = 16) -> str:
+    """Hash of everything that determines a fold's numbers: the model and train configurations (pydantic models;
+    SPEED_ONLY settings left out), the fold's subjects and any `context` (class names, data version). The trainer's
+    checkpoint and the engine's stored result are keyed by this one function, so they agree on what matters."""
+    payload = {
+        "model": model.model_dump(mode="json"),
+        "train": train.model_dump(mode="json", exclude=set(SPEED_ONLY)),
+        "fold": [fold.name, list(fold.train_subjects), list(fold.test_subjects), list(fold.val_subjects)],
+        "context": list(context),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def loso_folds(index: pd.DataFrame) -> list[Fold]:

@@ -15,7 +15,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import confusion_matrix, f1_score, recall_score
+
+# The metric names of every model, stage and report (metrics.json, MLflow, tables): pooled over the folds.
+METRICS = ("uf1", "uar", "accuracy", "weighted_f1")
+SCALARS = ("n", *METRICS)  # with the sample count
+LABELS = {"uf1": "UF1", "uar": "UAR", "accuracy": "accuracy", "weighted_f1": "weighted F1", "n": "samples"}
 
 # 68-point (iBUG/dlib) indices of the two eyes; their centres define the inter-ocular distance.
 _EYE_A = slice(36, 42)
@@ -30,6 +34,8 @@ def classification_metrics(
 ) -> dict[str, Any]:
     """UF1, UAR, accuracy, weighted F1, per-class recall (None where a class has no true sample) and the confusion
     matrix (rows = true class, columns = predicted) over `num_classes` classes."""
+    from sklearn.metrics import confusion_matrix, f1_score, recall_score  # seconds to import: on first use
+
     y_true = np.asarray(y_true, dtype=int)
     y_pred = np.asarray(y_pred, dtype=int)
     if y_true.shape != y_pred.shape:
@@ -74,11 +80,25 @@ def pooled_metrics(predictions: pd.DataFrame, class_names: Sequence[str]) -> dic
     }
 
 
+def flat_metrics(predictions: pd.DataFrame, class_names: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """({"uf1": .., "n": .., "casme2/uf1": .., ...}, the full pooled_metrics result): the numbers every stage logs.
+    Per-dataset entries (`<dataset>/<metric>`) appear only when the predictions mix datasets (a composite; under the
+    leave-one-dataset-out split, one entry per held-out dataset)."""
+    pooled = pooled_metrics(predictions, class_names)
+    flat = {k: pooled["overall"][k] for k in SCALARS}
+    if len(pooled["per_dataset"]) > 1:
+        for dataset, values in pooled["per_dataset"].items():
+            flat.update({f"{dataset}/{k}": values[k] for k in SCALARS})
+    return flat, pooled
+
+
 def au_f1(
     au_true: np.ndarray, au_pred: np.ndarray, au_names: Sequence[str] | None = None
 ) -> dict[str, Any]:
     """F1 per action unit of a multi-label prediction (both (N, K) 0/1 arrays); `au_f1` is the mean over AUs that
     occur in the ground truth (an AU nobody shows has no meaningful F1)."""
+    from sklearn.metrics import f1_score  # seconds to import: on first use
+
     au_true = np.asarray(au_true).astype(int)
     au_pred = np.asarray(au_pred).astype(int)
     if au_true.shape != au_pred.shape or au_true.ndim != 2:

@@ -1,6 +1,6 @@
 """Training of one LOSO fold under an explicit evaluation protocol, and of the final all-subject model.
 
-Protocols (TrainConfig.protocol):
+Protocols (TrainConfig.protocol; each an EpochProtocol of mer_model.training.protocols that this module asks):
 
 * `fixed`  - train a fixed number of epochs; the test subject is predicted ONCE, with the last epoch's weights.
 * `inner`  - hold out some TRAINING subjects (subject-wise, never the test subject) as validation; select the epoch with
@@ -17,14 +17,13 @@ continues exactly as an uninterrupted one would.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,10 @@ from torch.utils.data import DataLoader
 from mer_model.config import ModelConfig, TrainConfig
 from mer_model.errors import ConfigError
 from mer_model.training.data import SampleDataset, SampleStore
-from mer_model.training.folds import Fold, inner_split
+from mer_model.training.folds import Fold, fold_fingerprint, inner_split
 from mer_model.training.metrics import au_f1, classification_metrics, flow_epe, landmark_nme
+from mer_model.training.protocols import get_protocol
+from mer_model.training.results import FoldResult
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +63,6 @@ class FoldSpec:
         self.num_classes = self.num_classes or len(self.class_names)
         if self.num_classes != len(self.class_names):
             raise ConfigError(f"fold {self.fold.name}: {self.num_classes} classes but {len(self.class_names)} names")
-
-
-@dataclass
-class FoldResult:
-    """Outcome of one fold; `predictions` has sample_id, subject, dataset, fold, label, pred, prob_0..prob_{C-1}."""
-
-    fold: str
-    predictions: pd.DataFrame
-    history: list[dict[str, Any]]
-    selected_epoch: int
-    val_score: float | None  # `inner`: best validation UF1; None otherwise
-    state_dict: dict[str, torch.Tensor]
-    protocol: str
-    leaky: bool
-    wall_time: float
-    device: str
-    test_metrics: dict[str, Any] = field(default_factory=dict)  # this fold alone, plus au_f1 / flow_epe / landmark_nme
-    train_subjects: tuple[str, ...] = ()
-    val_subjects: tuple[str, ...] = ()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,8 +97,6 @@ def _derived_seed(*parts: int) -> int:
 
 
 def _seed_everything(seed: int) -> None:
-    import random
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -269,14 +249,6 @@ def _score(dataset: SampleDataset, probs: np.ndarray, extra: dict[str, Any], num
     return out
 
 
-def _fingerprint(spec: FoldSpec) -> str:
-    """What must match for a checkpoint to be resumed: every setting that changes the numbers."""
-    train = spec.train.model_dump(exclude={"checkpoint_every", "num_workers", "device"})
-    payload = {"model": spec.model.model_dump(), "train": train, "fold": [spec.fold.name, spec.fold.train_subjects,
-               spec.fold.test_subjects, spec.fold.val_subjects], "classes": spec.class_names}
-    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -306,9 +278,9 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
     """
     start = time.perf_counter()
     cfg, fold = spec.train, spec.fold
-    protocol = cfg.protocol
+    protocol = get_protocol(cfg.protocol)
     train_subjects, val_subjects = tuple(fold.train_subjects), ()
-    if protocol == "inner":
+    if protocol.needs_validation:  # drawn from the fold's TRAINING subjects only
         if fold.val_subjects:
             val_subjects = tuple(fold.val_subjects)
         else:
@@ -331,7 +303,7 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
     best: dict[str, Any] = {"score": None, "epoch": 0, "state": None, "probs": None, "extra": None}
     bad_epochs, first_epoch = 0, 1
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    fingerprint = _fingerprint(spec)
+    fingerprint = fold_fingerprint(spec.model, spec.train, fold, spec.class_names)
     if ckpt is not None and ckpt.is_file():
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)
         if saved["fingerprint"] != fingerprint:
@@ -347,23 +319,15 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
     for epoch in range(first_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         entry: dict[str, Any] = {"epoch": epoch, **loop.train_epoch(epoch)}
-        if protocol == "inner":
-            probs, extra = loop.evaluate(val_set)
-            entry.update(_score(val_set, probs, extra, spec.num_classes, spec.class_names, "val"))
-            score = (entry["val_uf1"], -entry["val_loss"])
-            improved = best["score"] is None or score > tuple(best["score"])
-        elif protocol == "oracle":
-            probs, extra = loop.evaluate(test_set)
-            entry.update(_score(test_set, probs, extra, spec.num_classes, spec.class_names, "test"))
-            score = (entry["test_accuracy"],)
-            # `>=`: the authors' scripts keep the LAST epoch reaching the best test accuracy.
-            improved = best["score"] is None or score >= tuple(best["score"])
-            if improved:
+        watched = {"val": val_set, "test": test_set}.get(protocol.watch)
+        if watched is not None:
+            probs, extra = loop.evaluate(watched)
+            entry.update(_score(watched, probs, extra, spec.num_classes, spec.class_names, protocol.watch))
+        score = protocol.score(entry)
+        if protocol.improved(score, None if best["score"] is None else tuple(best["score"])):
+            best.update(score=list(score), epoch=epoch, state=loop.state() if watched is not None else None)
+            if protocol.watch == "test":  # the test predictions of that epoch are the fold's result
                 best.update(probs=probs, extra=extra)
-        else:
-            score, improved = (epoch,), True
-        if improved:
-            best.update(score=list(score), epoch=epoch, state=loop.state() if protocol != "fixed" else None)
             bad_epochs = 0
         else:
             bad_epochs += 1
@@ -371,7 +335,7 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
         history.append(entry)
         if callback is not None:
             callback(epoch, dict(entry))
-        stop = protocol == "inner" and cfg.patience > 0 and bad_epochs >= cfg.patience
+        stop = protocol.early_stopping and cfg.patience > 0 and bad_epochs >= cfg.patience
         if ckpt is not None and cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or stop):
             _save_checkpoint(ckpt, {"fingerprint": fingerprint, "epoch": epoch, "model": loop.model.state_dict(),
                                     "optimizer": loop.optimizer.state_dict(), "scaler": loop.scaler.state_dict(),
@@ -381,12 +345,12 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
             log.info("fold %s: early stop after epoch %d (best %d)", fold.name, epoch, best["epoch"])
             break
 
-    if protocol == "fixed":
+    if protocol.watch == "none":
         selected = history[-1]["epoch"] if history else cfg.epochs
     else:
         selected = best["epoch"]
         loop.model.load_state_dict(best["state"])
-    if protocol == "oracle":
+    if protocol.watch == "test":
         probs, extra = best["probs"], best["extra"]
     else:
         probs, extra = loop.evaluate(test_set)
@@ -394,12 +358,13 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
     test_metrics.update(extra)
     result = FoldResult(
         fold=fold.name, predictions=_predictions(store, test_set, probs, fold.name), history=history,
-        selected_epoch=selected, val_score=float(best["score"][0]) if protocol == "inner" else None,
-        state_dict=loop.state(), protocol=protocol, leaky=protocol == "oracle",
+        selected_epoch=selected, val_score=float(best["score"][0]) if protocol.watch == "val" else None,
+        state_dict=loop.state(), protocol=protocol.name, leaky=protocol.leaky,
         wall_time=time.perf_counter() - start, device=str(loop.device), test_metrics=test_metrics,
         train_subjects=tuple(train_subjects), val_subjects=tuple(val_subjects),
+        test_subjects=tuple(fold.test_subjects), class_names=tuple(spec.class_names),
     )
-    log.info("fold %s (%s): epoch %d, test acc %.3f, %.1fs", fold.name, protocol, selected,
+    log.info("fold %s (%s): epoch %d, test acc %.3f, %.1fs", fold.name, protocol.name, selected,
              test_metrics["accuracy"], result.wall_time)
     return result
 

@@ -43,13 +43,16 @@ def load_casme2(root: Path, annotation: Path | None = None, *, dataset: str = "c
         "apex": ("ApexFrame", "Apex Frame"), "offset": ("OffsetFrame", "Offset Frame"),
         "aus": ("Action Units", "AU"), "emotion": ("Estimated Emotion", "Emotion"),
     }.items()}
+    # The synthetic generator may spread its subjects over several source datasets (synth.datasets).
+    part = sheet.optional_column("Dataset") if dataset == "synthetic" else None
     finder = FrameFinder(root, SUBFOLDERS)
     records = []
     for (_, row), line in zip(sheet.rows.iterrows(), sheet.line):
         folder = subject_folder(row[cols["subject"]], file=path, row=line)
         clip = cell_text(row[cols["clip"]])
+        source = (cell_text(row[part]) if part else "") or dataset
         record: dict[str, Any] = {
-            "dataset": dataset, "collection": dataset, "subject": f"{dataset}/{folder}", "clip": clip,
+            "dataset": source, "collection": dataset, "subject": f"{source}/{folder}", "clip": clip,
             "emotion": cell_text(row[cols["emotion"]]), "au_raw": row[cols["aus"]], "au_coded": True,
             "source_file": str(path), "source_row": int(line),
             **{k: frame_number(row[cols[k]], file=path, row=line, column=cols[k]) for k in ("onset", "apex", "offset")},

@@ -28,12 +28,16 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import get_model_info, infer_signature
 
+from components.tracking.base import redact, tracking_uri
 from mer_model.config import Params, PreprocessConfig, set_dotted
 from mer_model.data.labels import get_class_set
 from mer_model.errors import ConfigError, DataError
 from mer_model.inference import example_arrays, input_batch, predict_proba
 from mer_model.models import load_checkpoint, save_checkpoint
+from mer_model.training.protocols import reads_annotated_aus
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +90,12 @@ def model_info(class_names: Sequence[str], preprocess: PreprocessConfig, leaky: 
 def log_pyfunc_model(model: Any, class_names: Sequence[str], preprocess: PreprocessConfig, *, name: str = "model",
                      leaky: bool = False, registered_model_name: str | None = None) -> Any:
     """Log `model` (built by `create_model`) as a pyfunc into the ACTIVE MLflow run; returns mlflow's ModelInfo
-    (`.model_uri` loads it; with `registered_model_name` it is also registered as a new version).
+    (`.model_uri` loads it; with `registered_model_name` it is also registered as a new version). The signature and
+    the input example are the model's inputs in the cache layout (mer_model.batch_keys), one sample.
 
     `leaky`: the results that chose this model used test labels (oracle protocol) or a model input that encodes them
     (annotated AUs); recorded so that a served prediction can be traced back to it."""
-    from mlflow.models import infer_signature
-
-    leaky = leaky or bool(getattr(model, "leaks_labels", False))
+    leaky = leaky or reads_annotated_aus(model)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = save_checkpoint(model, Path(tmp) / "model.pt", {"class_names": list(class_names)})
         info_path = Path(tmp) / "mer_model.json"
@@ -105,6 +108,7 @@ def log_pyfunc_model(model: Any, class_names: Sequence[str], preprocess: Preproc
             python_model=MerPyfuncModel(),
             artifacts={CHECKPOINT_ARTIFACT: str(checkpoint), INFO_ARTIFACT: str(info_path)},
             signature=infer_signature(example, probabilities),
+            input_example=example,
             pip_requirements=_requirements(),
             registered_model_name=registered_model_name,
         )
@@ -134,10 +138,6 @@ def load_for_inference(uri: str, params: Params) -> LoadedModel:
     if not (uri.startswith(_MLFLOW_SCHEMES) or (path / "MLmodel").is_file()):
         raise ConfigError(f"--model {uri}: no such checkpoint file or MLflow model directory, and not an MLflow URI "
                           "(models:/NAME/VERSION, runs:/RUN_ID/PATH)")
-    from mlflow.exceptions import MlflowException
-
-    from components.tracking import redact, tracking_uri
-
     mlflow.set_tracking_uri(tracking_uri(params.tracking))
     try:
         return _from_mlflow(uri, params)
@@ -155,12 +155,11 @@ def _from_checkpoint(path: Path, params: Params) -> LoadedModel:
     else:
         log.warning("%s records no preprocessing parameters; using those of the params file", path)
         preprocess = params.preprocess
-    return LoadedModel(model, list(names), preprocess, bool(meta.get("leaky", False)), "checkpoint")
+    leaky = bool(meta.get("leaky", False)) or reads_annotated_aus(model)
+    return LoadedModel(model, list(names), preprocess, leaky, "checkpoint")
 
 
 def _from_mlflow(uri: str, params: Params) -> LoadedModel:
-    from mlflow.models import get_model_info
-
     info = get_model_info(uri)
     pyfunc_flavor = info.flavors.get("python_function", {})
     if "pytorch" not in info.flavors and pyfunc_flavor.get("loader_module") == "mlflow.pyfunc.model":
@@ -177,12 +176,12 @@ def _from_mlflow(uri: str, params: Params) -> LoadedModel:
         names = list(get_class_set(class_set).names) if class_set else [str(c) for c in range(model.num_classes)]
         preprocess = _logged_preprocess(logged) or params.preprocess
         leaky = run is not None and run.data.tags.get("leaky") == "true"
-        return LoadedModel(model, names, preprocess, leaky or bool(model.leaks_labels), "mlflow pytorch")
+        return LoadedModel(model, names, preprocess, leaky or reads_annotated_aus(model), "mlflow pytorch")
     raise ConfigError(f"--model {uri}: flavours {sorted(info.flavors)}; expected this platform's pyfunc or pytorch")
 
 
 def _logged_preprocess(logged: Mapping[str, str]) -> PreprocessConfig | None:
-    """The `preprocess.*` run parameters (flattened by components.tracking) back as a PreprocessConfig."""
+    """The `preprocess.*` run parameters (flattened by components.tracking.base.flatten) back as a PreprocessConfig."""
     tree: dict[str, Any] = {}
     for key, text in logged.items():
         if key.startswith("preprocess."):

@@ -1,31 +1,22 @@
-"""The single `mer` entry point: one subcommand per component.
+"""The single `mer` entry point: one subcommand per step (components) and per orchestration (pipelines).
 
 Each module in COMMANDS exposes `register(subparsers)`, which adds its subcommand and sets `func` to a callable taking
-the parsed arguments and returning an exit code. Modules keep heavy imports (torch, ray, mlflow) inside functions so
-that `mer --help` stays fast.
+the parsed arguments and returning an exit code. Nothing imports this module: it sits on top of every layer. Modules
+defer heavy imports (torch, Ray Tune, MLflow) to the command that needs them, so that `mer --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
+from components import evaluate, ingest, predict, preprocess, register, report, synth
 from mer_model.errors import MerError
 from mer_model.logging_utils import setup_logging
+from pipelines import benchmark, loso
 
-COMMANDS = [
-    "components.synth",
-    "components.ingest",
-    "components.preprocess",
-    "components.tune",
-    "components.evaluate",
-    "components.register",
-    "components.report",
-    "components.predict",
-    "components.benchmark",
-]
+COMMANDS = [synth, ingest, preprocess, loso, evaluate, register, report, predict, benchmark]
 
 log = logging.getLogger("mer")
 
@@ -34,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mer", description="Micro-expression recognition experiment platform")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(name).register(sub)
+    for module in COMMANDS:
+        module.register(sub)
     return parser
 
 

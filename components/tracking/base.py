@@ -1,0 +1,290 @@
+"""The tracking seam: what the experiment engine and the stages need from an experiment tracker, and a no-op one.
+
+The engine writes its complete results to `tune.results` whatever the tracker; a tracker MIRRORS them (runs, params,
+per-epoch metrics, artifacts, the dataset, the final model) for browsing and the model registry. Implementations:
+`mlflow` (components/tracking/mlflow_tracker.py: the only place MLflow is imported, with the pyfunc in pyfunc.py) and
+`none` (NullTracker below). `tracking.backend` selects one (`make_tracker`). A new tracker is one module with a
+Tracker subclass, its branch in `make_tracker` (components/tracking/__init__.py) and its name in the
+`tracking.backend` choices (mer_model/config.py).
+
+Runs are identified by a unique key (experiment key + kind + identity), so a restarted driver finds the runs of the
+killed one instead of duplicating them. Trackers must pickle (Tune callbacks that hold one are pickled into the
+experiment state and restored with it): they hold configuration and connect lazily.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+import yaml
+
+from mer_model.config import Params, TrackingConfig
+from mer_model.errors import ConfigError
+
+KEY_TAG = "mer.key"  # unique per run: experiment key + kind + identity
+EXPERIMENT_KEY_TAG = "mer.experiment_key"  # dataset x model x protocol (+ config hash): groups one driver's runs
+KIND_TAG = "mer.kind"  # parent | trial | fold
+FINAL_MODEL_TAG = "mer.final_model_uri"
+CHAMPION_ALIAS = "champion"  # registry alias: only ever points at an honest (non-leaky) model
+
+# Parameter names or values that must never reach the tracking server.
+_SECRET_NAME = re.compile(r"(secret|password|passwd|token|credential|access_key|private_key)", re.IGNORECASE)
+_URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """The data a run trained on: `name` (data.source), the DVC `version` of the preprocessed cache, where it is,
+    and its size."""
+
+    name: str
+    version: str
+    source: str
+    samples: int
+    subjects: int
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A registered model version; `champion`: the registry alias was moved to it (honest models only)."""
+
+    name: str
+    version: int
+    champion: bool
+
+
+class Tracker(ABC):
+    """An experiment tracker as the engine and the stages use it. Run ids are the tracker's own strings."""
+
+    backend: ClassVar[str]
+    #: log_model stores a servable model (the engine trains the final model only when it does).
+    stores_models: ClassVar[bool] = False
+
+    @abstractmethod
+    def check(self) -> str:
+        """Connect (create the experiment if needed); returns a one-line description; ConfigError when unusable."""
+
+    @abstractmethod
+    def fail_stale_runs(self, experiment_key: str) -> int:
+        """Mark runs of `experiment_key` left RUNNING by a killed driver FAILED; returns how many."""
+
+    @abstractmethod
+    def open_run(self, key: str, name: str, tags: Mapping[str, str], parent: str | None = None) -> tuple[str, bool]:
+        """(run id, created): the run keyed `key`, re-opened if it exists, else a new one (child of `parent`)."""
+
+    @abstractmethod
+    def is_finished(self, key: str) -> bool:
+        """A run keyed `key` exists and finished (logged completely by an earlier driver)."""
+
+    @abstractmethod
+    def log_params(self, run: str, params: Mapping[str, str]) -> None:
+        """Log parameters; ones already logged (a resumed run) are left alone."""
+
+    @abstractmethod
+    def log_metrics(self, run: str, rows: Iterable[tuple[str, float | None, int]]) -> None:
+        """Log (name, value, step) rows; None values (an undefined F1) are skipped."""
+
+    @abstractmethod
+    def log_files(self, run: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
+        """Attach files (or whole directories) to the run."""
+
+    @abstractmethod
+    def log_dataset(self, run: str, dataset: DatasetInfo) -> None:
+        """Record the run's training data as a dataset input carrying its DVC version."""
+
+    @abstractmethod
+    def get_tag(self, run: str, name: str) -> str | None: ...
+
+    @abstractmethod
+    def set_tag(self, run: str, name: str, value: str) -> None: ...
+
+    @abstractmethod
+    def end_run(self, run: str, status: str = "FINISHED") -> None:
+        """End a run: FINISHED, FAILED or KILLED."""
+
+    @abstractmethod
+    def end_all(self, status: str) -> None:
+        """End every run this process still has open."""
+
+    @abstractmethod
+    def install_sigterm_handler(self) -> None:
+        """On SIGTERM end the open runs as KILLED, then die of SIGTERM."""
+
+    @abstractmethod
+    def log_model(self, run: str, model: Any, class_names: list[str], preprocess: Any, leaky: bool,
+                  name: str = "final_model") -> str | None:
+        """Store `model` (a MERModel) servable with its class names and preprocessing; returns its URI or None."""
+
+    @abstractmethod
+    def register_model(self, uri: str, run: str, name: str, tags: Mapping[str, str], honest: bool) -> Registration:
+        """Register the model at `uri` (idempotent per source run); the champion alias follows honest models only."""
+
+    @abstractmethod
+    def finished_experiments(self, experiment: str) -> pd.DataFrame:
+        """One row per finished parent run of `experiment`: run_id, model, dataset, protocol, leaky, start_time,
+        and its pooled metrics (ConfigError naming `--experiment` when there is no such experiment)."""
+
+    def log_params_of(self, run: str, params: Params, extra: Mapping[str, Any] | None = None) -> None:
+        """The full resolved configuration, flattened (credentials left out), plus `extra`."""
+        self.log_params(run, run_params(params, extra))
+
+    def log_config(self, run: str, params: Params, directory: Path) -> None:
+        """The resolved configuration as `config.yaml` (credentials redacted like the params)."""
+        path = directory / "config.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(redact(yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False)))
+        self.log_files(run, [path])
+
+
+class NullTracker(Tracker):
+    """`tracking.backend: none`: tracks nothing. Runs get placeholder ids; everything else is a no-op."""
+
+    backend = "none"
+
+    def check(self) -> str:
+        return "tracking off (tracking.backend: none)"
+
+    def fail_stale_runs(self, experiment_key: str) -> int:
+        return 0
+
+    def open_run(self, key: str, name: str, tags: Mapping[str, str], parent: str | None = None) -> tuple[str, bool]:
+        return f"none:{key}", True
+
+    def is_finished(self, key: str) -> bool:
+        return False
+
+    def log_params(self, run: str, params: Mapping[str, str]) -> None:
+        pass
+
+    def log_metrics(self, run: str, rows: Iterable[tuple[str, float | None, int]]) -> None:
+        pass
+
+    def log_files(self, run: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dataset(self, run: str, dataset: DatasetInfo) -> None:
+        pass
+
+    def get_tag(self, run: str, name: str) -> str | None:
+        return None
+
+    def set_tag(self, run: str, name: str, value: str) -> None:
+        pass
+
+    def end_run(self, run: str, status: str = "FINISHED") -> None:
+        pass
+
+    def end_all(self, status: str) -> None:
+        pass
+
+    def install_sigterm_handler(self) -> None:
+        pass
+
+    def log_model(self, run: str, model: Any, class_names: list[str], preprocess: Any, leaky: bool,
+                  name: str = "final_model") -> str | None:
+        return None
+
+    def register_model(self, uri: str, run: str, name: str, tags: Mapping[str, str], honest: bool) -> Registration:
+        raise ConfigError("tracking.backend: none keeps no model registry; set tracking.backend: mlflow")
+
+    def finished_experiments(self, experiment: str) -> pd.DataFrame:
+        raise ConfigError("tracking.backend: none keeps no runs to compare; set tracking.backend: mlflow")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What every tracker records, computed once
+
+
+def tracking_uri(cfg: TrackingConfig, base: Path | None = None) -> str:
+    """The tracking URI: MLFLOW_TRACKING_URI wins over `tracking.uri`; a relative SQLite path is made absolute
+    (relative to `base`, default the working directory) so that Ray workers and `ray job submit` drivers, which run
+    in other directories, write to the same database."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(((base or Path.cwd()) / uri[len(prefix):]).resolve())
+    return uri
+
+
+def artifact_location(cfg: TrackingConfig, uri: str, experiment: str) -> str | None:
+    """Where a new experiment stores artifacts: `tracking.artifact_location`, else next to an SQLite database
+    (`<db dir>/mlartifacts/<experiment>`), else the server's default."""
+    if cfg.artifact_location:
+        return cfg.artifact_location
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        return (Path(uri[len(prefix):]).parent / "mlartifacts" / experiment).resolve().as_uri()
+    return None
+
+
+
+def redact(value: str) -> str:
+    """Remove user:password@ from URIs."""
+    return _URI_USERINFO.sub(r"\g<scheme>***@", value)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> {"a.b": "value"} with secrets left out and URI credentials redacted."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if _SECRET_NAME.search(str(key)):
+            continue
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            out[name] = redact(text)
+    return out
+
+
+def run_params(params: Params, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The parameters logged on every run: the full resolved config, flattened, plus `extra`."""
+    return flatten(params.model_dump(mode="json", by_alias=True)) | flatten(dict(extra or {}))
+
+
+def config_hash(tree: Any, length: int = 12) -> str:
+    """A stable short hash of a JSON-able structure (keys sorted)."""
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def data_version(cache_dir: str | Path, dvc_lock: str | Path = "dvc.lock") -> str:
+    """The DVC hash of the preprocessed cache (dvc.lock's `outs` md5 of that path, paths compared resolved), or,
+    without one, a hash of its index.csv and manifest.json -- the files that change whenever any sample does."""
+    cache_dir = Path(cache_dir).resolve()
+    lock = Path(dvc_lock)
+    if lock.is_file():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for stage in stages.values():
+            for out in stage.get("outs", []) or []:
+                if (lock.parent / out.get("path", "")).resolve() == cache_dir and out.get("md5"):
+                    return f"dvc:{out['md5']}"
+    digest = hashlib.md5()
+    for name in ("index.csv", "manifest.json"):
+        path = cache_dir / name
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return f"files:{digest.hexdigest()}"
+
+
+def git_commit(repo: str | Path = ".") -> str:
+    """HEAD of the repository (suffix `-dirty` when tracked files changed), or `unknown` outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")

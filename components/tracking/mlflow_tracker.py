@@ -1,0 +1,272 @@
+"""The MLflow tracker: one place that knows the tracking URI, the run hierarchy and how runs are found again.
+
+Runs are created and found through `MlflowClient` with explicit run ids (never the fluent "active run" stack), because
+the engine keeps a parent, several trial runs and many fold runs open at once. Every run carries a unique `mer.key`
+tag, so a restarted driver finds the runs of the killed one instead of duplicating them (`open_run`). Runs left
+RUNNING by a driver that died without cleanup are marked FAILED on the next start (`fail_stale_runs`); a SIGTERM ends
+the open runs of the process as KILLED (`install_sigterm_handler`).
+
+What a user sees in the MLflow UI: the experiment is created as a model-training experiment (tag
+`mlflow.experimentKind = custom_model_development`, so it opens on its training runs, not on the GenAI traces
+overview); each parent run records its dataset as an MLflow dataset input whose digest is the DVC data version, and
+its source (entry point and git commit); the final model is a pyfunc with an input example; the registry alias
+`champion` only ever points at an honest model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any, ClassVar
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+)
+
+from components.tracking.base import (
+    CHAMPION_ALIAS,
+    EXPERIMENT_KEY_TAG,
+    KEY_TAG,
+    KIND_TAG,
+    DatasetInfo,
+    Registration,
+    Tracker,
+    artifact_location,
+    redact,
+    tracking_uri,
+)
+from components.tracking.pyfunc import log_pyfunc_model
+from mer_model.config import TrackingConfig
+from mer_model.errors import ConfigError
+from mer_model.training.protocols import reads_annotated_aus
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"  # MLflow 3's "model training" experiment type
+# MLflow limits of one log_batch call.
+_BATCH_PARAMS = 100
+_BATCH_METRICS = 1000
+
+
+class MlflowTracker(Tracker):
+    """`tracking.backend: mlflow`. Holds the configuration and the resolved URI; the client is created on first use
+    (so the tracker pickles into Tune's experiment state)."""
+
+    backend = "mlflow"
+    stores_models = True
+    # The runs this PROCESS has open, over every tracker instance (signal handlers are per process too).
+    _open: ClassVar[dict[str, str]] = {}  # run id -> tracking URI
+    _open_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, cfg: TrackingConfig, source: str, commit: str) -> None:
+        self.cfg = cfg
+        self.uri = tracking_uri(cfg)
+        self.source = source  # the entry point and the git commit: the runs' Source in the UI
+        self.commit = commit
+        self.experiment_id: str | None = None
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self) -> MlflowClient:
+        """A client of this tracker's store (explicit URIs: the process-wide ones are left to the fluent calls)."""
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        return self._client
+
+    def _experiment(self) -> str:
+        if self.experiment_id is None:
+            self.check()
+        assert self.experiment_id is not None
+        return self.experiment_id
+
+    def check(self) -> str:
+        name = self.cfg.experiment
+        found = self.client.get_experiment_by_name(name)
+        if found is None:
+            self.experiment_id = self.client.create_experiment(
+                name, artifact_location(self.cfg, self.uri, name), tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+        else:
+            self.experiment_id = found.experiment_id
+            if EXPERIMENT_KIND_TAG not in found.tags:  # created before the kind existed: make it a training one
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        text = f"MLflow: {redact(self.uri)}, experiment {name!r} ({self.experiment_id}), runs at {self.ui_link()}"
+        log.info("%s", text)
+        return text
+
+    def ui_link(self) -> str:
+        """The experiment's training runs in the MLflow UI. MLflow 3.17's UI opens an experiment on the page of its
+        browser-wide "GenAI | Model training" switch (GenAI by default) whatever the experiment's kind tag, unless the
+        URL names the workflow: so this link does."""
+        page = f"#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+        return f"{redact(self.uri).rstrip('/')}/{page}" if self.uri.startswith(("http://", "https://")) else page
+
+    # ---------------------------------------------------------------------------------------------------- runs
+
+    def _find(self, key: str) -> Any | None:
+        runs = self.client.search_runs([self._experiment()], filter_string=f"tags.`{KEY_TAG}` = '{key}'",
+                                       max_results=2)
+        if len(runs) > 1:
+            log.warning("more than one MLflow run tagged %s=%s; using the first", KEY_TAG, key)
+        return runs[0] if runs else None
+
+    def fail_stale_runs(self, experiment_key: str) -> int:
+        runs = self.client.search_runs(
+            [self._experiment()],
+            filter_string=f"tags.`{EXPERIMENT_KEY_TAG}` = '{experiment_key}' and attributes.status = 'RUNNING'",
+            max_results=10000)
+        for run in runs:
+            self.client.set_terminated(run.info.run_id, status="FAILED")
+        if runs:
+            log.warning("marked %d stale RUNNING MLflow run(s) of %s as FAILED", len(runs), experiment_key)
+        return len(runs)
+
+    def open_run(self, key: str, name: str, tags: Mapping[str, str], parent: str | None = None) -> tuple[str, bool]:
+        existing = self._find(key)
+        if existing is not None:
+            run_id, created = existing.info.run_id, False
+            if existing.info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+        else:
+            all_tags = {KEY_TAG: key, MLFLOW_SOURCE_NAME: self.source, MLFLOW_SOURCE_TYPE: "LOCAL",
+                        MLFLOW_GIT_COMMIT: self.commit, **tags}
+            if parent:
+                all_tags[MLFLOW_PARENT_RUN_ID] = parent
+            run_id, created = self.client.create_run(self._experiment(), tags=all_tags, run_name=name).info.run_id, True
+        with self._open_lock:
+            self._open[run_id] = self.uri
+        return run_id, created
+
+    def is_finished(self, key: str) -> bool:
+        found = self._find(key)
+        return found is not None and found.info.status == "FINISHED"
+
+    def end_run(self, run: str, status: str = "FINISHED") -> None:
+        with self._open_lock:
+            self._open.pop(run, None)
+        self.client.set_terminated(run, status=status)
+
+    def end_all(self, status: str) -> None:
+        with self._open_lock:
+            runs, MlflowTracker._open = dict(self._open), {}
+        for run, uri in sorted(runs.items()):
+            try:
+                MlflowClient(tracking_uri=uri).set_terminated(run, status=status)
+            except Exception:  # noqa: BLE001 - best effort while the process is going down
+                log.exception("could not end MLflow run %s", run)
+
+    def install_sigterm_handler(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            log.warning("SIGTERM: marking %d open MLflow run(s) KILLED", len(self._open))
+            self.end_all("KILLED")
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, handler)
+
+    # --------------------------------------------------------------------------------------------------- logging
+
+    def log_params(self, run: str, params: Mapping[str, str]) -> None:
+        logged = self.client.get_run(run).data.params
+        todo = [Param(k, v) for k, v in params.items() if k not in logged]
+        for start in range(0, len(todo), _BATCH_PARAMS):
+            self.client.log_batch(run, params=todo[start:start + _BATCH_PARAMS])
+
+    def log_metrics(self, run: str, rows: Iterable[tuple[str, float | None, int]]) -> None:
+        now = int(time.time() * 1000)
+        todo = [Metric(k, float(v), now, int(step)) for k, v, step in rows if v is not None]
+        for start in range(0, len(todo), _BATCH_METRICS):
+            self.client.log_batch(run, metrics=todo[start:start + _BATCH_METRICS])
+
+    def log_files(self, run: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
+        for path in paths:
+            if Path(path).is_dir():
+                self.client.log_artifacts(run, str(path), artifact_path)
+            else:
+                self.client.log_artifact(run, str(path), artifact_path)
+
+    def log_dataset(self, run: str, dataset: DatasetInfo) -> None:
+        """An MLflow dataset input: name = data.source, digest = the DVC version's hash, source = where the cache is
+        and the full version, profile = its size."""
+        kind, _, digest = dataset.version.partition(":")
+        entity = Dataset(name=dataset.name, digest=digest[:8] or dataset.version[:8],
+                         source_type="dvc" if kind == "dvc" else "local",
+                         source=f'{{"uri": "{dataset.source}", "data_version": "{dataset.version}"}}',
+                         profile=f'{{"num_samples": {dataset.samples}, "num_subjects": {dataset.subjects}}}')
+        self.client.log_inputs(run, [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+
+    def get_tag(self, run: str, name: str) -> str | None:
+        return self.client.get_run(run).data.tags.get(name)
+
+    def set_tag(self, run: str, name: str, value: str) -> None:
+        self.client.set_tag(run, name, value)
+
+    # ---------------------------------------------------------------------------------------------------- models
+
+    def log_model(self, run: str, model: Any, class_names: list[str], preprocess: Any, leaky: bool,
+                  name: str = "final_model") -> str | None:
+        # MLflow's model logging is fluent: point the process-wide store and experiment at this run's.
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(experiment_id=self._experiment())
+        with mlflow.start_run(run_id=run):
+            return log_pyfunc_model(model, class_names, preprocess, name=name, leaky=leaky).model_uri
+
+    def register_model(self, uri: str, run: str, name: str, tags: Mapping[str, str], honest: bool) -> Registration:
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        existing = [v for v in self.client.search_model_versions(f"name = '{name}'") if v.run_id == run]
+        if existing:
+            version = max(existing, key=lambda v: int(v.version))
+            log.info("model %s version %s already registered from run %s", name, version.version, run)
+        else:
+            version = mlflow.register_model(uri, name, tags=dict(tags))
+            log.info("registered %s as %s version %s", uri, name, version.version)
+        if honest:
+            self.client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
+            log.info("alias %s@%s -> version %s", name, CHAMPION_ALIAS, version.version)
+        else:
+            log.warning("%s version %s is leaky: the %r alias is not moved to it", name, version.version,
+                        CHAMPION_ALIAS)
+        return Registration(name, int(version.version), honest)
+
+    # ---------------------------------------------------------------------------------------------- comparison
+
+    def finished_experiments(self, experiment: str) -> pd.DataFrame:
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            raise ConfigError(f"--experiment {experiment}: no such MLflow experiment at {redact(self.uri)}")
+        runs = self.client.search_runs([found.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'parent' and "
+                                       "attributes.status = 'FINISHED'", max_results=10000)
+        rows = []
+        for run in runs:
+            tags, logged = run.data.tags, run.data.params
+            kwargs = {k[len("model.kwargs."):]: v for k, v in logged.items() if k.startswith("model.kwargs.")}
+            model = {"name": logged.get("model.name", tags.get("model", "?")),
+                     "config": logged.get("model.config", "paper"), "kwargs": kwargs}
+            try:
+                annotated = reads_annotated_aus(model)
+            except ConfigError:
+                annotated = model["kwargs"].get("au_mode") == "annotated"
+            rows.append({"run_id": run.info.run_id, "model": tags.get("model", model["name"]),
+                         "dataset": tags.get("dataset", "?"), "protocol": tags.get("protocol", "?"),
+                         "leaky": tags.get("leaky") == "true" or annotated, "start_time": run.info.start_time,
+                         **run.data.metrics})
+        return pd.DataFrame(rows)
+

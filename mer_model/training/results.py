@@ -1,0 +1,190 @@
+"""Typed results of the training stages: one fold's result, its stored summary, and an experiment's summary.
+
+These are the contracts between stages. The tune stage writes an experiment into `tune.results` as
+
+* `summary.json`   - ExperimentSummary (class names stored explicitly, metric names of `metrics.METRICS`);
+* `predictions.csv` - pooled test predictions of every fold (sample_id, subject, dataset, fold, label, pred,
+  prob_0..prob_{C-1});
+* `folds.json`     - one FoldSummary per fold, with its per-epoch history (the report's learning curves).
+
+`evaluate`, `report`, `register` and `benchmark` read only these files (`read_results`), so the DVC `evaluate` stage
+depends on nothing DVC does not track. A missing or malformed file is a DataError naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mer_model.errors import DataError
+
+SUMMARY_FILE = "summary.json"
+PREDICTIONS_FILE = "predictions.csv"
+FOLDS_FILE = "folds.json"
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able copy: numpy scalars to Python, tuples to lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class _Json:
+    """to_json / from_json for the dataclasses below; unknown keys are an error naming them."""
+
+    def to_json(self) -> dict[str, Any]:
+        return _plain(asdict(self))  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str = "") -> Any:
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise DataError(f"unknown {cls.__name__} field(s) {unknown}", file=source or None)
+        try:
+            return cls(**dict(data))
+        except TypeError as err:  # a required field missing
+            raise DataError(f"{cls.__name__}: {err}", file=source or None) from None
+
+
+@dataclass
+class FoldSummary(_Json):
+    """What is stored for one finished fold (its predictions sit beside it as CSV)."""
+
+    key: str  # folds.fold_fingerprint of the fold's configuration and data version
+    fold: str
+    protocol: str
+    leaky: bool
+    selected_epoch: int  # 1-based
+    val_score: float | None  # `inner`: best validation UF1; None otherwise
+    history: list[dict[str, Any]]  # one entry per epoch (`epoch`, `train_loss`, `val_*` / `test_*`, `time_s`)
+    test_metrics: dict[str, Any]  # classification_metrics of this fold's test subjects (+ au_f1, flow_epe, ...)
+    class_names: list[str]
+    wall_time: float
+    device: str
+    train_subjects: list[str] = field(default_factory=list)
+    val_subjects: list[str] = field(default_factory=list)
+    test_subjects: list[str] = field(default_factory=list)
+    split: str = "loso"
+
+
+@dataclass
+class FoldResult:
+    """The trainer's outcome of one fold, in memory: the summary's fields plus the test predictions (DataFrame:
+    sample_id, subject, dataset, fold, label, pred, prob_0..prob_{C-1}) and the selected weights (CPU state dict).
+    Persisted as its `summary()` (JSON) + `predictions` (CSV); the weights only through a checkpoint."""
+
+    fold: str
+    predictions: pd.DataFrame
+    history: list[dict[str, Any]]
+    selected_epoch: int
+    val_score: float | None
+    state_dict: dict[str, Any]
+    protocol: str
+    leaky: bool
+    wall_time: float
+    device: str
+    test_metrics: dict[str, Any] = field(default_factory=dict)
+    train_subjects: tuple[str, ...] = ()
+    val_subjects: tuple[str, ...] = ()
+    test_subjects: tuple[str, ...] = ()
+    class_names: tuple[str, ...] = ()
+
+    def summary(self, key: str, leaky: bool, split: str) -> FoldSummary:
+        """The storable part; `leaky` is the platform's leak rule (protocol or model inputs), not only the
+        protocol's."""
+        return FoldSummary(
+            key=key, fold=self.fold, protocol=self.protocol, leaky=leaky, selected_epoch=int(self.selected_epoch),
+            val_score=self.val_score, history=_plain(self.history), test_metrics=_plain(self.test_metrics),
+            class_names=list(self.class_names), wall_time=float(self.wall_time), device=self.device,
+            train_subjects=list(self.train_subjects), val_subjects=list(self.val_subjects),
+            test_subjects=list(self.test_subjects), split=split)
+
+
+@dataclass
+class ExperimentSummary(_Json):
+    """One experiment (dataset x model x protocol x split) as the tune stage leaves it."""
+
+    experiment: str
+    protocol: str
+    leaky: bool
+    class_names: list[str]
+    metrics: dict[str, float | None] = field(default_factory=dict)  # metrics.flat_metrics of the pooled predictions
+    split: str = "loso"
+    experiment_key: str = ""
+    chosen: dict[str, Any] = field(default_factory=dict)  # hyperparameters chosen by the inner-validation search
+    data_version: str = ""
+    folds: int = 0
+    model: dict[str, Any] = field(default_factory=dict)  # name, config, kwargs
+    tracking_experiment: str | None = None
+    parent_run_id: str | None = None
+    model_uri: str | None = None
+
+
+@dataclass
+class Results:
+    """The contents of `tune.results`."""
+
+    summary: ExperimentSummary
+    predictions: pd.DataFrame
+    folds: list[FoldSummary]
+
+    def history(self) -> pd.DataFrame | None:
+        """Every fold's history in long format (a `fold` column), or None when no fold has one."""
+        frames = [pd.DataFrame(f.history).assign(fold=f.fold) for f in self.folds if f.history]
+        return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def write_results(directory: str | Path, results: Results) -> Path:
+    """Write the three files of `tune.results` (summary last: its presence marks a complete directory)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    results.predictions.to_csv(out / PREDICTIONS_FILE, index=False)
+    _write_json(out / FOLDS_FILE, [f.to_json() for f in results.folds])
+    _write_json(out / SUMMARY_FILE, results.summary.to_json())
+    return out
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise DataError("missing; run `mer tune` first", file=str(path))
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"not valid JSON ({err.msg}, line {err.lineno})", file=str(path)) from None
+
+
+def read_summary(directory: str | Path) -> ExperimentSummary:
+    path = Path(directory) / SUMMARY_FILE
+    return ExperimentSummary.from_json(_read_json(path), str(path))
+
+
+def read_results(directory: str | Path) -> Results:
+    """`tune.results` back as typed objects; DataError naming a missing or malformed file."""
+    directory = Path(directory)
+    summary = read_summary(directory)
+    predictions_path = directory / PREDICTIONS_FILE
+    if not predictions_path.is_file():
+        raise DataError("missing; run `mer tune` first", file=str(predictions_path))
+    predictions = pd.read_csv(predictions_path, keep_default_na=False)
+    folds_path = directory / FOLDS_FILE
+    folds = [FoldSummary.from_json(f, str(folds_path)) for f in _read_json(folds_path)]
+    return Results(summary, predictions, folds)
+

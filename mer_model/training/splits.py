@@ -1,0 +1,72 @@
+"""Split schemes behind one registry: how the samples of a cache become evaluation folds (`train.split`).
+
+A split maps the sample index (one row per sample, with `subject` and `dataset` columns) to a list of `Fold`s. Every
+scheme splits by SUBJECT, so no person is ever on both sides of a fold; the `inner` protocol then draws its
+validation subjects from each fold's training subjects only. A new scheme is one function here with
+`@register_split`.
+
+Registered:
+* `loso` - leave one subject out: one fold per subject (the field's standard for CASME II, SAMM, SMIC, MEGC2019);
+* `lodo` - leave one dataset out: one fold per source dataset of a composite, trained on the others and tested on
+  the held-out one (the cross-dataset protocol of MEB and of the MEGC cross-database challenges). Honest by
+  construction: no subject of the held-out dataset is in training or validation, and results are pooled per
+  held-out dataset (the `per_dataset` part of `pooled_metrics`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pandas as pd
+
+from mer_model.errors import ConfigError
+from mer_model.training.folds import Fold, loso_folds
+
+Split = Callable[[pd.DataFrame], list[Fold]]
+_SPLITS: dict[str, Split] = {}
+
+
+def register_split(name: str) -> Callable[[Split], Split]:
+    """Decorator: register a split scheme `index -> folds` under `name`."""
+
+    def wrap(split: Split) -> Split:
+        if name in _SPLITS:
+            raise ValueError(f"split {name!r} registered twice")
+        _SPLITS[name] = split
+        return split
+
+    return wrap
+
+
+def list_splits() -> list[str]:
+    return list(_SPLITS)
+
+
+def make_folds(name: str, index: pd.DataFrame) -> list[Fold]:
+    """The folds of split scheme `name` over `index`; ConfigError naming `train.split` when it cannot apply."""
+    if name not in _SPLITS:
+        raise ConfigError(f"train.split: unknown split {name!r} (known: {', '.join(_SPLITS)})")
+    return _SPLITS[name](index)
+
+
+register_split("loso")(loso_folds)
+
+
+@register_split("lodo")
+def lodo_folds(index: pd.DataFrame) -> list[Fold]:
+    """One fold per dataset (sorted; fold name = dataset): test = all its subjects, train = every other subject."""
+    for column in ("subject", "dataset"):
+        if column not in index.columns:
+            raise ConfigError(f"train.split: lodo needs a '{column}' column in the sample index")
+    datasets = sorted(str(d) for d in index["dataset"].unique())
+    if len(datasets) < 2:
+        raise ConfigError(f"train.split: lodo needs at least 2 datasets; the data has {datasets} "
+                          "(use a composite, e.g. data.source=megc2019, or synth.datasets: 2)")
+    owners = index.groupby("subject")["dataset"].nunique()
+    shared = owners[owners > 1]
+    if not shared.empty:
+        raise ConfigError(f"train.split: subject {shared.index[0]} appears in several datasets; lodo needs each "
+                          "subject in one dataset")
+    subjects = {d: sorted(str(s) for s in index.loc[index["dataset"] == d, "subject"].unique()) for d in datasets}
+    return [Fold(name=d, train_subjects=tuple(s for o in datasets if o != d for s in subjects[o]),
+                 test_subjects=tuple(subjects[d])) for d in datasets]

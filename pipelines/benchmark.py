@@ -1,0 +1,328 @@
+"""`mer benchmark`: LOSO of several models x protocols on a real collection, through the platform's own stages.
+
+    mer benchmark megc2019 --root PATH [--models KEY ...] [--protocol fixed inner oracle] [--epochs N]
+                           [--au-sheets casme2=PATH samm=PATH] [--out DIR]
+
+Why it is built this way: a benchmark number must come from the code users run, so the collection goes through
+`ingest` -> `preprocess` -> the experiment driver (`pipelines.engine.driver.run_experiment`, folds as Ray tasks,
+tracked parent/trial/fold runs) once per (model, protocol): this module is a loop over models x protocols that chooses
+the settings and collects one row per run from the driver's typed results; the tables and the chart are rendered by
+`mer_model.reporting.benchmark`. Models come from `params.benchmark.models` (recipes set a priori, never tuned on a test
+fold). What the data cannot feed is switched off and said so: FPF without apex face crops, AUs without a coding sheet.
+Rows are flagged `leaky` when the protocol is `oracle` (test-fold epoch selection) or the model reads annotated AUs.
+
+Outputs under `--out` (default `<benchmark.out>/<collection>`): results.csv (one row per model x protocol, merged with
+rows of earlier invocations), results.md (honest protocols first, the reproduction check, notes) and results.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shlex
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from components.common import add_params_arguments, params_from_args
+from components.ingest import ingest
+from components.preprocess import preprocess
+from components.ray_session import connect_ray
+from components.tracking import git_commit
+from mer_model.config import BenchmarkModel, Params, with_overrides
+from mer_model.errors import ConfigError, DataError
+from mer_model.reporting.benchmark import DATASETS, SCORES, write_outputs
+from mer_model.training.metrics import pooled_metrics
+from mer_model.training.protocols import leak_reasons, list_protocols
+from mer_model.training.results import ExperimentSummary, FoldSummary, read_results
+
+log = logging.getLogger(__name__)
+
+COLLECTIONS = {"megc2019": "megc2019_3"}  # benchmarkable collections -> their class set
+KEY_COLUMNS = ("model", "protocol")
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Settings
+
+
+def base_params(params: Params, collection: str, root: Path, au_sheets: Mapping[str, str]) -> Params:
+    """params with the data/preprocess/tracking sections pointed at this collection under benchmark.work."""
+    if collection not in COLLECTIONS:
+        raise ConfigError(f"benchmark: unknown collection {collection!r} (known: {', '.join(COLLECTIONS)})")
+    if not root.is_dir():
+        raise DataError("--root: directory not found", file=str(root))
+    work = Path(params.benchmark.work) / collection
+    return with_overrides(params, {
+        "data.source": collection, "data.root": str(root.resolve()), "data.class_set": COLLECTIONS[collection],
+        "data.annotation": None, "data.au_sheets": {k: str(Path(v).expanduser().resolve()) for k, v in au_sheets.items()},
+        "data.ingested": str(work / "ingested" / "annotations.csv"), "preprocess.out": str(work / "preprocessed"),
+        "tune.storage_path": str(work / "tune"), "tune.num_samples": 0, "tune.final_model": False,
+        "tracking.experiment": f"benchmark-{collection}",
+    }, "benchmark settings")
+
+
+def run_params(base: Params, key: str, entry: BenchmarkModel, kwargs: Mapping[str, Any], protocol: str,
+               epochs: int | None, collection: str) -> Params:
+    """Params of one run: the entry's model and recipe, the protocol, its own experiment and results dir."""
+    work = Path(base.benchmark.work) / collection
+    return with_overrides(base, {
+        "model": {"name": entry.name, "config": entry.config, "kwargs": dict(kwargs)},
+        **{f"train.{name}": value for name, value in entry.train.items()},
+        **({"train.epochs": epochs} if epochs is not None else {}),
+        "train.protocol": protocol,
+        "tune.experiment": f"benchmark-{collection}-{key}-{protocol}",
+        "tune.results": str(work / "results" / f"{key}-{protocol}"),
+    }, f"benchmark.models.{key}")
+
+
+def parse_au_sheets(items: Sequence[str]) -> dict[str, str]:
+    """["casme2=PATH", ...] -> {"casme2": PATH}; a file that does not exist is an error naming it."""
+    sheets: dict[str, str] = {}
+    for item in items:
+        dataset, sep, path = item.partition("=")
+        if not sep or not dataset or not path:
+            raise ConfigError(f"--au-sheets {item!r}: expected DATASET=PATH")
+        if not Path(path).expanduser().is_file():
+            raise DataError("AU coding sheet not found", file=path)
+        sheets[dataset.strip()] = path
+    return sheets
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What the preprocessed data can feed
+
+
+def data_capabilities(store: Any) -> dict[str, Any]:
+    """Which optional inputs the cache holds: apex face crops for every sample, AU coding per source dataset."""
+    ids = store.index["sample_id"].tolist()
+    has_faces = all("apex224" in store.keys(sid) for sid in ids)
+    coded: dict[str, int] = {}
+    for sid, dataset in zip(ids, store.index["dataset"], strict=True):
+        if "aus" in store.keys(sid) and store.arrays(sid, ["aus"])["aus"].any():
+            coded[dataset] = coded.get(dataset, 0) + 1
+    counts = store.index["dataset"].value_counts().to_dict()
+    return {"faces": has_faces, "au_coded": coded, "per_dataset": {str(k): int(v) for k, v in counts.items()}}
+
+
+def adapt_entry(key: str, entry: BenchmarkModel, caps: Mapping[str, Any]) -> tuple[dict[str, Any], str, list[str]]:
+    """(model kwargs for this data, AU mode actually used, notes): FPF and AUs switched off where the data lacks them."""
+    from mer_model.models import resolve_kwargs
+
+    kwargs = dict(entry.kwargs)
+    notes: list[str] = []
+    if entry.faces:
+        if caps["faces"]:
+            kwargs.update(entry.faces)
+        else:
+            notes.append("FPF disabled: no apex face crops in this data (position branch off)")
+            log.warning("%s: the data has no apex face crops; running with FPF disabled", key)
+    au_mode = str(resolve_kwargs(entry.name, entry.config, **kwargs).get("au_mode", "none"))
+    coded = caps["au_coded"]
+    if au_mode != "none" and not coded:
+        notes.append(f"AUs disabled ({au_mode} requested): no AU coding joined (pass --au-sheets)")
+        log.warning("%s: no AU coding in the data; running with AUs disabled", key)
+        kwargs["au_mode"] = au_mode = "none"
+    elif au_mode != "none":
+        uncoded = sorted(set(caps["per_dataset"]) - set(coded))
+        what = "input (leaks labels)" if au_mode == "annotated" else "targets of a jointly trained AU head"
+        notes.append(f"AUs {au_mode}: coding of {', '.join(sorted(coded))} as {what}"
+                     + (f"; {', '.join(uncoded)} uncoded (zero vector)" if uncoded else ""))
+    return kwargs, au_mode, notes
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One LOSO run through the driver
+
+
+def run_one(params: Params) -> tuple[ExperimentSummary, pd.DataFrame, list[FoldSummary], float]:
+    """(summary, pooled predictions, fold summaries, wall seconds) of one run of the driver, read back from its
+    typed results in `tune.results`."""
+    from pipelines.engine.driver import run_experiment  # Ray Tune: imported when a benchmark runs, not for --help
+
+    start = time.perf_counter()
+    run_experiment(params, source="mer benchmark")
+    wall = time.perf_counter() - start
+    results = read_results(params.tune.results)
+    return results.summary, results.predictions, results.folds, wall
+
+
+def result_row(key: str, entry: BenchmarkModel, params: Params, parameters: int, au_mode: str,
+               notes: Sequence[str], predictions: pd.DataFrame, folds: Sequence[FoldSummary], wall: float,
+               summary: ExperimentSummary, command: str = "") -> dict[str, Any]:
+    """One row of results.csv: the run's settings, pooled scores overall and per dataset, and where it came from."""
+    pooled = pooled_metrics(predictions, summary.class_names)
+    protocol = params.train.protocol
+    row: dict[str, Any] = {
+        "model": key, "label": entry.label or key, "network": f"{entry.name}/{entry.config}",
+        "parameters": parameters, "protocol": protocol, "leaky": summary.leaky,
+        "leak": "; ".join(leak_reasons(protocol, params.model)),
+        "au": au_mode, "epochs": params.train.epochs,
+        "selected_epoch_median": statistics.median(f.selected_epoch for f in folds) if folds else None,
+        "inner_val_uf1": (float(np.mean([f.val_score for f in folds if f.val_score is not None]))
+                          if protocol == "inner" and folds else None),
+        "n_samples": int(len(predictions)), "n_subjects": int(predictions["subject"].nunique()),
+        "datasets": "+".join(sorted(predictions["dataset"].unique())),
+    }
+    row.update({k: pooled["overall"][k] for k in SCORES})
+    for dataset in DATASETS:
+        values = pooled["per_dataset"].get(dataset)
+        row.update({f"{dataset}_{k}": (values[k] if values else None) for k in SCORES})
+        row[f"{dataset}_n"] = values["n"] if values else 0
+    devices = sorted({f.device for f in folds})
+    row.update({
+        "wall_s": round(wall, 1), "device": ",".join(devices) or "?",
+        "lr": params.train.lr, "batch_size": params.train.batch_size, "optimizer": params.train.optimizer,
+        "class_weights": params.train.class_weights, "model_kwargs": json.dumps(params.model.kwargs, sort_keys=True),
+        "mlflow_run": summary.parent_run_id or "", "notes": "; ".join(notes), "command": command,
+    })
+    return row
+
+
+def parameter_count(name: str, config: str, kwargs: Mapping[str, Any], num_classes: int) -> int:
+    """Parameters of the network as configured (built once, then dropped)."""
+    from mer_model.models import count_parameters, create_model  # torch + timm
+
+    return count_parameters(create_model(name, config, num_classes=num_classes, **kwargs))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The whole benchmark
+
+
+def select_models(params: Params, requested: Sequence[str] | None) -> list[str]:
+    cfg = params.benchmark
+    keys = list(requested or cfg.default_models or cfg.models)
+    unknown = [k for k in keys if k not in cfg.models]
+    if unknown:
+        raise ConfigError(f"benchmark.models: no entry {unknown[0]!r} (known: {', '.join(cfg.models)})")
+    return keys
+
+
+def order_protocols(protocols: Sequence[str], fixed_from_inner: bool) -> list[str]:
+    """`inner` before `fixed` when fixed takes its epoch count from inner; otherwise as given (duplicates dropped)."""
+    ordered = list(dict.fromkeys(protocols))
+    if fixed_from_inner and "inner" in ordered and "fixed" in ordered:
+        ordered.remove("inner")
+        ordered.insert(ordered.index("fixed"), "inner")
+    return ordered
+
+
+def benchmark(params: Params, collection: str, root: Path, models: Sequence[str] | None = None,
+              protocols: Sequence[str] | None = None, epochs: int | None = None,
+              au_sheets: Mapping[str, str] | None = None, out: Path | None = None,
+              command: str = "") -> pd.DataFrame:
+    """Ingest + preprocess `root`, run the driver for every model x protocol, write the tables; returns all rows."""
+    from mer_model.training.data import SampleStore  # torch
+
+    base = base_params(params, collection, root, au_sheets or {})
+    keys = select_models(base, models)
+    chosen = order_protocols(protocols or base.benchmark.protocols, base.benchmark.fixed_epochs_from_inner)
+    out = out or Path(base.benchmark.out) / collection
+    connect_ray(base.tune.ray_address, base.benchmark.cpus)
+    ingest(base)
+    preprocess(base)
+    store = SampleStore.open(base.preprocess.out)
+    caps = data_capabilities(store)
+    log.info("benchmark %s: %d samples, %d subjects %s; apex crops: %s; AU coding: %s", collection, len(store.index),
+             len(store.subjects()), caps["per_dataset"], caps["faces"], caps["au_coded"] or "none")
+    rows: list[dict[str, Any]] = []
+    for key in keys:
+        entry = base.benchmark.models[key]
+        kwargs, au_mode, notes = adapt_entry(key, entry, caps)
+        parameters = parameter_count(entry.name, entry.config, kwargs, store.num_classes)
+        inner_epoch: int | None = None
+        for protocol in chosen:
+            run_epochs = epochs
+            run_notes = list(notes)
+            if protocol == "fixed" and inner_epoch is not None:
+                run_epochs = inner_epoch
+                run_notes.append(f"fixed epochs = median epoch selected by inner validation ({inner_epoch})")
+            run = run_params(base, key, entry, kwargs, protocol, run_epochs, collection)
+            log.info("benchmark: %s under %s (%d epochs)", key, protocol, run.train.epochs)
+            summary, predictions, folds, wall = run_one(run)
+            row = result_row(key, entry, run, parameters, au_mode, run_notes, predictions, folds, wall, summary,
+                             command)
+            rows.append(row)
+            if protocol == "inner" and base.benchmark.fixed_epochs_from_inner and row["selected_epoch_median"]:
+                inner_epoch = max(1, int(round(row["selected_epoch_median"])))
+            log.info("benchmark: %s %s: UF1 %.4f UAR %.4f acc %.4f (%.0f s)", key, protocol, row["uf1"], row["uar"],
+                     row["accuracy"], wall)
+    table = merge_rows(out / "results.csv", pd.DataFrame(rows), list(base.benchmark.models))
+    settings = {
+        "collection": collection, "root": str(root), "samples": len(store.index),
+        "subjects": len(store.subjects()), "per_dataset": caps["per_dataset"], "apex_crops": caps["faces"],
+        "au_coded": caps["au_coded"], "au_sheets": dict(base.data.au_sheets), **environment(),
+    }
+    write_outputs(table, out, settings)
+    return table
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available(), "git_commit": git_commit(REPO)}
+
+
+def merge_rows(path: Path, rows: pd.DataFrame, model_order: Sequence[str] = ()) -> pd.DataFrame:
+    """Rows of earlier invocations (other models or protocols) kept; the same model x protocol replaced. Sorted by
+    `model_order` (params order), then protocol fixed, inner, oracle."""
+    if path.is_file():
+        old = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        keep = ~old.set_index(list(KEY_COLUMNS)).index.isin(rows.set_index(list(KEY_COLUMNS)).index)
+        rows = pd.concat([old[keep], rows], ignore_index=True)
+    rank = {"fixed": 0, "inner": 1, "oracle": 2} | {m: i for i, m in enumerate(model_order)}
+    return rows.sort_values(["model", "protocol"], key=lambda col: col.map(lambda v: (rank.get(v, len(rank)), v)),
+                            kind="stable").reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _run(args: argparse.Namespace) -> int:
+    params = params_from_args(args)
+    table = benchmark(params, args.collection, Path(args.root).expanduser(), args.models, args.protocol, args.epochs,
+                      parse_au_sheets(args.au_sheets), Path(args.out) if args.out else None, command_line(args))
+    log.info("benchmark results:\n%s", table[["label", "protocol", "leaky", *SCORES, "n_samples", "n_subjects",
+                                                "wall_s", "device"]].to_string(index=False))
+    return 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The invocation as a `mer benchmark` command line (recorded with each result row)."""
+    parts = ["mer", "benchmark", args.collection, "--root", args.root]
+    for flag, value in (("--models", args.models), ("--protocol", args.protocol), ("--au-sheets", args.au_sheets)):
+        if value:
+            parts += [flag, *value]
+    if args.epochs is not None:
+        parts += ["--epochs", str(args.epochs)]
+    if args.out:
+        parts += ["--out", args.out]
+    parts += [x for o in args.overrides for x in ("-S", o)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "benchmark", help="LOSO of several models x protocols on a real collection -> results table + chart")
+    parser.add_argument("collection", choices=sorted(COLLECTIONS), help="the collection to benchmark")
+    parser.add_argument("--root", required=True, help="directory holding the collection (any part of it)")
+    parser.add_argument("--models", nargs="+", metavar="KEY", help="entries of benchmark.models (default: all)")
+    parser.add_argument("--protocol", nargs="+", choices=list_protocols(),
+                        help="protocols to run (default: benchmark.protocols)")
+    parser.add_argument("--epochs", type=int, help="epochs of every model (default: each model's recipe)")
+    parser.add_argument("--au-sheets", nargs="+", default=[], metavar="DATASET=PATH",
+                        help="AU coding sheets to join, e.g. casme2=CASME2-coding.xlsx samm=SAMM.xlsx")
+    parser.add_argument("--out", help="directory of the tables (default: <benchmark.out>/<collection>)")
+    add_params_arguments(parser)
+    parser.set_defaults(func=_run)

@@ -1,0 +1,197 @@
+"""Tune callbacks of the driver, attached through `RunConfig(callbacks=...)` when a Tuner is built and restored with
+it by `Tuner.restore` (so they pickle: they hold configuration and open clients and files lazily).
+
+* `TrackingCallback` mirrors trials and folds into the tracker: a run per trial (child of the experiment's parent
+  run) and a run per fold (child of its trial) with per-epoch metrics, predictions and history. Only the driver
+  talks to the tracker: workers need no access to the tracking server or its credentials.
+* `FoldProgress` shows folds done/total with an ETA.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from ray.tune import Callback
+from tqdm import tqdm
+
+from components.tracking import EXPERIMENT_KEY_TAG, KIND_TAG, Tracker
+from mer_model.reporting.artifacts import write_artifacts
+from mer_model.training.metrics import METRICS, flat_metrics
+from mer_model.training.protocols import is_leaky, run_label
+from mer_model.training.results import FoldSummary
+from pipelines.engine.storage import FoldStorage
+from pipelines.engine.trial import OBJECTIVE, TrialContext, fold_jobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunInfo:
+    """The tracked runs of one experiment (dataset x model x protocol x split)."""
+
+    experiment_key: str
+    parent_id: str
+    base_params: dict[str, str] = field(default_factory=dict)  # data_version, git_commit, experiment
+
+
+def leak_tags(protocol: str, leaky: bool) -> dict[str, str]:
+    """The `protocol` and `leaky` tags every run carries."""
+    return {"protocol": protocol, "leaky": str(leaky).lower()}
+
+
+def log_pooled(tracker: Tracker, run: str, predictions: pd.DataFrame, class_names: list[str],
+               title: str, leaky: bool) -> dict[str, Any]:
+    """Pooled metrics and the evaluation artifacts of a run (mer_model.reporting.artifacts); returns the metrics."""
+    flat, _ = flat_metrics(predictions, class_names)
+    tracker.log_metrics(run, [(k, v, 0) for k, v in flat.items()])
+    with tempfile.TemporaryDirectory(prefix="mer-artifacts-") as tmp:
+        paths = write_artifacts(predictions, class_names, Path(tmp), title=title, leaky=leaky)
+        tracker.log_files(run, [paths[k] for k in ("predictions", "per_subject", "confusion_png", "per_class_recall")])
+    return flat
+
+
+class TrackingCallback(Callback):
+    """Mirrors one phase's trials and folds into `tracker` (see the module docstring)."""
+
+    def __init__(self, tracker: Tracker, info: RunInfo, ctx: TrialContext) -> None:
+        self.tracker = tracker
+        self.info = info
+        self.ctx = ctx
+        self.trial_runs: dict[str, str] = {}
+
+    def _trial_key(self, trial: Any) -> str:
+        suffix = trial.trial_id if self.ctx.phase == "search" else "chosen"
+        return f"{self.info.experiment_key}/{self.ctx.phase}/{suffix}"
+
+    def _trial_run(self, trial: Any) -> str:
+        if trial.trial_id in self.trial_runs:
+            return self.trial_runs[trial.trial_id]
+        resolved, overrides = self.ctx.resolved(trial.config)
+        label = run_label(self.ctx.protocol, is_leaky(self.ctx.protocol, resolved.model))
+        name = f"search trial {trial.trial_id} ({label})" if self.ctx.phase == "search" else f"evaluation {label}"
+        run, created = self.tracker.open_run(
+            self._trial_key(trial), name,
+            {KIND_TAG: "trial", EXPERIMENT_KEY_TAG: self.info.experiment_key, "phase": self.ctx.phase,
+             **leak_tags(self.ctx.protocol, is_leaky(self.ctx.protocol, resolved.model))},
+            parent=self.info.parent_id)
+        if created:
+            self.tracker.log_params_of(run, resolved, self.info.base_params | {
+                f"search.{k}": json.dumps(v) for k, v in overrides.items()})
+            with tempfile.TemporaryDirectory(prefix="mer-config-") as tmp:
+                self.tracker.log_config(run, resolved, Path(tmp))
+        self.trial_runs[trial.trial_id] = run
+        return run
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._trial_run(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        run = self._trial_run(trial)
+        if self.ctx.phase == "search" and OBJECTIVE in result:
+            self.tracker.log_metrics(run, [(OBJECTIVE, result[OBJECTIVE], int(result["folds_done"]))])
+        if result.get("fold_key"):
+            self._log_fold(run, self._trial_key(trial), result["fold"], result["fold_key"], trial.config)
+
+    def _log_fold(self, trial_run: str, trial_key: str, fold: str, key: str, config: dict[str, Any]) -> None:
+        run_key = f"{trial_key}/fold/{fold}"
+        if self.tracker.is_finished(run_key):
+            return  # logged by an earlier driver
+        stored = FoldStorage(self.ctx.storage).load(key)
+        assert stored is not None, f"fold {fold} reported but not stored under {key}"
+        summary, predictions = stored
+        resolved, _ = self.ctx.resolved(config)
+        run, _ = self.tracker.open_run(
+            run_key, f"fold {fold} ({run_label(summary.protocol, summary.leaky)})",
+            {KIND_TAG: "fold", EXPERIMENT_KEY_TAG: self.info.experiment_key, "fold": fold, "phase": self.ctx.phase,
+             "fold_key": key, **leak_tags(summary.protocol, summary.leaky)},
+            parent=trial_run)
+        self.tracker.log_params_of(run, resolved, self.info.base_params | {
+            "fold.test_subjects": ",".join(summary.test_subjects),
+            "fold.val_subjects": ",".join(summary.val_subjects),
+            "fold.n_train_subjects": str(len(summary.train_subjects)),
+            "fold.device": summary.device})
+        self.tracker.log_metrics(run, [(name, value, int(entry["epoch"])) for entry in summary.history
+                                       for name, value in entry.items()
+                                       if name != "epoch" and isinstance(value, (int, float))])
+        self.tracker.log_metrics(run, [(k, summary.test_metrics.get(k), 0) for k in (*METRICS, "n")] + [
+            ("selected_epoch", summary.selected_epoch, 0), ("wall_time_s", summary.wall_time, 0),
+            ("val_score", summary.val_score, 0)])
+        with tempfile.TemporaryDirectory(prefix="mer-fold-") as tmp:
+            paths = [Path(tmp) / "predictions.csv", Path(tmp) / "history.csv"]
+            predictions.to_csv(paths[0], index=False)
+            pd.DataFrame(summary.history).to_csv(paths[1], index=False)
+            self.tracker.log_files(run, paths)
+        self.tracker.end_run(run, "FINISHED")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run = self._trial_run(trial)
+        resolved, _ = self.ctx.resolved(trial.config)
+        summaries, predictions = stored_folds(self.ctx.storage, [j.key for j in fold_jobs(self.ctx, resolved)])
+        leaky = is_leaky(self.ctx.protocol, resolved.model)
+        log_pooled(self.tracker, run, predictions, summaries[0].class_names,
+                   f"{trial.trial_id} ({run_label(self.ctx.protocol, leaky)})", leaky)
+        last = trial.last_result or {}
+        if OBJECTIVE in last:
+            self.tracker.log_metrics(run, [(OBJECTIVE, last[OBJECTIVE], 0)])
+        self.tracker.end_run(run, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.tracker.end_run(self._trial_run(trial), "FAILED")
+
+
+def stored_folds(storage: str, keys: list[str]) -> tuple[list[FoldSummary], pd.DataFrame]:
+    """The summaries and pooled test predictions of the finished folds among `keys` (in order)."""
+    fold_storage = FoldStorage(storage)
+    loaded = [s for s in (fold_storage.load(k) for k in keys) if s is not None]
+    if not loaded:
+        raise RuntimeError("no finished fold to pool")
+    return [s for s, _ in loaded], pd.concat([p for _, p in loaded], ignore_index=True)
+
+
+class FoldProgress(Callback):
+    """Folds done/total and an ETA for one phase (Tune itself runs with verbose=0): a tqdm bar on a terminal;
+    elsewhere (`dvc repro`, `ray job` logs, files) one log line per finished fold, since a redrawn bar turns into one
+    unreadable line there. Folds read back from storage count as done at once."""
+
+    def __init__(self, phase: str, total: int, interactive: bool | None = None) -> None:
+        self.phase = phase
+        self.total = total
+        self.interactive = interactive
+        self.done = 0
+        self.start: float | None = time.monotonic()
+        self.bar: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "bar": None, "start": None, "done": 0}
+
+    def _bar(self) -> Any:
+        if self.bar is None:
+            tty = sys.stderr.isatty() if self.interactive is None else self.interactive
+            self.bar = tqdm(total=self.total, desc=self.phase, unit="fold", disable=not tty, dynamic_ncols=True)
+            self.start = self.start or time.monotonic()  # None after a restore: count from the first fold
+        return self.bar
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if not result.get("fold_key"):
+            return
+        bar = self._bar()
+        self.done += 1
+        bar.update(1)
+        if bar.disable:
+            assert self.start is not None
+            elapsed = time.monotonic() - self.start
+            eta = elapsed / self.done * max(0, self.total - self.done)
+            log.info("%s: %d/%d folds done (fold %s), elapsed %s, ETA %s", self.phase, self.done, self.total,
+                     result.get("fold"), tqdm.format_interval(elapsed), tqdm.format_interval(eta))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()

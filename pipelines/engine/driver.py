@@ -1,0 +1,231 @@
+"""The experiment driver: search -> honest evaluation -> final model, on Ray Tune, mirrored into the tracker.
+
+1. Search (`tune.num_samples` > 0): Optuna through Ray Tune's OptunaSearch over `tune.search_space`. A trial is one
+   configuration trained on `tune.search_folds` folds under the `inner` protocol; its objective is the mean INNER
+   validation score (validation subjects drawn from each fold's training subjects). No test fold is ever looked at.
+2. Evaluation: the chosen configuration (or params.yaml's, without a search) on every fold of `train.split` (loso |
+   lodo) under `train.protocol` (fixed | inner | oracle; leaky ones tagged); -> `tune.results` (summary.json,
+   predictions.csv, folds.json: mer_model.training.results).
+3. Final model (`tune.final_model`, with a tracker that stores models): trained on all subjects for the median
+   selected epoch, logged as this platform's pyfunc (servable with `mlflow models serve`); `mer register` puts it in
+   the model registry.
+
+Everything a restart needs lives under `tune.storage_path` (Tune's experiment state, fold results) and in the tracker
+(runs found by key), so killing the driver and starting it again continues: Tune restores its trials with their
+callbacks, finished folds are read back, and runs are re-opened instead of created twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from components.common import check_output_dir
+from components.ray_session import connect_ray
+from components.tracking import (
+    EXPERIMENT_KEY_TAG,
+    FINAL_MODEL_TAG,
+    KIND_TAG,
+    DatasetInfo,
+    Tracker,
+    config_hash,
+    data_version,
+    git_commit,
+    make_tracker,
+)
+from mer_model.config import Params, PreprocessConfig
+from mer_model.errors import ConfigError
+from mer_model.training.data import SampleStore
+from mer_model.training.protocols import is_leaky, run_label
+from mer_model.training.results import ExperimentSummary, Results, write_results
+from mer_model.training.splits import make_folds
+from pipelines.engine.callbacks import FoldProgress, RunInfo, TrackingCallback, leak_tags, log_pooled, stored_folds
+from pipelines.engine.tasks import run_final
+from pipelines.engine.trial import (
+    OBJECTIVE,
+    TrialContext,
+    fold_jobs,
+    fold_resources,
+    fold_slots,
+    search_folds,
+    trial_params,
+    trial_trainable,
+    tune_domain,
+)
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def experiment_name(params: Params) -> str:
+    """dataset x model x protocol (x split, when not loso), unless tune.experiment names it."""
+    split = "" if params.train.split == "loso" else f"-{params.train.split}"
+    return params.tune.experiment or f"{params.data.source}-{params.model.name}-{params.train.protocol}{split}"
+
+
+def storage_root(params: Params) -> str:
+    """`tune.storage_path/<experiment>` as an absolute local path or a URI (s3://...)."""
+    path = params.tune.storage_path
+    root = path if "://" in path else str(Path(path).resolve())
+    return f"{root.rstrip('/')}/{experiment_name(params)}"
+
+
+def _run_phase(phase: str, ctx: TrialContext, space: dict[str, Any], num_samples: int, concurrent: int,
+               bundles: int, tune_root: str, callbacks: list[Any], seed: int) -> Any:
+    """One Tuner, restored from `tune_root/phase` when a previous driver left it unfinished (its callbacks come back
+    with it from the experiment state); returns its ResultGrid."""
+    trainable = tune.with_resources(tune.with_parameters(trial_trainable, ctx=ctx),
+                                    fold_resources(ctx.fold_cpus, ctx.fold_gpus, bundles))
+    path = f"{tune_root}/{phase}"
+    if tune.Tuner.can_restore(path):
+        log.info("%s: restoring the Tune experiment at %s", phase, path)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        searcher = OptunaSearch(metric=OBJECTIVE, mode="max", seed=seed) if phase == "search" else None
+        tune_config = tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
+                                      max_concurrent_trials=concurrent,
+                                      metric=OBJECTIVE if phase == "search" else None,
+                                      mode="max" if phase == "search" else None)
+        run_config = tune.RunConfig(name=phase, storage_path=tune_root, verbose=0, callbacks=callbacks,
+                                    failure_config=tune.FailureConfig(max_failures=1))
+        tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error is not None]
+    if errors:
+        raise RuntimeError(f"{phase}: {len(errors)} trial(s) failed; first: {errors[0]}")
+    return grid
+
+
+def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummary:
+    """Search, evaluate and train the final model; writes `tune.results` and returns its summary. `source` names
+    the entry point in the tracker."""
+    cfg = params.tune
+    # Also validates model.name/config/kwargs: an unknown model fails here, before the cache, Ray or the tracker.
+    leaky = is_leaky(params.train.protocol, params.model)
+    check_output_dir(cfg.results, "tune.results")  # fail now, not after the whole run
+    if "://" not in cfg.storage_path:
+        check_output_dir(cfg.storage_path, "tune.storage_path")
+    cache_dir = str(Path(params.preprocess.out).resolve())
+    store = SampleStore.open(cache_dir)
+    folds = make_folds(params.train.split, store.index)
+    version = data_version(cache_dir)
+    name = experiment_name(params)
+    protocol = params.train.protocol
+    keyed = params.model_dump(mode="json", include={"seed", "model", "train", "tune", "data"})
+    keyed["tune"] = {k: keyed["tune"][k] for k in ("num_samples", "search_space", "search_folds", "metric")}
+    experiment_key = f"{name}-{config_hash([keyed, version])}"
+    tune_root = f"{storage_root(params)}/{experiment_key}"
+    fold_store = f"{storage_root(params)}/folds"
+
+    connect_ray(cfg.ray_address)
+    slots = fold_slots(ray.cluster_resources(), cfg.fold_cpus, cfg.fold_gpus)
+    tracker = make_tracker(params.tracking, source)
+    tracker.check()
+    tracker.fail_stale_runs(experiment_key)
+    tracker.install_sigterm_handler()
+    try:
+        base = {"data_version": version, "git_commit": git_commit(REPO), "experiment": name}
+        parent, created = tracker.open_run(
+            experiment_key, f"{name} {run_label(protocol, leaky)}",
+            {KIND_TAG: "parent", EXPERIMENT_KEY_TAG: experiment_key, "dataset": params.data.source,
+             "model": params.model.name, "split": params.train.split, "data_version": version,
+             **leak_tags(protocol, leaky)})
+        if created:
+            tracker.log_params_of(parent, params, base)
+            with tempfile.TemporaryDirectory(prefix="mer-config-") as tmp:
+                tracker.log_config(parent, params, Path(tmp))
+            tracker.log_dataset(parent, DatasetInfo(params.data.source, version, params.preprocess.out,
+                                                    len(store.index), len(store.subjects())))
+        info = RunInfo(experiment_key=experiment_key, parent_id=parent, base_params=base)
+        common = dict(params=params.model_dump(mode="json", by_alias=True), cache_dir=cache_dir, storage=fold_store,
+                      data_version=version, fold_cpus=cfg.fold_cpus, fold_gpus=cfg.fold_gpus,
+                      max_retries=cfg.max_retries, metric=cfg.metric, search_keys=sorted(cfg.search_space))
+        log.info("%s: %d folds (%s), protocol %s, data %s, parent run %s", name, len(folds), params.train.split,
+                 protocol, version, parent)
+
+        chosen: dict[str, Any] = {}
+        if cfg.num_samples > 0:
+            if not cfg.search_space:
+                raise ConfigError("tune.search_space: empty, but tune.num_samples > 0")
+            ctx = TrialContext(phase="search", protocol="inner", folds=search_folds(folds, cfg.search_folds), **common)
+            space = {k: tune_domain(k, v) for k, v in cfg.search_space.items()}
+            concurrent = min(cfg.max_concurrent_trials, cfg.num_samples)
+            bundles = cfg.folds_per_trial or max(1, min(len(ctx.folds), slots // concurrent))
+            grid = _run_phase("search", ctx, space, cfg.num_samples, concurrent, bundles, tune_root,
+                              [TrackingCallback(tracker, info, ctx),
+                               FoldProgress("search", cfg.num_samples * len(ctx.folds))], params.seed)
+            best = grid.get_best_result(metric=OBJECTIVE, mode="max")
+            chosen = {k: best.config[k] for k in sorted(cfg.search_space)}
+            tracker.log_params(parent, {f"chosen.{k}": json.dumps(v) for k, v in chosen.items()})
+            tracker.log_metrics(parent, [(f"search_{OBJECTIVE}", best.metrics[OBJECTIVE], 0)])
+            log.info("search: best inner %s %.4f with %s", cfg.metric, best.metrics[OBJECTIVE], chosen)
+
+        ctx = TrialContext(phase="evaluate", protocol=protocol, folds=folds, **common)
+        bundles = cfg.folds_per_trial or max(1, min(len(folds), slots))
+        _run_phase("evaluate", ctx, dict(chosen), 1, 1, bundles, tune_root,
+                   [TrackingCallback(tracker, info, ctx), FoldProgress("evaluate", len(folds))], params.seed)
+        resolved = trial_params(ctx.params, chosen, protocol)
+        summaries, predictions = stored_folds(fold_store, [j.key for j in fold_jobs(ctx, resolved)])
+        class_names = summaries[0].class_names
+        leaky = is_leaky(protocol, resolved.model)
+        metrics = log_pooled(tracker, parent, predictions, class_names, f"{name} ({run_label(protocol, leaky)})",
+                             leaky)
+
+        model_uri = None
+        if cfg.final_model and tracker.stores_models:
+            epochs = int(statistics.median(s.selected_epoch for s in summaries))
+            model_uri = final_model(params, resolved, store, epochs, tracker, parent, leaky)
+        elif cfg.final_model:
+            log.warning("tune.final_model: tracking.backend %s stores no model; no final model trained",
+                        params.tracking.backend)
+
+        summary = ExperimentSummary(
+            experiment=name, experiment_key=experiment_key, protocol=protocol, split=params.train.split,
+            leaky=leaky, class_names=list(class_names), chosen=chosen, metrics=metrics, data_version=version,
+            folds=len(summaries), model=resolved.model.model_dump(mode="json"),
+            tracking_experiment=params.tracking.experiment if params.tracking.backend != "none" else None,
+            parent_run_id=parent if params.tracking.backend != "none" else None, model_uri=model_uri)
+        out = write_results(cfg.results, Results(summary, predictions, summaries))
+        tracker.end_run(parent, "FINISHED")
+        log.info("%s: UF1 %.4f UAR %.4f accuracy %.4f (%s) -> %s", name, metrics["uf1"], metrics["uar"],
+                 metrics["accuracy"], run_label(protocol, leaky), out)
+    except BaseException as err:
+        # A SIGTERM has already ended the runs as KILLED; anything else (a failed trial, Ctrl-C) ends them here.
+        tracker.end_all("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    return summary
+
+
+def final_model(params: Params, resolved: Params, store: SampleStore, epochs: int, tracker: Tracker, parent: str,
+                leaky: bool) -> str | None:
+    """Train on all subjects (a Ray task with a fold's resources) and log it to the parent run as the servable
+    model (flagged `leaky` when its evaluation was); returns its URI. A model already logged by an earlier driver
+    for this experiment key is reused."""
+    existing = tracker.get_tag(parent, FINAL_MODEL_TAG)
+    if existing:
+        return existing
+    log.info("final model: training %d epochs on all %d subjects", epochs, len(store.subjects()))
+    task = ray.remote(run_final).options(num_cpus=params.tune.fold_cpus, num_gpus=params.tune.fold_gpus,
+                                          max_retries=params.tune.max_retries)
+    model, history = ray.get(task.remote(resolved.model.model_dump(mode="json"),
+                                         resolved.train.model_dump(mode="json"), store.root.as_posix(), epochs,
+                                         max(1, int(params.tune.fold_cpus))))
+    tracker.log_metrics(parent, [(f"final_{k}", v, int(entry["epoch"])) for entry in history
+                                 for k, v in entry.items() if k != "epoch" and isinstance(v, (int, float))])
+    # The model carries the class names, the training preprocessing and the leaky flag with the checkpoint, so
+    # `mlflow models serve` and `mer predict` need nothing else from this run.
+    uri = tracker.log_model(parent, model, store.class_names,
+                            PreprocessConfig.model_validate(store.manifest["preprocess"]), leaky)
+    if uri:
+        tracker.set_tag(parent, FINAL_MODEL_TAG, uri)
+        log.info("final model (%d epochs on %d subjects) logged as %s", epochs, len(store.subjects()), uri)
+    return uri

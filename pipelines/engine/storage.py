@@ -1,0 +1,85 @@
+"""Finished folds under `<root>/<fold key>/`: `result.json` (a FoldSummary) and `predictions.csv`; result.json is
+written last, so its presence means the fold is complete. `root` is a local directory or a pyarrow URI such as
+s3://bucket/prefix, so a restarted driver on another node, a restored trial, or another trial with the same
+configuration reads a fold back instead of training it again. A fold's checkpoint lives beside it
+(`checkpoint/last.pt`) so that a retried task continues where its worker died."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from pyarrow import fs as pafs
+
+from mer_model.training.results import FoldSummary
+from mer_model.training.trainer import CHECKPOINT_NAME
+
+RESULT_FILE = "result.json"
+PREDICTIONS_FILE = "predictions.csv"
+CHECKPOINT_DIR = "checkpoint"
+
+
+class FoldStorage:
+    """Read and write finished folds; cheap to create (one per task or callback), never pickled with a connection."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        self.fs, self.base = pafs.FileSystem.from_uri(self.root if "://" in self.root else
+                                                      str(Path(self.root).resolve()))
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.base, *parts])
+
+    def _write(self, path: str, data: bytes) -> None:
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        tmp = path + ".tmp"
+        with self.fs.open_output_stream(tmp) as out:
+            out.write(data)
+        self.fs.move(tmp, path)
+
+    def _read(self, path: str) -> bytes | None:
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as src:
+            return src.read()
+
+    def summary(self, key: str) -> FoldSummary | None:
+        """The stored summary of a finished fold, or None."""
+        raw = self._read(self._path(key, RESULT_FILE))
+        return None if raw is None else FoldSummary.from_json(json.loads(raw), self._path(key, RESULT_FILE))
+
+    def load(self, key: str) -> tuple[FoldSummary, pd.DataFrame] | None:
+        """The summary and test predictions of a finished fold, or None."""
+        summary = self.summary(key)
+        csv = None if summary is None else self._read(self._path(key, PREDICTIONS_FILE))
+        return None if csv is None else (summary, pd.read_csv(io.BytesIO(csv), keep_default_na=False))
+
+    def save(self, summary: FoldSummary, predictions: pd.DataFrame) -> None:
+        self._write(self._path(summary.key, PREDICTIONS_FILE), predictions.to_csv(index=False).encode())
+        self._write(self._path(summary.key, RESULT_FILE), json.dumps(summary.to_json()).encode())
+
+    def checkpoint_dir(self, key: str) -> str:
+        """A local directory for train_fold's checkpoint: the storage itself when local, else a scratch directory
+        seeded from and synced back to the remote copy (`pull_checkpoint` / `push_checkpoint`)."""
+        if self.local:
+            return self._path(key, CHECKPOINT_DIR)
+        return str(Path(tempfile.gettempdir()) / "mer-fold-checkpoints" / key)
+
+    def pull_checkpoint(self, key: str, local_dir: str) -> None:
+        if self.local:
+            return
+        raw = self._read(self._path(key, CHECKPOINT_DIR, CHECKPOINT_NAME))
+        if raw is not None:
+            Path(local_dir).mkdir(parents=True, exist_ok=True)
+            (Path(local_dir) / CHECKPOINT_NAME).write_bytes(raw)
+
+    def push_checkpoint(self, key: str, local_dir: str) -> None:
+        if self.local:
+            return
+        path = Path(local_dir) / CHECKPOINT_NAME
+        if path.is_file():
+            self._write(self._path(key, CHECKPOINT_DIR, CHECKPOINT_NAME), path.read_bytes())

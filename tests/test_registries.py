@@ -1,0 +1,178 @@
+"""Registry-driven checks: every registered model, loader, epoch-selection protocol, split scheme and batch key is
+covered by iterating its registry (as timm does over `list_models()`), so a new one is tested without editing a list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_models import make_batch
+from test_training_data import CLASSES, write_cache
+
+from mer_model.batch_keys import BATCH_KEYS, Geometry, example_array
+from mer_model.config import ModelConfig, PreprocessConfig, TrainConfig, parse_params
+from mer_model.data import LOADERS, load_annotations
+from mer_model.errors import ConfigError, DataError
+from mer_model.inference import example_arrays, input_batch
+from mer_model.models import create_model, list_configs, list_models, model_io
+from mer_model.training import augment
+from mer_model.training.data import SampleStore, to_tensor
+from mer_model.training.protocols import get_protocol, is_leaky, list_protocols
+from mer_model.training.splits import list_splits, make_folds
+from mer_model.training.trainer import FoldSpec, train_fold
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------------------ models
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_small_config_trains_on_its_declared_keys(name: str) -> None:
+    """The small configuration reads only batch keys of the spec, and one step on exactly its declared inputs and
+    targets gives finite logits and a finite loss with gradients."""
+    assert {"paper", "small"} <= set(list_configs(name))
+    inputs, targets = model_io(name, "small")
+    assert set(inputs) | set(targets) <= set(BATCH_KEYS) | {"label"}
+    torch.manual_seed(0)
+    model = create_model(name, "small", num_classes=3)
+    batch = make_batch(tuple(dict.fromkeys((*inputs, *targets))), b=2, classes=3)
+    outputs = model(batch)
+    assert outputs["logits"].shape == (2, 3) and torch.isfinite(outputs["logits"]).all()
+    loss, parts = model.loss(outputs, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and "loss" in parts
+    assert any(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_leak_flag_matches_the_leak_rule(name: str) -> None:
+    """The built model's `leaks_labels` and the library's leak rule (which never builds it) agree, per config."""
+    for config in list_configs(name):
+        with torch.device("meta"):
+            model = create_model(name, config, num_classes=3)
+        assert bool(model.leaks_labels) == is_leaky("fixed", ModelConfig(name=name, config=config)), config
+
+
+# ----------------------------------------------------------------------------------------------------------- loaders
+
+
+@pytest.mark.parametrize("source", sorted(LOADERS))
+def test_every_loader_names_the_missing_root_in_one_line(source: str, tmp_path: Path) -> None:
+    with pytest.raises(DataError) as err:
+        load_annotations(source, tmp_path / "nowhere")
+    message = str(err.value)
+    assert "nowhere" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("source", sorted(LOADERS))
+def test_every_loader_is_a_valid_data_source(source: str) -> None:
+    assert parse_params({"data": {"source": source}}).data.source == source
+
+
+# --------------------------------------------------------------------------------------------------------- protocols
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> SampleStore:
+    return SampleStore.open(write_cache(tmp_path_factory.mktemp("cache"), subjects=5, per_subject=6))
+
+
+@pytest.mark.parametrize("name", list_protocols())
+def test_every_protocol_keeps_its_promises(name: str, store: SampleStore) -> None:
+    """What a protocol declares is what the trainer does: which split it watched every epoch, that validation
+    subjects come from the training subjects only, that only a leaky protocol ever scored the test subject during
+    training, and which epoch it selected."""
+    protocol = get_protocol(name)
+    fold = make_folds("loso", store.index)[0]
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=0.01, device="cpu", protocol=name, patience=0)
+    result = train_fold(FoldSpec(ModelConfig(name="ststnet", config="small"), cfg, fold, CLASSES), store)
+    keys = set().union(*(entry.keys() for entry in result.history))
+    assert result.leaky == protocol.leaky
+    assert any(k.startswith("test_") for k in keys) == (protocol.watch == "test") == protocol.leaky
+    assert any(k.startswith("val_") for k in keys) == protocol.needs_validation
+    if protocol.needs_validation:
+        assert result.val_subjects and set(result.val_subjects) <= set(fold.train_subjects)
+        assert not set(result.val_subjects) & set(result.train_subjects)
+        assert result.val_score is not None
+    assert not set(fold.test_subjects) & (set(result.train_subjects) | set(result.val_subjects))
+    if protocol.watch == "none":
+        assert result.selected_epoch == cfg.epochs
+    else:
+        scores = [protocol.score(entry) for entry in result.history]
+        assert protocol.score(result.history[result.selected_epoch - 1]) == max(scores)
+    assert sorted(result.predictions["subject"].unique()) == list(fold.test_subjects)
+
+
+@pytest.mark.parametrize("name", list_protocols())
+def test_every_protocol_is_a_valid_setting(name: str) -> None:
+    assert parse_params({"train": {"protocol": name}}).train.protocol == name
+
+
+# ------------------------------------------------------------------------------------------------------------ splits
+
+
+def _index(datasets: dict[str, int], clips: int = 2) -> pd.DataFrame:
+    rows = [{"sample_id": f"{d}/s{s}/c{c}", "dataset": d, "subject": f"{d}/s{s}", "label": c % 3}
+            for d, subjects in datasets.items() for s in range(subjects) for c in range(clips)]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("name", list_splits())
+def test_every_split_tests_each_subject_exactly_once_and_never_trains_on_it(name: str) -> None:
+    index = _index({"casme2": 3, "smic": 2, "samm": 2})
+    folds = make_folds(name, index)
+    tested = [s for f in folds for s in f.test_subjects]
+    assert sorted(tested) == sorted(index["subject"].unique())
+    for fold in folds:
+        assert fold.train_subjects and not set(fold.train_subjects) & set(fold.test_subjects)
+        assert set(fold.train_subjects) | set(fold.test_subjects) == set(index["subject"])
+    assert parse_params({"train": {"split": name}}).train.split == name
+
+
+def test_lodo_holds_out_one_whole_dataset_per_fold() -> None:
+    index = _index({"casme2": 3, "smic": 2})
+    folds = make_folds("lodo", index)
+    assert [f.name for f in folds] == ["casme2", "smic"]
+    assert all(s.startswith("casme2/") for s in folds[0].test_subjects)
+    assert all(s.startswith("smic/") for s in folds[0].train_subjects)
+    with pytest.raises(ConfigError, match="train.split: lodo needs at least 2 datasets"):
+        make_folds("lodo", _index({"casme2": 3}))
+
+
+# -------------------------------------------------------------------------------------------------------- batch keys
+
+
+@pytest.mark.parametrize("key", list(BATCH_KEYS))
+def test_every_batch_key_converts_and_augments_by_its_spec(key: str) -> None:
+    """The cache array of the spec becomes the documented batch tensor, survives the augmentation with its shape
+    and dtype, and reaches a served model's input the same way."""
+    spec = BATCH_KEYS[key]
+    cfg = PreprocessConfig(seq_frames=3, seq_size=32, face_size=48)
+    rng = np.random.default_rng(0)
+    array = example_array(key, cfg)
+    array = (rng.integers(0, 256, array.shape) if spec.pixels else rng.random(array.shape)).astype(spec.dtype)
+    tensor = to_tensor(key, array)
+    expected = tuple(np.moveaxis(array, -1, 0).shape) if spec.hwc else array.shape
+    assert tensor.dtype == torch.float32 and tuple(tensor.shape) == expected
+    if spec.pixels:
+        assert float(tensor.max()) <= 1.0
+    moved = augment.apply({key: array}, augment.Augmentation(flip=True, angle=2.0, shift_x=0.02, shift_y=0.0))
+    assert moved[key].shape == array.shape and moved[key].dtype == array.dtype
+    if spec.geometry is Geometry.NONE:
+        assert np.array_equal(moved[key], array)
+    else:
+        assert not np.array_equal(moved[key], array)
+    batch = input_batch(example_arrays([key], cfg), [key])
+    assert tuple(batch[key].shape) == (1, *expected)
