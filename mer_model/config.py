@@ -130,6 +130,11 @@ class TrainConfig(_Section):
     # Learning-rate schedule over the epochs of a run, stepped once per epoch (mer_model.training.trainer.lr_factor):
     # constant; cosine annealing to 0 at the last epoch; exponential decay by `lr_gamma` per epoch (MMNet's recipe,
     # gamma 0.987). `warmup_epochs` ramp linearly up to `lr` first.
+    # Recompute every BatchNorm layer's population statistics over the (non-augmented) training set, with the final
+    # weights of an epoch, before that epoch's model is evaluated or kept ("precise BN", Wu & Johnson 2021). The
+    # running averages otherwise lag far behind the weights over the few dozen steps of a small MER fold: eval-mode
+    # predictions collapse to one class while the training set is already fitted (docs/architecture.md).
+    precise_bn: bool = True
     schedule: Literal["constant", "cosine", "exponential"] = "constant"
     warmup_epochs: int = Field(0, ge=0)
     lr_gamma: float = Field(0.987, gt=0, le=1)  # exponential only

@@ -213,3 +213,21 @@ def test_schedule_is_applied_per_epoch_and_resumed(store: SampleStore, tmp_path:
         train_fold(spec, store, callback=die_in_epoch_three, checkpoint_dir=tmp_path)
     resumed = train_fold(spec, store, checkpoint_dir=tmp_path)
     assert [h["lr"] for h in resumed.history] == pytest.approx([h["lr"] for h in whole.history])
+
+
+@pytest.mark.parametrize("precise", [True, False])
+def test_precise_batchnorm_holds_the_training_population_statistics(store: SampleStore, precise: bool) -> None:
+    """With train.precise_bn the kept model's BatchNorm mean is its input's mean over the non-augmented training set
+    (recomputed with the final weights); without it, it is the lagging running average of the training steps."""
+    cfg = TrainConfig(epochs=2, batch_size=6, lr=0.01, device="cpu", precise_bn=precise)
+    model, _ = train_final(MODEL, cfg, store, store.subjects(), 2)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen: list[torch.Tensor] = []
+    handle = bn.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    dataset = store.torch_dataset(store.sample_ids(store.subjects()), model.inputs, False, 0)
+    with torch.no_grad():
+        for batch in torch.utils.data.DataLoader(dataset, batch_size=6):  # 30 samples: 5 equal batches
+            model(batch)
+    handle.remove()
+    population = torch.cat(seen).mean(dim=(0, 2, 3))
+    assert torch.allclose(bn.running_mean, population, atol=1e-5) is precise

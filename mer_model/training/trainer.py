@@ -155,13 +155,19 @@ class _Loop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(e, cfg, epochs))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.train_set = store.torch_dataset(train_ids, self.inputs, cfg.augment, cfg.seed, self.optional)
+        self.norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.stats_set = (store.torch_dataset(train_ids, self.inputs, False, cfg.seed, self.optional)
+                          if cfg.precise_bn and self.norms else None)
         labels = store.labels(train_ids)
         self.weights = class_weights(labels, num_classes).to(self.device) if cfg.class_weights else None
 
-    def loader(self, dataset: SampleDataset, shuffle: bool, epoch: int = 0) -> DataLoader:
+    def loader(self, dataset: SampleDataset, shuffle: bool, epoch: int = 0, batchnorm: bool | None = None
+               ) -> DataLoader:
+        """Batches of `dataset`; `batchnorm` (default: `shuffle`, i.e. training) drops a final batch of one sample,
+        which BatchNorm cannot normalise in training mode."""
         generator = torch.Generator().manual_seed(_derived_seed(self.cfg.seed, epoch, 1))
-        # BatchNorm cannot train on a final batch of one sample.
-        drop_last = shuffle and len(dataset) % self.cfg.batch_size == 1 and len(dataset) > 1
+        batchnorm = shuffle if batchnorm is None else batchnorm
+        drop_last = batchnorm and len(dataset) % self.cfg.batch_size == 1 and len(dataset) > 1
         return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, drop_last=drop_last,
                           num_workers=self.cfg.num_workers, generator=generator,
                           pin_memory=self.device.type == "cuda")
@@ -171,8 +177,10 @@ class _Loop:
             batch["class_weights"] = self.weights
         return batch
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the training set; returns sample-weighted means of the loss and its parts."""
+    def train_epoch(self, epoch: int, final: bool = True) -> dict[str, float]:
+        """One pass over the training set; returns sample-weighted means of the loss and its parts. `final`: the
+        weights after this epoch will be evaluated or kept, so BatchNorm statistics are made precise
+        (`refresh_batchnorm`)."""
         torch.manual_seed(_derived_seed(self.cfg.seed, epoch, 2))
         self.train_set.set_epoch(epoch)
         self.model.train()
@@ -197,7 +205,30 @@ class _Loop:
                     sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + float(value) * n
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
+        if final:
+            self.refresh_batchnorm()
         return {**{k: v / max(seen, 1) for k, v in sums.items()}, "lr": lr}
+
+    @torch.no_grad()
+    def refresh_batchnorm(self) -> None:
+        """Precise BatchNorm (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"): every BN layer's running mean and
+        variance become the average of its batch statistics over one pass of the non-augmented training set with the
+        current weights (everything else in eval mode, so dropout does not distort them). No-op for models without
+        BatchNorm or with `train.precise_bn: false`."""
+        if self.stats_set is None:
+            return
+        self.model.eval()
+        momenta = [m.momentum for m in self.norms]
+        for m in self.norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the pass
+            m.train()
+        for batch in self.loader(self.stats_set, shuffle=False, batchnorm=True):
+            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+                self.model(_to_device(batch, self.device))
+        for m, momentum in zip(self.norms, momenta, strict=True):
+            m.momentum = momentum
+            m.eval()
 
     @torch.no_grad()
     def evaluate(self, dataset: SampleDataset) -> tuple[np.ndarray, dict[str, Any]]:
@@ -318,8 +349,8 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
 
     for epoch in range(first_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
-        entry: dict[str, Any] = {"epoch": epoch, **loop.train_epoch(epoch)}
         watched = {"val": val_set, "test": test_set}.get(protocol.watch)
+        entry: dict[str, Any] = {"epoch": epoch, **loop.train_epoch(epoch, watched is not None or epoch == cfg.epochs)}
         if watched is not None:
             probs, extra = loop.evaluate(watched)
             entry.update(_score(watched, probs, extra, spec.num_classes, spec.class_names, protocol.watch))
@@ -379,5 +410,5 @@ def train_final(model_cfg: ModelConfig, train_cfg: TrainConfig, store: SampleSto
     if not ids:
         raise ConfigError(f"final model: no samples for subjects {list(subjects)[:3]}...")
     loop = _Loop(model_cfg, train_cfg, store, store.num_classes, ids, epochs)
-    history = [{"epoch": e, **loop.train_epoch(e)} for e in range(1, epochs + 1)]
+    history = [{"epoch": e, **loop.train_epoch(e, final=e == epochs)} for e in range(1, epochs + 1)]
     return loop.model.cpu().eval(), history
