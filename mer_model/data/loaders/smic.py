@@ -79,4 +79,4 @@ def load_smic(root: Path, annotation: Path | None = None, *, frames: bool = True
     return finish(records)
 
 
-register("smic", load_smic)
+register("smic", load_smic, subject_folder)
