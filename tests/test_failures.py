@@ -46,11 +46,11 @@ def test_corrupt_image_and_empty_clip_fail_by_id_and_the_run_completes(tmp_path:
     table = make_table([_record(s, root / s / "EP01") for s in ("sub01", "sub02", "sub03")])
     params = parse_params({"preprocess": {**CHEAP, "out": str(tmp_path / "cache")}})
     cache = Cache(params.preprocess.out)
-    todo, reused = cache.plan(table, params.preprocess)
-    results = [process_row(row, params.preprocess, root) for row in table.to_dict("records")]
-    for result in results:
-        cache.write(result)
-    manifest = cache.finish(table, results, reused, params.preprocess, {})
+    modalities = ("flow28", "frames128", "aus")
+    todo = cache.plan(table, params.preprocess, modalities)
+    for row in table.to_dict("records"):
+        cache.write(process_row(row, params.preprocess, root, todo[row["sample_id"]]))
+    manifest = cache.finish(table, params.preprocess, modalities, {})
     assert len(todo) == 3 and (manifest["counts"]["ok"], manifest["counts"]["failed"]) == (1, 2)
     errors = {f["sample_id"]: f["error"] for f in manifest["failures"]}
     assert errors["synthetic/sub02/EP01"].startswith("sample synthetic/sub02/EP01: corrupt or unsupported image")
