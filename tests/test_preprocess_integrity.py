@@ -13,6 +13,7 @@ import pytest
 
 from mer_model.config import PreprocessConfig, SynthConfig
 from mer_model.data.synthetic import iter_clips
+from mer_model.errors import DataError, SampleError
 from mer_model.inference import default_key_frames, open_clip
 from mer_model.preprocess.sample import preprocess_sample
 from tests.test_preprocess import CHEAP, astronaut_face, make_row
@@ -85,7 +86,7 @@ def test_zero_motion_flow_is_refused_naming_the_frames(tmp_path: Path) -> None:
     assert flow.reason == "zero motion"
     assert flow.error.startswith(f"sample s/sub01/frozen: no motion: flow onset img10.jpg -> apex img12.jpg in {folder}"
                                  " has mean magnitude 0 px at 64 px")
-    with pytest.raises(Exception, match="apex 10 is the onset frame: zero motion"):
+    with pytest.raises(SampleError, match="apex 10 is the onset frame: zero motion"):
         preprocess_sample(make_row("s/sub01/same", folder, apex=10), CHEAP, Path("."), ("flow28",)).arrays()
 
 
@@ -185,3 +186,63 @@ def test_composite_apex_crops_become_apex224_and_a_missed_face_costs_points5_onl
     assert outcome(missed) == {"flow28", "apex224"}
     assert missed.modalities["points5"].error == (f"sample casme2/sub01/b: no points5 in the table and no face found "
                                                   f"in {blank}")
+
+
+# ------------------------------------------------------------------ a tiny composite through cache and store
+
+
+def _cache_composite(root: Path, cache_dir: Path, modalities: tuple[str, ...]):
+    """ingest-like load of a composite, then the library's own cache writer (the stage's loop without Ray)."""
+    from mer_model.data import apply_class_set, load_annotations
+    from mer_model.preprocess.cache import Cache, process_row
+
+    table, _ = apply_class_set(load_annotations("megc2019", root), "megc2019_3")
+    cfg = PreprocessConfig()
+    cache = Cache(cache_dir)
+    todo = cache.plan(table, cfg, modalities)
+    for row in table.to_dict("records"):
+        cache.write(process_row(row, cfg, root, todo[row["sample_id"]]))
+    return cache.finish(table, cfg, modalities, {"class_names": ["negative", "positive", "surprise"]})
+
+
+def test_fpf_runs_on_the_composites_apex_crops(tmp_path: Path) -> None:
+    """Issue 11: with `datasets/combined_datasets_whole/<imagename>` present, preprocessing makes `apex224` from the
+    crops and CVA+FPF with `position: fpf, position_frames: [apex224]` trains on them; a composite without crops or
+    landmarks still feeds a flow model completely, and HTNet (points5) is told why it cannot use it."""
+    import torch
+
+    from mer_model.models import create_model
+    from mer_model.preprocess.modalities import model_modalities
+    from mer_model.training.data import SampleStore
+    from test_data_integrity import COMPOSITE_ROWS, write_composite
+
+    root = write_composite(tmp_path / "composite")
+    for (_, _, _, _, image), crop in zip(COMPOSITE_ROWS, _synthetic_apex_crops(len(COMPOSITE_ROWS))):
+        write_png(root / "datasets" / "combined_datasets_whole" / image, crop)
+    fpf = {"position": "fpf", "position_frames": ("apex224",)}
+    keys = model_modalities("cva_fpf", "flow_small", **fpf)
+    assert keys == ("flow28", "apex224", "aus")
+    manifest = _cache_composite(root, tmp_path / "cache", keys)
+    assert manifest["counts"]["ok"] == 4 and manifest["counts"]["face"] == {"composite": 4}
+    store = SampleStore.open(tmp_path / "cache", keys=keys)
+    ids = store.sample_ids(store.subjects())
+    stored = cv2.imread(str(root / "datasets" / "combined_datasets_whole" / COMPOSITE_ROWS[0][4]))
+    np.testing.assert_array_equal(store.arrays(ids[0], ("apex224",))["apex224"], cv2.cvtColor(stored, cv2.COLOR_BGR2RGB))
+    model = create_model("cva_fpf", "flow_small", num_classes=3, **fpf)
+    assert set(model.inputs) == {"flow28", "apex224"}
+    dataset = store.torch_dataset(ids, model.inputs, augment=False, seed=0, optional=("aus",))
+    batch = {k: torch.stack([dataset[i][k] for i in range(len(ids))]) for k in dataset[0]}
+    outputs = model(batch)
+    loss, parts = model.loss(outputs, batch)
+    assert outputs["logits"].shape == (4, 3) and torch.isfinite(loss) and "loss" in parts
+
+    bare = write_composite(tmp_path / "bare")  # no crops, no landmarks5_28px.csv
+    manifest = _cache_composite(bare, tmp_path / "bare-cache", ("flow28", "points5"))
+    assert manifest["counts"]["modalities"]["flow28"]["ok"] == 4
+    assert manifest["counts"]["modalities"]["points5"]["unavailable"] == 4
+    assert len(SampleStore.open(tmp_path / "bare-cache", keys=model_modalities("ststnet", "paper")).index) == 4
+    assert {f["error"] for f in manifest["failures"]} == {
+        f"sample {sid}: composite row has neither points5 nor an apex crop"
+        for sid in ("casme2/sub01/EP02_01f", "casme2/sub02/EP03_02", "samm/006/006_1_2", "smic/s01/s01_ne_01")}
+    with pytest.raises(DataError, match="no sample with every modality of flow28\\+points5"):
+        SampleStore.open(tmp_path / "bare-cache", keys=model_modalities("htnet", "small"))
