@@ -190,14 +190,14 @@ def test_composite_label_contradicting_the_joined_coding_sheet(tmp_path: Path) -
         "happiness", "CASME2-coding-x.xlsx, row 3"]
     labelled, excluded = apply_class_set(table, "megc2019_3")
     assert "casme2/sub02/EP03_02" not in set(labelled["sample_id"]) and len(labelled) == 3
-    assert excluded["reason"].tolist() == ["label contradicts the dataset's coding sheet"]
+    assert excluded["reason"].tolist() == ["label contradicts the dataset's coding"]
     assert excluded["detail"].tolist() == [
         "combined_3_class2_for_optical_flow.csv, row 3 says negative (negative); CASME2-coding-x.xlsx, row 3 says "
         "happiness (positive)"]
 
     params = _params("megc2019", root, tmp_path / "out", class_set="megc2019_3", au_sheets={"casme2": str(sheet)})
     assert len(ingest(params)) == 3
-    assert _summary(params)["excluded"] == {"label contradicts the dataset's coding sheet": 1}
+    assert _summary(params)["excluded"] == {"label contradicts the dataset's coding": 1}
     assert _exclusions(params)["stage"].tolist() == ["class_set"]
     with pytest.raises(DataError, match=r"optical_flow.csv, row 3: casme2/sub02/EP03_02: label contradicts .* says "
                                         r"happiness \(positive\)$"):

@@ -121,7 +121,7 @@ def apply_class_set(table: pd.DataFrame, class_set: ClassSet | str, *, strict: b
             if name is None:
                 reason = f"emotion {normalise_emotion(row.emotion)!r} not in class set {cs.name}"
             elif coded != name:
-                reason = "label contradicts the dataset's coding sheet"
+                reason = "label contradicts the dataset's coding"
                 detail = (f"{Path(row.source_file).name}, row {row.source_row} says {normalise_emotion(row.emotion)}"
                           f" ({name}); {row.coded_source} says {normalise_emotion(row.coded_emotion)}"
                           f" ({coded or f'not in {cs.name}'})")
