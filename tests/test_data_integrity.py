@@ -181,24 +181,26 @@ def test_composite_csv_resaved_by_a_spreadsheet_loads_exactly_like_the_original(
 def test_composite_label_contradicting_the_joined_coding_sheet(tmp_path: Path) -> None:
     """The composite's label is checked against the joined CASME II sheet's emotion through the class set:
     disgust/repression -> negative agrees; happiness for a row the composite calls negative is excluded, naming
-    both sheets and rows."""
-    root = write_composite(tmp_path / "composite")
+    both sheets and rows. A SMIC row is checked against the emotion its clip name codes."""
+    root = write_composite(tmp_path / "composite", COMPOSITE_ROWS + [("smic", "s01", "s01_ne_02", 1, "s01_s1_ne_02.jpg")])
     sheet = write_sheet(tmp_path / "CASME2-coding-x.xlsx", [
         CASME2_HEADER, ["01", "EP02_01f", 1, 5, 9, "12", "happiness"], ["02", "EP03_02", 1, 5, 9, "12", "happiness"]])
     table = load_annotations("megc2019", root, au_sheets={"casme2": str(sheet)})
     assert table.set_index("clip").loc["EP03_02", ["coded_emotion", "coded_source"]].tolist() == [
         "happiness", "CASME2-coding-x.xlsx, row 3"]
     labelled, excluded = apply_class_set(table, "megc2019_3")
-    assert "casme2/sub02/EP03_02" not in set(labelled["sample_id"]) and len(labelled) == 3
-    assert excluded["reason"].tolist() == ["label contradicts the dataset's coding"]
+    assert len(labelled) == 3 and set(excluded["sample_id"]) == {"casme2/sub02/EP03_02", "smic/s01/s01_ne_02"}
+    assert excluded["reason"].tolist() == ["label contradicts the dataset's coding"] * 2
     assert excluded["detail"].tolist() == [
         "combined_3_class2_for_optical_flow.csv, row 3 says negative (negative); CASME2-coding-x.xlsx, row 3 says "
-        "happiness (positive)"]
+        "happiness (positive)",
+        "combined_3_class2_for_optical_flow.csv, row 6 says positive (positive); clip name s01_ne_02 says negative "
+        "(negative)"]
 
     params = _params("megc2019", root, tmp_path / "out", class_set="megc2019_3", au_sheets={"casme2": str(sheet)})
     assert len(ingest(params)) == 3
-    assert _summary(params)["excluded"] == {"label contradicts the dataset's coding": 1}
-    assert _exclusions(params)["stage"].tolist() == ["class_set"]
+    assert _summary(params)["excluded"] == {"label contradicts the dataset's coding": 2}
+    assert _exclusions(params)["stage"].tolist() == ["class_set"] * 2
     with pytest.raises(DataError, match=r"optical_flow.csv, row 3: casme2/sub02/EP03_02: label contradicts .* says "
                                         r"happiness \(positive\)$"):
         ingest(_params("megc2019", root, tmp_path / "strict", class_set="megc2019_3", strict=True,

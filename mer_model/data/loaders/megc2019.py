@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from mer_model.data.loaders import LOADERS, register, subject_name
+from mer_model.data.loaders import LOADERS, register, smic, subject_name
 from mer_model.data.loaders.common import cell_text, find_annotation, finish, frame_number, read_sheet
 from mer_model.errors import ConfigError, DataError
 
@@ -98,6 +98,8 @@ def load_megc2019(root: Path, annotation: Path | None = None, *, frames: bool = 
             "apex": frame_number(row[apex_col], file=path, row=int(line), column="apex") if apex_col else None,
             "points5": points.get(image, ""),
         }
+        if dataset == "smic" and smic.clip_emotion(clip):  # SMIC's clip names code the emotion: a second coding
+            record.update(coded_emotion=smic.clip_emotion(clip), coded_source=f"clip name {clip}")
         if frames:
             flow = base / FLOW_DIR / f"{folder}_{clip} .png"
             if not flow.is_file() and flow.with_name(f"{folder}_{clip}.png").is_file():
