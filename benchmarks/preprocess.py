@@ -159,16 +159,18 @@ def demo(params_path: str, workers: int) -> None:
     params = load_params(params_path)
     with tempfile.TemporaryDirectory() as tmp:
         raw = params.model_dump(mode="json", by_alias=True)
-        for key, value in {"synth.out": f"{tmp}/synthetic", "data.source": "synthetic", "data.root": f"{tmp}/synthetic",
-                           "data.ingested": f"{tmp}/ingested/annotations.csv", "preprocess.num_workers": workers}.items():
+        overrides = {"synth.out": f"{tmp}/synthetic", "data.source": "synthetic", "data.root": f"{tmp}/synthetic",
+                     "data.ingested": f"{tmp}/ingested/annotations.csv", "preprocess.num_workers": workers}
+        for key, value in overrides.items():
             set_dotted(raw, key, value)
         base = params.model_validate(raw)
         synthesize(base.synth)
         ingest(base)
         rows = read_table(base.data.ingested).to_dict("records")
         demo_keys = requested(base.preprocess, base.model)
-        print(f"{len(rows)} synthetic clips ({base.synth.image_size} px, {base.synth.min_frames}-{base.synth.max_frames}"
-              f" frames); {workers} workers; cores: {os.cpu_count()}; model {base.model.name}/{base.model.config}")
+        synth = base.synth
+        print(f"{len(rows)} synthetic clips ({synth.image_size} px, {synth.min_frames}-{synth.max_frames} frames); "
+              f"{workers} workers; cores: {os.cpu_count()}; model {base.model.name}/{base.model.config}")
         print(f"{'modalities':<58}{'CPU s/clip':>11}{'CPU s total':>12}{'pool wall s':>12}{'stage wall s':>13}")
         for label, keys in (("every modality (before)", MODALITIES), ("what the model reads (after)", demo_keys)):
             cfg = base.preprocess.model_copy(update={"modalities": list(keys)})

@@ -115,6 +115,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("preprocess", help="align faces, TV-L1 flow, strain, landmarks -> per-modality cache")
+    parser = subparsers.add_parser("preprocess",
+                                   help="align faces, TV-L1 flow, strain, landmarks -> per-modality cache")
     add_params_arguments(parser)
     parser.set_defaults(func=_run)

@@ -182,7 +182,8 @@ def test_composite_label_contradicting_the_joined_coding_sheet(tmp_path: Path) -
     """The composite's label is checked against the joined CASME II sheet's emotion through the class set:
     disgust/repression -> negative agrees; happiness for a row the composite calls negative is excluded, naming
     both sheets and rows. A SMIC row is checked against the emotion its clip name codes."""
-    root = write_composite(tmp_path / "composite", COMPOSITE_ROWS + [("smic", "s01", "s01_ne_02", 1, "s01_s1_ne_02.jpg")])
+    mislabelled = ("smic", "s01", "s01_ne_02", 1, "s01_s1_ne_02.jpg")  # the clip name codes negative
+    root = write_composite(tmp_path / "composite", COMPOSITE_ROWS + [mislabelled])
     sheet = write_sheet(tmp_path / "CASME2-coding-x.xlsx", [
         CASME2_HEADER, ["01", "EP02_01f", 1, 5, 9, "12", "happiness"], ["02", "EP03_02", 1, 5, 9, "12", "happiness"]])
     table = load_annotations("megc2019", root, au_sheets={"casme2": str(sheet)})

@@ -227,7 +227,8 @@ def test_fpf_runs_on_the_composites_apex_crops(tmp_path: Path) -> None:
     store = SampleStore.open(tmp_path / "cache", keys=keys)
     ids = store.sample_ids(store.subjects())
     stored = cv2.imread(str(root / "datasets" / "combined_datasets_whole" / COMPOSITE_ROWS[0][4]))
-    np.testing.assert_array_equal(store.arrays(ids[0], ("apex224",))["apex224"], cv2.cvtColor(stored, cv2.COLOR_BGR2RGB))
+    np.testing.assert_array_equal(store.arrays(ids[0], ("apex224",))["apex224"],
+                                  cv2.cvtColor(stored, cv2.COLOR_BGR2RGB))
     model = create_model("cva_fpf", "flow_small", num_classes=3, **fpf)
     assert set(model.inputs) == {"flow28", "apex224"}
     dataset = store.torch_dataset(ids, model.inputs, augment=False, seed=0, optional=("aus",))

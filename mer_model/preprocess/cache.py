@@ -109,10 +109,8 @@ def process_row(row: Mapping[str, Any], cfg: PreprocessConfig, root: Path,
         log.exception("sample %s: unexpected error", sample_id)
         return failed_result(sample_id, modalities, f"sample {sample_id}: internal error {type(err).__name__}: {err}",
                              "internal error")
-    entries = {
-        m: EntryResult("ok", data=encode_npz(o.arrays)) if o.status == "ok" else EntryResult(o.status, o.reason, o.error)
-        for m, o in output.modalities.items()
-    }
+    entries = {m: EntryResult("ok", data=encode_npz(o.arrays)) if o.status == "ok"
+               else EntryResult(o.status, o.reason, o.error) for m, o in output.modalities.items()}
     return SampleResult(sample_id, entries, output.face, output.estimated)
 
 
