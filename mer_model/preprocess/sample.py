@@ -274,8 +274,9 @@ class _FrameSample(_Steps):
             onset, offset, _ = self.bounds()
             end = offset if offset is not None else _int_or_none(self.row["apex"])
             size = self._size(onset)
-            if size is None:
-                self.image_unchecked(onset)  # raises the precise error (missing, truncated, not an image)
+            if size is None:  # decoding says precisely what is wrong (missing, truncated, not an image)
+                height, width = self.image_unchecked(onset).shape[:2]
+                size = (width, height)
             for number in self.present():
                 if onset < number <= (end if end is not None else onset):
                     other = self._size(number)
