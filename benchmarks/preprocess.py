@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import multiprocessing
 import os
 import tempfile
 import time
@@ -174,7 +175,9 @@ def demo(params_path: str, workers: int) -> None:
         print(f"{'modalities':<58}{'CPU s/clip':>11}{'CPU s total':>12}{'pool wall s':>12}{'stage wall s':>13}")
         for label, keys in (("every modality (before)", MODALITIES), ("what the model reads (after)", demo_keys)):
             cfg = base.preprocess.model_copy(update={"modalities": list(keys)})
-            with ProcessPoolExecutor(max_workers=workers, initializer=_demo_worker) as pool:
+            # spawn, not fork: this process already ran OpenCV/dlib threads (synth, ingest), which a fork can deadlock
+            spawn = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, initializer=_demo_worker, mp_context=spawn) as pool:
                 start = time.perf_counter()
                 timed = list(pool.map(_timed_row, rows, [cfg] * len(rows), [tuple(keys)] * len(rows)))
                 pool_wall = time.perf_counter() - start

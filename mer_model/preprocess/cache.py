@@ -14,6 +14,9 @@ annotation row: `modalities.input_hashes`) is unchanged and its file still has t
 was written; anything else (a changed parameter, a truncated or edited file) is recomputed. Files are written
 atomically (`mer_model.io`), so an interrupted run loses nothing it had finished.
 
+While results arrive, modalities.csv is rewritten every few seconds (`Cache.flush_every`), so an interrupted run loses
+at most that much finished work.
+
 `process_row` is what a worker runs: one row -> a `SampleResult` carrying each entry's compressed bytes, so that on
 a cluster only the driver writes files.
 """
@@ -24,6 +27,7 @@ import hashlib
 import io
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -136,8 +140,10 @@ class Cache:
     """One cache directory: `plan` says what to (re)compute, `write` stores each result as it arrives, `finish`
     writes modalities.csv, index.csv and manifest.json and removes files no entry refers to any more."""
 
-    def __init__(self, out: str | Path) -> None:
+    def __init__(self, out: str | Path, flush_every: float = 5.0) -> None:
         self.root = Path(out)
+        self.flush_every = flush_every  # seconds between journal writes of modalities.csv while results arrive
+        self._flushed = time.monotonic()
         self.index_path = self.root / "index.csv"
         self.entries_path = self.root / "modalities.csv"
         self.manifest_path = self.root / "manifest.json"
@@ -208,6 +214,18 @@ class Cache:
                 record.update(file=name, bytes=str(len(entry.data)), sha256=digest(entry.data))
             self._entries[key] = record
             self._computed.add(key)
+        if time.monotonic() - self._flushed >= self.flush_every:
+            self._write_entries()
+
+    def _write_entries(self, samples: set[str] | None = None) -> list[dict[str, str]]:
+        """modalities.csv from the entries known now (of `samples` only, when given), atomically. Also written
+        while results arrive, so that a run killed before `finish` loses at most `flush_every` seconds of work:
+        the next run finds the finished entries recorded and reuses them."""
+        keys = sorted(self._entries, key=lambda k: (k[0], MODALITIES.index(k[1])))
+        entries = [self._entries[k] for k in keys if samples is None or k[0] in samples]
+        write_csv(self.entries_path, pd.DataFrame(entries, columns=list(ENTRY_COLUMNS)))
+        self._flushed = time.monotonic()
+        return entries
 
     def finish(self, table: pd.DataFrame, cfg: PreprocessConfig, modalities: Sequence[str],
                extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -218,10 +236,7 @@ class Cache:
         missing = [sid for sid in ids for m in modalities if (sid, m) not in self._entries]
         if missing:
             raise RuntimeError(f"no result for {len(missing)} entries, e.g. sample {missing[0]}")
-        wanted = set(ids)
-        entries = [self._entries[k] for k in sorted(self._entries, key=lambda k: (k[0], MODALITIES.index(k[1])))
-                   if k[0] in wanted]
-        write_csv(self.entries_path, pd.DataFrame(entries, columns=list(ENTRY_COLUMNS)))
+        entries = self._write_entries(set(ids))
         index = table.copy()
         status = [self._sample_status(sid, modalities) for sid in ids]
         for column in STATUS_COLUMNS:
