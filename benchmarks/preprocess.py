@@ -6,12 +6,22 @@ Input: the real CASME II clip in ../shared/data/casme2-clip when present, else f
 astronaut photo. Parameters come from params.yaml (`preprocess`), so the figures match what `mer preprocess` does.
 
     python benchmarks/preprocess.py [--params params.yaml] [--clips 4] [--workers 1 2]
+
+`--demo` measures instead what the per-modality cache changes for the demo: the 80 synthetic clips of params.yaml's
+`synth` section (generated into a temporary folder, ingested with the real loader), preprocessed once with every
+modality (what `mer preprocess` computed for every model before) and once with what the demo model reads
+(`model` in params.yaml), each from an empty cache: CPU seconds per clip (each clip timed in its worker with
+`process_row`, the function the Ray stage runs, 2 single-threaded workers) and the wall time of the real stage
+(`mer preprocess` with preprocess.num_workers=2, Ray start included). It starts Ray: run it under the shared lock.
+
+    flock /tmp/mer-ray.lock python benchmarks/preprocess.py --demo
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import multiprocessing
 import os
 import tempfile
 import time
@@ -98,8 +108,9 @@ def whole_sample(_: int) -> None:
            "onset": 1, "apex": count // 2, "offset": count, "aus": "", "landmarks_path": "", "flow_path": "",
            "apex_path": "", "points5": ""}
     result = process_row(row, _STATE["cfg"], Path("."))
-    if result.status != "ok":
-        raise RuntimeError(result.error)
+    failed = [e.error for e in result.entries.values() if e.status != "ok"]
+    if failed:
+        raise RuntimeError(failed[0])
 
 
 TASKS: dict[str, Callable[[int], None]] = {
@@ -124,12 +135,73 @@ def clips_per_second(task: Callable[[int], None], workers: int, clips: int, init
         return clips * workers / (time.perf_counter() - start), float(np.mean(cpu))
 
 
+def _demo_worker() -> None:
+    """Single-threaded OpenCV and dlib's models loaded before any clip is timed."""
+    cv2.setNumThreads(1)
+    facelib.dlib_models()
+
+
+def _timed_row(row: dict[str, Any], cfg: PreprocessConfig, modalities: tuple[str, ...]) -> tuple[float, int]:
+    """(CPU seconds, failed entries) of one clip in a worker."""
+    start = time.process_time()
+    result = process_row(row, cfg, Path("."), modalities)
+    return time.process_time() - start, sum(e.status != "ok" for e in result.entries.values())
+
+
+def demo(params_path: str, workers: int) -> None:
+    """Before/after of the per-modality cache on the demo's synthetic clips (module docstring)."""
+    from components.ingest import ingest
+    from components.preprocess import preprocess
+    from components.synth import synthesize
+    from mer_model.config import set_dotted
+    from mer_model.data import read_table
+    from mer_model.preprocess.modalities import MODALITIES, requested
+
+    params = load_params(params_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = params.model_dump(mode="json", by_alias=True)
+        overrides = {"synth.out": f"{tmp}/synthetic", "data.source": "synthetic", "data.root": f"{tmp}/synthetic",
+                     "data.ingested": f"{tmp}/ingested/annotations.csv", "preprocess.num_workers": workers}
+        for key, value in overrides.items():
+            set_dotted(raw, key, value)
+        base = params.model_validate(raw)
+        synthesize(base.synth)
+        ingest(base)
+        rows = read_table(base.data.ingested).to_dict("records")
+        demo_keys = requested(base.preprocess, base.model)
+        synth = base.synth
+        print(f"{len(rows)} synthetic clips ({synth.image_size} px, {synth.min_frames}-{synth.max_frames} frames); "
+              f"{workers} workers; cores: {os.cpu_count()}; model {base.model.name}/{base.model.config}")
+        print(f"{'modalities':<58}{'CPU s/clip':>11}{'CPU s total':>12}{'pool wall s':>12}{'stage wall s':>13}")
+        for label, keys in (("every modality (before)", MODALITIES), ("what the model reads (after)", demo_keys)):
+            cfg = base.preprocess.model_copy(update={"modalities": list(keys)})
+            # spawn, not fork: this process already ran OpenCV/dlib threads (synth, ingest), which a fork can deadlock
+            spawn = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, initializer=_demo_worker, mp_context=spawn) as pool:
+                start = time.perf_counter()
+                timed = list(pool.map(_timed_row, rows, [cfg] * len(rows), [tuple(keys)] * len(rows)))
+                pool_wall = time.perf_counter() - start
+            cpu = [c for c, _ in timed]
+            failed = sum(f for _, f in timed)
+            stage = base.model_copy(update={"preprocess": cfg.model_copy(update={"out": f"{tmp}/cache-{len(keys)}"})})
+            start = time.perf_counter()
+            manifest = preprocess(stage)
+            stage_wall = time.perf_counter() - start
+            assert manifest["counts"]["computed"] == len(rows), manifest["counts"]
+            print(f"{label + ': ' + '+'.join(keys):<58}{np.mean(cpu):>11.2f}{sum(cpu):>12.1f}{pool_wall:>12.1f}"
+                  f"{stage_wall:>13.1f}" + (f"  ({failed} entries failed)" if failed else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--clips", type=int, default=4, help="clips per worker per measurement")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--demo", action="store_true", help="before/after on the demo's synthetic clips (starts Ray)")
     args = parser.parse_args()
+    if args.demo:
+        demo(args.params, args.workers[-1])
+        return
     cfg = load_params(args.params).preprocess
     with tempfile.TemporaryDirectory() as tmp:
         folder, template, count = clip_folder(Path(tmp))

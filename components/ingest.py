@@ -4,12 +4,12 @@ Outputs (beside params.data.ingested, e.g. data/ingested/annotations.csv):
 * `annotations.csv` -- the labelled table (mer_model.data.schema), read back with `mer_model.data.read_table`;
 * `annotations.exclusions.csv` -- every row left out, with `stage` (class_set/disk), `reason` and `detail`;
 * `annotations.summary.json` -- counts per dataset, class, exclusion reason and warning.
+Each is written atomically (`mer_model.io`): an interrupted ingest leaves the previous files, never half of one.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from components.common import add_params_arguments, params_from_args
 from mer_model.config import Params
 from mer_model.data import apply_class_set, check_table, get_class_set, load_annotations, validate_table
 from mer_model.errors import DataError
+from mer_model.io import write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +45,14 @@ def ingest(params: Params) -> pd.DataFrame:
     if data.au_sheets and data.source != "megc2019":
         log.warning("data.au_sheets is only used by the megc2019 composite; ignored for %s", data.source)
     loaded = load_annotations(data.source, root, data.annotation, **options)
-    labelled, by_class = apply_class_set(loaded, class_set)
+    labelled, by_class = apply_class_set(loaded, class_set, strict=data.strict)
     kept, by_disk, checks = check_table(labelled, strict=data.strict)
     if kept.empty:
         raise DataError(f"no sample of {data.source} passed the disk checks (see the warnings above)", file=str(root))
     validate_table(kept)
 
     paths = output_paths(params)
-    paths["table"].parent.mkdir(parents=True, exist_ok=True)
-    kept.to_csv(paths["table"], index=False)
-    exclusions = pd.concat([by_class.assign(stage="class_set", detail=""), by_disk.assign(stage="disk")],
-                           ignore_index=True)
-    exclusions.to_csv(paths["exclusions"], index=False)
+    exclusions = pd.concat([by_class.assign(stage="class_set"), by_disk.assign(stage="disk")], ignore_index=True)
     summary = {
         "source": data.source, "root": str(root.resolve()), "class_set": class_set.name,
         "classes": list(class_set.names), "loaded": len(loaded), "ingested": len(kept),
@@ -63,9 +60,13 @@ def ingest(params: Params) -> pd.DataFrame:
         "per_dataset": {str(k): int(v) for k, v in kept["dataset"].value_counts().sort_index().items()},
         "per_class": {class_set.names[int(k)]: int(v) for k, v in kept["label"].value_counts().sort_index().items()},
         "excluded": {str(k): int(v) for k, v in exclusions["reason"].value_counts().items()},
+        "excluded_per_dataset": {str(k): int(v) for k, v in exclusions["dataset"].value_counts().sort_index().items()},
         "warnings": dict(checks.warnings),
     }
-    paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+    # Table first, summary last: preprocessing reads the summary's class names beside a complete table.
+    write_csv(paths["table"], kept)
+    write_csv(paths["exclusions"], exclusions)
+    write_json(paths["summary"], summary)
     log.info("ingested %d of %d samples (%d subjects) -> %s; %d excluded -> %s", len(kept), len(loaded),
              summary["subjects"], paths["table"], len(exclusions), paths["exclusions"])
     return kept

@@ -39,6 +39,8 @@ def _registered(names: Callable[[], list[str]]) -> AfterValidator:
 DatasetName = Annotated[str, _registered(lambda: list(LOADERS))]  # mer_model.data.loaders
 Protocol = Annotated[str, _registered(list_protocols)]  # mer_model.training.protocols
 SplitName = Annotated[str, _registered(list_splits)]  # mer_model.training.splits
+# The arrays of the preprocessed cache, one cache entry each (docs/architecture.md, "Preprocessed cache").
+Modality = Literal["flow28", "points5", "onset224", "apex224", "frames128", "landmarks68", "flows128", "aus"]
 
 
 class _Section(BaseModel):
@@ -104,6 +106,9 @@ class PreprocessConfig(_Section):
     seq_frames: int = 8
     seq_size: int = 128
     flow: FlowConfig = Field(default_factory=FlowConfig)
+    # Which cache arrays to compute; [] = what `model` reads (its inputs and loss targets). Only what is missing is
+    # computed: a later model reading another modality adds it to the same cache.
+    modalities: list[Modality] = Field(default_factory=list)
     num_workers: int = 0  # Ray CPUs to use; 0 = all available
     ray_address: str | None = None  # None = local Ray; "auto" or ray://host:port for a cluster
 

@@ -27,8 +27,13 @@ class DataError(MerError):
 
 
 class SampleError(MerError):
-    """One sample cannot be processed; the run records it and continues with the others."""
+    """One sample (or one modality of it) cannot be processed; the run records it and continues with the others.
 
-    def __init__(self, sample_id: str, message: str) -> None:
+    `reason` is a short, stable category (e.g. "frame size changes", "zero motion") under which the stage counts
+    the exclusion; the message says which file and why.
+    """
+
+    def __init__(self, sample_id: str, message: str, *, reason: str = "error") -> None:
         super().__init__(f"sample {sample_id}: {message}")
         self.sample_id = sample_id
+        self.reason = reason

@@ -10,8 +10,9 @@ numbered 1..T in decoding order.
 
 Key frames, when not given (`default_key_frames`): onset = the first frame, offset = the last frame, apex = the frame
 whose TV-L1 flow FROM THE ONSET has the largest mean magnitude, computed on the aligned grey face (alignment from the
-onset frame's landmarks, as in preprocessing) at `APEX_SEARCH_SIZE` px. A micro-expression's apex is by definition the
-frame of largest displacement from the neutral onset, and the small size keeps the search cheap (one flow per frame).
+onset frame's landmarks, as in preprocessing) at `APEX_SEARCH_SIZE` px -- the rule of
+`mer_model.preprocess.keyframes`, which preprocessing also applies to dataset rows whose apex or offset the sheet
+does not give.
 """
 
 from __future__ import annotations
@@ -31,15 +32,14 @@ from mer_model.batch_keys import BATCH_KEYS, example_array
 from mer_model.config import PreprocessConfig
 from mer_model.errors import DataError, SampleError
 from mer_model.preprocess import face as facelib
-from mer_model.preprocess import preprocess_sample
-from mer_model.preprocess.flow import compute_flow, tvl1
+from mer_model.preprocess import MODALITIES, preprocess_sample
+from mer_model.preprocess.keyframes import APEX_SEARCH_SIZE, apex_by_motion
 from mer_model.preprocess.sample import read_image
 from mer_model.training.data import to_tensor
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-APEX_SEARCH_SIZE = 64
 _NUMBERED = re.compile(r"^(?P<prefix>.*?)(?P<number>\d+)(?P<suffix>\.[A-Za-z]+)$")
 
 
@@ -147,28 +147,25 @@ def default_key_frames(clip: Clip, cfg: PreprocessConfig, onset: int | None = No
 
 def max_motion_frame(clip: Clip, onset: int, offset: int, cfg: PreprocessConfig, size: int) -> int:
     """The frame in onset..offset with the largest mean TV-L1 flow magnitude from the onset (aligned grey face)."""
+    def grey(number: int) -> np.ndarray:
+        return cv2.cvtColor(read_image(clip.frame(number), clip.clip_id), cv2.COLOR_BGR2GRAY)
+
     candidates = [n for n in clip.numbers if onset < n <= offset]
     if not candidates:
         return onset
-    grey = cv2.cvtColor(read_image(clip.frame(onset), clip.clip_id), cv2.COLOR_BGR2GRAY)
-    box = facelib.detect_face(grey, cfg.detector_upsample)
+    onset_grey = grey(onset)
+    box = facelib.detect_face(onset_grey, cfg.detector_upsample)
     if box is None:
-        raise SampleError(clip.clip_id, f"no face found in the onset frame {clip.frame(onset)}")
-    align = facelib.alignment_from_landmarks(facelib.predict_landmarks(grey, box), cfg.margin)
-    solver = tvl1(cfg.flow)
-    reference = align.warp(grey, size)
-    magnitudes = []
-    for number in candidates:
-        image = cv2.cvtColor(read_image(clip.frame(number), clip.clip_id), cv2.COLOR_BGR2GRAY)
-        flow = compute_flow(solver, reference, align.warp(image, size))
-        magnitudes.append(float(np.linalg.norm(flow, axis=-1).mean()))
-    best = candidates[int(np.argmax(magnitudes))]
-    log.debug("%s: mean flow magnitude from onset %s", clip.clip_id, dict(zip(candidates, np.round(magnitudes, 3))))
-    return best
+        raise SampleError(clip.clip_id, f"no face found in the onset frame {clip.frame(onset)}", reason="no face")
+    align = facelib.alignment_from_landmarks(facelib.predict_landmarks(onset_grey, box), cfg.margin)
+    return apex_by_motion(grey, onset, candidates, align, cfg.flow, clip.clip_id, size)
 
 
-def preprocess_clip(clip: Clip, keys: KeyFrames, cfg: PreprocessConfig, aus: str = "") -> dict[str, np.ndarray]:
-    """The clip's cache arrays, by the preprocessing library itself (annotation-like row, no dataset landmarks).
+def preprocess_clip(clip: Clip, keys: KeyFrames, cfg: PreprocessConfig, aus: str = "",
+                    modalities: Sequence[str] = MODALITIES) -> dict[str, np.ndarray]:
+    """The clip's cache arrays of `modalities` (default: all; pass the model's inputs to compute only those), by the
+    preprocessing library itself (annotation-like row, no dataset landmarks); the first that cannot be computed
+    raises its SampleError.
 
     `aus` ("4+7") is only for models that read annotated AUs; otherwise the AU vector is all zeros and unused."""
     row: dict[str, Any] = {
@@ -178,7 +175,7 @@ def preprocess_clip(clip: Clip, keys: KeyFrames, cfg: PreprocessConfig, aus: str
     }
     if cfg.detector != "dlib":
         cfg = cfg.model_copy(update={"detector": "dlib"})  # a new clip has no saved landmarks to use instead
-    return preprocess_sample(row, cfg, clip.frames_dir).arrays
+    return preprocess_sample(row, cfg, clip.frames_dir, modalities).arrays()
 
 
 def input_batch(arrays: Mapping[str, np.ndarray], inputs: Sequence[str], batched: bool = False) -> dict[str, torch.Tensor]:

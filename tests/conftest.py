@@ -12,6 +12,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MER_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED_CASES = Path(os.environ.get("MER_SHARED_CASES", SHARED_DATA.parent / "cases"))
 
 # Keep tests from oversubscribing the two CI cores.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -36,6 +37,14 @@ def annotations_dir() -> Path:
 def composite_dir() -> Path:
     """../shared/data/megc2019-composite (HTNet-format CASME II + SMIC part)."""
     return _shared("megc2019-composite")
+
+
+@pytest.fixture(scope="session")
+def cases_dir() -> Path:
+    """../shared/cases (real-world bad-input cases, see its README.md)."""
+    if not SHARED_CASES.is_dir():
+        pytest.skip(f"shared cases not available: {SHARED_CASES}")
+    return SHARED_CASES
 
 
 @pytest.fixture(scope="session")

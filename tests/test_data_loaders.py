@@ -147,10 +147,20 @@ def test_smic_frames_below_sheet_path(tmp_path: Path) -> None:
 
 
 def test_smic_label_contradicting_clip_name(tmp_path: Path) -> None:
+    """The clip name's code is a second coding of the label: a contradiction is excluded by the class set with
+    both named (an error under strict), like the composite's label against its joined coding sheet."""
+    from mer_model.data import apply_class_set
+
     write_sheet(tmp_path / "smic_apex.xlsx", [["subject", "clip", "label", "onset_frame", "apex_frame"],
-                                              [1, "s1_po_01", 0, 5, 6]])
-    with pytest.raises(DataError, match=r"smic_apex.xlsx, row 2: label negative contradicts"):
-        load_annotations("smic", tmp_path)
+                                              [1, "s1_po_01", 0, 5, 6], [1, "s1_ne_02", 0, 5, 6]])
+    table = load_annotations("smic", tmp_path)
+    labelled, excluded = apply_class_set(table, "smic_3")
+    assert labelled["clip"].tolist() == ["s1_ne_02"]
+    assert excluded["detail"].tolist() == [
+        "smic_apex.xlsx, row 2 says negative (negative); clip name s1_po_01 says positive (positive)"]
+    with pytest.raises(DataError, match=r"smic_apex.xlsx, row 2: smic/s01/s1_po_01: label contradicts the dataset's "
+                                        r"coding: .* clip name s1_po_01 says positive \(positive\)$"):
+        apply_class_set(table, "smic_3", strict=True)
 
 
 def test_casme3_color_folder(tmp_path: Path) -> None:

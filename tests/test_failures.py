@@ -46,11 +46,11 @@ def test_corrupt_image_and_empty_clip_fail_by_id_and_the_run_completes(tmp_path:
     table = make_table([_record(s, root / s / "EP01") for s in ("sub01", "sub02", "sub03")])
     params = parse_params({"preprocess": {**CHEAP, "out": str(tmp_path / "cache")}})
     cache = Cache(params.preprocess.out)
-    todo, reused = cache.plan(table, params.preprocess)
-    results = [process_row(row, params.preprocess, root) for row in table.to_dict("records")]
-    for result in results:
-        cache.write(result)
-    manifest = cache.finish(table, results, reused, params.preprocess, {})
+    modalities = ("flow28", "frames128", "aus")
+    todo = cache.plan(table, params.preprocess, modalities)
+    for row in table.to_dict("records"):
+        cache.write(process_row(row, params.preprocess, root, todo[row["sample_id"]]))
+    manifest = cache.finish(table, params.preprocess, modalities, {})
     assert len(todo) == 3 and (manifest["counts"]["ok"], manifest["counts"]["failed"]) == (1, 2)
     errors = {f["sample_id"]: f["error"] for f in manifest["failures"]}
     assert errors["synthetic/sub02/EP01"].startswith("sample synthetic/sub02/EP01: corrupt or unsupported image")
@@ -99,3 +99,23 @@ def test_no_credentials_in_tracking_artifacts_or_logs(tiny_root: Path, tmp_path:
         assert SECRET not in text and KEY_ID not in text
     assert any(tmp_path.rglob("MLmodel")) and any(tmp_path.rglob("predictions.csv"))  # artifacts were written
     assert _grep(tmp_path, SECRET.encode()) == [] and _grep(tmp_path, KEY_ID.encode()) == []
+
+
+def test_an_interrupted_preprocessing_run_keeps_what_it_finished(tmp_path: Path) -> None:
+    """A run killed after some samples (no `finish`: no index.csv, no manifest) loses nothing it finished: the
+    entries were journalled as they arrived and the next run reuses them."""
+    from mer_model.preprocess import Cache, process_row
+
+    root = tmp_path / "data"
+    for subject in ("sub01", "sub02"):
+        write_clip(root / subject / "EP01")
+    table = make_table([_record(s, root / s / "EP01") for s in ("sub01", "sub02")])
+    params = parse_params({"preprocess": {**CHEAP, "out": str(tmp_path / "cache")}})
+    modalities = ("flow28", "aus")
+    first = Cache(params.preprocess.out, flush_every=0)
+    todo = first.plan(table, params.preprocess, modalities)
+    first.write(process_row(table.iloc[0].to_dict(), params.preprocess, root, todo["synthetic/sub01/EP01"]))
+    del first  # killed here
+    assert not (tmp_path / "cache" / "index.csv").exists()
+    again = Cache(params.preprocess.out)
+    assert again.plan(table, params.preprocess, modalities) == {"synthetic/sub02/EP01": modalities}

@@ -19,7 +19,7 @@ from mer_model.config import FlowConfig, PreprocessConfig
 from mer_model.data.aus import AU_LIST
 from mer_model.errors import SampleError
 from mer_model.preprocess import face as facelib
-from mer_model.preprocess.cache import process_row
+from mer_model.preprocess.cache import SampleResult, process_row
 from mer_model.preprocess.flow import compute_flow, flow_map, read_flow_png, tvl1
 from mer_model.preprocess.sample import preprocess_sample, read_image, sampled_frames
 
@@ -82,9 +82,10 @@ def test_casme2_face_found_and_one_alignment_for_all_frames(casme2_clip_dir: Pat
     cfg = PreprocessConfig()
     row = make_row("casme2/sub/clip", casme2_clip_dir, onset=1, apex=5, offset=10, frame_template="{:03d}.jpg")
     out = preprocess_sample(row, cfg, Path("."))
-    assert out.face == "dlib"
+    arrays = out.arrays()
+    assert out.face == "dlib" and out.estimated == ""
     for key, (dtype, shape) in CONTRACT.items():
-        assert (str(out.arrays[key].dtype), out.arrays[key].shape) == (dtype, shape), key
+        assert (str(arrays[key].dtype), arrays[key].shape) == (dtype, shape), key
 
     onset = _casme2_grey(casme2_clip_dir, 1)
     box = facelib.detect_face(onset, cfg.detector_upsample)
@@ -92,12 +93,12 @@ def test_casme2_face_found_and_one_alignment_for_all_frames(casme2_clip_dir: Pat
     align = facelib.alignment_from_landmarks(facelib.predict_landmarks(onset, box), cfg.margin)
     # Every sampled frame is the ONSET transform applied to that frame: no per-frame re-detection.
     for k, number in enumerate(sampled_frames(1, 10, cfg.seq_frames)):
-        np.testing.assert_array_equal(out.arrays["frames128"][k], align.warp(_casme2_grey(casme2_clip_dir, number), 128))
-    landmarks = out.arrays["landmarks68"]
+        np.testing.assert_array_equal(arrays["frames128"][k], align.warp(_casme2_grey(casme2_clip_dir, number), 128))
+    landmarks = arrays["landmarks68"]
     left, right = facelib.eye_centres(landmarks[0])
     assert abs(left[1] - right[1]) < 0.5 and right[0] - left[0] > 30  # eyes level, a face-sized crop
     assert np.abs(landmarks - landmarks[0]).max() < 5  # predicted in the fixed box: points move only a little
-    assert out.arrays["points5"].min() > 0 and out.arrays["points5"].max() < 28
+    assert arrays["points5"].min() > 0 and arrays["points5"].max() < 28
 
 
 def test_casme2_flow_small_nonzero_and_on_the_face(casme2_clip_dir: Path) -> None:
@@ -176,10 +177,14 @@ def test_composite_row(composite_dir: Path) -> None:
     row = make_row("casme2/sub01/x", onset=None, apex=None, offset=None, flow_path=str(path),
                    points5="6,7.5,21.5,7.8,13.9,14.6,7.1,21.1,20.2,21.4")
     out = preprocess_sample(row, PreprocessConfig(), Path("."))
-    assert out.face == "composite" and set(out.arrays) == {"flow28", "points5", "aus", "au_coded"}
+    arrays = out.arrays(["flow28", "points5", "aus"])
+    assert out.face == "composite" and set(arrays) == {"flow28", "points5", "aus", "au_coded"}
     bgr = cv2.imread(str(path))
-    np.testing.assert_allclose(out.arrays["flow28"][0], bgr[..., 2] / 255.0, atol=1e-6)  # channel 0 = PNG red
-    np.testing.assert_allclose(out.arrays["points5"][2], [13.9, 14.6])
+    np.testing.assert_allclose(arrays["flow28"][0], bgr[..., 2] / 255.0, atol=1e-6)  # channel 0 = PNG red
+    np.testing.assert_allclose(arrays["points5"][2], [13.9, 14.6])
+    # Neither onset crops nor frames are distributed with the composite; apex crops only where present.
+    unavailable = {m: o.reason for m, o in out.modalities.items() if o.status == "unavailable"}
+    assert unavailable == dict.fromkeys(("onset224", "apex224", "frames128", "landmarks68", "flows128"), "unavailable")
 
 
 # ------------------------------------------------------------------------------------------------- bad input
@@ -192,30 +197,59 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def entry_arrays(result: SampleResult) -> dict[str, np.ndarray]:
+    """The arrays of a worker's ok entries (what the cache would store)."""
+    out: dict[str, np.ndarray] = {}
+    for entry in result.entries.values():
+        if entry.status == "ok":
+            out.update(np.load(io.BytesIO(entry.data)))
+    return out
+
+
+def failures(result: SampleResult) -> dict[str, str]:
+    """modality -> error of the entries that are not ok."""
+    return {m: e.error for m, e in result.entries.items() if e.status != "ok"}
+
+
 def test_good_clip_cheap_config(clip: Path) -> None:
     result = process_row(make_row("synthetic/sub01/EP01", clip), CHEAP, Path("."))
-    assert result.status == "ok" and result.face == "dlib", result.error
-    arrays = np.load(io.BytesIO(result.npz))
+    assert failures(result) == {} and result.face == "dlib"
+    arrays = entry_arrays(result)
     assert arrays["frames128"].shape == (3, 64, 64) and arrays["flows128"].shape == (2, 2, 64, 64)
     assert arrays["aus"][AU_LIST.index(4)] == 1 and arrays["aus"].sum() == 2
     assert arrays["au_coded"].shape == () and arrays["au_coded"] == 0  # a hand-made row without au_coded
-    coded = process_row(make_row("synthetic/sub01/EP01", clip, au_coded=True), CHEAP, Path("."))
-    assert np.load(io.BytesIO(coded.npz))["au_coded"] == 1
+    coded = process_row(make_row("synthetic/sub01/EP01", clip, au_coded=True), CHEAP, Path("."), ("aus",))
+    assert set(coded.entries) == {"aus"} and entry_arrays(coded)["au_coded"] == 1
+
+
+def test_only_the_requested_modalities_are_computed(clip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """flow28 pays for the onset->apex flow only: no 128 px flows, no per-frame landmarks, no frames beyond the
+    onset and apex decoded."""
+    import mer_model.preprocess.sample as sample_module
+
+    flows, reads = [], []
+    real_flow, real_read = sample_module.compute_flow, sample_module.read_image
+    monkeypatch.setattr(sample_module, "compute_flow", lambda *a: flows.append(a[1].shape) or real_flow(*a))
+    monkeypatch.setattr(sample_module, "read_image", lambda path, sid: reads.append(path.name) or real_read(path, sid))
+    result = process_row(make_row("s/sub01/EP01", clip), CHEAP, Path("."), ("flow28", "aus"))
+    assert set(result.entries) == {"flow28", "aus"} and failures(result) == {}
+    assert flows == [(64, 64)] and sorted(reads) == ["img10.jpg", "img12.jpg"]
 
 
 @pytest.mark.parametrize(
-    ("change", "message"),
+    ("change", "failed", "message"),
     [
-        ({"apex": 20}, "apex 20 outside onset..offset 10..15"),
-        ({"apex": 11, "offset": 11}, "has 2 frames, fewer than preprocess.seq_frames=3"),
-        ({"apex": None}, "apex frame not annotated"),
-        ({"frame_template": "frame{}.png"}, "frame file missing"),
+        ({"apex": 20}, "all", "apex 20 outside onset..offset 10..15"),
+        ({"apex": 11, "offset": 11}, {"frames128", "landmarks68", "flows128"},
+         "has 2 frames, fewer than preprocess.seq_frames=3"),
+        ({"frame_template": "frame{}.png"}, "all", "frame file missing"),
     ],
 )
-def test_bad_annotation_fails_the_sample(clip: Path, change: dict[str, Any], message: str) -> None:
+def test_bad_annotation_fails_what_it_affects(clip: Path, change: dict[str, Any], failed: Any, message: str) -> None:
     result = process_row(make_row("s/sub01/bad", clip, **change), CHEAP, Path("."))
-    assert result.status == "failed" and result.npz is None
-    assert result.error.startswith("sample s/sub01/bad: ") and message in result.error
+    errors = failures(result)
+    assert set(errors) == (set(result.entries) - {"aus"} if failed == "all" else failed)
+    assert all(e.startswith("sample s/sub01/bad: ") and message in e for e in errors.values())
 
 
 def test_truncated_and_garbage_images(clip: Path, tmp_path: Path) -> None:
@@ -224,8 +258,8 @@ def test_truncated_and_garbage_images(clip: Path, tmp_path: Path) -> None:
     data = (folder / "img12.jpg").read_bytes()
     (folder / "img12.jpg").write_bytes(data[: len(data) // 2])
     assert cv2.imread(str(folder / "img12.jpg")) is not None  # OpenCV alone would accept the truncated file
-    result = process_row(make_row("s/sub01/trunc", folder), CHEAP, Path("."))
-    assert result.status == "failed" and f"(truncated JPEG): {folder / 'img12.jpg'}" in result.error
+    result = process_row(make_row("s/sub01/trunc", folder), CHEAP, Path("."), ("flow28",))
+    assert f"(truncated JPEG): {folder / 'img12.jpg'}" in failures(result)["flow28"]
 
     (folder / "img12.jpg").write_bytes(b"not an image at all")
     with pytest.raises(SampleError, match="corrupt or unsupported image: .*img12.jpg"):
@@ -238,31 +272,32 @@ def test_no_face_falls_back_to_dataset_landmarks(tmp_path: Path) -> None:
     for n in range(10, 16):
         cv2.imwrite(str(folder / f"img{n}.jpg"), np.full((180, 180, 3), 128, np.uint8))
     result = process_row(make_row("s/sub01/blank", folder), CHEAP, Path("."))
-    assert result.status == "failed" and f"no face found in {folder / 'img10.jpg'}" in result.error
+    assert set(failures(result)) == set(result.entries) - {"aus"}
+    assert all(f"no face found in {folder / 'img10.jpg'}" in e for e in failures(result).values())
 
     grey = cv2.cvtColor(astronaut_face(), cv2.COLOR_BGR2GRAY)
     landmarks = facelib.predict_landmarks(grey, facelib.detect_face(grey, 1))
     truth = tmp_path / "truth.npz"
     np.savez(truth, landmarks=np.stack([landmarks + k for k in range(6)]), frame_numbers=np.arange(10, 16))
     row = make_row("s/sub01/blank", folder, landmarks_path=str(truth))
-    out = preprocess_sample(row, CHEAP, Path("."))
+    out = preprocess_sample(row, CHEAP, Path("."), ("landmarks68",))
     assert out.face == "annotation"
     align = facelib.alignment_from_landmarks(landmarks, CHEAP.margin)
     numbers = sampled_frames(10, 15, CHEAP.seq_frames)  # ground truth is used for every sampled frame
-    np.testing.assert_allclose(out.arrays["landmarks68"], [align.points(landmarks + n - 10, 64) for n in numbers],
+    np.testing.assert_allclose(out.arrays()["landmarks68"], [align.points(landmarks + n - 10, 64) for n in numbers],
                                atol=1e-4)
 
 
 def test_detector_annotation_uses_saved_landmarks(clip: Path, tmp_path: Path) -> None:
     cfg = CHEAP.model_copy(update={"detector": "annotation"})
-    result = process_row(make_row("s/sub01/nolm", clip), cfg, Path("."))
-    assert result.status == "failed" and "detector=annotation" in result.error
+    result = process_row(make_row("s/sub01/nolm", clip), cfg, Path("."), ("flow28",))
+    assert "detector=annotation" in failures(result)["flow28"]
 
     grey = cv2.cvtColor(astronaut_face(), cv2.COLOR_BGR2GRAY)
     landmarks = facelib.predict_landmarks(grey, facelib.detect_face(grey, 1)) + 3.0  # not what dlib would find
     truth = tmp_path / "truth.npz"
     np.savez(truth, landmarks=np.repeat(landmarks[None], 6, axis=0), frame_numbers=np.arange(10, 16))
-    out = preprocess_sample(make_row("s/sub01/lm", clip, landmarks_path=str(truth)), cfg, Path("."))
+    out = preprocess_sample(make_row("s/sub01/lm", clip, landmarks_path=str(truth)), cfg, Path("."), ("landmarks68",))
     assert out.face == "annotation"
     expected = facelib.alignment_from_landmarks(landmarks, cfg.margin).points(landmarks, 64)
-    np.testing.assert_allclose(out.arrays["landmarks68"][0], expected, atol=1e-4)
+    np.testing.assert_allclose(out.arrays()["landmarks68"][0], expected, atol=1e-4)

@@ -1,7 +1,8 @@
 """The `mer preprocess` stage on a tiny dataset with local Ray (2 CPUs, one Ray session for the module).
 
-Covers: good and bad samples side by side (the bad ones are recorded, the rest completes), the cache layout and
-manifest, re-runs that redo only what is missing or failed, and a full recompute when a preprocessing parameter changes.
+Covers: good and bad samples side by side (the bad ones are recorded per modality, the rest completes), the cache
+layout and manifest, computing only what the model reads and then only what is missing, re-runs that redo only what is
+missing, failed, changed or corrupt, a parameter change recomputing only the modalities it shapes, `data.strict`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import pytest
 import yaml
 
 from components.preprocess import preprocess
-from mer_model.config import Params, parse_params
+from mer_model.config import ModelConfig, Params, parse_params
 from mer_model.data.schema import make_table
-from mer_model.errors import DataError
+from mer_model.errors import ConfigError, DataError
 from mer_model.preprocess.cache import params_hash
 from pipelines.cli import main
 from tests.test_preprocess import write_clip
@@ -64,75 +65,162 @@ def dataset(tmp_path: Path) -> tuple[Params, Path]:
     return parse_params(raw), params_file
 
 
+ALL = ["flow28", "points5", "onset224", "apex224", "frames128", "landmarks68", "flows128", "aus"]
+
+
+def _with(params: Params, **preprocess: Any) -> Params:
+    return params.model_copy(update={"preprocess": params.preprocess.model_copy(update=preprocess)})
+
+
+def _entries(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "modalities.csv", dtype=str, keep_default_na=False).set_index(["sample_id", "modality"])
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in (out / "samples").rglob("*.npz")}
+
+
 def test_stage_records_failures_and_completes_the_rest(dataset: tuple[Params, Path]) -> None:
     params, _ = dataset
-    manifest = preprocess(params)
+    manifest = preprocess(_with(params, modalities=ALL))
     out = Path(params.preprocess.out)
     counts = manifest["counts"]
     assert (counts["total"], counts["ok"], counts["failed"], counts["computed"]) == (5, 2, 3, 5)
     assert counts["face"] == {"dlib": 2}
-    assert manifest["params_hash"] == params_hash(params.preprocess)
+    assert counts["excluded"] == {"frame file missing": 1, "corrupt image": 1, "apex outside onset..offset": 1}
+    assert manifest["params_hash"] == params_hash(params.preprocess) and manifest["modalities"] == ALL
     assert manifest["preprocess"]["flow"]["lambda"] == 0.15 and manifest["versions"]["dlib"]
     assert manifest["class_names"] == ["happiness", "other"]
+    assert manifest["coverage"] == {"usable": 2, "total": 5, "per_dataset": {"synthetic": {"usable": 2, "total": 5}}}
 
     index = pd.read_csv(out / "index.csv", dtype=str, keep_default_na=False).set_index("sample_id")
-    assert set(index.columns) >= {"subject", "label", "status", "error", "npz", "face"}
+    assert set(index.columns) >= {"subject", "label", "status", "reason", "error", "modalities", "face", "estimated"}
     errors = index["error"].to_dict()
     assert "frame file missing" in errors["synthetic/sub03/EP01"] and "img12.jpg" in errors["synthetic/sub03/EP01"]
     assert "truncated JPEG" in errors["synthetic/sub03/EP02"] and "img15.jpg" in errors["synthetic/sub03/EP02"]
     assert "apex 9 outside onset..offset 10..15" in errors["synthetic/sub03/EP03"]
     assert {f["sample_id"] for f in manifest["failures"]} == {f"synthetic/sub03/EP0{k}" for k in (1, 2, 3)}
+    # The truncated frame is the offset: it costs the sequence modalities only; the flow map and crops are kept.
+    assert index.loc["synthetic/sub03/EP02", "modalities"] == "flow28+points5+onset224+apex224+aus"
+    assert index.loc["synthetic/sub01/EP01", "modalities"] == "+".join(ALL)
 
-    npz = out / index.loc["synthetic/sub01/EP01", "npz"]
-    assert npz.name == "synthetic__sub01__EP01.npz"
-    with np.load(npz) as arrays:
-        assert arrays["frames128"].shape == (3, 64, 64) and arrays["landmarks68"].shape == (3, 68, 2)
-        assert arrays["flow28"].dtype == np.float32 and arrays["flows128"].dtype == np.float16
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["synthetic__sub01__EP01.npz",
-                                                                   "synthetic__sub02__EP01.npz"]
+    entries = _entries(out)
+    assert entries.loc[("synthetic/sub03/EP02", "frames128"), "reason"] == "corrupt image"
+    flow = entries.loc[("synthetic/sub01/EP01", "flow28")]
+    assert flow["file"] == "samples/synthetic__sub01__EP01/flow28.npz" and flow["status"] == "ok"
+    assert int(flow["bytes"]) == (out / flow["file"]).stat().st_size and len(flow["sha256"]) == 64
+    with np.load(out / entries.loc[("synthetic/sub01/EP01", "frames128"), "file"]) as arrays:
+        assert arrays["frames128"].shape == (3, 64, 64)
+    with np.load(out / entries.loc[("synthetic/sub01/EP01", "landmarks68"), "file"]) as arrays:
+        assert arrays["landmarks68"].shape == (3, 68, 2)
+    with np.load(out / flow["file"]) as arrays:
+        assert arrays["flow28"].dtype == np.float32 and set(arrays.files) == {"flow28"}
+    with np.load(out / entries.loc[("synthetic/sub01/EP01", "aus"), "file"]) as arrays:
+        assert set(arrays.files) == {"aus", "au_coded"}
+    # The missing apex frame costs what needs it; the onset crop and the AUs of that sample are fine.
+    assert {p.name for p in (out / "samples" / "synthetic__sub03__EP01").iterdir()} == {"aus.npz", "onset224.npz"}
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []  # atomic writes leave no temp files
 
 
-def test_rerun_redoes_only_missing_failed_or_changed(dataset: tuple[Params, Path]) -> None:
-    params, _ = dataset
+def test_only_what_the_model_reads_and_then_only_what_is_missing(dataset: tuple[Params, Path]) -> None:
+    """The default model (cva_fpf flow_small) reads flow28 and its AU targets: nothing else is computed. A model
+    reading the sequence modalities (MOL) then adds them without recomputing flow28."""
+    params = dataset[0].model_copy(update={"model": ModelConfig(name="cva_fpf", config="flow_small")})
+    out = Path(params.preprocess.out)
+    first = preprocess(params)
+    assert first["modalities"] == ["flow28", "aus"]
+    assert first["counts"]["modalities"]["flow28"] == {"ok": 3, "failed": 2, "unavailable": 0, "computed": 5,
+                                                       "reused": 0}
+    assert {p.name for p in (out / "samples" / "synthetic__sub01__EP01").iterdir()} == {"flow28.npz", "aus.npz"}
+    flow_files = {k: v for k, v in _mtimes(out).items() if k.endswith("flow28.npz")}
+
+    mol = params.model_copy(update={"model": params.model.model_copy(update={"name": "mol", "config": "small"})})
+    second = preprocess(mol)
+    assert second["modalities"] == ["frames128", "landmarks68", "flows128"]
+    assert {k: v for k, v in _mtimes(out).items() if k.endswith("flow28.npz")} == flow_files  # kept, not rewritten
+    index = pd.read_csv(out / "index.csv", dtype=str, keep_default_na=False).set_index("sample_id")
+    assert index.loc["synthetic/sub01/EP01", "modalities"] == "flow28+frames128+landmarks68+flows128+aus"
+    # The truncated offset frame costs MOL that sample; the flow model still has it.
+    assert index.loc["synthetic/sub03/EP02", "status"] == "failed"
+    assert index.loc["synthetic/sub03/EP02", "modalities"] == "flow28+aus"
+    assert second["counts"]["ok"] == 2
+    back = preprocess(params)["counts"]  # and back to the flow model: everything reused
+    assert (back["ok"], back["reused"], back["computed"]) == (3, 3, 2)  # the two failed ones are retried
+    with pytest.raises(ConfigError, match="model.name: unknown model 'nope'"):
+        preprocess(params.model_copy(update={"model": params.model.model_copy(update={"name": "nope"})}))
+
+
+def test_rerun_redoes_only_missing_failed_changed_or_corrupt(dataset: tuple[Params, Path]) -> None:
+    params = _with(dataset[0], modalities=ALL)
     preprocess(params)
     out = Path(params.preprocess.out)
-    first = (out / "samples" / "synthetic__sub01__EP01.npz").stat().st_mtime_ns
+    before = _mtimes(out)
 
     write_clip(Path(params.data.root) / "sub03/EP01")  # repair the missing frame
-    (out / "samples" / "synthetic__sub02__EP01.npz").unlink()  # lose one cached sample
+    (out / "samples/synthetic__sub02__EP01/onset224.npz").unlink()  # lose one cached entry
+    flow = out / "samples/synthetic__sub01__EP01/flow28.npz"
+    flow.write_bytes(flow.read_bytes()[:-7])  # a truncated entry is recomputed, not reused
     again = preprocess(params)["counts"]
-    assert (again["reused"], again["computed"], again["ok"], again["failed"]) == (1, 4, 3, 2)
-    assert (out / "samples" / "synthetic__sub01__EP01.npz").stat().st_mtime_ns == first
+    assert (again["reused"], again["computed"], again["ok"], again["failed"]) == (0, 5, 3, 2)
+    assert again["modalities"]["onset224"]["computed"] == 2 and again["modalities"]["flow28"]["reused"] == 2
+    after = _mtimes(out)
+    unchanged = {k for k in before if k in after and before[k] == after[k]}
+    assert "samples/synthetic__sub01__EP01/frames128.npz" in unchanged
+    assert "samples/synthetic__sub01__EP01/flow28.npz" not in unchanged
+    assert "samples/synthetic__sub02__EP01/flow28.npz" in unchanged
 
-    # A parameter outside the preprocess section leaves the cache valid; a flow parameter invalidates all of it.
+    # Without the two broken samples (retried on every run): a parameter outside the preprocess section leaves the
+    # cache valid; a TV-L1 parameter recomputes the two flows and nothing else; face_size only the crops.
+    table = pd.read_csv(params.data.ingested, dtype=str, keep_default_na=False)
+    table[~table["clip"].isin(["EP02", "EP03"])].to_csv(params.data.ingested, index=False)
     other = params.model_copy(update={"train": params.train.model_copy(update={"epochs": 99})})
     assert preprocess(other)["counts"]["reused"] == 3
-    changed = params.preprocess.model_copy(update={"flow": params.preprocess.flow.model_copy(update={"theta": 0.5})})
-    assert params_hash(changed) != params_hash(params.preprocess)
-    redo = preprocess(params.model_copy(update={"preprocess": changed}))["counts"]
-    assert (redo["reused"], redo["computed"]) == (0, 5)
+    changed = _with(params, flow=params.preprocess.flow.model_copy(update={"theta": 0.5}))
+    assert params_hash(changed.preprocess) != params_hash(params.preprocess)
+    redo = preprocess(changed)["counts"]["modalities"]
+    assert {m: c["computed"] for m, c in redo.items() if c["computed"]} == {"flow28": 3, "flows128": 3}
+    redo = preprocess(_with(changed, face_size=48))["counts"]["modalities"]
+    assert {m: c["computed"] for m, c in redo.items() if c["computed"]} == {"onset224": 3, "apex224": 3}
 
-    # A row dropped from the table takes its cached file with it; a changed row is recomputed.
+    # A row dropped from the table takes its cached files with it; a changed row is recomputed.
     table = pd.read_csv(params.data.ingested, dtype=str, keep_default_na=False)
     table = table[table["sample_id"] != "synthetic/sub01/EP01"]
     table.loc[table["sample_id"] == "synthetic/sub02/EP01", "apex"] = "13"
     table.to_csv(params.data.ingested, index=False)
-    last = preprocess(params.model_copy(update={"preprocess": changed}))["counts"]
-    assert (last["total"], last["reused"], last["computed"]) == (4, 1, 3)
-    assert not (out / "samples" / "synthetic__sub01__EP01.npz").exists()
+    last = preprocess(_with(changed, face_size=48))["counts"]
+    assert (last["total"], last["reused"], last["computed"]) == (2, 1, 1)
+    assert not (out / "samples" / "synthetic__sub01__EP01").exists()
 
-    # A cache written before a schema column existed (its npz files lack e.g. au_coded) is recomputed.
-    index = pd.read_csv(out / "index.csv", dtype=str, keep_default_na=False)
-    index.drop(columns=["au_coded"]).to_csv(out / "index.csv", index=False)
-    older = preprocess(params.model_copy(update={"preprocess": changed}))["counts"]
-    assert (older["reused"], older["computed"]) == (0, 4)
+    # An unreadable modalities.csv (e.g. truncated by hand) recomputes everything rather than trusting it.
+    (out / "modalities.csv").write_text("sample_id,modal")
+    assert preprocess(_with(changed, face_size=48))["counts"]["reused"] == 0
+
+
+def test_strict_fails_with_one_line_and_keeps_what_was_finished(dataset: tuple[Params, Path],
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    params, params_file = dataset
+    assert main(["preprocess", "--params", str(params_file), "-S", "data.strict=true"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line or "Traceback" in line]
+    index = Path(params.preprocess.out) / "index.csv"
+    assert len(err) == 1 and err[0].startswith(f"mer preprocess: error: {index}: data.strict: 2 samples excluded; "
+                                               "first: sample synthetic/sub03/EP01: frame file missing: ")
+    assert preprocess(params)["counts"]["reused"] == 3  # everything finished before the error is kept
+
+
+def test_corrupt_ingest_summary_is_named(dataset: tuple[Params, Path]) -> None:
+    params, _ = dataset
+    summary = Path(params.data.ingested).with_name("annotations.summary.json")
+    summary.write_text('{"classes": ["happ')
+    with pytest.raises(DataError, match=rf"^{summary}: ingest summary \(re-run `mer ingest`\) is not valid JSON"):
+        preprocess(params)
 
 
 def test_cli_and_all_failed(dataset: tuple[Params, Path], capsys: pytest.CaptureFixture[str]) -> None:
     params, params_file = dataset
     table = pd.read_csv(params.data.ingested, dtype=str, keep_default_na=False)
     table[table["subject"] == "synthetic/sub03"].to_csv(params.data.ingested, index=False)
-    assert main(["preprocess", "--params", str(params_file), "-S", "preprocess.seq_frames=3"]) == 2
+    assert main(["preprocess", "--params", str(params_file), "-S", "preprocess.seq_frames=3", "-S",
+                 "preprocess.modalities=[flow28,frames128]"]) == 2
     assert "no sample could be preprocessed" in capsys.readouterr().err
     index = pd.read_csv(Path(params.preprocess.out) / "index.csv")
     assert (index["status"] == "failed").all() and len(index) == 3

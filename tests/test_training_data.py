@@ -6,7 +6,6 @@ the trainer tests.
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mer_model.errors import DataError
+from mer_model.errors import ConfigError, DataError
 from mer_model.training import augment
 from mer_model.training.data import SampleStore
 
@@ -31,18 +30,25 @@ def signal_flow28(label: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(flow, 0, 1)
 
 
+IMAGE_MODALITIES = ("onset224", "apex224", "frames128", "landmarks68", "flows128")
+
+
 def write_cache(root: Path, subjects: int = 4, per_subject: int = 6, seed: int = 0, images: bool = False,
-                failed: int = 0) -> Path:
+                failed: int = 0, uncoded: tuple[int, ...] = ()) -> Path:
     """A cache of `subjects` x `per_subject` samples (labels cycle over 3 classes) with flow28, points5, aus, and
-    optionally onset224/apex224/frames128/flows128/landmarks68 (small random content)."""
+    optionally onset224/apex224/frames128/flows128/landmarks68 (small random content), written through the
+    library's own cache writer; `failed` samples of subject `bad` failed every modality; subjects in `uncoded`
+    have no AU coding (`au_coded` 0)."""
+    from mer_model.config import PreprocessConfig
+    from mer_model.data.schema import make_table
+    from mer_model.preprocess.cache import Cache, EntryResult, SampleResult, encode_npz, failed_result
+
     rng = np.random.default_rng(seed)
-    (root / "samples").mkdir(parents=True, exist_ok=True)
-    rows = []
+    modalities = ("flow28", "points5", "aus") + (IMAGE_MODALITIES if images else ())
+    records, results = [], []
     for s in range(subjects):
         for k in range(per_subject):
             label = (k + s) % 3
-            sid = f"synthetic/s{s:02d}/clip{k}"
-            npz = f"samples/{sid.replace('/', '__')}.npz"
             arrays = {
                 "flow28": signal_flow28(label, rng),
                 "points5": np.array([[9, 10], [19, 10], [14, 15], [10, 20], [18, 20]], dtype=np.float32),
@@ -54,16 +60,26 @@ def write_cache(root: Path, subjects: int = 4, per_subject: int = 6, seed: int =
                 arrays["frames128"] = rng.integers(0, 255, (4, 128, 128), dtype=np.uint8)
                 arrays["flows128"] = rng.standard_normal((3, 2, 128, 128)).astype(np.float16)
                 arrays["landmarks68"] = (30 + 60 * rng.random((4, 68, 2))).astype(np.float32)
-            np.savez_compressed(root / npz, **arrays)
-            rows.append({"sample_id": sid, "dataset": "synthetic", "collection": "synthetic",
-                         "subject": f"synthetic/s{s:02d}", "clip": f"clip{k}", "label": label, "aus": "",
-                         "status": "ok", "error": "", "npz": npz})
+            companions = {"aus": {"au_coded": np.array(s not in uncoded, dtype=np.uint8)}}
+            records.append({"dataset": "synthetic", "collection": "synthetic", "subject": f"synthetic/s{s:02d}",
+                            "clip": f"clip{k}", "label": label, "emotion": CLASSES[label], "au_coded": True,
+                            "source_file": "sheet.xlsx", "source_row": len(records) + 2})
+            entries = {m: EntryResult("ok", data=encode_npz({m: arrays[m], **companions.get(m, {})}))
+                       for m in modalities}
+            results.append(SampleResult(f"synthetic/s{s:02d}/clip{k}", entries, face="annotation"))
     for f in range(failed):
-        rows.append({"sample_id": f"synthetic/bad/clip{f}", "dataset": "synthetic", "collection": "synthetic",
-                     "subject": "synthetic/bad", "clip": f"clip{f}", "label": 0, "aus": "", "status": "failed",
-                     "error": "no face", "npz": ""})
-    pd.DataFrame(rows).to_csv(root / "index.csv", index=False)
-    (root / "manifest.json").write_text(json.dumps({"class_names": CLASSES}))
+        records.append({"dataset": "synthetic", "collection": "synthetic", "subject": "synthetic/bad",
+                        "clip": f"clip{f}", "label": 0, "emotion": CLASSES[0], "source_file": "sheet.xlsx",
+                        "source_row": len(records) + 2})
+        results.append(failed_result(f"synthetic/bad/clip{f}", modalities, f"sample synthetic/bad/clip{f}: no face",
+                                     "no face"))
+    table = make_table(records)
+    cfg = PreprocessConfig()
+    cache = Cache(root)
+    cache.plan(table, cfg, modalities)
+    for result in results:
+        cache.write(result)
+    cache.finish(table, cfg, modalities, {"class_names": CLASSES})
     return root
 
 
@@ -86,7 +102,7 @@ def test_batch_conversion(image_cache: Path) -> None:
     keys = ("onset224", "apex224", "frames128", "flows128", "landmarks68", "flow28", "points5")
     ds = store.torch_dataset(ids, keys, augment=False, seed=0, optional=("aus", "not_there"))
     item = ds[1]
-    raw = np.load(store.npz_path(ids[1]))
+    raw = np.load(store.entry_path(ids[1], "onset224"))
     assert item["onset224"].shape == (3, 224, 224) and item["onset224"].dtype == torch.float32
     assert torch.allclose(item["onset224"], torch.from_numpy(raw["onset224"]).permute(2, 0, 1).float() / 255)
     assert item["frames128"].shape == (4, 128, 128) and float(item["frames128"].max()) <= 1.0
@@ -113,18 +129,70 @@ def test_missing_input_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_aus_mask_follows_au_coding(tmp_path: Path) -> None:
-    """`aus_mask` (B,) comes with `aus`: 0 for a dataset without AU coding, 1 for coded and for older caches."""
+    """`aus_mask` (B,) comes with `aus`: 0 for a dataset without AU coding, 1 for coded."""
     from torch.utils.data import DataLoader
 
-    store = SampleStore.open(write_cache(tmp_path / "c", subjects=3, per_subject=2))
-    for sid in store.sample_ids(["synthetic/s00", "synthetic/s01"]):  # s02 stays a cache without au_coded
-        arrays = dict(np.load(store.npz_path(sid)))
-        np.savez_compressed(store.npz_path(sid), **arrays, au_coded=np.uint8(sid.startswith("synthetic/s00")))
+    store = SampleStore.open(write_cache(tmp_path / "c", subjects=3, per_subject=2, uncoded=(1,)))
     ids = store.sample_ids(store.subjects())
     ds = store.torch_dataset(ids, ("flow28",), augment=True, seed=0, optional=("aus",))
     batch = next(iter(DataLoader(ds, batch_size=len(ids))))
     assert batch["aus_mask"].dtype == torch.float32 and batch["aus_mask"].tolist() == [1, 1, 0, 0, 1, 1]
     assert "aus_mask" not in store.torch_dataset(ids, ("flow28",), augment=False, seed=0)[0]  # no aus, no mask
+
+
+def test_store_selects_the_samples_that_have_what_the_model_reads(tmp_path: Path) -> None:
+    """Two samples lack apex224 and one lacks points5 (e.g. a crop the face detector missed): a flow28 model keeps
+    every sample, an FPF model loses the two, HTNet (flow28 + points5) the one; `coverage` says how many of the
+    collection's samples each uses (the failed sample counts in the total)."""
+    root = write_cache(tmp_path / "c", subjects=2, per_subject=3, images=True, failed=1)
+    entries = pd.read_csv(root / "modalities.csv", dtype=str, keep_default_na=False)
+    lost = {("synthetic/s00/clip0", "apex224"), ("synthetic/s01/clip2", "apex224"), ("synthetic/s00/clip1", "points5")}
+    for i, row in entries.iterrows():
+        if (row["sample_id"], row["modality"]) in lost:
+            entries.loc[i, ["status", "reason", "file", "bytes", "sha256"]] = ["failed", "no face", "", "", ""]
+    entries.to_csv(root / "modalities.csv", index=False)
+    index = pd.read_csv(root / "index.csv", dtype=str, keep_default_na=False)
+    for sid, modality in lost:
+        row = index["sample_id"] == sid
+        index.loc[row, "modalities"] = index.loc[row, "modalities"].str.replace(f"+{modality}", "")
+    index.to_csv(root / "index.csv", index=False)
+
+    assert len(SampleStore.open(root, keys=("flow28",)).index) == 6
+    fpf = SampleStore.open(root, keys=("flow28", "apex224"))
+    assert fpf.sample_ids(fpf.subjects()) == [f"synthetic/s0{s}/clip{k}" for s, k in ((0, 1), (0, 2), (1, 0), (1, 1))]
+    assert fpf.coverage() == {"usable": 4, "total": 7, "per_dataset": {"synthetic": {"usable": 4, "total": 7}}}
+    htnet = SampleStore.open(root, keys=("flow28", "points5"))
+    assert "synthetic/s00/clip1" not in htnet.sample_ids(htnet.subjects()) and len(htnet.index) == 5
+    assert htnet.keys("synthetic/s00/clip0") >= {"flow28", "points5", "onset224"}
+    with pytest.raises(ConfigError, match="SampleStore keys: unknown cache array 'flow27'"):
+        SampleStore.open(root, keys=("flow27",))
+
+
+def test_corrupt_or_non_finite_entry_is_named_not_trained_on(tmp_path: Path) -> None:
+    root = write_cache(tmp_path / "c", subjects=2, per_subject=1)
+    store = SampleStore.open(root)
+    sid = "synthetic/s00/clip0"
+    path = store.entry_path(sid, "flow28")
+    path.write_bytes(path.read_bytes()[:-10])  # truncated after it was written
+    with pytest.raises(DataError, match=rf"^{path}: sample {sid}: cache entry changed since it was written"):
+        store.arrays(sid, ("flow28",))
+
+    nan = np.full((3, 28, 28), np.nan, np.float32)
+    from mer_model.io import digest
+    from mer_model.preprocess.cache import encode_npz
+
+    data = encode_npz({"flow28": nan})  # a NaN array recorded as if it were valid: still refused on load
+    path.write_bytes(data)
+    entries = pd.read_csv(root / "modalities.csv", dtype=str, keep_default_na=False)
+    row = (entries["sample_id"] == sid) & (entries["modality"] == "flow28")
+    entries.loc[row, ["bytes", "sha256"]] = [str(len(data)), digest(data)]
+    entries.to_csv(root / "modalities.csv", index=False)
+    with pytest.raises(DataError, match=rf"sample {sid}: 'flow28' has NaN/inf values"):
+        SampleStore.open(root).arrays(sid, ("flow28",))
+
+    (root / "manifest.json").write_text('{"class_names": ["a", ')
+    with pytest.raises(DataError, match=r"manifest.json: preprocessing manifest is not valid JSON"):
+        SampleStore.open(root)
 
 
 def test_label_outside_class_set_is_rejected(tmp_path: Path) -> None:

@@ -1,8 +1,15 @@
 """Annotation-vs-disk checks: every problem names its file and row; nothing is dropped without being counted.
 
-Problems that make a sample unusable (apex outside onset..offset, onset after offset, frames or flow map missing)
-exclude the row; problems it can live with (apex or offset not annotated) keep it. Both are logged as warnings and
-counted. With `strict=True` the first problem of either kind raises `DataError` instead.
+Problems that make a sample unusable exclude the row: apex outside onset..offset, onset after offset, frames or flow
+map missing, the apex ON the onset frame (the onset->apex motion is exactly zero: wrong data that looks valid), and a
+repeat of a sample already listed (the same clip written `01` and `1`: subjects are normalised by the loaders, so the
+repeat is found and excluded with both rows named; see `schema.duplicate_key`). Problems a sample can live with keep
+it: a missing apex is estimated at preprocessing (largest TV-L1 motion from the onset, as `mer predict` does) and a
+missing offset too where the clip folder holds just that clip (its last frame); the index records what was
+estimated. Where a recording holds several samples (CAS(ME)^3) a missing offset cannot be estimated: the row is kept
+for what needs only onset and apex (flow maps, faces) and its sequence inputs are reported unavailable at
+preprocessing; a row there without apex AND offset has nothing usable and is excluded. Every problem is logged as a
+warning and counted. With `strict=True` the first problem of either kind raises `DataError` instead.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from mer_model.data.schema import SEVERAL_SAMPLES_PER_CLIP, duplicate_key
 from mer_model.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -46,14 +54,21 @@ def _problems(row: Any) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     onset, apex, offset = (None if pd.isna(v) else int(v) for v in (row.onset, row.apex, row.offset))
     if onset is None:
         return [("onset not annotated", "")], tolerable
+    recording = row.dataset in SEVERAL_SAMPLES_PER_CLIP
     if offset is not None and offset < onset:
         fatal.append(("offset before onset", f"onset {onset}, offset {offset}"))
-    if apex is not None and not (onset <= apex <= (offset if offset is not None else apex)):
+    if apex is not None and apex == onset:
+        fatal.append(("apex equals onset (zero motion)", f"onset {onset}, apex {apex}"))
+    elif apex is not None and not (onset <= apex <= (offset if offset is not None else apex)):
         fatal.append(("apex outside onset..offset", f"onset {onset}, apex {apex}, offset {offset}"))
-    if apex is None:
-        tolerable.append(("apex not annotated", ""))
-    if offset is None:
-        tolerable.append(("offset not annotated", "frames checked onset..apex"))
+    if apex is None and offset is None and recording:
+        fatal.append(("apex and offset not annotated", "the recording holds several samples: nothing bounds them"))
+    elif apex is None:
+        tolerable.append(("apex not annotated", "estimated at preprocessing from the flow magnitude"))
+    if offset is None and apex is not None:
+        tolerable.append(("offset not annotated",
+                          "sequence inputs unavailable (the recording holds several samples)" if recording
+                          else "estimated at preprocessing as the clip's last frame"))
     last = offset if offset is not None else apex
     if not row.frames_dir:
         fatal.append(("frames not found", f"no folder for {row.subject}/{row.clip}"))
@@ -69,11 +84,18 @@ def check_table(table: pd.DataFrame, *, strict: bool = False) -> tuple[pd.DataFr
     summary = CheckSummary(total=len(table))
     keep: list[bool] = []
     reasons: list[tuple[str, str]] = []
+    first_seen: dict[tuple[Any, ...], Any] = {}
     for row in table.itertuples(index=False):
         fatal, tolerable = _problems(row)
+        original = first_seen.setdefault(duplicate_key(row), row)
+        if original is not row:
+            where = "" if original.source_file == row.source_file else f"{original.source_file}, "
+            fatal.insert(0, ("duplicate row", f"the same sample as {where}row {original.source_row} "
+                                              f"({original.sample_id}); this is row {row.source_row}"))
         if strict and (fatal or tolerable):
             reason, detail = (fatal + tolerable)[0]
-            raise DataError(f"{row.sample_id}: {reason} {detail}".strip(), file=row.source_file, row=row.source_row)
+            raise DataError(f"{row.sample_id}: {reason} ({detail})" if detail else f"{row.sample_id}: {reason}",
+                            file=row.source_file, row=row.source_row)
         labelled = [(summary.excluded, "excluded", *fatal[0])] if fatal else []
         for counter, state, reason, detail in labelled + [(summary.warnings, "kept", *t) for t in tolerable]:
             counter[reason] += 1

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
 from mer_model.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+LOGGED_PER_REASON = 5  # rows logged individually per reason; all are in ingest's exclusions CSV
 
 
 @dataclass(frozen=True)
@@ -92,39 +94,56 @@ def get_class_set(name: str) -> ClassSet:
     return CLASS_SETS[name]
 
 
-def apply_class_set(table: pd.DataFrame, class_set: ClassSet | str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Set `label` from `emotion`; returns (labelled rows, excluded rows with a `reason` column).
+def apply_class_set(table: pd.DataFrame, class_set: ClassSet | str, *, strict: bool = False
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Set `label` from `emotion`; returns (labelled rows, excluded rows with `reason` and `detail` columns).
+
+    Where a second coding of the same sample was joined beside the row (`coded_emotion`, e.g. the CASME II / SAMM
+    sheet's emotion beside a composite label), both must fall in the same class of this set; a contradiction is
+    excluded with the reason naming both sheets and rows (with `strict`, it raises DataError instead), because a
+    label its own dataset's coding disagrees with is wrong data that looks valid.
 
     Raises DataError when nothing is left (e.g. `samm_5` asked of CASME II data), because training on an empty
     table is always a configuration mistake.
     """
     cs = get_class_set(class_set) if isinstance(class_set, str) else class_set
-    reasons: list[str] = []
+    reasons: list[tuple[str, str]] = []
     labels: list[int | None] = []
     # A part of a collection without an entry of its own (synthetic1, synthetic2 of synth.datasets) is labelled like
     # its collection.
     sources = [d if d in cs.mapping else c for d, c in zip(table["dataset"], table["collection"])]
-    for dataset, subject, clip, emotion in zip(sources, table["subject"], table["clip"], table["emotion"]):
-        reason, label = "", None
+    for dataset, row in zip(sources, table.itertuples(index=False)):
+        reason, detail, label = "", "", None
         if dataset not in cs.mapping:
             reason = f"dataset {dataset} not in class set {cs.name}"
-        elif (subject, clip) in cs.excluded.get(dataset, frozenset()):
+        elif (row.subject, row.clip) in cs.excluded.get(dataset, frozenset()):
             reason = f"not part of {cs.name} (standard exclusion)"
         else:
-            name = cs.class_of(dataset, emotion)
+            name = cs.class_of(dataset, row.emotion)
+            coded = cs.class_of(dataset, row.coded_emotion) if row.coded_emotion else name
             if name is None:
-                reason = f"emotion {normalise_emotion(emotion)!r} not in class set {cs.name}"
+                reason = f"emotion {normalise_emotion(row.emotion)!r} not in class set {cs.name}"
+            elif coded != name:
+                reason = "label contradicts the dataset's coding"
+                detail = (f"{Path(row.source_file).name}, row {row.source_row} says {normalise_emotion(row.emotion)}"
+                          f" ({name}); {row.coded_source} says {normalise_emotion(row.coded_emotion)}"
+                          f" ({coded or f'not in {cs.name}'})")
+                if strict:
+                    raise DataError(f"{row.sample_id}: {reason}: {detail}", file=row.source_file, row=row.source_row)
             else:
                 label = cs.names.index(name)
-        reasons.append(reason)
+        reasons.append((reason, detail))
         labels.append(label)
     out = table.copy()
     out["label"] = pd.array(labels, dtype="Int64")
-    keep = pd.Series([r == "" for r in reasons], index=table.index)
-    excluded = out[~keep].assign(reason=[r for r in reasons if r])
+    keep = pd.Series([r == "" for r, _ in reasons], index=table.index)
+    excluded = out[~keep].assign(reason=[r for r, _ in reasons if r], detail=[d for r, d in reasons if r])
     labelled = out[keep].reset_index(drop=True)
     for reason, count in excluded["reason"].value_counts().items():
         log.info("class set %s: excluded %d samples: %s", cs.name, count, reason)
+    for row in excluded[excluded["detail"] != ""].head(LOGGED_PER_REASON).itertuples(index=False):
+        log.warning("%s, row %s: %s: %s (%s) (excluded)", row.source_file, row.source_row, row.sample_id, row.reason,
+                    row.detail)
     if labelled.empty:
         raise DataError(f"class set {cs.name} keeps no sample of datasets {sorted(set(table['dataset']))}")
     counts = labelled["label"].value_counts().sort_index()

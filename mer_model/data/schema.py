@@ -25,6 +25,8 @@ COLUMNS: dict[str, str] = {
     "apex": "Int64",
     "offset": "Int64",
     "emotion": "string",
+    "coded_emotion": "string",
+    "coded_source": "string",
     "label": "Int64",
     "aus": "string",
     "au_raw": "string",
@@ -45,7 +47,23 @@ REQUIRED = ("dataset", "collection", "subject", "clip", "emotion", "source_file"
 _DEFAULTS: dict[str, Any] = {
     "onset": pd.NA, "apex": pd.NA, "offset": pd.NA, "label": pd.NA, "aus": "", "au_raw": "", "au_coded": False, "frames_dir": "",
     "frame_template": "", "n_frames": 0, "flow_path": "", "apex_path": "", "landmarks_path": "", "points5": "",
+    "coded_emotion": "", "coded_source": "",
 }
+
+# Datasets whose clip (a long recording) holds several samples: there a sample is (subject, clip, onset, apex,
+# offset), and the recording's last frame says nothing about one sample's offset. Everywhere else a clip is one
+# sample and its folder holds just that clip.
+SEVERAL_SAMPLES_PER_CLIP = frozenset({"casme3"})
+
+
+def duplicate_key(row: Any) -> tuple[Any, ...]:
+    """What makes two rows the same sample: (subject, clip), plus the key frames where a clip holds several samples.
+    Subjects are already normalised by the loaders (`mer_model.data.loaders.subject_name`), so `01`, `1` and
+    `sub01` compare equal."""
+    key: tuple[Any, ...] = (row.dataset, row.subject, row.clip)
+    if row.dataset in SEVERAL_SAMPLES_PER_CLIP:
+        key += tuple(None if pd.isna(v) else int(v) for v in (row.onset, row.apex, row.offset))
+    return key
 
 
 def make_table(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -129,10 +147,14 @@ def read_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataError("annotation table not found (run `mer ingest`)", file=str(path))
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    for column in ("onset", "apex", "offset", "label"):
-        if column in frame:
-            frame[column] = frame[column].replace("", pd.NA)
-    table = conform(frame)
-    validate_table(table)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        for column in ("onset", "apex", "offset", "label"):
+            if column in frame:
+                frame[column] = frame[column].replace("", pd.NA)
+        table = conform(frame)
+        validate_table(table)
+    except (ValueError, DataError) as err:  # pandas' parser errors are ValueErrors
+        raise DataError(f"not a valid annotation table (re-run `mer ingest`): {str(err).splitlines()[0]}",
+                        file=str(path)) from None
     return table

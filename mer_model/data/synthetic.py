@@ -46,6 +46,7 @@ import numpy as np
 
 from mer_model.config import SynthConfig
 from mer_model.errors import ConfigError, DataError
+from mer_model.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -449,13 +450,13 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 def _write_zip(path: Path, entries: list[tuple[str, bytes]], level: int) -> None:
     """A zip whose bytes depend only on the entries (fixed timestamps), written atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w") as archive:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
         for name, data in entries:
             info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
             info.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(info, data, compresslevel=level)
-    tmp.replace(path)
+    atomic_write(path, buffer.getvalue())
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -546,6 +547,7 @@ def write_dataset(cfg: SynthConfig, root: Path | None = None) -> Path:
             ok, data = cv2.imencode(".jpg", frame[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
             if not ok:
                 raise DataError("JPEG encoding failed", file=str(clip_dir))
+            # Plain writes: the manifest, written last and atomically, is what marks the dataset complete.
             (clip_dir / FRAME_TEMPLATE.format(number)).write_bytes(data.tobytes())
         truth_dir = root / GROUNDTRUTH_DIR / folder
         truth_dir.mkdir(parents=True, exist_ok=True)
@@ -557,5 +559,5 @@ def write_dataset(cfg: SynthConfig, root: Path | None = None) -> Path:
         n_frames += len(clip.frames)
     _write_sheet(root / SHEET_NAME, rows, SHEET_COLUMNS + ((DATASET_COLUMN,) if cfg.datasets > 1 else ()))
     manifest = _manifest(cfg) | {"clips": len(rows), "frames": n_frames, "emotions": counts}
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write(root / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")  # last: complete
     return root

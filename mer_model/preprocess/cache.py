@@ -1,12 +1,24 @@
-"""The preprocessed cache on disk: samples/<id>.npz, index.csv, manifest.json (docs/architecture.md).
+"""The preprocessed cache on disk, one entry per sample and modality (docs/architecture.md, "Preprocessed cache"):
 
-Why a per-sample cache with a parameter hash: preprocessing (TV-L1 above all) dominates the cost of an experiment, so a
-re-run must redo only samples that are missing, failed, or whose annotation row changed, and must redo EVERYTHING
-when a parameter that shapes the arrays changed (the hash covers the preprocess section except where/how it runs, the
-AU vocabulary and the OpenCV/dlib versions).
+    samples/<sample id, '/' -> '__'>/<modality>.npz   one compressed file per entry (`aus.npz` also holds `au_coded`)
+    modalities.csv   one row per entry: status (ok/failed/unavailable), reason, error, file, bytes, sha256,
+                     input_hash, face, estimated
+    index.csv        the annotation table + status, reason, error (for the modalities this run was asked for),
+                     modalities (every modality the sample has, '+'-joined), face, estimated
+    manifest.json    parameters, versions, the modalities asked for, counts, failures, coverage
 
-`process_row` is what a worker runs: one row -> a `SampleResult` carrying the compressed npz bytes, so that on a
-cluster only the driver writes files.
+Why per modality: preprocessing dominates an experiment's cost, so a run computes only what is asked for (what the
+model reads) and missing, a later model adds only its own modalities, and a sample is dropped only for a modality
+that is read. An entry is reused while its `input_hash` (the parameters that shape it, the library versions, the
+annotation row: `modalities.input_hashes`) is unchanged and its file still has the size and SHA-256 recorded when it
+was written; anything else (a changed parameter, a truncated or edited file) is recomputed. Files are written
+atomically (`mer_model.io`), so an interrupted run loses nothing it had finished.
+
+While results arrive, modalities.csv is rewritten every few seconds (`Cache.flush_every`), so an interrupted run loses
+at most that much finished work.
+
+`process_row` is what a worker runs: one row -> a `SampleResult` carrying each entry's compressed bytes, so that on
+a cluster only the driver writes files.
 """
 
 from __future__ import annotations
@@ -15,10 +27,10 @@ import hashlib
 import io
 import json
 import logging
-import os
+import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,30 +40,27 @@ import pandas as pd
 
 from mer_model.config import PreprocessConfig
 from mer_model.data.aus import AU_LIST
-from mer_model.data.schema import COLUMNS
-from mer_model.errors import DataError, SampleError
+from mer_model.io import atomic_write, digest, write_csv, write_json
+from mer_model.preprocess.modalities import MODALITIES, check_modalities, input_hashes, library_versions
 from mer_model.preprocess.sample import preprocess_sample
 
 log = logging.getLogger(__name__)
 
-# Fields of PreprocessConfig that decide where and how fast the stage runs, not what it produces.
-RUNTIME_FIELDS = {"out", "num_workers", "ray_address"}
-STATUS_COLUMNS = ("status", "error", "npz", "face")
+# Fields of PreprocessConfig that decide where, how fast and how much the stage runs, not what an entry holds.
+RUNTIME_FIELDS = {"out", "num_workers", "ray_address", "modalities"}
+ENTRY_COLUMNS = ("sample_id", "modality", "status", "reason", "error", "file", "bytes", "sha256", "input_hash",
+                 "face", "estimated")
+STATUS_COLUMNS = ("status", "reason", "error", "modalities", "face", "estimated")
 
 
-def sample_file(sample_id: str) -> str:
-    """Cache-relative path of a sample's npz (the id's '/' become '__')."""
-    return f"samples/{sample_id.replace('/', '__')}.npz"
-
-
-def library_versions() -> dict[str, str]:
-    import dlib
-
-    return {"opencv": cv2.__version__, "dlib": dlib.__version__, "numpy": np.__version__}
+def entry_file(sample_id: str, modality: str) -> str:
+    """Cache-relative path of one entry (the id's '/' become '__')."""
+    return f"samples/{sample_id.replace('/', '__')}/{modality}.npz"
 
 
 def params_hash(cfg: PreprocessConfig) -> str:
-    """Hash of everything that shapes the arrays; a change invalidates every cached sample."""
+    """Hash of the whole preprocessing configuration that shapes arrays (recorded in the manifest; each entry is
+    validated by its own `input_hash`, which covers only the parameters that shape that modality)."""
     payload = {
         "preprocess": cfg.model_dump(mode="json", by_alias=True, exclude=RUNTIME_FIELDS),
         "au_list": list(AU_LIST),
@@ -61,14 +70,23 @@ def params_hash(cfg: PreprocessConfig) -> str:
 
 
 @dataclass(frozen=True)
+class EntryResult:
+    """One modality of one sample as a worker returns it: `data` = the compressed npz bytes when status is ok."""
+
+    status: str  # "ok" | "failed" | "unavailable"
+    reason: str = ""
+    error: str = ""
+    data: bytes | None = None
+
+
+@dataclass(frozen=True)
 class SampleResult:
-    """Outcome of one sample: `npz` holds the compressed file's bytes when status is ok."""
+    """The entries computed for one sample, where its face came from and what key frames were estimated."""
 
     sample_id: str
-    status: str  # "ok" | "failed"
-    error: str = ""
+    entries: dict[str, EntryResult] = field(default_factory=dict)
     face: str = ""
-    npz: bytes | None = None
+    estimated: str = ""
 
 
 def encode_npz(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -77,137 +95,221 @@ def encode_npz(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def process_row(row: Mapping[str, Any], cfg: PreprocessConfig, root: Path) -> SampleResult:
-    """Preprocess one row; never raises. Bad input -> failed with the SampleError's message; a bug -> failed with its
-    type and message, and its traceback logged, so one broken sample cannot take the stage down."""
+def failed_result(sample_id: str, modalities: Sequence[str], error: str, reason: str) -> SampleResult:
+    """Every requested modality failed the same way (e.g. the worker died)."""
+    return SampleResult(sample_id, {m: EntryResult("failed", reason, error) for m in modalities})
+
+
+def process_row(row: Mapping[str, Any], cfg: PreprocessConfig, root: Path,
+                modalities: Sequence[str] = MODALITIES) -> SampleResult:
+    """Compute `modalities` of one row; never raises. Bad input -> the affected entries fail with the SampleError's
+    reason and message; a bug -> every entry fails with its type and message, and its traceback is logged, so one
+    broken sample cannot take the stage down."""
     cv2.setNumThreads(1)  # parallelism is across samples; OpenCV's own threads would oversubscribe the cores
     sample_id = str(row["sample_id"])
     try:
-        output = preprocess_sample(row, cfg, root)
-    except SampleError as err:
-        return SampleResult(sample_id, "failed", str(err))
+        output = preprocess_sample(row, cfg, root, modalities)
     except Exception as err:  # noqa: BLE001 - recorded per sample, see the docstring
         log.exception("sample %s: unexpected error", sample_id)
-        return SampleResult(sample_id, "failed", f"sample {sample_id}: internal error {type(err).__name__}: {err}")
-    return SampleResult(sample_id, "ok", face=output.face, npz=encode_npz(output.arrays))
+        return failed_result(sample_id, modalities, f"sample {sample_id}: internal error {type(err).__name__}: {err}",
+                             "internal error")
+    entries = {m: EntryResult("ok", data=encode_npz(o.arrays)) if o.status == "ok"
+               else EntryResult(o.status, o.reason, o.error) for m, o in output.modalities.items()}
+    return SampleResult(sample_id, entries, output.face, output.estimated)
 
 
-def _as_csv_strings(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as index.csv stores it, so that rows can be compared with a previous run's index."""
-    return pd.read_csv(io.StringIO(table.to_csv(index=False)), dtype=str, keep_default_na=False)
+def read_entries(path: Path) -> pd.DataFrame:
+    """modalities.csv as strings; a missing one is empty, an unreadable one is empty with a warning (the cache is
+    then recomputed: it is derived data)."""
+    empty = pd.DataFrame(columns=list(ENTRY_COLUMNS), dtype=str)
+    if not path.is_file():
+        return empty
+    try:
+        entries = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, OSError) as err:
+        log.warning("%s is unreadable (%s); recomputing the cache", path, str(err).splitlines()[0])
+        return empty
+    if list(entries.columns) != list(ENTRY_COLUMNS):
+        log.warning("%s has columns %s, expected %s; recomputing the cache", path, list(entries.columns),
+                    list(ENTRY_COLUMNS))
+        return empty
+    return entries
 
 
 class Cache:
-    """One cache directory; `plan` says what to (re)compute, `write` stores a result, `finish` writes index + manifest."""
+    """One cache directory: `plan` says what to (re)compute, `write` stores each result as it arrives, `finish`
+    writes modalities.csv, index.csv and manifest.json and removes files no entry refers to any more."""
 
-    def __init__(self, out: str | Path) -> None:
+    def __init__(self, out: str | Path, flush_every: float = 5.0) -> None:
         self.root = Path(out)
+        self.flush_every = flush_every  # seconds between journal writes of modalities.csv while results arrive
+        self._flushed = time.monotonic()
         self.index_path = self.root / "index.csv"
+        self.entries_path = self.root / "modalities.csv"
         self.manifest_path = self.root / "manifest.json"
+        self._entries: dict[tuple[str, str], dict[str, str]] = {}
+        self._hashes: dict[tuple[str, str], str] = {}
+        self._computed: set[tuple[str, str]] = set()
+        self._reused: set[tuple[str, str]] = set()
+        self._samples: dict[str, dict[str, str]] = {}  # sample id -> face, estimated
 
-    def read_manifest(self) -> dict[str, Any]:
-        if not self.manifest_path.is_file():
-            return {}
+    def _valid(self, entry: Mapping[str, str], full: bool) -> bool:
+        """The entry's file exists with its recorded size (full: and SHA-256)."""
+        path = self.root / entry["file"]
         try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError:
-            log.warning("%s is not valid JSON; recomputing every sample", self.manifest_path)
-            return {}
+            if not entry["file"] or path.stat().st_size != int(entry["bytes"]):
+                return False
+            return not full or digest(path.read_bytes()) == entry["sha256"]
+        except (OSError, ValueError):
+            return False
 
-    def plan(self, table: pd.DataFrame, cfg: PreprocessConfig) -> tuple[list[str], dict[str, dict[str, str]]]:
-        """(sample ids to compute, {sample id: previous status columns} of those reused)."""
-        manifest = self.read_manifest()
-        if manifest.get("params_hash") != params_hash(cfg) or not self.index_path.is_file():
-            if manifest:
-                log.info("preprocessing parameters or library versions changed: recomputing every sample")
-            return table["sample_id"].astype(str).tolist(), {}
-        previous = pd.read_csv(self.index_path, dtype=str, keep_default_na=False).set_index("sample_id", drop=False)
-        current = _as_csv_strings(table)
-        missing = [c for c in COLUMNS if c not in previous.columns]
-        if missing:  # written before the schema had these columns (e.g. au_coded): its npz files lack their arrays
-            log.info("%s lacks columns %s: recomputing every sample", self.index_path, ", ".join(missing))
-            return table["sample_id"].astype(str).tolist(), {}
-        columns = list(COLUMNS)
-        todo: list[str] = []
-        reused: dict[str, dict[str, str]] = {}
-        for _, row in current.iterrows():
-            sid = row["sample_id"]
-            old = previous.loc[sid] if sid in previous.index else None
-            if (
-                old is not None
-                and old["status"] == "ok"
-                and (self.root / old["npz"]).is_file()
-                and all(old[c] == row[c] for c in columns)
-            ):
-                reused[sid] = {c: old[c] for c in STATUS_COLUMNS}
-            else:
-                todo.append(sid)
-        return todo, reused
+    def plan(self, table: pd.DataFrame, cfg: PreprocessConfig, modalities: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        """{sample id: modalities to compute} for the samples with anything to compute. An asked-for entry is reused
+        when it is ok, its input hash is unchanged and its file matches its recorded size and SHA-256; entries not
+        asked for are kept while their inputs are unchanged and their file has its size (failed ones are dropped:
+        they are retried whenever asked for)."""
+        modalities = check_modalities(modalities)
+        versions = library_versions()
+        previous = {(e["sample_id"], e["modality"]): e for e in read_entries(self.entries_path).to_dict("records")}
+        self._entries, self._hashes, self._computed, self._reused = {}, {}, set(), set()
+        todo: dict[str, tuple[str, ...]] = {}
+        corrupt = 0
+        for row in table.to_dict("records"):
+            sid = str(row["sample_id"])
+            hashes = input_hashes(row, cfg, MODALITIES, versions)
+            compute = []
+            for modality in MODALITIES:
+                key = (sid, modality)
+                old = previous.get(key)
+                current = old is not None and old["input_hash"] == hashes[modality] and old["status"] == "ok"
+                if modality in modalities:
+                    if current and self._valid(old, full=True):
+                        self._entries[key] = old
+                        self._reused.add(key)
+                    else:
+                        corrupt += current
+                        compute.append(modality)
+                        self._hashes[key] = hashes[modality]
+                elif current and self._valid(old, full=False):
+                    self._entries[key] = old
+            if compute:
+                todo[sid] = tuple(compute)
+        if corrupt:
+            log.warning("%d cache entries no longer match the size/hash recorded when written: recomputing them",
+                        corrupt)
+        return todo
 
     def write(self, result: SampleResult) -> None:
-        """Store an ok result's npz atomically (a killed run never leaves a half-written file behind)."""
-        if result.npz is None:
-            return
-        path = self.root / sample_file(result.sample_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(result.npz)
-        os.replace(tmp, path)
+        """Record one sample's results; an ok entry's file is written atomically (a killed run never leaves a
+        half-written file behind) with its size and SHA-256."""
+        self._samples[result.sample_id] = {"face": result.face, "estimated": result.estimated}
+        for modality, entry in result.entries.items():
+            key = (result.sample_id, modality)
+            record = {"sample_id": result.sample_id, "modality": modality, "status": entry.status,
+                      "reason": entry.reason, "error": entry.error, "file": "", "bytes": "", "sha256": "",
+                      "input_hash": self._hashes.get(key, ""), "face": result.face, "estimated": result.estimated}
+            if entry.status == "ok" and entry.data is not None:
+                name = entry_file(result.sample_id, modality)
+                atomic_write(self.root / name, entry.data)
+                record.update(file=name, bytes=str(len(entry.data)), sha256=digest(entry.data))
+            self._entries[key] = record
+            self._computed.add(key)
+        if time.monotonic() - self._flushed >= self.flush_every:
+            self._write_entries()
 
-    def finish(
-        self,
-        table: pd.DataFrame,
-        results: Iterable[SampleResult],
-        reused: Mapping[str, Mapping[str, str]],
-        cfg: PreprocessConfig,
-        extra: Mapping[str, Any],
-    ) -> dict[str, Any]:
-        """Write index.csv and manifest.json, delete npz files of samples no longer in the table; returns the manifest."""
-        status: dict[str, dict[str, str]] = {sid: dict(cols) for sid, cols in reused.items()}
-        computed = 0
-        for result in results:
-            computed += 1
-            status[result.sample_id] = {
-                "status": result.status,
-                "error": result.error,
-                "npz": sample_file(result.sample_id) if result.status == "ok" else "",
-                "face": result.face,
-            }
-        ids = table["sample_id"].astype(str)
-        missing = [sid for sid in ids if sid not in status]
+    def _write_entries(self, samples: set[str] | None = None) -> list[dict[str, str]]:
+        """modalities.csv from the entries known now (of `samples` only, when given), atomically. Also written
+        while results arrive, so that a run killed before `finish` loses at most `flush_every` seconds of work:
+        the next run finds the finished entries recorded and reuses them."""
+        keys = sorted(self._entries, key=lambda k: (k[0], MODALITIES.index(k[1])))
+        entries = [self._entries[k] for k in keys if samples is None or k[0] in samples]
+        write_csv(self.entries_path, pd.DataFrame(entries, columns=list(ENTRY_COLUMNS)))
+        self._flushed = time.monotonic()
+        return entries
+
+    def finish(self, table: pd.DataFrame, cfg: PreprocessConfig, modalities: Sequence[str],
+               extra: Mapping[str, Any]) -> dict[str, Any]:
+        """Write modalities.csv, index.csv and manifest.json (in that order, each atomically) and delete files no
+        entry refers to; returns the manifest."""
+        modalities = check_modalities(modalities)
+        ids = table["sample_id"].astype(str).tolist()
+        missing = [sid for sid in ids for m in modalities if (sid, m) not in self._entries]
         if missing:
-            raise DataError(f"no result for {len(missing)} samples, e.g. {missing[0]}", file=str(self.index_path))
+            raise RuntimeError(f"no result for {len(missing)} entries, e.g. sample {missing[0]}")
+        entries = self._write_entries(set(ids))
         index = table.copy()
+        status = [self._sample_status(sid, modalities) for sid in ids]
         for column in STATUS_COLUMNS:
-            index[column] = [status[sid][column] for sid in ids]
-        self.root.mkdir(parents=True, exist_ok=True)
-        index.to_csv(self.index_path, index=False)
-        self._remove_stale(set(index["npz"]))
-
-        failed = index[index["status"] != "ok"]
+            index[column] = [s[column] for s in status]
+        write_csv(self.index_path, index)
+        self._remove_unreferenced({e["file"] for e in entries if e["file"]})
         manifest = {
+            "format": "per-modality entries (modalities.csv)",
             "params_hash": params_hash(cfg),
             "preprocess": cfg.model_dump(mode="json", by_alias=True),
+            "modalities": list(modalities),
             "au_list": list(AU_LIST),
             "versions": library_versions(),
             **extra,
-            "counts": {
-                "total": len(index),
-                "ok": int((index["status"] == "ok").sum()),
-                "failed": len(failed),
-                "computed": computed,
-                "reused": len(reused),
-                "face": dict(Counter(index.loc[index["status"] == "ok", "face"])),
-            },
-            "failures": [{"sample_id": r.sample_id, "error": r.error} for r in failed.itertuples()],
+            "counts": self._counts(index, ids, modalities),
+            "coverage": coverage(index),
+            "failures": [{"sample_id": r.sample_id, "reason": r.reason, "error": r.error}
+                         for r in index.itertuples() if r.status != "ok"],
         }
-        self.manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        write_json(self.manifest_path, manifest)
         return manifest
 
-    def _remove_stale(self, keep: set[str]) -> None:
+    def _sample_status(self, sid: str, modalities: Sequence[str]) -> dict[str, str]:
+        mine = [self._entries[(sid, m)] for m in MODALITIES if (sid, m) in self._entries]
+        bad = [e for e in mine if e["modality"] in modalities and e["status"] != "ok"]
+        errors = list(dict.fromkeys(e["error"] for e in bad))
+        return {
+            "status": "failed" if bad else "ok",
+            "reason": bad[0]["reason"] if bad else "",
+            "error": " | ".join(errors),
+            "modalities": "+".join(e["modality"] for e in mine if e["status"] == "ok"),
+            "face": next((e["face"] for e in mine if e["face"]), ""),
+            "estimated": next((e["estimated"] for e in mine if e["estimated"]), ""),
+        }
+
+    def _counts(self, index: pd.DataFrame, ids: list[str], modalities: Sequence[str]) -> dict[str, Any]:
+        ok = index["status"] == "ok"
+        estimated: Counter[str] = Counter()
+        for text in index["estimated"]:
+            estimated.update(part.split("=")[0] for part in text.split(";") if part)
+        per_modality = {}
+        for m in modalities:
+            statuses = Counter(self._entries[(sid, m)]["status"] for sid in ids)
+            per_modality[m] = {"ok": statuses["ok"], "failed": statuses["failed"],
+                               "unavailable": statuses["unavailable"],
+                               "computed": sum((sid, m) in self._computed for sid in ids),
+                               "reused": sum((sid, m) in self._reused for sid in ids)}
+        computed = {sid for sid, m in self._computed if m in modalities}
+        return {
+            "total": len(index), "ok": int(ok.sum()), "failed": int((~ok).sum()),
+            "computed": sum(sid in computed for sid in ids), "reused": sum(sid not in computed for sid in ids),
+            "face": dict(Counter(index.loc[ok, "face"])),
+            "estimated": dict(estimated),
+            "excluded": {str(k): int(v) for k, v in index.loc[~ok, "reason"].value_counts().items()},
+            "modalities": per_modality,
+        }
+
+    def _remove_unreferenced(self, keep: set[str]) -> None:
         samples = self.root / "samples"
         if not samples.is_dir():
             return
-        for path in samples.iterdir():
-            if f"samples/{path.name}" not in keep:
+        for path in sorted(samples.rglob("*"), reverse=True):  # files before their folders
+            relative = path.relative_to(self.root).as_posix()
+            if path.is_file() and relative not in keep:
                 path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+
+
+def coverage(index: pd.DataFrame, usable: pd.Series | None = None) -> dict[str, Any]:
+    """How many of the collection's samples are usable: {"usable", "total", "per_dataset": {dataset: {"usable",
+    "total"}}}; `usable` is a boolean mask over `index` (default: status ok)."""
+    mask = (index["status"] == "ok") if usable is None else usable
+    per = {str(d): {"usable": int(mask[group.index].sum()), "total": len(group)}
+           for d, group in index.groupby("dataset", sort=True)}
+    return {"usable": int(mask.sum()), "total": len(index), "per_dataset": per}

@@ -1,5 +1,6 @@
-"""The preprocessed cache as training data: a `SampleStore` over index.csv and per-sample npz files, and torch
-datasets that turn cache arrays into the model batch (docs/architecture.md, "Model contract").
+"""The preprocessed cache as training data: a `SampleStore` over index.csv, modalities.csv and the per-modality npz
+entries, selecting the samples that have what an experiment reads, and torch datasets that turn cache arrays into
+the model batch (docs/architecture.md, "Model contract").
 
 MER datasets are small (hundreds of clips), so arrays are read lazily and then kept in memory for the whole run: every
 LOSO fold re-reads the same samples, and decompressing npz files each epoch would dominate the run time of small models.
@@ -7,7 +8,7 @@ LOSO fold re-reads the same samples, and decompressing npz files each epoch woul
 
 from __future__ import annotations
 
-import json
+import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,46 +21,90 @@ from torch.utils.data import Dataset
 
 from mer_model.batch_keys import BATCH_KEYS
 from mer_model.errors import DataError
+from mer_model.io import digest, read_json
+from mer_model.preprocess.cache import ENTRY_COLUMNS, coverage
+from mer_model.preprocess.modalities import COMPANIONS, check_modalities, stored_keys
 from mer_model.training import augment as aug_lib
 
 log = logging.getLogger(__name__)
 
+# Arrays stored in another modality's entry (au_coded lives in the aus entry).
+_MODALITY_OF = {key: modality for modality, keys in COMPANIONS.items() for key in keys}
+
+
+def _read_csv(path: Path, required: Sequence[str]) -> pd.DataFrame:
+    """A cache CSV as strings; unreadable or lacking a column: DataError naming the file."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, OSError) as err:
+        raise DataError(f"cannot read ({str(err).splitlines()[0]}); run `mer preprocess` again", file=str(path)
+                        ) from None
+    for column in required:
+        if column not in frame.columns:
+            raise DataError(f"missing column '{column}'", file=str(path))
+    return frame
+
 
 class SampleStore:
-    """Read access to a preprocessed cache (only rows with status 'ok')."""
+    """Read access to a preprocessed cache: the samples usable for one experiment.
 
-    def __init__(self, root: Path, index: pd.DataFrame, class_names: Sequence[str], manifest: dict[str, Any]) -> None:
+    A sample is usable when it has every modality the experiment reads (`keys`: a model's inputs and loss targets,
+    see `mer_model.preprocess.modalities.model_modalities`); without `keys`, when every modality its preprocessing
+    run was asked for is ok (`status == ok`). `coverage()` says how many of the collection's samples that is.
+    """
+
+    def __init__(self, root: Path, index: pd.DataFrame, class_names: Sequence[str], manifest: dict[str, Any],
+                 entries: pd.DataFrame | None = None, total: pd.DataFrame | None = None) -> None:
         self.root = root
         self.index = index.reset_index(drop=True)
         self.class_names = list(class_names)
         self.manifest = manifest
         self._rows = {sid: i for i, sid in enumerate(self.index["sample_id"])}
-        self._cache: dict[tuple[str, str], np.ndarray] = {}
+        self._entries: dict[tuple[str, str], tuple[str, int, str]] = {}  # (sample, modality) -> file, bytes, sha256
         self._keys: dict[str, frozenset[str]] = {}
+        if entries is not None:
+            for e in entries[entries["status"] == "ok"].itertuples(index=False):
+                self._entries[(e.sample_id, e.modality)] = (e.file, int(e.bytes), e.sha256)
+                for key in stored_keys(e.modality):
+                    self._keys[e.sample_id] = self._keys.get(e.sample_id, frozenset()) | {key}
+        self._total = total if total is not None else self.index
+        self._cache: dict[tuple[str, str], np.ndarray] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (to a Ray task or a spawned loader worker) without the array cache: the copy reloads lazily."""
         return {**self.__dict__, "_cache": {}}
 
     @classmethod
-    def open(cls, cache_dir: str | Path, class_names: Sequence[str] | None = None) -> SampleStore:
-        """Open `cache_dir` (index.csv, manifest.json, samples/). Class names come from `class_names`, else from the
-        manifest's `class_names`, else are the label numbers (with a warning)."""
+    def open(cls, cache_dir: str | Path, class_names: Sequence[str] | None = None,
+             keys: Sequence[str] | None = None) -> SampleStore:
+        """Open `cache_dir` (index.csv, modalities.csv, manifest.json, samples/), keeping the samples that have every
+        modality in `keys` (None: the samples whose preprocessing run succeeded for every modality it was asked
+        for). Class names come from `class_names`, else from the manifest's `class_names`, else are the label
+        numbers (with a warning). Every problem with the files is a DataError naming the file."""
         root = Path(cache_dir)
-        index_path = root / "index.csv"
+        index_path, entries_path = root / "index.csv", root / "modalities.csv"
         if not index_path.is_file():
             raise DataError("no index.csv; run `mer preprocess` first", file=str(root))
-        index = pd.read_csv(index_path, keep_default_na=False, dtype={"sample_id": str, "subject": str,
-                                                                       "dataset": str, "npz": str})
-        for column in ("sample_id", "subject", "dataset", "label", "npz", "status"):
-            if column not in index.columns:
-                raise DataError(f"missing column '{column}'", file=str(index_path))
-        ok = index[index["status"] == "ok"].copy()
-        if ok.empty:
-            raise DataError("no sample with status 'ok'", file=str(index_path))
-        ok["label"] = ok["label"].astype(int)
+        index = _read_csv(index_path, ("sample_id", "subject", "dataset", "label", "status", "modalities"))
+        if not entries_path.is_file():
+            raise DataError("no modalities.csv: a cache written by an older version; run `mer preprocess` again",
+                            file=str(root))
+        entries = _read_csv(entries_path, ENTRY_COLUMNS)
         manifest_path = root / "manifest.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        manifest = read_json(manifest_path, "preprocessing manifest") if manifest_path.is_file() else {}
+        if keys is None:
+            usable = index["status"] == "ok"
+        else:
+            wanted = set(check_modalities(keys, "SampleStore keys"))
+            usable = index["modalities"].map(lambda text: wanted <= set(text.split("+")))
+        ok = index[usable].copy()
+        what = "status 'ok'" if keys is None else f"every modality of {'+'.join(sorted(wanted))}"
+        if ok.empty:
+            raise DataError(f"no sample with {what}", file=str(index_path))
+        try:
+            ok["label"] = ok["label"].astype(int)
+        except ValueError:
+            raise DataError("label column is not integral", file=str(index_path)) from None
         names = list(class_names) if class_names is not None else manifest.get("class_names")
         if names is None:
             names = [str(c) for c in range(int(ok["label"].max()) + 1)]
@@ -70,8 +115,13 @@ class SampleStore:
             raise DataError(f"sample {bad['sample_id']}: label {bad['label']} outside the {len(names)} classes",
                             file=str(index_path))
         if len(index) > len(ok):
-            log.info("%s: using %d of %d samples (others failed preprocessing)", index_path, len(ok), len(index))
-        return cls(root, ok, names, manifest)
+            log.info("%s: using %d of %d samples (with %s)", index_path, len(ok), len(index), what)
+        return cls(root, ok, names, manifest, entries[entries["sample_id"].isin(set(ok["sample_id"]))], index)
+
+    def coverage(self) -> dict[str, Any]:
+        """{"usable", "total", "per_dataset": {dataset: {"usable", "total"}}}: how many of the cache's samples (the
+        whole ingested collection, failed ones included) this store uses, e.g. 413 of 442."""
+        return coverage(self._total, self._total["sample_id"].isin(set(self.index["sample_id"])))
 
     @property
     def num_classes(self) -> int:
@@ -97,36 +147,43 @@ class SampleStore:
             raise DataError(f"sample {sample_id} is not in the cache (or failed preprocessing)",
                             file=str(self.root / "index.csv")) from None
 
-    def npz_path(self, sample_id: str) -> Path:
-        path = Path(self.index.at[self._row(sample_id), "npz"])
-        return path if path.is_absolute() else self.root / path
-
     def keys(self, sample_id: str) -> frozenset[str]:
-        """Array names stored for a sample (reads only the zip directory)."""
-        if sample_id not in self._keys:
-            path = self.npz_path(sample_id)
-            if not path.is_file():
-                raise DataError(f"sample {sample_id}: cache file missing", file=str(path))
-            with np.load(path) as npz:
-                self._keys[sample_id] = frozenset(npz.files)
-        return self._keys[sample_id]
+        """Array names stored for a sample (from modalities.csv; no file is read)."""
+        self._row(sample_id)
+        return self._keys.get(sample_id, frozenset())
+
+    def entry_path(self, sample_id: str, modality: str) -> Path:
+        """The file of one cache entry (DataError when the sample lacks that modality)."""
+        if (sample_id, modality) not in self._entries:
+            raise DataError(f"sample {sample_id} has no '{modality}' entry", file=str(self.root / "modalities.csv"))
+        return self.root / self._entries[(sample_id, modality)][0]
+
+    def _load(self, sample_id: str, modality: str) -> dict[str, np.ndarray]:
+        """One entry's arrays, validated against the size and SHA-256 recorded when it was written and for NaN/inf:
+        a corrupt or tampered file is a DataError naming it, never a silent wrong batch."""
+        path = self.entry_path(sample_id, modality)
+        _, size, sha256 = self._entries[(sample_id, modality)]
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise DataError(f"sample {sample_id}: cache entry unreadable ({err.strerror}); run `mer preprocess`",
+                            file=str(path)) from None
+        if len(data) != size or digest(data) != sha256:
+            raise DataError(f"sample {sample_id}: cache entry changed since it was written (size/hash differ); "
+                            "run `mer preprocess` to recompute it", file=str(path))
+        with np.load(io.BytesIO(data)) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        for key, array in arrays.items():
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise DataError(f"sample {sample_id}: '{key}' has NaN/inf values", file=str(path))
+        return arrays
 
     def arrays(self, sample_id: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
         """The requested arrays of one sample; loaded once, then served from memory."""
         missing = [k for k in keys if (sample_id, k) not in self._cache]
-        if missing:
-            with np.load(self.npz_path(sample_id)) as npz:
-                loaded = {k: npz[k] for k in missing}
-            self._cache.update({(sample_id, k): v for k, v in loaded.items()})
+        for modality in dict.fromkeys(_MODALITY_OF.get(k, k) for k in missing):
+            self._cache.update({(sample_id, k): v for k, v in self._load(sample_id, modality).items()})
         return {k: self._cache[(sample_id, k)] for k in keys}
-
-    def au_coded(self, sample_id: str) -> float:
-        """1.0 when the sample's dataset codes AUs (its `aus` is ground truth, empty meaning "no AU"), 0.0 when not
-        (SMIC, composite rows without joined coding). A cache written before `au_coded` existed counts as coded,
-        which is how it was trained then."""
-        if "au_coded" not in self.keys(sample_id):
-            return 1.0
-        return float(self.arrays(sample_id, ("au_coded",))["au_coded"])
 
     def check_inputs(self, sample_ids: Sequence[str], inputs: Sequence[str]) -> None:
         """Fail before training, with one line, if a sample lacks an array the model reads."""
@@ -135,9 +192,9 @@ class SampleStore:
             for key in inputs:
                 if key not in have:
                     raise DataError(
-                        f"sample {sid} has no '{key}' (has {', '.join(sorted(have))}); the model reads "
-                        f"{', '.join(inputs)} - preprocess with the stage that produces '{key}' or pick another model",
-                        file=str(self.npz_path(sid)))
+                        f"sample {sid} has no '{key}' (has {', '.join(sorted(have)) or 'nothing'}); the model reads "
+                        f"{', '.join(inputs)} - open the store with keys= what the model reads, or run `mer "
+                        f"preprocess` with '{key}' in preprocess.modalities", file=str(self.root / "modalities.csv"))
 
     def torch_dataset(
         self,
@@ -190,13 +247,15 @@ class SampleDataset(Dataset):
         return len(self.sample_ids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        arrays = self.store.arrays(self.sample_ids[i], self.keys)
+        with_aus = "aus" in self.keys  # the AU loss and AU metrics ignore samples whose dataset has no AU coding
+        arrays = self.store.arrays(self.sample_ids[i], self.keys + (("au_coded",) if with_aus else ()))
+        au_coded = float(arrays.pop("au_coded")) if with_aus else None
         if self.augment:
             rng = np.random.default_rng((self.seed, self.epoch, i))
             arrays = aug_lib.apply(arrays, aug_lib.Augmentation.draw(rng))
         item = {k: to_tensor(k, v) for k, v in arrays.items()}
-        if "aus" in arrays:  # the AU loss and AU metrics ignore samples whose dataset has no AU coding
-            item["aus_mask"] = torch.tensor(self.store.au_coded(self.sample_ids[i]), dtype=torch.float32)
+        if au_coded is not None:  # 1 where `aus` is ground truth, 0 for SMIC and unjoined composite rows
+            item["aus_mask"] = torch.tensor(au_coded, dtype=torch.float32)
         item["label"] = torch.tensor(int(self.labels[i]), dtype=torch.long)
         item["index"] = torch.tensor(i, dtype=torch.long)
         return item

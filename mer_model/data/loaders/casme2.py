@@ -66,5 +66,6 @@ def load_casme2(root: Path, annotation: Path | None = None, *, dataset: str = "c
     return finish(records)
 
 
-register("casme2", load_casme2)
-register("synthetic", lambda root, annotation=None, **kw: load_casme2(root, annotation, dataset="synthetic", **kw))
+register("casme2", load_casme2, subject_folder)
+register("synthetic", lambda root, annotation=None, **kw: load_casme2(root, annotation, dataset="synthetic", **kw),
+         subject_folder)

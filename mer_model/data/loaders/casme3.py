@@ -2,13 +2,16 @@
 
 Sheet (`casme3_table.xlsx`-style, or the official part-A annotation): Subject (`spNO.1`), Filename (`a`: one long
 recording, several samples each), Onset, Apex, Offset, AU, Objective class, emotion. Repeated (Subject, Filename)
-pairs are distinct samples (`sample_id` suffix `#2`..). Quirk: an Offset of 0 (2 rows of the public table) means not
-annotated. Frames: `<root>[/part_A...]/spNO.1/a/color/355.jpg`.
+pairs are distinct samples (`sample_id` suffix `#2`..); the same (Subject, Filename, Onset, Apex, Offset) twice is a
+duplicate (excluded by the checks). Quirk: an Offset of 0 (2 rows of the public table) means not annotated; since a
+recording holds several samples, its last frame is no estimate of the offset (see `checks`). Frames:
+`<root>[/part_A...]/spNO.1/a/color/355.jpg`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,16 @@ SUBFOLDERS = ("", "part_A", "Part_A", "part_A/data", "data")
 PATTERNS = ("casme3*.xlsx", "casme3*.csv", "CAS(ME)3*.xlsx", "cas(me)3*.xlsx", "*part_A*.xlsx")
 
 
+def subject_folder(raw: object, *, file: Path | None = None, row: int | None = None) -> str:
+    """'spNO.1', 'spno.01', '1' and 1.0 all name the folder 'spNO.1'."""
+    text = cell_text(raw)
+    match = re.fullmatch(r"(?:spNO\.?)?0*(\d+)", text, re.IGNORECASE)
+    if match is None:
+        raise DataError(f"Subject: {text!r} is not a CAS(ME)^3 subject (spNO.<n>)", file=str(file) if file else None,
+                        row=row)
+    return f"spNO.{int(match.group(1))}"
+
+
 def load_casme3(root: Path, annotation: Path | None = None, *, frames: bool = True) -> pd.DataFrame:
     path = find_annotation(root, annotation, PATTERNS, "casme3")
     sheet = read_sheet(path, ("Subject", "Filename", "Onset"))
@@ -36,9 +49,10 @@ def load_casme3(root: Path, annotation: Path | None = None, *, frames: bool = Tr
     records = []
     zero_offsets = 0
     for (_, row), line in zip(sheet.rows.iterrows(), sheet.line):
-        subject, clip = cell_text(row[cols["subject"]]), cell_text(row[cols["clip"]])
-        if not subject or not clip:
+        clip = cell_text(row[cols["clip"]])
+        if not cell_text(row[cols["subject"]]) or not clip:
             raise DataError("empty Subject or Filename", file=str(path), row=int(line))
+        subject = subject_folder(row[cols["subject"]], file=path, row=int(line))
         record: dict[str, Any] = {
             "dataset": "casme3", "collection": "casme3", "subject": f"casme3/{subject}", "clip": clip,
             "emotion": cell_text(row[cols["emotion"]]), "au_raw": row[cols["aus"]], "au_coded": True,
@@ -56,4 +70,4 @@ def load_casme3(root: Path, annotation: Path | None = None, *, frames: bool = Tr
     return finish(records)
 
 
-register("casme3", load_casme3)
+register("casme3", load_casme3, subject_folder)

@@ -7,11 +7,14 @@ import logging
 import math
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from openpyxl.utils.exceptions import InvalidFileException
 
 from mer_model.data.aus import aus_to_string, parse_aus
 from mer_model.data.schema import make_table
@@ -21,6 +24,9 @@ log = logging.getLogger(__name__)
 
 _FRAME = re.compile(r"^(.*?)(\d+)\.(jpe?g|png|bmp)$", re.IGNORECASE)
 _MISSING_CELLS = {"", "/", "-", "nan", "none", "n/a"}
+_INTEGRAL_TEXT = re.compile(r"[+-]?\d+\.0+")
+# What a truncated, empty or mislabelled sheet raises in pandas / openpyxl (a truncated .xlsx is a BadZipFile).
+_UNREADABLE = (ValueError, OSError, zipfile.BadZipFile, KeyError, EOFError, InvalidFileException)
 SCAN_DEPTH = 3  # how deep below the root a frame base folder is searched when no known subfolder holds it
 
 
@@ -53,16 +59,23 @@ class Sheet:
 
 
 def read_sheet(path: Path, required: tuple[str, ...], max_header_row: int = 30) -> Sheet:
-    """Read an .xlsx/.xls/.csv sheet, locating the header as the first row holding every `required` column name."""
+    """Read an .xlsx/.xls/.csv sheet, locating the header as the first row holding every `required` column name.
+
+    A CSV re-saved by a spreadsheet reads like the original: a UTF-8 byte-order mark, CRLF line ends, quoted fields
+    and trailing empty columns are accepted (numbers re-written as `1.0` are handled by `cell_text`). A truncated or
+    corrupt file is a DataError naming it.
+    """
     if not path.is_file():
         raise DataError("annotation file not found", file=str(path))
     try:
         if path.suffix.lower() == ".csv":
-            raw = pd.read_csv(path, header=None, dtype=object, keep_default_na=False)
+            raw = pd.read_csv(path, header=None, dtype=object, keep_default_na=False, encoding="utf-8-sig")
         else:
             raw = pd.read_excel(path, header=None, dtype=object)
-    except (ValueError, OSError) as err:
-        raise DataError(f"cannot read sheet: {err}", file=str(path)) from None
+    except _UNREADABLE as err:
+        kind = "truncated or not a spreadsheet" if isinstance(err, zipfile.BadZipFile) else type(err).__name__
+        raise DataError(f"cannot read sheet ({kind}): {str(err).splitlines()[0] if str(err) else kind}",
+                        file=str(path)) from None
     wanted = {norm_name(r) for r in required}
     for index in range(min(max_header_row, len(raw))):
         cells = {norm_name(v) for v in raw.iloc[index] if not _is_blank(v)}
@@ -80,12 +93,16 @@ def _is_blank(value: Any) -> bool:
 
 
 def cell_text(value: Any) -> str:
-    """A cell as text; integral floats lose their '.0' (Excel stores 6 as 6.0)."""
+    """A cell as text; integral numbers lose their '.0', whether Excel stored 6 as the float 6.0 or a spreadsheet
+    re-saved a CSV with '6.0' as text, so identifiers and labels compare equal however the sheet was saved."""
     if _is_blank(value):
         return ""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return str(value).strip()
+    text = str(value).strip()
+    if _INTEGRAL_TEXT.fullmatch(text):
+        return str(int(float(text)))
+    return text
 
 
 def frame_number(value: Any, *, file: Path, row: int, column: str) -> int | None:

@@ -3,9 +3,13 @@
 `combined_3_class2_for_optical_flow.csv`: dataset (casme2/smic/samm), sub, filename_o, label (0 negative,
 1 positive, 2 surprise), apex (usually empty), imagename. Beside it: `datasets/STSNet_whole_norm_u_v_os/<sub>_<clip> .png`
 (28x28 onset->apex u/v/strain; note the space before `.png`), optionally `datasets/combined_datasets_whole/<imagename>`
-(apex crops) and `landmarks5_28px.csv` (five points per imagename in the 28 px frame). The composite carries no AUs:
-they are joined from the CASME II / SAMM coding sheets given as `au_sheets` (params data.au_sheets), by subject
-and clip, together with their onset/apex/offset.
+(apex crops; the distribution has no onset crops) and `landmarks5_28px.csv` (five points per imagename in the 28 px
+frame). The composite carries no AUs: they are joined from the CASME II / SAMM coding sheets given as `au_sheets`
+(params data.au_sheets), by normalised subject and clip, together with their onset/apex/offset and the sheet's own
+emotion (`coded_emotion`, `coded_source`), which the class set then checks against the composite's label.
+
+File names are built from the NORMALISED subject (`mer_model.data.loaders.subject_name`), never from the cell as
+written, so a CSV that a spreadsheet re-saved (`006` -> `6`) finds the same maps.
 """
 
 from __future__ import annotations
@@ -16,8 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from mer_model.data.loaders import LOADERS, register
-from mer_model.data.loaders import casme2, samm, smic
+from mer_model.data.loaders import LOADERS, register, smic, subject_name
 from mer_model.data.loaders.common import cell_text, find_annotation, finish, frame_number, read_sheet
 from mer_model.errors import ConfigError, DataError
 
@@ -30,7 +33,7 @@ LANDMARKS = "landmarks5_28px.csv"
 CLASSES = ("negative", "positive", "surprise")
 POINT_COLUMNS = ("left_eye_x", "left_eye_y", "right_eye_x", "right_eye_y", "nose_x", "nose_y",
                  "mouth_left_x", "mouth_left_y", "mouth_right_x", "mouth_right_y")
-SUBJECTS = {"casme2": casme2.subject_folder, "samm": samm.subject_folder, "smic": smic.subject_folder}
+DATASETS = ("casme2", "samm", "smic")
 AU_DATASETS = ("casme2", "samm")
 
 
@@ -51,7 +54,8 @@ def _points5(path: Path) -> dict[str, str]:
 
 
 def _au_coding(au_sheets: dict[str, str]) -> dict[tuple[str, str], dict[str, Any]]:
-    """(subject, clip) -> AU string, frame numbers and sheet row, from the native CASME II / SAMM sheets."""
+    """(subject, clip) -> AU string, frame numbers, the sheet's emotion and where it stands, from the native
+    CASME II / SAMM sheets."""
     coding: dict[tuple[str, str], dict[str, Any]] = {}
     for dataset, sheet_path in au_sheets.items():
         if dataset not in AU_DATASETS:
@@ -61,6 +65,7 @@ def _au_coding(au_sheets: dict[str, str]) -> dict[tuple[str, str], dict[str, Any
         for row in table.itertuples():
             coding[(row.subject, row.clip)] = {
                 "au_raw": row.au_raw, "onset": row.onset, "apex": row.apex, "offset": row.offset,
+                "coded_emotion": row.emotion, "coded_source": f"{Path(row.source_file).name}, row {row.source_row}",
             }
     return coding
 
@@ -78,13 +83,14 @@ def load_megc2019(root: Path, annotation: Path | None = None, *, frames: bool = 
     no_points = no_coding = 0
     for (_, row), line in zip(sheet.rows.iterrows(), sheet.line):
         dataset = cell_text(row[cols["dataset"]]).lower()
-        if dataset not in SUBJECTS:
+        if dataset not in DATASETS:
             raise DataError(f"dataset {dataset!r} is not casme2/smic/samm", file=str(path), row=int(line))
-        raw_sub, clip = cell_text(row[cols["sub"]]), cell_text(row[cols["filename_o"]])
+        raw_sub, clip = row[cols["sub"]], cell_text(row[cols["filename_o"]])
         label = cell_text(row[cols["label"]])
         if label not in ("0", "1", "2"):
             raise DataError(f"label {label!r} is not 0/1/2", file=str(path), row=int(line))
-        subject = f"{dataset}/{SUBJECTS[dataset](raw_sub, file=path, row=int(line))}"
+        folder = subject_name(dataset, raw_sub, file=path, row=int(line))
+        subject = f"{dataset}/{folder}"
         image = cell_text(row[image_col]) if image_col else ""
         record: dict[str, Any] = {
             "dataset": dataset, "collection": "megc2019", "subject": subject, "clip": clip,
@@ -92,10 +98,12 @@ def load_megc2019(root: Path, annotation: Path | None = None, *, frames: bool = 
             "apex": frame_number(row[apex_col], file=path, row=int(line), column="apex") if apex_col else None,
             "points5": points.get(image, ""),
         }
+        if dataset == "smic" and smic.clip_emotion(clip):  # SMIC's clip names code the emotion: a second coding
+            record.update(coded_emotion=smic.clip_emotion(clip), coded_source=f"clip name {clip}")
         if frames:
-            flow = base / FLOW_DIR / f"{raw_sub}_{clip} .png"
-            if not flow.is_file() and flow.with_name(f"{raw_sub}_{clip}.png").is_file():
-                flow = flow.with_name(f"{raw_sub}_{clip}.png")  # re-distributions without the space
+            flow = base / FLOW_DIR / f"{folder}_{clip} .png"
+            if not flow.is_file() and flow.with_name(f"{folder}_{clip}.png").is_file():
+                flow = flow.with_name(f"{folder}_{clip}.png")  # re-distributions without the space
             record["flow_path"] = str(flow)
             if image and (base / APEX_DIR / image).is_file():
                 record["apex_path"] = str(base / APEX_DIR / image)
@@ -107,7 +115,7 @@ def load_megc2019(root: Path, annotation: Path | None = None, *, frames: bool = 
                 no_coding += 1
             elif joined is not None:
                 record.update({k: (None if pd.isna(v) else v) for k, v in joined.items()
-                               if k == "au_raw" or record.get(k) is None})
+                               if k in ("au_raw", "coded_emotion", "coded_source") or record.get(k) is None})
                 record["au_coded"] = True  # the composite itself has no AU coding: only joined rows have one
         records.append(record)
     if no_points:

@@ -54,4 +54,4 @@ def load_samm(root: Path, annotation: Path | None = None, *, frames: bool = True
     return finish(records)
 
 
-register("samm", load_samm)
+register("samm", load_samm, subject_folder)

@@ -1,7 +1,8 @@
 """SMIC (HS) native layout.
 
 Sheet `smic_apex.xlsx`-style: subject (`20`), clip (`s20_ne_01`; single-digit subjects write `s3_ne_05`), label
-(0 negative, 1 positive, 2 surprise -- cross-checked against the `ne`/`po`/`sur` code in the clip name),
+(0 negative, 1 positive, 2 surprise; the `ne`/`po`/`sur` code in the clip name is recorded as `coded_emotion`, so a
+label contradicting it is excluded by the class set like any contradicting coding),
 onset_frame, apex_frame, offset_frame (missing on 7 rows of the public sheet), onset_frame_path
 (`smic/HS_long/SMIC_HS_E/s01/s1_ne_01/image559740.jpg`). Frames: `<root>/s20/s20_ne_01/image17581039.jpg`, or below
 any tail of the sheet's path; frame numbers are zero-padded to six digits (`image034208.jpg`). SMIC has no AU coding.
@@ -35,16 +36,20 @@ def subject_folder(raw: object, *, file: Path | None = None, row: int | None = N
     return f"s{int(match.group(1)):02d}"
 
 
-def emotion_of(label: object, clip: str, *, file: Path, row: int) -> str:
-    """Class name from the label cell (0/1/2 or the name), which must agree with the clip name's code."""
+def emotion_of(label: object, *, file: Path, row: int) -> str:
+    """Class name from the label cell (0/1/2 or the name)."""
     text = cell_text(label).lower()
     emotion = CLASSES[int(text)] if text in ("0", "1", "2") else text
     if emotion not in CLASSES:
         raise DataError(f"label {text!r} is not 0/1/2 or {'/'.join(CLASSES)}", file=str(file), row=row)
-    code = re.search(r"_(ne|po|sur)_", clip)
-    if code and _CODES[code.group(1)] != emotion:
-        raise DataError(f"label {emotion} contradicts clip name {clip!r}", file=str(file), row=row)
     return emotion
+
+
+def clip_emotion(clip: str) -> str:
+    """The emotion the clip name codes (`s3_ne_05` -> negative), "" when it codes none: a second coding of the label,
+    which the class set checks (`coded_emotion`)."""
+    code = re.search(r"_(ne|po|sur)_", clip)
+    return _CODES[code.group(1)] if code else ""
 
 
 def load_smic(root: Path, annotation: Path | None = None, *, frames: bool = True) -> pd.DataFrame:
@@ -63,7 +68,8 @@ def load_smic(root: Path, annotation: Path | None = None, *, frames: bool = True
         clip = cell_text(row[cols["clip"]])
         record: dict[str, Any] = {
             "dataset": "smic", "collection": "smic", "subject": f"smic/{subject}", "clip": clip,
-            "emotion": emotion_of(row[cols["label"]], clip, file=path, row=line), "au_raw": "",
+            "emotion": emotion_of(row[cols["label"]], file=path, row=line), "au_raw": "",
+            "coded_emotion": clip_emotion(clip), "coded_source": f"clip name {clip}",
             "source_file": str(path), "source_row": int(line),
             **{k: frame_number(row[cols[k]], file=path, row=line, column=cols[k]) for k in ("onset", "apex")},
             "offset": frame_number(row[offset_col], file=path, row=line, column=offset_col) if offset_col else None,
@@ -79,4 +85,4 @@ def load_smic(root: Path, annotation: Path | None = None, *, frames: bool = True
     return finish(records)
 
 
-register("smic", load_smic)
+register("smic", load_smic, subject_folder)
