@@ -273,6 +273,23 @@ def test_flow_motion_input_is_centred_on_the_zero_motion_level() -> None:
     assert torch.allclose(raw.motion_input({"flow28": flow}).mean((2, 3)), flow.mean((2, 3)), atol=1e-2)
 
 
+@pytest.mark.parametrize(("name", "position"), [("mmnet", "pc"), ("cva_fpf", "fpf"), ("cva_fpf", "pc")])
+def test_position_features_start_below_the_motion_features(name: str, position: str) -> None:
+    """The position branch ends in a LayerNorm (unit scale) while the motion features leave chained (0, 1) attention
+    maps at about a tenth of that; unscaled, the face's appearance drowned the motion and CVA+FPF could not fit 24
+    clips. The LayerScale `position_scale` starts the position stream below the motion stream."""
+    torch.manual_seed(0)
+    model = create_model(name, "small", num_classes=3, position=position).train()
+    batch = make_batch(model.inputs)
+    with torch.no_grad():
+        motion = model.main(model.motion_input(batch))
+        frame = model.position_frames[0]
+        position_part = model.pos_scale * model.pos_branch(model.face(batch, frame))
+    assert float(position_part.std()) < float(motion.std())
+    unscaled = create_model(name, "small", num_classes=3, position=position, position_scale=1.0)
+    assert torch.all(unscaled.pos_scale == 1.0)  # the paper-literal sum stays available
+
+
 def test_fpf_without_face_input_is_a_clear_error() -> None:
     model = create_model("cva_fpf", "small", num_classes=3, motion="flow")
     with pytest.raises(DataError, match="onset224"):
