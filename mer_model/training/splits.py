@@ -10,13 +10,15 @@ Registered:
 * `lodo` - leave one dataset out: one fold per source dataset of a composite, trained on the others and tested on
   the held-out one (the cross-dataset protocol of MEB and of the MEGC cross-database challenges). Honest by
   construction: no subject of the held-out dataset is in training or validation, and results are pooled per
-  held-out dataset (the `per_dataset` part of `pooled_metrics`).
+  held-out dataset (the `per_dataset` part of `pooled_metrics`);
+* `subject_5fold` - five subject-grouped folds, for comparisons re-run often (an ablation).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pandas as pd
 
 from mer_model.errors import ConfigError
@@ -70,3 +72,20 @@ def lodo_folds(index: pd.DataFrame) -> list[Fold]:
     subjects = {d: sorted(str(s) for s in index.loc[index["dataset"] == d, "subject"].unique()) for d in datasets}
     return [Fold(name=d, train_subjects=tuple(s for o in datasets if o != d for s in subjects[o]),
                  test_subjects=tuple(subjects[d])) for d in datasets]
+
+
+@register_split("subject_5fold")
+def subject_5fold(index: pd.DataFrame) -> list[Fold]:
+    """Five subject-grouped folds (subjects shuffled with a fixed seed, dealt round-robin; fold names `k1`..`k5`).
+
+    Eight times cheaper than LOSO on a 40-subject composite, for comparisons that are re-run often (an ablation, a
+    design check); the pooled result is not comparable with published LOSO numbers, which is why it is not the
+    default. Needs at least 5 subjects.
+    """
+    subjects = sorted(str(s) for s in index["subject"].unique())
+    if len(subjects) < 5:
+        raise ConfigError(f"train.split: subject_5fold needs at least 5 subjects; the data has {len(subjects)}")
+    order = [subjects[i] for i in np.random.default_rng(0).permutation(len(subjects))]
+    groups = [sorted(order[k::5]) for k in range(5)]
+    return [Fold(name=f"k{k + 1}", train_subjects=tuple(s for j, g in enumerate(groups) if j != k for s in g),
+                 test_subjects=tuple(groups[k])) for k in range(5)]
