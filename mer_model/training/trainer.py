@@ -412,3 +412,34 @@ def train_final(model_cfg: ModelConfig, train_cfg: TrainConfig, store: SampleSto
     loop = _Loop(model_cfg, train_cfg, store, store.num_classes, ids, epochs)
     history = [{"epoch": e, **loop.train_epoch(e, final=e == epochs)} for e in range(1, epochs + 1)]
     return loop.model.cpu().eval(), history
+
+
+def fit_check(model_cfg: ModelConfig, train_cfg: TrainConfig, store: SampleStore, sample_ids: Sequence[str],
+              epochs: int, every: int = 0) -> list[dict[str, Any]]:
+    """Can this configuration fit its own training samples? The check to run before tuning a model (a network that
+    cannot overfit two dozen samples has a bug, not a budget problem).
+
+    Trains on `sample_ids` for `epochs` and evaluates the same samples, non-augmented and in eval mode, every `every`
+    epochs (0: only the last). Returns one entry per evaluation: `epoch`, `lr`, `train_loss` (while training),
+    `fit_uf1`, `fit_accuracy` and `fit_loss` (eval mode, the returned weights), plus `fit_au_f1`, `fit_flow_epe`
+    (pixels of the 128 px frame) and `fit_landmark_nme` where the model predicts them and the cache has the ground
+    truth. Raises ConfigError for an empty sample list or `epochs` < 1.
+    """
+    if epochs < 1 or not sample_ids:
+        raise ConfigError(f"fit check: need at least one epoch and one sample, got {epochs} and {len(sample_ids)}")
+    ids = list(sample_ids)
+    loop = _Loop(model_cfg, train_cfg, store, store.num_classes, ids, epochs)
+    fit_set = store.torch_dataset(ids, loop.inputs, False, train_cfg.seed, loop.optional)
+    out = []
+    for epoch in range(1, epochs + 1):
+        evaluate = epoch == epochs or (every > 0 and epoch % every == 0)
+        entry: dict[str, Any] = {"epoch": epoch, **loop.train_epoch(epoch, final=evaluate)}
+        if evaluate:
+            probs, extra = loop.evaluate(fit_set)
+            scores = classification_metrics(fit_set.labels, probs.argmax(1), store.num_classes)
+            entry |= {"fit_uf1": scores["uf1"], "fit_accuracy": scores["accuracy"],
+                      **{f"fit_{k}": v for k, v in extra.items()}}
+            out.append(entry)
+            log.info("fit check %s/%s epoch %d: %s", model_cfg.name, model_cfg.config, epoch,
+                     ", ".join(f"{k} {v:.3g}" for k, v in entry.items() if isinstance(v, float)))
+    return out
