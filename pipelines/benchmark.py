@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shlex
 import statistics
@@ -163,7 +164,7 @@ def result_row(key: str, entry: BenchmarkModel, params: Params, parameters: int,
     protocol = params.train.protocol
     row: dict[str, Any] = {
         "model": key, "label": entry.label or key, "network": f"{entry.name}/{entry.config}",
-        "parameters": parameters, "protocol": protocol, "leaky": summary.leaky,
+        "parameters": parameters, "protocol": protocol, "split": params.train.split, "leaky": summary.leaky,
         "leak": "; ".join(leak_reasons(protocol, params.model)),
         "au": au_mode, "epochs": params.train.epochs,
         "selected_epoch_median": statistics.median(f.selected_epoch for f in folds) if folds else None,
@@ -232,6 +233,7 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
     preprocess(base)
     store = SampleStore.open(base.preprocess.out)
     caps = data_capabilities(store)
+    coverage = store.coverage()  # samples of the collection the models train and are scored on
     log.info("benchmark %s: %d samples, %d subjects %s; apex crops: %s; AU coding: %s", collection, len(store.index),
              len(store.subjects()), caps["per_dataset"], caps["faces"], caps["au_coded"] or "none")
     rows: list[dict[str, Any]] = []
@@ -251,6 +253,7 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
             summary, predictions, folds, wall = run_one(run)
             row = result_row(key, entry, run, parameters, au_mode, run_notes, predictions, folds, wall, summary,
                              command)
+            row["coverage"] = f"{coverage['usable']}/{coverage['total']}"
             rows.append(row)
             if protocol == "inner" and base.benchmark.fixed_epochs_from_inner and row["selected_epoch_median"]:
                 inner_epoch = max(1, int(round(row["selected_epoch_median"])))
@@ -258,9 +261,10 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
                      row["accuracy"], wall)
     table = merge_rows(out / "results.csv", pd.DataFrame(rows), list(base.benchmark.models))
     settings = {
-        "collection": collection, "root": str(root), "samples": len(store.index),
+        "collection": collection, "root": portable_path(str(root), f"<{collection} root>"), "samples": len(store.index),
         "subjects": len(store.subjects()), "per_dataset": caps["per_dataset"], "apex_crops": caps["faces"],
-        "au_coded": caps["au_coded"], "au_sheets": dict(base.data.au_sheets), **environment(),
+        "au_coded": caps["au_coded"], **environment(),
+        "au_sheets": {k: portable_path(v, f"<{k} sheet>") for k, v in base.data.au_sheets.items()},
     }
     write_outputs(table, out, settings)
     return table
@@ -298,17 +302,34 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def portable_path(value: str, placeholder: str) -> str:
+    """`value` as committed results may name it: relative to the repository when it lies beside it (e.g.
+    `../shared/data/megc2019-composite`), else `placeholder` -- never an absolute path of the machine that ran it."""
+    scheme, sep, rest = value.rpartition(":///") if ":///" in value else ("", "", value)
+    if not Path(rest).is_absolute():
+        return value
+    relative = Path(os.path.relpath(Path(rest).resolve(), REPO))
+    if relative.parts[:2] == ("..", "..") or not relative.parts:
+        return f"{scheme}{sep}{placeholder}" if sep else placeholder
+    return f"{scheme}{sep}{relative}" if sep else str(relative)
+
+
 def command_line(args: argparse.Namespace) -> str:
-    """The invocation as a `mer benchmark` command line (recorded with each result row)."""
-    parts = ["mer", "benchmark", args.collection, "--root", args.root]
-    for flag, value in (("--models", args.models), ("--protocol", args.protocol), ("--au-sheets", args.au_sheets)):
+    """The invocation as a `mer benchmark` command line (recorded with each result row; paths made portable)."""
+    parts = ["mer", "benchmark", args.collection, "--root", portable_path(args.root, f"<{args.collection} root>")]
+    for flag, value in (("--models", args.models), ("--protocol", args.protocol)):
         if value:
             parts += [flag, *value]
+    if args.au_sheets:
+        parts += ["--au-sheets", *(f"{k}={portable_path(v, f'<{k} sheet>')}"
+                                   for k, v in parse_au_sheets(args.au_sheets).items())]
     if args.epochs is not None:
         parts += ["--epochs", str(args.epochs)]
     if args.out:
-        parts += ["--out", args.out]
-    parts += [x for o in args.overrides for x in ("-S", o)]
+        parts += ["--out", portable_path(args.out, "<out>")]
+    for override in args.overrides:
+        key, _, value = override.partition("=")
+        parts += ["-S", f"{key}={portable_path(value, '<local path>')}"]
     return " ".join(shlex.quote(p) for p in parts)
 
 

@@ -3,13 +3,14 @@ ingest -> preprocess -> the Ray Tune LOSO driver -> results.csv / results.md / r
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from pipelines.benchmark import adapt_entry, order_protocols, parse_au_sheets
+from pipelines.benchmark import adapt_entry, order_protocols, parse_au_sheets, portable_path
 from pipelines.cli import main
 from mer_model.config import BenchmarkModel
 from mer_model.errors import ConfigError, DataError
@@ -63,6 +64,10 @@ def test_benchmark_command_end_to_end(tiny_composite: Path, annotations_dir: Pat
     assert (au_rows["au"] == "annotated").all()
     assert au_rows["notes"].str.contains("FPF disabled").all() and au_rows["notes"].str.contains("smic uncoded").all()
     assert table["device"].eq("cpu").all() and (table["wall_s"] > 0).all()
+    assert (table["coverage"] == f"{n}/{n}").all() and (table["split"] == "loso").all()
+    # Committed results never name the machine's directories: tmp paths become placeholders.
+    recorded = " ".join(table["command"]) + (out / "settings.json").read_text() + (out / "results.md").read_text()
+    assert str(tmp_path) not in recorded
     inner = table[table["protocol"] == "inner"]
     assert inner["inner_val_uf1"].between(0, 1).all()
     markdown = (out / "results.md").read_text()
@@ -76,6 +81,15 @@ def test_benchmark_command_end_to_end(tiny_composite: Path, annotations_dir: Pat
     experiment = client.get_experiment_by_name("benchmark-megc2019")
     parents = client.search_runs([experiment.experiment_id], "tags.`mer.kind` = 'parent'")
     assert len(parents) == 4
+
+
+def test_portable_path_is_relative_beside_the_repository_and_a_placeholder_elsewhere(tmp_path: Path) -> None:
+    assert portable_path(str(REPO.parent / "shared" / "data" / "x"), "<root>") == "../shared/data/x"
+    assert portable_path(str(REPO / "results" / "megc2019"), "<out>") == "results/megc2019"
+    assert not Path(portable_path(str(tmp_path / "data"), "<root>")).is_absolute()
+    assert portable_path("sqlite:////nowhere/near/mlflow.db", "<local path>") in (
+        "sqlite:///<local path>", f"sqlite:///{os.path.relpath('/nowhere/near/mlflow.db', REPO)}")
+    assert portable_path("data/relative", "<root>") == "data/relative" and portable_path("3", "<x>") == "3"
 
 
 def test_adapt_entry_switches_off_what_the_data_lacks() -> None:

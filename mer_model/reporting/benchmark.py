@@ -37,14 +37,15 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
 def markdown_table(table: pd.DataFrame) -> str:
     datasets = [d for d in DATASETS if f"{d}_uf1" in table and table[f"{d}_uf1"].notna().any()]
     head = ["model", "protocol", "UF1", "UAR", "acc"] + [f"{d} UF1 / UAR / acc" for d in datasets]
-    head += ["n / subj.", "epochs", "AUs", "wall s", "device"]
+    head += ["n / subj.", "coverage", "epochs", "AUs", "wall s", "device"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.to_dict("records"):
         protocol = r["protocol"] + (" ⚠ leaky" if r["leaky"] else "")
         epochs = str(r["epochs"]) + (f" (sel. {_fmt(r['selected_epoch_median'], 'g')})" if r["protocol"] != "fixed" else "")
         cells = [r["label"], protocol] + [_fmt(r[k]) for k in SCORES]
         cells += [" / ".join(_fmt(r[f"{d}_{k}"]) for k in SCORES) for d in datasets]
-        cells += [f"{r['n_samples']} / {r['n_subjects']}", epochs, r["au"], _fmt(r["wall_s"], ".0f"), r["device"]]
+        cells += [f"{r['n_samples']} / {r['n_subjects']}", _fmt(r.get("coverage")), epochs, r["au"],
+                  _fmt(r["wall_s"], ".0f"), r["device"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -67,6 +68,12 @@ def reproduction_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _splits(table: pd.DataFrame) -> list[str]:
+    """The split schemes of the rows (rows written before the column existed were LOSO)."""
+    column = table["split"] if "split" in table else pd.Series(["loso"] * len(table))
+    return sorted({str(s) if isinstance(s, str) and s else "loso" for s in column})
+
+
 def write_outputs(table: pd.DataFrame, out: Path, settings: Mapping[str, Any]) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "results.csv", "md": out / "results.md", "png": out / "results.png",
@@ -79,10 +86,11 @@ def write_outputs(table: pd.DataFrame, out: Path, settings: Mapping[str, Any]) -
     baselines = "; ".join(f"{name} UF1 " + ", ".join(f"{k} {v:.3f}" for k, v in vals.items())
                           for name, vals in FIELD_BASELINES.items())
     text = [
-        f"# LOSO benchmark: {settings['collection']} ({settings['samples']} samples, {settings['subjects']} subjects: "
+        f"# Benchmark: {settings['collection']} ({settings['samples']} samples, {settings['subjects']} subjects: "
         + ", ".join(f"{k} {v}" for k, v in sorted(settings["per_dataset"].items())) + ")",
         "",
-        "Pooled LOSO predictions (one fold per subject); UF1 = macro F1, UAR = mean per-class recall. "
+        f"Pooled predictions of every fold of the split ({', '.join(_splits(table))}; loso = one fold per subject); "
+        "UF1 = macro F1, UAR = mean per-class recall. "
         f"Last run: git {settings['git_commit']}, torch {settings['torch']}, "
         f"CUDA {'available' if settings['cuda'] else 'not available: CPU only'}. Every row's settings (epochs, lr, "
         "batch, model kwargs, MLflow run, command) are in results.csv. Produced by:",
@@ -157,7 +165,7 @@ def plot_results(table: pd.DataFrame, path: Path, settings: Mapping[str, Any]) -
                       fontsize=8)
         ax.set_ylim(0, 1.08)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("UF1 (pooled LOSO)")
+    axes[0][0].set_ylabel("UF1 (pooled over folds)")
     handles = [Patch(facecolor=colours[p], edgecolor="black", label=p) for p in protocols]
     handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="leaky (oracle / annotated AUs)"))
     handles.append(Line2D([], [], color="black", linestyle="--", label="SSSNet, honest field baseline"))
