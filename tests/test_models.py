@@ -89,11 +89,12 @@ def test_paper_parameter_counts() -> None:
     assert main == 3_025_429
     assert count_parameters(mmnet.main.conv_act) == 5_220
     assert count_parameters(mmnet.pos_branch) + UNUSED_AUTHOR_PARAMETERS == 6_411_782
-    assert count_parameters(mmnet) + UNUSED_AUTHOR_PARAMETERS == 9_442_431
+    # The LayerScale on the position branch (c_last values, position_scale) is ours, not the authors'.
+    assert count_parameters(mmnet) - mmnet.pos_scale.numel() + UNUSED_AUTHOR_PARAMETERS == 9_442_431
 
     cva = _meta("cva_fpf", 5)
     assert count_parameters(cva.pos_branch) + SWIN_UNUSED == 22_089_632
-    cva_main = count_parameters(cva) - count_parameters(cva.pos_branch)
+    cva_main = count_parameters(cva) - count_parameters(cva.pos_branch) - cva.pos_scale.numel()
     assert cva_main == 54_180_000  # authors: "about 54.2M"; no a_w conv (never applied), AU head 512->21 included
     assert 40e6 < count_parameters(_meta("mol", 5)) < 48e6  # hand count of the authors' code: about 44.1M
 
@@ -160,7 +161,8 @@ def test_ablation_switches_remove_exactly_their_parameters() -> None:
     no_fpf = create_model("cva_fpf", "small", num_classes=5, position="none")
     no_cva = create_model("cva_fpf", "small", num_classes=5, attention="none")
     no_au = create_model("cva_fpf", "small", num_classes=5, au_mode="none")
-    assert count_parameters(full) - count_parameters(no_fpf) == count_parameters(full.pos_branch)
+    assert (count_parameters(full) - count_parameters(no_fpf)
+            == count_parameters(full.pos_branch) + full.pos_scale.numel())
     assert no_fpf.pos_branch is None and "onset224" in no_fpf.inputs  # onset still needed for apex - onset
     cva_params = sum(count_parameters(a) for a in full.main.attentions)
     assert cva_params > 0 and count_parameters(full) - count_parameters(no_cva) == cva_params
