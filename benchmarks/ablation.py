@@ -1,0 +1,100 @@
+"""Ablation of the main system (CVA + FPF + AU) on the MEGC2019 composite, the way the seed paper argues for each part.
+
+    python benchmarks/ablation.py                      # shared part (CASME II + SMIC), CPU, ~10 min on 2 cores
+    python benchmarks/ablation.py --root /data/megc2019-full --au-sheets casme2=... samm=...
+
+One part is changed at a time from the `cva-fpf-flow-cpu` recipe of params.yaml (everything else as chosen by its
+inner-validation search): attention CVA / CA (MMNet's) / none; AU predicted (joint head) / annotated (AU vector as
+input: leaks labels, flagged) / none; position FPF / PC / none. Every variant runs through `mer benchmark` on the
+five subject-grouped folds of `subject_5fold` under the `inner` protocol (honest; eight times cheaper than LOSO, so
+the numbers compare variants with each other, not with published LOSO results). FPF and PC need face crops: where the
+collection has none (the shared part has no `datasets/combined_datasets_whole`), their rows are listed with that
+reason instead of being run. Writes results/ablation/ (results.md/csv/png, settings.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHARED = Path(os.environ.get("MER_SHARED_DATA", REPO.parent / "shared" / "data"))
+BASE_ENTRY = "cva-fpf-flow-cpu"
+FACE_CROPS = "datasets/combined_datasets_whole"  # the composite's apex crops, when distributed
+# key -> (label, kwargs changed from the base entry, needs face crops)
+VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "abl-cva-au-predicted": ("CVA, AU predicted, no position (base)", {}, False),
+    "abl-ca-au-predicted": ("CA (MMNet) instead of CVA", {"attention": "ca"}, False),
+    "abl-none-au-predicted": ("no attention", {"attention": "none"}, False),
+    "abl-cva-au-none": ("no AU head", {"au_mode": "none"}, False),
+    "abl-cva-au-annotated": ("AU annotated as input (leaky)", {"au_mode": "annotated"}, False),
+    "abl-cva-fpf": ("+ FPF on the apex crop", {"position": "fpf", "position_frames": ["apex224"]}, True),
+    "abl-cva-pc": ("+ PC on the apex crop", {"position": "pc", "position_frames": ["apex224"]}, True),
+}
+
+
+def ablation_params(params_path: Path, work: Path) -> Path:
+    """params.yaml with benchmark.models replaced by the variants of BASE_ENTRY, written under `work`."""
+    params = yaml.safe_load(params_path.read_text())
+    base = params["benchmark"]["models"][BASE_ENTRY]
+    models = {}
+    for key, (label, change, _) in VARIANTS.items():
+        entry = copy.deepcopy(base)
+        entry.pop("faces", None)  # the variants set the position branch explicitly
+        entry["kwargs"] = {**entry.get("kwargs", {}), **change}
+        entry["train"] = {**entry.get("train", {}), "split": "subject_5fold"}
+        entry["label"] = label
+        models[key] = entry
+    params["benchmark"].update(models=models, default_models=[], work=str(work / "work"))
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=str(SHARED / "megc2019-composite"))
+    parser.add_argument("--au-sheets", nargs="+",
+                        default=[f"casme2={SHARED / 'annotations' / 'CASME2-coding-20140508.xlsx'}"])
+    parser.add_argument("--out", default=str(REPO / "results" / "ablation"))
+    parser.add_argument("--work", default=str(REPO / "runs" / "ablation"))
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="extra params override")
+    args = parser.parse_args()
+
+    from pipelines.benchmark import portable_path
+    from pipelines.cli import main as mer
+
+    has_faces = (Path(args.root) / FACE_CROPS).is_dir()
+    runnable = [k for k, (_, _, faces) in VARIANTS.items() if has_faces or not faces]
+    params = ablation_params(REPO / "params.yaml", Path(args.work))
+    argv = ["benchmark", "megc2019", "--root", args.root, "--out", args.out, "--params", str(params),
+            "--au-sheets", *args.au_sheets, "--models", *runnable, "--protocol", "inner",
+            *[x for s in args.overrides for x in ("-S", s)]]
+    logging.getLogger("benchmarks").info("mer %s", " ".join(argv))
+    code = mer(argv)
+    if code:
+        return code
+    results = Path(args.out) / "results.md"
+    skipped = [k for k in VARIANTS if k not in runnable]
+    if skipped:
+        lines = ["", "## Not runnable on this data", ""]
+        lines += [f"* {VARIANTS[k][0]} (`{k}`): needs face crops; {portable_path(args.root, '<megc2019 root>')} has no {FACE_CROPS} (the distributed "
+                  "composite part ships 28x28 flow maps only), so the position branch has nothing to read."
+                  for k in skipped]
+        results.write_text(results.read_text() + "\n".join(lines) + "\n")
+    print(results.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
