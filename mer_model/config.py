@@ -152,7 +152,12 @@ class TrainConfig(_Section):
     augment: bool = True
     checkpoint_every: int = Field(0, ge=0)  # epochs; 0 = no intermediate checkpoints
     device: str = "auto"
-    amp: bool = True  # only used on CUDA
+    # Mixed precision on CUDA only (CPU runs stay float32): bfloat16 autocast where the GPU supports it, else float16
+    # with a GradScaler (mer_model.models.checkpoint.autocast_dtype).
+    amp: bool = True
+    # cuDNN autotuning: faster convolutions, but the algorithm (and so the last bits of every number) may change from
+    # run to run. Off = deterministic cuDNN, reproducible folds (the default).
+    cudnn_benchmark: bool = False
     num_workers: int = Field(0, ge=0)
     seed: int = 0
 

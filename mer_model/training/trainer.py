@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from mer_model.config import ModelConfig, TrainConfig
@@ -126,8 +126,46 @@ def lr_factor(epoch: int, cfg: TrainConfig, total: int) -> float:
     return 1.0
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def mixed_precision(device: torch.device, amp: bool) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for float32, whether a GradScaler is needed) for `train.amp` on `device`: bfloat16 where
+    the GPU supports it (its float32 exponent range needs no loss scaling), float16 + GradScaler otherwise; CPU runs
+    stay float32 (their numbers must not change with the mixed-precision setting)."""
+    if not amp or device.type != "cuda":
+        return None, False
+    from mer_model.models.checkpoint import autocast_dtype
+
+    dtype = autocast_dtype(device)
+    return dtype, dtype == torch.float16
+
+
+def configure_backends(device: torch.device, cfg: TrainConfig) -> None:
+    """cuDNN autotuning (`train.cudnn_benchmark`) or deterministic algorithms (the default: reproducible folds)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        torch.backends.cudnn.deterministic = not cfg.cudnn_benchmark
+
+
+def accumulate(sums: dict[str, Tensor], parts: dict[str, Tensor], n: int | Tensor) -> None:
+    """Add a batch's loss parts, weighted by its sample count `n`, to the device-side epoch sums (`loss` is recorded
+    as `train_loss`, every other part as `train_<part>`). Nothing is read back to the host here."""
+    for name, value in parts.items():
+        key = "train_loss" if name == "loss" else f"train_{name}"
+        value = value.detach().double() * n  # float64 sums: the epoch means match a host-side sum
+        sums[key] = sums[key] + value if key in sums else value
+
+
+def read_epoch(sums: dict[str, Tensor], seen: int | Tensor, epoch: int) -> dict[str, float]:
+    """The epoch's sample-weighted means, read from the device in ONE transfer; a non-finite training loss (or part)
+    is a FloatingPointError naming the epoch."""
+    if not sums:
+        return {}
+    names = list(sums)
+    values = (torch.stack([sums[k] for k in names]) / torch.as_tensor(seen).clamp_min(1)).tolist()
+    means = dict(zip(names, values, strict=True))
+    bad = [k for k, v in means.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"epoch {epoch}: training loss is not finite ({', '.join(f'{k}={means[k]}' for k in bad)})")
+    return means
 
 
 class _Loop:
@@ -138,12 +176,13 @@ class _Loop:
         self.cfg = cfg
         self.store = store
         self.device = resolve_device(cfg.device)
-        self.amp = cfg.amp and self.device.type == "cuda"
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
+        self.amp_dtype, scaled = mixed_precision(self.device, cfg.amp)
+        configure_backends(self.device, cfg)
         _seed_everything(cfg.seed)
-        self.model = build_model(model_cfg, num_classes).to(self.device)
+        from mer_model.models.checkpoint import prepare_for_device, to_device_batch
+
+        self.model = prepare_for_device(build_model(model_cfg, num_classes), self.device)
+        self.to_device_batch = to_device_batch  # channels-last inputs for the models that prefer it
         # Loss targets are needed for every split (validation and test losses are reported too); `label` comes from
         # the index, not the npz.
         targets = tuple(k for k in getattr(self.model, "targets", ()) if k != "label")
@@ -153,7 +192,7 @@ class _Loop:
         # Stepped once per epoch; `epochs` is the length of THIS run (a final model may train for fewer epochs than
         # train.epochs), so a cosine schedule always ends annealed.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(e, cfg, epochs))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=scaled)
         self.train_set = store.torch_dataset(train_ids, self.inputs, cfg.augment, cfg.seed, self.optional)
         self.norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.stats_set = (store.torch_dataset(train_ids, self.inputs, False, cfg.seed, self.optional)
@@ -172,7 +211,12 @@ class _Loop:
                           num_workers=self.cfg.num_workers, generator=generator,
                           pin_memory=self.device.type == "cuda")
 
-    def _with_weights(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def autocast(self) -> torch.autocast:
+        """Mixed precision around forward + loss (a no-op context for float32 runs)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _device_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = self.to_device_batch(batch, self.model, self.device)
         if self.weights is not None:
             batch["class_weights"] = self.weights
         return batch
@@ -184,30 +228,27 @@ class _Loop:
         torch.manual_seed(_derived_seed(self.cfg.seed, epoch, 2))
         self.train_set.set_epoch(epoch)
         self.model.train()
-        sums: dict[str, float] = {}
+        # Loss parts stay on the device; the step never waits for the GPU (no float(), no isfinite check per step).
+        sums: dict[str, Tensor] = {}
         seen = 0
         for batch in self.loader(self.train_set, shuffle=True, epoch=epoch):
-            batch = self._with_weights(_to_device(batch, self.device))
-            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+            batch = self._device_batch(batch)
+            with self.autocast():
                 outputs = self.model(batch)
                 loss, parts = self.model.loss(outputs, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch}: training loss is {loss.item()}")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            n = int(batch["label"].shape[0])
+            n = int(batch["label"].shape[0])  # a shape, not a value: no sync
             seen += n
-            sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach()) * n
-            for name, value in parts.items():
-                if name != "loss":  # the total, already recorded
-                    sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + float(value) * n
+            accumulate(sums, {**parts, "loss": loss}, n)
+        means = read_epoch(sums, seen, epoch)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         if final:
             self.refresh_batchnorm()
-        return {**{k: v / max(seen, 1) for k, v in sums.items()}, "lr": lr}
+        return {**means, "lr": lr}
 
     @torch.no_grad()
     def refresh_batchnorm(self) -> None:
@@ -224,8 +265,8 @@ class _Loop:
             m.momentum = None  # cumulative average over the pass
             m.train()
         for batch in self.loader(self.stats_set, shuffle=False, batchnorm=True):
-            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
-                self.model(_to_device(batch, self.device))
+            with self.autocast():
+                self.model(self._device_batch(batch))
         for m, momentum in zip(self.norms, momenta, strict=True):
             m.momentum = momentum
             m.eval()
@@ -236,15 +277,16 @@ class _Loop:
         predicts them and the batch has ground truth."""
         self.model.eval()
         probs, au_true, au_pred = [], [], []
-        loss_sum, epe_sum, nme_sum, epe_n, nme_n = 0.0, 0.0, 0.0, 0, 0
+        loss_sum: Tensor | float = 0.0
+        epe_sum, nme_sum, epe_n, nme_n = 0.0, 0.0, 0, 0
         for batch in self.loader(dataset, shuffle=False):
-            batch = self._with_weights(_to_device(batch, self.device))
-            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+            batch = self._device_batch(batch)
+            with self.autocast():
                 outputs = self.model(batch)
                 loss, _ = self.model.loss(outputs, batch)
             n = int(batch["label"].shape[0])
-            loss_sum += float(loss) * n
-            probs.append(torch.softmax(outputs["logits"].float(), dim=1).cpu().numpy())
+            loss_sum = loss_sum + loss.detach().float() * n
+            probs.append(torch.softmax(outputs["logits"].float(), dim=1))
             if "au_logits" in outputs and "aus" in batch:
                 coded = (batch["aus_mask"] > 0.5).cpu().numpy() if "aus_mask" in batch else slice(None)
                 au_true.append(batch["aus"].cpu().numpy()[coded] > 0.5)
@@ -259,17 +301,29 @@ class _Loop:
                 if pred.shape == true.shape:
                     nme_sum += landmark_nme(pred, true) * n
                     nme_n += n
-        extra: dict[str, Any] = {"loss": loss_sum / max(len(dataset), 1)}
+        extra: dict[str, Any] = {"loss": float(loss_sum) / max(len(dataset), 1)}
         if au_true and sum(len(t) for t in au_true):  # a SMIC-only test fold has no AU ground truth
             extra["au_f1"] = au_f1(np.concatenate(au_true), np.concatenate(au_pred))["au_f1"]
         if epe_n:
             extra["flow_epe"] = epe_sum / epe_n
         if nme_n:
             extra["landmark_nme"] = nme_sum / nme_n
-        return np.concatenate(probs), extra
+        return torch.cat(probs).cpu().numpy(), extra
 
     def state(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the weights (the fold's result)."""
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def keep(self, into: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The weights of the epoch a protocol keeps, copied in place into `into` (allocated on the model's device
+        the first time): an epoch that replaces the best one (oracle ties included) costs one device-side copy, no
+        allocation and no transfer to the host."""
+        state = self.model.state_dict()
+        if into is None:
+            return {k: v.detach().clone() for k, v in state.items()}
+        for k, v in state.items():
+            into[k].copy_(v.detach())
+        return into
 
 
 def _score(dataset: SampleDataset, probs: np.ndarray, extra: dict[str, Any], num_classes: int,
@@ -356,7 +410,8 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
             entry.update(_score(watched, probs, extra, spec.num_classes, spec.class_names, protocol.watch))
         score = protocol.score(entry)
         if protocol.improved(score, None if best["score"] is None else tuple(best["score"])):
-            best.update(score=list(score), epoch=epoch, state=loop.state() if watched is not None else None)
+            best.update(score=list(score), epoch=epoch,
+                        state=loop.keep(best["state"]) if watched is not None else None)
             if protocol.watch == "test":  # the test predictions of that epoch are the fold's result
                 best.update(probs=probs, extra=extra)
             bad_epochs = 0
