@@ -182,6 +182,10 @@ class TuneConfig(_Section):
     fold_cpus: float = Field(1, gt=0)
     fold_gpus: float = Field(0, ge=0)  # fractional: several small folds share one GPU
     folds_per_trial: int = Field(0, ge=0)  # folds of one trial in flight at once; 0 = as many as the cluster holds
+    # Folds one Ray task trains: > 1 trains them as one stacked model with torch.func for models that declare
+    # `fold_batching` (mer_model.training.fold_batch; e.g. 68 STSTNet folds on one GPU in one process), one after
+    # another in the same process otherwise. Each fold is still stored under its own key.
+    fold_group_size: int = Field(1, ge=1)
     max_retries: int = Field(2, ge=0)  # a fold whose worker died is retried by Ray
     storage_path: str = "runs/tune"  # local dir or s3://bucket/prefix; experiment state survives the head node
     results: str = "runs/results"  # local: summary.json + pooled predictions of the chosen config (the DVC output)

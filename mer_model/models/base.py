@@ -60,6 +60,10 @@ class MERModel(nn.Module):
     leaks_labels: bool = False
     #: channels-last memory layout speeds up its convolutions on GPU (see checkpoint.prepare_for_device).
     prefers_channels_last: ClassVar[bool] = False
+    #: the folds of one configuration may be trained as one stacked model with torch.func (vmap over
+    #: functional_call; mer_model.training.fold_batch): no data-dependent Python control flow, no `.item()` in
+    #: forward or loss, BatchNorm only with running statistics (stacked buffers).
+    fold_batching: ClassVar[bool] = False
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()

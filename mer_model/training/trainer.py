@@ -22,7 +22,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,8 +102,10 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(parameters: Iterable[Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """`train.optimizer` over the trainable tensors of `parameters` (a model's, or a fold group's stacked ones:
+    every update rule here is elementwise, so one optimizer over stacked tensors updates each fold as its own would)."""
+    params = [p for p in parameters if p.requires_grad]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -154,18 +156,25 @@ def accumulate(sums: dict[str, Tensor], parts: dict[str, Tensor], n: int | Tenso
         sums[key] = sums[key] + value if key in sums else value
 
 
-def read_epoch(sums: dict[str, Tensor], seen: int | Tensor, epoch: int) -> dict[str, float]:
-    """The epoch's sample-weighted means, read from the device in ONE transfer; a non-finite training loss (or part)
-    is a FloatingPointError naming the epoch."""
-    if not sums:
-        return {}
+def read_epoch(sums: dict[str, Tensor], seen: int, epoch: int, folds: Sequence[str] = ()) -> list[dict[str, float]]:
+    """The epoch's sample-weighted means, read from the device in ONE transfer: one dict for scalar sums, one per
+    fold (named by `folds`) for a fold group's (F,) sums. A non-finite training loss (or part) is a
+    FloatingPointError naming the epoch (and the fold)."""
     names = list(sums)
-    values = (torch.stack([sums[k] for k in names]) / torch.as_tensor(seen).clamp_min(1)).tolist()
-    means = dict(zip(names, values, strict=True))
-    bad = [k for k, v in means.items() if not math.isfinite(v)]
-    if bad:
-        raise FloatingPointError(f"epoch {epoch}: training loss is not finite ({', '.join(f'{k}={means[k]}' for k in bad)})")
-    return means
+    if not names:
+        return [{} for _ in folds] or [{}]
+    values = (torch.stack([sums[k] for k in names], dim=-1) / max(seen, 1)).tolist()
+    rows = values if folds else [values]
+    out = []
+    for i, row in enumerate(rows):
+        means = dict(zip(names, row, strict=True))
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
+            where = f"fold {folds[i]} " if folds else ""
+            raise FloatingPointError(f"{where}epoch {epoch}: training loss is not finite "
+                                     f"({', '.join(f'{k}={means[k]}' for k in bad)})")
+        out.append(means)
+    return out
 
 
 class _Loop:
@@ -188,7 +197,7 @@ class _Loop:
         targets = tuple(k for k in getattr(self.model, "targets", ()) if k != "label")
         self.inputs = tuple(self.model.inputs) + tuple(k for k in targets if k not in self.model.inputs)
         self.optional = TARGET_KEYS
-        self.optimizer = _optimizer(self.model, cfg)
+        self.optimizer = make_optimizer(self.model.parameters(), cfg)
         # Stepped once per epoch; `epochs` is the length of THIS run (a final model may train for fewer epochs than
         # train.epochs), so a cosine schedule always ends annealed.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(e, cfg, epochs))
@@ -243,7 +252,7 @@ class _Loop:
             n = int(batch["label"].shape[0])  # a shape, not a value: no sync
             seen += n
             accumulate(sums, {**parts, "loss": loss}, n)
-        means = read_epoch(sums, seen, epoch)
+        (means,) = read_epoch(sums, seen, epoch)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         if final:
@@ -276,39 +285,14 @@ class _Loop:
         """Class probabilities (N, C) in dataset order, the loss and the auxiliary-task metrics where the model
         predicts them and the batch has ground truth."""
         self.model.eval()
-        probs, au_true, au_pred = [], [], []
-        loss_sum: Tensor | float = 0.0
-        epe_sum, nme_sum, epe_n, nme_n = 0.0, 0.0, 0, 0
+        scores = EvalAccumulator()
         for batch in self.loader(dataset, shuffle=False):
             batch = self._device_batch(batch)
             with self.autocast():
                 outputs = self.model(batch)
                 loss, _ = self.model.loss(outputs, batch)
-            n = int(batch["label"].shape[0])
-            loss_sum = loss_sum + loss.detach().float() * n
-            probs.append(torch.softmax(outputs["logits"].float(), dim=1))
-            if "au_logits" in outputs and "aus" in batch:
-                coded = (batch["aus_mask"] > 0.5).cpu().numpy() if "aus_mask" in batch else slice(None)
-                au_true.append(batch["aus"].cpu().numpy()[coded] > 0.5)
-                au_pred.append(outputs["au_logits"].float().cpu().numpy()[coded] > 0.0)
-            if "flow" in outputs and "flows128" in batch and outputs["flow"].shape == batch["flows128"].shape:
-                epe_sum += flow_epe(outputs["flow"].float().cpu().numpy(), batch["flows128"].cpu().numpy()) * n
-                epe_n += n
-            if "landmarks" in outputs and "landmarks68" in batch:
-                pred, true = outputs["landmarks"].float().cpu().numpy(), batch["landmarks68"].cpu().numpy()
-                if pred.shape[1] == true.shape[1] - 1:  # landmarks predicted for frames 2..N
-                    true = true[:, 1:]
-                if pred.shape == true.shape:
-                    nme_sum += landmark_nme(pred, true) * n
-                    nme_n += n
-        extra: dict[str, Any] = {"loss": float(loss_sum) / max(len(dataset), 1)}
-        if au_true and sum(len(t) for t in au_true):  # a SMIC-only test fold has no AU ground truth
-            extra["au_f1"] = au_f1(np.concatenate(au_true), np.concatenate(au_pred))["au_f1"]
-        if epe_n:
-            extra["flow_epe"] = epe_sum / epe_n
-        if nme_n:
-            extra["landmark_nme"] = nme_sum / nme_n
-        return torch.cat(probs).cpu().numpy(), extra
+            scores.add(outputs, batch, loss)
+        return scores.result(len(dataset))
 
     def state(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the weights (the fold's result)."""
@@ -324,6 +308,51 @@ class _Loop:
         for k, v in state.items():
             into[k].copy_(v.detach())
         return into
+
+
+class EvalAccumulator:
+    """Evaluation outputs of one model over the batches of one dataset (in order): probabilities stay on the device
+    until `result`; the auxiliary-task metrics are computed where the model predicts them and the batch has ground
+    truth."""
+
+    def __init__(self) -> None:
+        self.probs: list[Tensor] = []
+        self.loss_sum: Tensor | float = 0.0
+        self.au_true: list[np.ndarray] = []
+        self.au_pred: list[np.ndarray] = []
+        self.epe_sum, self.nme_sum, self.epe_n, self.nme_n = 0.0, 0.0, 0, 0
+
+    def add(self, outputs: dict[str, Tensor], batch: dict[str, Tensor], loss: Tensor) -> None:
+        """One batch: `outputs` of the model, the `batch` it read, its mean `loss`."""
+        n = int(batch["label"].shape[0])
+        self.loss_sum = self.loss_sum + loss.detach().double() * n
+        self.probs.append(torch.softmax(outputs["logits"].float(), dim=1))
+        if "au_logits" in outputs and "aus" in batch:
+            coded = (batch["aus_mask"] > 0.5).cpu().numpy() if "aus_mask" in batch else slice(None)
+            self.au_true.append(batch["aus"].cpu().numpy()[coded] > 0.5)
+            self.au_pred.append(outputs["au_logits"].float().cpu().numpy()[coded] > 0.0)
+        if "flow" in outputs and "flows128" in batch and outputs["flow"].shape == batch["flows128"].shape:
+            self.epe_sum += flow_epe(outputs["flow"].float().cpu().numpy(), batch["flows128"].cpu().numpy()) * n
+            self.epe_n += n
+        if "landmarks" in outputs and "landmarks68" in batch:
+            pred, true = outputs["landmarks"].float().cpu().numpy(), batch["landmarks68"].cpu().numpy()
+            if pred.shape[1] == true.shape[1] - 1:  # landmarks predicted for frames 2..N
+                true = true[:, 1:]
+            if pred.shape == true.shape:
+                self.nme_sum += landmark_nme(pred, true) * n
+                self.nme_n += n
+
+    def result(self, size: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """(probabilities (N, C), {"loss", and au_f1 / flow_epe / landmark_nme where available}) over `size`
+        samples."""
+        extra: dict[str, Any] = {"loss": float(self.loss_sum) / max(size, 1)}
+        if self.au_true and sum(len(t) for t in self.au_true):  # a SMIC-only test fold has no AU ground truth
+            extra["au_f1"] = au_f1(np.concatenate(self.au_true), np.concatenate(self.au_pred))["au_f1"]
+        if self.epe_n:
+            extra["flow_epe"] = self.epe_sum / self.epe_n
+        if self.nme_n:
+            extra["landmark_nme"] = self.nme_sum / self.nme_n
+        return torch.cat(self.probs).cpu().numpy(), extra
 
 
 def _score(dataset: SampleDataset, probs: np.ndarray, extra: dict[str, Any], num_classes: int,
@@ -353,19 +382,13 @@ def _predictions(store: SampleStore, dataset: SampleDataset, probs: np.ndarray, 
     return frame
 
 
-def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = None,
-               checkpoint_dir: str | Path | None = None) -> FoldResult:
-    """Train and evaluate one fold under `spec.train.protocol`; see the module docstring.
-
-    `callback(epoch, metrics)` receives each epoch's history entry (1-based epoch). With `checkpoint_dir` and
-    `train.checkpoint_every > 0` the state is saved every that many epochs, and an existing checkpoint of the same spec
-    is resumed, so a retried fold continues where its worker died.
-    """
-    start = time.perf_counter()
+def fold_sets(spec: FoldSpec, store: SampleStore) -> tuple[tuple[str, ...], tuple[str, ...], list[str], list[str]]:
+    """(training subjects, validation subjects, training sample ids, test sample ids) of a fold under its protocol;
+    the validation subjects are drawn from the fold's TRAINING subjects only. ConfigError for a test subject used in
+    training or an empty side."""
     cfg, fold = spec.train, spec.fold
-    protocol = get_protocol(cfg.protocol)
     train_subjects, val_subjects = tuple(fold.train_subjects), ()
-    if protocol.needs_validation:  # drawn from the fold's TRAINING subjects only
+    if get_protocol(cfg.protocol).needs_validation:
         if fold.val_subjects:
             val_subjects = tuple(fold.val_subjects)
         else:
@@ -378,15 +401,100 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
     test_ids = store.sample_ids(fold.test_subjects)
     if not train_ids or not test_ids:
         raise ConfigError(f"fold {fold.name}: {len(train_ids)} training and {len(test_ids)} test samples in the cache")
+    return train_subjects, val_subjects, train_ids, test_ids
 
-    loop = _Loop(spec.model, cfg, store, spec.num_classes, train_ids, cfg.epochs)
-    test_set = store.torch_dataset(test_ids, loop.inputs, False, cfg.seed, loop.optional)
-    val_set = (store.torch_dataset(store.sample_ids(val_subjects), loop.inputs, False, cfg.seed, loop.optional)
-               if val_subjects else None)
 
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"score": None, "epoch": 0, "state": None, "probs": None, "extra": None}
-    bad_epochs, first_epoch = 0, 1
+class FoldRun:
+    """One fold's protocol bookkeeping, whatever trains it (`train_fold`, or a fold-batched group): its evaluation
+    datasets, the history, the kept epoch and early stopping; `result` builds the FoldResult."""
+
+    def __init__(self, spec: FoldSpec, store: SampleStore, inputs: Sequence[str], optional: Sequence[str],
+                 callback: Callback | None = None, sets: tuple | None = None) -> None:
+        self.spec, self.store, self.callback = spec, store, callback
+        self.start = time.perf_counter()
+        self.protocol = get_protocol(spec.train.protocol)
+        self.train_subjects, self.val_subjects, self.train_ids, test_ids = sets or fold_sets(spec, store)
+        seed = spec.train.seed
+        self.test_set = store.torch_dataset(test_ids, inputs, False, seed, optional)
+        self.val_set = (store.torch_dataset(store.sample_ids(self.val_subjects), inputs, False, seed, optional)
+                        if self.val_subjects else None)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"score": None, "epoch": 0, "state": None, "probs": None, "extra": None}
+        self.bad_epochs = 0
+        self.stopped = False
+
+    @property
+    def watched(self) -> SampleDataset | None:
+        """The dataset evaluated after every epoch (validation, test under `oracle`), or None."""
+        return {"val": self.val_set, "test": self.test_set}.get(self.protocol.watch)
+
+    def record(self, entry: dict[str, Any], evaluated: tuple[np.ndarray, dict[str, Any]] | None,
+               keep: Callable[[dict[str, Tensor] | None], dict[str, Tensor]], started: float) -> bool:
+        """Add one epoch (`entry` = its training figures, `evaluated` = (probs, extra) on `watched`); `keep(into)`
+        copies the current weights when this epoch becomes the kept one. Returns True when the fold stops early."""
+        spec = self.spec
+        if evaluated is not None:
+            entry.update(_score(self.watched, *evaluated, spec.num_classes, spec.class_names, self.protocol.watch))
+        score = self.protocol.score(entry)
+        best = self.best
+        if self.protocol.improved(score, None if best["score"] is None else tuple(best["score"])):
+            best.update(score=list(score), epoch=entry["epoch"], state=keep(best["state"]) if evaluated else None)
+            if self.protocol.watch == "test":  # the test predictions of that epoch are the fold's result
+                best.update(probs=evaluated[0], extra=evaluated[1])
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        entry["time_s"] = time.perf_counter() - started
+        self.history.append(entry)
+        if self.callback is not None:
+            self.callback(entry["epoch"], dict(entry))
+        self.stopped = self.protocol.early_stopping and spec.train.patience > 0 and self.bad_epochs >= spec.train.patience
+        if self.stopped:
+            log.info("fold %s: early stop after epoch %d (best %d)", spec.fold.name, entry["epoch"], best["epoch"])
+        return self.stopped
+
+    @property
+    def selected_epoch(self) -> int:
+        if self.protocol.watch == "none":
+            return self.history[-1]["epoch"] if self.history else self.spec.train.epochs
+        return self.best["epoch"]
+
+    def result(self, final: tuple[np.ndarray, dict[str, Any]] | None, state: dict[str, Tensor],
+               device: torch.device) -> FoldResult:
+        """The FoldResult: test predictions = the kept epoch's (`oracle`) or `final` = the test set evaluated with
+        the selected weights; `state` = those weights (CPU)."""
+        spec = self.spec
+        probs, extra = (self.best["probs"], self.best["extra"]) if self.protocol.watch == "test" else final
+        test_metrics = classification_metrics(self.test_set.labels, probs.argmax(1), spec.num_classes,
+                                               spec.class_names)
+        test_metrics.update(extra)
+        result = FoldResult(
+            fold=spec.fold.name, predictions=_predictions(self.store, self.test_set, probs, spec.fold.name),
+            history=self.history, selected_epoch=self.selected_epoch,
+            val_score=float(self.best["score"][0]) if self.protocol.watch == "val" else None,
+            state_dict=state, protocol=self.protocol.name, leaky=self.protocol.leaky,
+            wall_time=time.perf_counter() - self.start, device=str(device), test_metrics=test_metrics,
+            train_subjects=tuple(self.train_subjects), val_subjects=tuple(self.val_subjects),
+            test_subjects=tuple(spec.fold.test_subjects), class_names=tuple(spec.class_names),
+        )
+        log.info("fold %s (%s): epoch %d, test acc %.3f, %.1fs", spec.fold.name, self.protocol.name,
+                 result.selected_epoch, test_metrics["accuracy"], result.wall_time)
+        return result
+
+
+def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = None,
+               checkpoint_dir: str | Path | None = None) -> FoldResult:
+    """Train and evaluate one fold under `spec.train.protocol`; see the module docstring.
+
+    `callback(epoch, metrics)` receives each epoch's history entry (1-based epoch). With `checkpoint_dir` and
+    `train.checkpoint_every > 0` the state is saved every that many epochs, and an existing checkpoint of the same spec
+    is resumed, so a retried fold continues where its worker died.
+    """
+    cfg, fold = spec.train, spec.fold
+    sets = fold_sets(spec, store)  # configuration errors before a model is built
+    loop = _Loop(spec.model, cfg, store, spec.num_classes, sets[2], cfg.epochs)
+    run = FoldRun(spec, store, loop.inputs, loop.optional, callback, sets)
+    first_epoch = 1
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     fingerprint = fold_fingerprint(spec.model, spec.train, fold, spec.class_names)
     if ckpt is not None and ckpt.is_file():
@@ -397,62 +505,27 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
         loop.optimizer.load_state_dict(saved["optimizer"])
         loop.scaler.load_state_dict(saved["scaler"])
         loop.scheduler.load_state_dict(saved["scheduler"])
-        history, best, bad_epochs = saved["history"], saved["best"], saved["bad_epochs"]
+        run.history, run.best, run.bad_epochs = saved["history"], saved["best"], saved["bad_epochs"]
         first_epoch = saved["epoch"] + 1
         log.info("fold %s: resuming from %s after epoch %d", fold.name, ckpt, saved["epoch"])
 
     for epoch in range(first_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
-        watched = {"val": val_set, "test": test_set}.get(protocol.watch)
+        watched = run.watched
         entry: dict[str, Any] = {"epoch": epoch, **loop.train_epoch(epoch, watched is not None or epoch == cfg.epochs)}
-        if watched is not None:
-            probs, extra = loop.evaluate(watched)
-            entry.update(_score(watched, probs, extra, spec.num_classes, spec.class_names, protocol.watch))
-        score = protocol.score(entry)
-        if protocol.improved(score, None if best["score"] is None else tuple(best["score"])):
-            best.update(score=list(score), epoch=epoch,
-                        state=loop.keep(best["state"]) if watched is not None else None)
-            if protocol.watch == "test":  # the test predictions of that epoch are the fold's result
-                best.update(probs=probs, extra=extra)
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        entry["time_s"] = time.perf_counter() - t0
-        history.append(entry)
-        if callback is not None:
-            callback(epoch, dict(entry))
-        stop = protocol.early_stopping and cfg.patience > 0 and bad_epochs >= cfg.patience
+        stop = run.record(entry, loop.evaluate(watched) if watched is not None else None, loop.keep, t0)
         if ckpt is not None and cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or stop):
             _save_checkpoint(ckpt, {"fingerprint": fingerprint, "epoch": epoch, "model": loop.model.state_dict(),
                                     "optimizer": loop.optimizer.state_dict(), "scaler": loop.scaler.state_dict(),
                                     "scheduler": loop.scheduler.state_dict(),
-                                    "history": history, "best": best, "bad_epochs": bad_epochs})
+                                    "history": run.history, "best": run.best, "bad_epochs": run.bad_epochs})
         if stop:
-            log.info("fold %s: early stop after epoch %d (best %d)", fold.name, epoch, best["epoch"])
             break
 
-    if protocol.watch == "none":
-        selected = history[-1]["epoch"] if history else cfg.epochs
-    else:
-        selected = best["epoch"]
-        loop.model.load_state_dict(best["state"])
-    if protocol.watch == "test":
-        probs, extra = best["probs"], best["extra"]
-    else:
-        probs, extra = loop.evaluate(test_set)
-    test_metrics = classification_metrics(test_set.labels, probs.argmax(1), spec.num_classes, spec.class_names)
-    test_metrics.update(extra)
-    result = FoldResult(
-        fold=fold.name, predictions=_predictions(store, test_set, probs, fold.name), history=history,
-        selected_epoch=selected, val_score=float(best["score"][0]) if protocol.watch == "val" else None,
-        state_dict=loop.state(), protocol=protocol.name, leaky=protocol.leaky,
-        wall_time=time.perf_counter() - start, device=str(loop.device), test_metrics=test_metrics,
-        train_subjects=tuple(train_subjects), val_subjects=tuple(val_subjects),
-        test_subjects=tuple(fold.test_subjects), class_names=tuple(spec.class_names),
-    )
-    log.info("fold %s (%s): epoch %d, test acc %.3f, %.1fs", fold.name, protocol.name, selected,
-             test_metrics["accuracy"], result.wall_time)
-    return result
+    if run.protocol.watch != "none":
+        loop.model.load_state_dict(run.best["state"])
+    final = loop.evaluate(run.test_set) if run.protocol.watch != "test" else None
+    return run.result(final, loop.state(), loop.device)
 
 
 def train_final(model_cfg: ModelConfig, train_cfg: TrainConfig, store: SampleStore, subjects: Sequence[str],
