@@ -23,6 +23,7 @@ from test_training_data import CLASSES, write_cache
 
 from mer_model.config import ModelConfig, TrainConfig
 from mer_model.errors import ConfigError
+from mer_model.models.registry import get_entry, list_models
 from mer_model.training.data import SampleStore
 from mer_model.training.fold_batch import batchable, train_fold_group
 from mer_model.training.folds import Fold, loso_folds
@@ -45,8 +46,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> SampleStore:
     return SampleStore.open(write_cache(tmp_path_factory.mktemp("cache"), subjects=5, per_subject=6))
 
 
-def _specs(folds: list[Fold], dropout: float = 0.0, **train: Any) -> list[FoldSpec]:
-    model = ModelConfig(name="ststnet", config="small", kwargs={"dropout": dropout})
+def _specs(folds: list[Fold], dropout: float = 0.0, name: str = "ststnet", **train: Any) -> list[FoldSpec]:
+    model = ModelConfig(name=name, config="small", kwargs={"dropout": dropout})
     cfg = TrainConfig(**{"epochs": 3, "batch_size": 8, "lr": 0.01, "device": "cpu", **train})
     return [FoldSpec(model, cfg, fold, CLASSES) for fold in folds]
 
@@ -140,3 +141,13 @@ def test_a_fold_task_trains_its_unfinished_folds_as_one_group(store: SampleStore
     for job, summary in zip(jobs, summaries, strict=True):
         stored = storage.load(job.key)
         assert stored is not None and stored[0] == summary and len(stored[1]) == 6
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if get_entry(n).cls.fold_batching])
+def test_every_batchable_model_trains_in_groups_like_alone(store: SampleStore, name: str) -> None:
+    """Each model that declares `fold_batching` (no dropout): one batched epoch gives each fold the predictions it
+    gets alone."""
+    specs = _specs(loso_folds(store.index)[:2], name=name, epochs=1)
+    for got, spec in zip(train_fold_group(specs, store), specs, strict=True):
+        want = train_fold(spec, store)
+        np.testing.assert_allclose(got.predictions[PROBS].to_numpy(), want.predictions[PROBS].to_numpy(), atol=1e-4)

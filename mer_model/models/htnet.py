@@ -117,6 +117,8 @@ def tile_regions(flow: Tensor, points: Tensor, mode: str) -> Tensor:
 class HTNet(MERModel):
     """Defaults = paper configuration: 139,582,982 parameters for 3 classes."""
 
+    fold_batching = True  # no BatchNorm, no data-dependent control flow
+
     def __init__(
         self,
         num_classes: int,
