@@ -158,6 +158,12 @@ class TrainConfig(_Section):
     # cuDNN autotuning: faster convolutions, but the algorithm (and so the last bits of every number) may change from
     # run to run. Off = deterministic cuDNN, reproducible folds (the default).
     cudnn_benchmark: bool = False
+    # Device-resident data (mer_model.training.data.DeviceArrays): the samples' arrays stacked once on the training
+    # device, batches gathered and augmented there (affine_grid/grid_sample; the same draws as the CPU path, equal
+    # within interpolation tolerance). auto = on CUDA when they fit `device_data_mb`; on = wherever they fit (CPU
+    # too); off = the CPU reference path (per-sample OpenCV warps, collate, host-to-device copy).
+    device_data: Literal["auto", "on", "off"] = "auto"
+    device_data_mb: float = Field(2048, ge=0)
     num_workers: int = Field(0, ge=0)
     seed: int = 0
 

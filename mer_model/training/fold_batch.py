@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import default_collate
 
 from mer_model.errors import ConfigError
 from mer_model.training.data import SampleDataset, SampleStore
@@ -64,7 +64,9 @@ from mer_model.training.trainer import (
     build_model,
     class_weights,
     configure_backends,
+    device_arrays,
     fold_sets,
+    index_batches,
     lr_factor,
     make_optimizer,
     mixed_precision,
@@ -150,15 +152,15 @@ class _GroupLoop:
                         if cfg.class_weights else None)
         # The keys every fold's items have (an optional target only some folds' samples all have is left out).
         self.keys = set.intersection(*(set(d[0]) for d in self.train_sets))
+        self.data_keys = self.keys - {"aus_mask", "label", "index"}  # cache arrays; the rest is derived
+        self.arrays = device_arrays(cfg, store, self.inputs, self.device)
 
     # ---------------------------------------------------------------------------------------------------- batches
 
     def _order(self, size: int, epoch: int) -> np.ndarray:
-        """A fold's shuffled order of its `size` training samples: the per-fold path's DataLoader order (same
-        generator, same draws)."""
-        generator = torch.Generator().manual_seed(_derived_seed(self.cfg.seed, epoch, 1))
-        loader = DataLoader(range(size), batch_size=max(size, 1), shuffle=True, generator=generator)
-        return torch.cat(list(loader)).numpy()
+        """A fold's shuffled order of its `size` training samples: the per-fold path's (same generator, same
+        draws)."""
+        return torch.cat(list(index_batches(size, self.cfg, True, epoch, batchnorm=False))).numpy()
 
     def _tables(self, sizes: list[int], orders: list[np.ndarray], batchnorm: bool) -> list[np.ndarray]:
         """Per-step (F, B) index tables: each fold's order padded to the largest size; a final step of one sample
@@ -172,7 +174,10 @@ class _GroupLoop:
         return steps
 
     def _collate(self, datasets: Sequence[SampleDataset], rows: np.ndarray) -> dict[str, Tensor]:
-        """One (F, B, ...) device batch: fold f's items `rows[f]` of `datasets[f]` (the CPU reference data path)."""
+        """One (F, B, ...) device batch: fold f's items `rows[f]` of `datasets[f]`, from the device-resident arrays
+        (one gather and one batched augmentation for the group) or through the CPU reference path."""
+        if self.arrays is not None and self.data_keys <= set(self.arrays.keys):
+            return self.arrays.group_batch(datasets, rows, sorted(self.data_keys))
         folds = []
         for dataset, idx in zip(datasets, rows, strict=True):
             items = [dataset[int(i)] for i in idx]

@@ -22,7 +22,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from mer_model.config import ModelConfig, TrainConfig
 from mer_model.errors import ConfigError
-from mer_model.training.data import SampleDataset, SampleStore
+from mer_model.training.data import DeviceArrays, SampleDataset, SampleStore
 from mer_model.training.folds import Fold, fold_fingerprint, inner_split
 from mer_model.training.metrics import au_f1, classification_metrics, flow_epe, landmark_nme
 from mer_model.training.protocols import get_protocol
@@ -177,6 +177,32 @@ def read_epoch(sums: dict[str, Tensor], seen: int, epoch: int, folds: Sequence[s
     return out
 
 
+def device_arrays(cfg: TrainConfig, store: SampleStore, inputs: Sequence[str], device: torch.device
+                  ) -> DeviceArrays | None:
+    """The store's samples stacked on `device` (inputs + the optional targets every sample has) when
+    `train.device_data` asks for it and they fit `train.device_data_mb`; None = the CPU reference data path."""
+    if cfg.device_data == "off" or (cfg.device_data == "auto" and device.type != "cuda"):
+        return None
+    ids = store.sample_ids(store.subjects())
+    keys = tuple(inputs) + tuple(k for k in TARGET_KEYS if k not in inputs and all(k in store.keys(s) for s in ids))
+    size = DeviceArrays.nbytes(store, ids, keys)
+    if size > cfg.device_data_mb * 2**20:
+        log.info("train.device_data: %d samples take %.0f MB > device_data_mb %.0f: CPU data path", len(ids),
+                 size / 2**20, cfg.device_data_mb)
+        return None
+    return DeviceArrays(store, ids, keys, device)
+
+
+def index_batches(size: int, cfg: TrainConfig, shuffle: bool, epoch: int, batchnorm: bool) -> DataLoader:
+    """Batches of positions 0..size-1: THE order of an epoch (shuffled from (seed, epoch)), shared by the CPU
+    reference loader, device-resident data and fold groups. `batchnorm` drops a final batch of one sample, which
+    BatchNorm cannot normalise in training mode."""
+    generator = torch.Generator().manual_seed(_derived_seed(cfg.seed, epoch, 1))
+    drop_last = batchnorm and size % cfg.batch_size == 1 and size > 1
+    return DataLoader(range(size), batch_size=cfg.batch_size, shuffle=shuffle, drop_last=drop_last,
+                      generator=generator)
+
+
 class _Loop:
     """Model, optimiser and data plumbing shared by `train_fold` and `train_final`."""
 
@@ -208,17 +234,23 @@ class _Loop:
                           if cfg.precise_bn and self.norms else None)
         labels = store.labels(train_ids)
         self.weights = class_weights(labels, num_classes).to(self.device) if cfg.class_weights else None
+        self.arrays = device_arrays(cfg, store, self.inputs, self.device)
 
-    def loader(self, dataset: SampleDataset, shuffle: bool, epoch: int = 0, batchnorm: bool | None = None
-               ) -> DataLoader:
-        """Batches of `dataset`; `batchnorm` (default: `shuffle`, i.e. training) drops a final batch of one sample,
-        which BatchNorm cannot normalise in training mode."""
-        generator = torch.Generator().manual_seed(_derived_seed(self.cfg.seed, epoch, 1))
+    def batches(self, dataset: SampleDataset, shuffle: bool, epoch: int = 0, batchnorm: bool | None = None
+                ) -> Iterator[dict[str, Tensor]]:
+        """Device batches of `dataset` (with the class weights) in the epoch's order (`index_batches`;
+        `batchnorm` defaults to `shuffle`, i.e. training): gathered from the device-resident arrays when there are
+        some holding its keys, else through the CPU reference loader."""
         batchnorm = shuffle if batchnorm is None else batchnorm
-        drop_last = batchnorm and len(dataset) % self.cfg.batch_size == 1 and len(dataset) > 1
-        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=self.cfg.num_workers, generator=generator,
-                          pin_memory=self.device.type == "cuda")
+        if self.arrays is not None and set(dataset.keys) <= set(self.arrays.keys):
+            for positions in index_batches(len(dataset), self.cfg, shuffle, epoch, batchnorm):
+                yield self._device_batch(self.arrays.batch(dataset, positions.numpy()))
+            return
+        order = index_batches(len(dataset), self.cfg, shuffle, epoch, batchnorm)
+        loader = DataLoader(dataset, batch_sampler=order.batch_sampler, num_workers=self.cfg.num_workers,
+                            generator=order.generator, pin_memory=self.device.type == "cuda")
+        for batch in loader:
+            yield self._device_batch(batch)
 
     def autocast(self) -> torch.autocast:
         """Mixed precision around forward + loss (a no-op context for float32 runs)."""
@@ -240,8 +272,7 @@ class _Loop:
         # Loss parts stay on the device; the step never waits for the GPU (no float(), no isfinite check per step).
         sums: dict[str, Tensor] = {}
         seen = 0
-        for batch in self.loader(self.train_set, shuffle=True, epoch=epoch):
-            batch = self._device_batch(batch)
+        for batch in self.batches(self.train_set, shuffle=True, epoch=epoch):
             with self.autocast():
                 outputs = self.model(batch)
                 loss, parts = self.model.loss(outputs, batch)
@@ -273,9 +304,9 @@ class _Loop:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the pass
             m.train()
-        for batch in self.loader(self.stats_set, shuffle=False, batchnorm=True):
+        for batch in self.batches(self.stats_set, shuffle=False, batchnorm=True):
             with self.autocast():
-                self.model(self._device_batch(batch))
+                self.model(batch)
         for m, momentum in zip(self.norms, momenta, strict=True):
             m.momentum = momentum
             m.eval()
@@ -286,8 +317,7 @@ class _Loop:
         predicts them and the batch has ground truth."""
         self.model.eval()
         scores = EvalAccumulator()
-        for batch in self.loader(dataset, shuffle=False):
-            batch = self._device_batch(batch)
+        for batch in self.batches(dataset, shuffle=False):
             with self.autocast():
                 outputs = self.model(batch)
                 loss, _ = self.model.loss(outputs, batch)
