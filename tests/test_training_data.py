@@ -304,3 +304,16 @@ def test_device_arrays_serve_the_reference_batches(tmp_path: Path) -> None:
                 else:  # pixels in [0, 1]; flow28 in [0, 1]; points in pixels
                     torch.testing.assert_close(got[key], value, atol=2.5 / 255, rtol=0, msg=key)
     assert DeviceArrays.nbytes(store, ids, ("flow28",)) == len(ids) * 3 * 28 * 28 * 4
+
+
+def test_vectorised_matrices_are_the_augmentation_matrices() -> None:
+    """The batched path's draw table and matrices are exactly `Augmentation.draw` / `.matrix` of each position."""
+    table = augment.DrawTable()
+    positions = np.array([5, 0, 17, 5, 3])
+    params = table.params(3, 2, positions)
+    for size in ((28, 28), (224, 224), (128, 96)):
+        batch = augment.matrices(params, *size)
+        for row, i in zip(batch, positions, strict=True):
+            aug = augment.Augmentation.draw(np.random.default_rng((3, 2, int(i))))
+            assert np.allclose(row, aug.matrix(*size), atol=1e-12)
+    assert np.array_equal(table.params(3, 2, positions[:2]), params[:2])

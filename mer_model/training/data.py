@@ -289,6 +289,16 @@ class DeviceArrays:
         self.tensors = {k: torch.from_numpy(np.stack([a[k] for a in loaded])).to(device) for k in self.keys}
         if with_aus:
             self.tensors["aus_mask"] = torch.tensor([float(a["au_coded"]) for a in loaded], device=device)
+        self.draws = aug_lib.DrawTable()
+        self._dataset_rows: dict[int, tuple[SampleDataset, np.ndarray]] = {}
+
+    def _rows_of(self, dataset: SampleDataset) -> np.ndarray:
+        """Stack rows of a dataset's samples, by position (computed once per dataset)."""
+        known = self._dataset_rows.get(id(dataset))
+        if known is None or known[0] is not dataset:
+            known = (dataset, np.array([self.rows[sid] for sid in dataset.sample_ids], dtype=np.int64))
+            self._dataset_rows[id(dataset)] = known
+        return known[1]
 
     @staticmethod
     def nbytes(store: SampleStore, sample_ids: Sequence[str], keys: Sequence[str]) -> int:
@@ -308,16 +318,17 @@ class DeviceArrays:
         gather and one batched augmentation for the whole group."""
         positions = np.asarray(positions, dtype=np.int64)
         folds, size = positions.shape
-        rows = torch.as_tensor([self.rows[d.sample_ids[i]] for d, pos in zip(datasets, positions, strict=True)
-                                for i in pos], device=self.device)
+        rows = torch.as_tensor(np.concatenate([self._rows_of(d)[pos] for d, pos in zip(datasets, positions,
+                                                                                         strict=True)]),
+                               device=self.device)
         out = {k: batch_tensor(k, self.tensors[k].index_select(0, rows)) for k in keys}
         augmenting = [d.augment for d in datasets]
         if any(augmenting):
             if not all(augmenting):
                 raise ValueError("group_batch: augmented and plain datasets in one batch")
-            draws = [aug_lib.Augmentation.draw(np.random.default_rng((d.seed, d.epoch, int(i))))
-                     for d, pos in zip(datasets, positions, strict=True) for i in pos]
-            out = aug_lib.apply_batch(out, draws)
+            params = np.concatenate([self.draws.params(d.seed, d.epoch, pos)
+                                     for d, pos in zip(datasets, positions, strict=True)])
+            out = aug_lib.apply_batch(out, params)
         if "aus" in keys:
             out["aus_mask"] = self.tensors["aus_mask"].index_select(0, rows)
         labels = np.concatenate([d.labels[pos] for d, pos in zip(datasets, positions, strict=True)])
