@@ -290,3 +290,27 @@ def test_mixed_precision_prefers_bfloat16_and_scales_only_float16(monkeypatch: p
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     assert trainer.mixed_precision(torch.device("cuda"), amp) == expected
     assert trainer.mixed_precision(torch.device("cpu"), True) == (None, False)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_fused_optimizer_makes_the_reference_update(optimizer: str) -> None:
+    """make_optimizer's fused kernels update like torch's default per-tensor implementation (float tolerance)."""
+    cfg = TrainConfig(optimizer=optimizer, lr=0.01, weight_decay=0.05, momentum=0.9)
+    torch.manual_seed(0)
+    start = [torch.randn(7, 5), torch.randn(5)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(4)]
+    results = []
+    for fused in (True, False):
+        params = [p.clone().requires_grad_() for p in start]
+        opt = trainer.make_optimizer(params, cfg)
+        if not fused:  # the same optimizer and hyperparameters, torch's default (unfused) implementation
+            keep = {"lr", "weight_decay", "momentum", "betas", "eps"}
+            opt = type(opt)(params, foreach=False, **{k: v for k, v in opt.defaults.items() if k in keep})
+        assert bool(opt.defaults.get("fused")) is fused
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        results.append([p.detach() for p in params])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -106,11 +106,15 @@ def make_optimizer(parameters: Iterable[Tensor], cfg: TrainConfig) -> torch.opti
     """`train.optimizer` over the trainable tensors of `parameters` (a model's, or a fold group's stacked ones:
     every update rule here is elementwise, so one optimizer over stacked tensors updates each fold as its own would)."""
     params = [p for p in parameters if p.requires_grad]
+    # The fused kernels (one pass over parameter, gradient and state per step, CPU and CUDA) compute the same update
+    # as the default per-tensor loop: on HTNet's 139.6M parameters an Adam step takes ~1.4 s instead of ~8 s on two
+    # CPU cores (tests/test_training_trainer.py checks the update against the unfused one).
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, fused=fused)
 
 
 def lr_factor(epoch: int, cfg: TrainConfig, total: int) -> float:
