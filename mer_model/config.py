@@ -152,7 +152,18 @@ class TrainConfig(_Section):
     augment: bool = True
     checkpoint_every: int = Field(0, ge=0)  # epochs; 0 = no intermediate checkpoints
     device: str = "auto"
-    amp: bool = True  # only used on CUDA
+    # Mixed precision on CUDA only (CPU runs stay float32): bfloat16 autocast where the GPU supports it, else float16
+    # with a GradScaler (mer_model.models.checkpoint.autocast_dtype).
+    amp: bool = True
+    # cuDNN autotuning: faster convolutions, but the algorithm (and so the last bits of every number) may change from
+    # run to run. Off = deterministic cuDNN, reproducible folds (the default).
+    cudnn_benchmark: bool = False
+    # Device-resident data (mer_model.training.data.DeviceArrays): the samples' arrays stacked once on the training
+    # device, batches gathered and augmented there (affine_grid/grid_sample; the same draws as the CPU path, equal
+    # within interpolation tolerance). auto = on CUDA when they fit `device_data_mb`; on = wherever they fit (CPU
+    # too); off = the CPU reference path (per-sample OpenCV warps, collate, host-to-device copy).
+    device_data: Literal["auto", "on", "off"] = "auto"
+    device_data_mb: float = Field(2048, ge=0)
     num_workers: int = Field(0, ge=0)
     seed: int = 0
 
@@ -177,6 +188,10 @@ class TuneConfig(_Section):
     fold_cpus: float = Field(1, gt=0)
     fold_gpus: float = Field(0, ge=0)  # fractional: several small folds share one GPU
     folds_per_trial: int = Field(0, ge=0)  # folds of one trial in flight at once; 0 = as many as the cluster holds
+    # Folds one Ray task trains: > 1 trains them as one stacked model with torch.func for models that declare
+    # `fold_batching` (mer_model.training.fold_batch; e.g. 68 STSTNet folds on one GPU in one process), one after
+    # another in the same process otherwise. Each fold is still stored under its own key.
+    fold_group_size: int = Field(1, ge=1)
     max_retries: int = Field(2, ge=0)  # a fold whose worker died is retried by Ray
     storage_path: str = "runs/tune"  # local dir or s3://bucket/prefix; experiment state survives the head node
     results: str = "runs/results"  # local: summary.json + pooled predictions of the chosen config (the DVC output)

@@ -393,3 +393,22 @@ def test_mixed_precision_keeps_the_loss_in_float32() -> None:
         out = model(batch)
         loss, _ = model.loss(out, batch)
     assert out["logits"].dtype == torch.bfloat16 and loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_htnet_attention_computes_scaled_dot_product_attention() -> None:
+    """HTNet's attention (explicit products, vmap-friendly) gives the outputs of torch's scaled_dot_product_attention,
+    the formulation it replaced, for every attention module of the paper-shaped small network (float tolerance)."""
+    import torch.nn.functional as F
+
+    from mer_model.models.htnet import _ConvAttention
+
+    torch.manual_seed(0)
+    model = create_model("htnet", "small", num_classes=3).eval()
+    modules = [m for m in model.modules() if isinstance(m, _ConvAttention)]
+    assert modules
+    for m in modules:
+        dim = m.to_qkv.in_channels
+        x = torch.randn(5, dim, 4, 4)
+        q, k, v = (t.reshape(5, m.heads, m.dim_head, 16).transpose(-1, -2) for t in m.to_qkv(x).chunk(3, dim=1))
+        reference = m.to_out(F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(5, -1, 4, 4))
+        torch.testing.assert_close(m(x), reference, rtol=1e-5, atol=1e-5)

@@ -109,8 +109,10 @@ def test_oracle_runs_are_tagged_leaky(tiny_root: Path, tmp_path: Path, monkeypat
     from pipelines.engine.driver import run_experiment
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # Two Ray tasks of two folds each (fold-batched STSTNet): still one stored result and one tracked run per fold.
     params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{"train.protocol": "oracle",
-                                                                        "tune.final_model": False}))
+                                                                        "tune.final_model": False,
+                                                                        "tune.fold_group_size": 2}))
     caplog.set_level(logging.INFO, logger="pipelines.engine.callbacks")
     summary = run_experiment(params)
     # Progress without a terminal: one line per finished fold, done/total with an ETA.

@@ -269,3 +269,51 @@ def test_dataset_augmentation_is_seeded_per_epoch(image_cache: Path) -> None:
         a.set_epoch(epoch)
         views.add(a[0]["onset224"].numpy().tobytes())
     assert len(views) > 1
+
+
+def test_device_arrays_serve_the_reference_batches(tmp_path: Path) -> None:
+    """Device-resident data (DeviceArrays + augment.apply_batch) against the CPU reference path (SampleDataset items,
+    OpenCV warps, collated): the same draws give the same arrays, every geometric kind included. Without
+    augmentation they are equal; with it, within interpolation tolerance: the reference warps uint8 pixels (rounded
+    to 1/255) and float16 flows (OpenCV's bilinear weights sit on a 1/32-pixel grid, which on this random
+    unit-variance flow field moves single values by up to ~0.12 while the mean difference stays at fp16 rounding);
+    points and landmarks are the same matrix products."""
+    from torch.utils.data import default_collate
+
+    from mer_model.training.data import DeviceArrays
+
+    store = SampleStore.open(write_cache(tmp_path / "cache", subjects=2, per_subject=2, images=True))
+    ids = store.sample_ids(store.subjects())
+    keys = ("onset224", "apex224", "frames128", "flows128", "landmarks68", "flow28", "points5")
+    positions = np.array([3, 0, 2])
+    for augment_on in (False, True):
+        dataset = store.torch_dataset(ids, keys, augment=augment_on, seed=5, optional=("aus",))
+        device = DeviceArrays(store, ids, dataset.keys, torch.device("cpu"))
+        for epoch in (1, 2)[:1 + augment_on]:  # two draws of the augmentation
+            dataset.set_epoch(epoch)
+            want = default_collate([dataset[int(i)] for i in positions])
+            got = device.batch(dataset, positions)
+            assert set(got) == set(want)
+            for key, value in want.items():
+                assert got[key].shape == value.shape and got[key].dtype == value.dtype, key
+                if not augment_on or key in ("label", "index", "aus", "aus_mask"):
+                    assert torch.equal(got[key], value), key
+                elif key == "flows128":
+                    diff = (got[key] - value).abs()
+                    assert float(diff.mean()) < 0.01 and float(diff.max()) < 0.25
+                else:  # pixels in [0, 1]; flow28 in [0, 1]; points in pixels
+                    torch.testing.assert_close(got[key], value, atol=2.5 / 255, rtol=0, msg=key)
+    assert DeviceArrays.nbytes(store, ids, ("flow28",)) == len(ids) * 3 * 28 * 28 * 4
+
+
+def test_vectorised_matrices_are_the_augmentation_matrices() -> None:
+    """The batched path's draw table and matrices are exactly `Augmentation.draw` / `.matrix` of each position."""
+    table = augment.DrawTable()
+    positions = np.array([5, 0, 17, 5, 3])
+    params = table.params(3, 2, positions)
+    for size in ((28, 28), (224, 224), (128, 96)):
+        batch = augment.matrices(params, *size)
+        for row, i in zip(batch, positions, strict=True):
+            aug = augment.Augmentation.draw(np.random.default_rng((3, 2, int(i))))
+            assert np.allclose(row, aug.matrix(*size), atol=1e-12)
+    assert np.array_equal(table.params(3, 2, positions[:2]), params[:2])

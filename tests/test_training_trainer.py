@@ -5,6 +5,7 @@ All runs train the real registered STSTNet (the shallow MEGC2019 baseline on flo
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -231,3 +232,85 @@ def test_precise_batchnorm_holds_the_training_population_statistics(store: Sampl
     handle.remove()
     population = torch.cat(seen).mean(dim=(0, 2, 3))
     assert torch.allclose(bn.running_mean, population, atol=1e-5) is precise
+
+
+def _count_host_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count every read of a tensor's value into Python made by the library's code (each one a host sync on a GPU;
+    torch's own reads of CPU-resident bookkeeping, e.g. Adam's step counter, are not syncs and not counted)."""
+    count = [0]
+    library = str(Path(trainer.__file__).parents[1])
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self: torch.Tensor, *args: Any, _original: Any = original) -> Any:
+            if sys._getframe(1).f_code.co_filename.startswith(library):
+                count[0] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return count
+
+
+def test_training_steps_never_read_values_back(store: SampleStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Losses and their parts are accumulated on the device and read ONCE per epoch: the number of host reads of an
+    epoch does not grow with its number of steps (24 training samples: 6 steps of 4 vs 2 of 12)."""
+    reads = []
+    for batch_size in (4, 12):
+        spec = _spec(store, batch_size=batch_size, augment=False)
+        loop = trainer._Loop(spec.model, spec.train, store, 3, store.sample_ids(spec.fold.train_subjects), 3)
+        count = _count_host_reads(monkeypatch)
+        entry = loop.train_epoch(1, final=False)
+        monkeypatch.undo()
+        reads.append(count[0])
+        assert np.isfinite(entry["train_loss"]) and entry["train_ce"] == pytest.approx(entry["train_loss"])
+    assert reads == [1, 1]  # the epoch's sums, read together
+
+
+def test_non_finite_loss_is_one_clear_error_per_epoch(store: SampleStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    build = trainer.build_model
+
+    def poisoned(cfg: ModelConfig, num_classes: int) -> Any:
+        model = build(cfg, num_classes)
+        loss = model.loss
+        model.loss = lambda outputs, batch: (lambda total, parts: (total * float("nan"), parts))(
+            *loss(outputs, batch))
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", poisoned)
+    with pytest.raises(FloatingPointError, match=r"epoch 1: training loss is not finite \(.*train_loss=nan"):
+        train_fold(_spec(store, epochs=2), store)
+
+
+@pytest.mark.parametrize("bf16, amp, expected", [
+    (True, True, (torch.bfloat16, False)), (False, True, (torch.float16, True)), (True, False, (None, False)),
+])
+def test_mixed_precision_prefers_bfloat16_and_scales_only_float16(monkeypatch: pytest.MonkeyPatch, bf16: bool,
+                                                                   amp: bool, expected: tuple) -> None:
+    """bf16 autocast where the GPU supports it (no GradScaler), fp16 + GradScaler otherwise; CPU runs stay float32."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert trainer.mixed_precision(torch.device("cuda"), amp) == expected
+    assert trainer.mixed_precision(torch.device("cpu"), True) == (None, False)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_fused_optimizer_makes_the_reference_update(optimizer: str) -> None:
+    """make_optimizer's fused kernels update like torch's default per-tensor implementation (float tolerance)."""
+    cfg = TrainConfig(optimizer=optimizer, lr=0.01, weight_decay=0.05, momentum=0.9)
+    torch.manual_seed(0)
+    start = [torch.randn(7, 5), torch.randn(5)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(4)]
+    results = []
+    for fused in (True, False):
+        params = [p.clone().requires_grad_() for p in start]
+        opt = trainer.make_optimizer(params, cfg)
+        if not fused:  # the same optimizer and hyperparameters, torch's default (unfused) implementation
+            keep = {"lr", "weight_decay", "momentum", "betas", "eps"}
+            opt = type(opt)(params, foreach=False, **{k: v for k, v in opt.defaults.items() if k in keep})
+        assert bool(opt.defaults.get("fused")) is fused
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        results.append([p.detach() for p in params])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -60,6 +60,10 @@ class MERModel(nn.Module):
     leaks_labels: bool = False
     #: channels-last memory layout speeds up its convolutions on GPU (see checkpoint.prepare_for_device).
     prefers_channels_last: ClassVar[bool] = False
+    #: the folds of one configuration may be trained as one stacked model with torch.func (vmap over
+    #: functional_call; mer_model.training.fold_batch): no data-dependent Python control flow, no `.item()` in
+    #: forward or loss, BatchNorm only with running statistics (stacked buffers).
+    fold_batching: ClassVar[bool] = False
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -83,15 +87,16 @@ class MERModel(nn.Module):
             raise DataError(f"{self.name}: batch has no {key!r} (this configuration reads {', '.join(self.inputs)})")
         return batch[key]
 
-    def classification_loss(self, outputs: Mapping[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def classification_loss(self, outputs: Mapping[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         # `class_weights` (C,) is set by the trainer from the training fold's class frequencies (train.class_weights).
         ce = F.cross_entropy(outputs["logits"].float(), self.get(batch, "label"), weight=batch.get("class_weights"))
-        return ce, {"ce": float(ce.detach())}
+        return ce, {"ce": ce.detach()}
 
-    def loss(self, outputs: Mapping[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        """Total training loss and its named parts; cross-entropy unless a model adds auxiliary terms."""
+    def loss(self, outputs: Mapping[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total training loss and its named parts (detached 0-d tensors: no host sync, vmap-safe); cross-entropy
+        unless a model adds auxiliary terms."""
         total, parts = self.classification_loss(outputs, batch)
-        parts["loss"] = float(total.detach())
+        parts["loss"] = total.detach()
         return total, parts
 
 

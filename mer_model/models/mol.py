@@ -260,17 +260,17 @@ class MOL(MERModel):
             out["landmarks"] = (pts + 0.5) * pts.new_tensor([w, h])  # pixels of the batch's frames, from the centre
         return out
 
-    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         total, parts = self.classification_loss(outputs, batch)
         if "flow" in outputs:
             mse = F.mse_loss(outputs["flow"].float(), self.get(batch, "flows128").float())
             total = total + self.flow_weight * mse
-            parts["flow_mse"] = float(mse.detach())
+            parts["flow_mse"] = mse.detach()
         if "landmarks" in outputs:
             nme = landmark_nme(outputs["landmarks"].float(), self.get(batch, "landmarks68")[:, 1:].float())
             total = total + self.landmark_weight * nme
-            parts["landmark_nme"] = float(nme.detach())
-        parts["loss"] = float(total.detach())
+            parts["landmark_nme"] = nme.detach()
+        parts["loss"] = total.detach()
         return total, parts
 
 

@@ -21,6 +21,8 @@ from mer_model.models.registry import register_model
     description="STSTNet: shallow triple-stream CNN on the 28x28 flow (baseline)",
 )
 class STSTNet(MERModel):
+    fold_batching = True
+
     def __init__(self, num_classes: int, streams: tuple[int, ...] = (3, 5, 8), dropout: float = 0.5,
                  map_size: int = 28) -> None:  # fmt: skip
         super().__init__(num_classes)

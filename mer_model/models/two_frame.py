@@ -316,11 +316,11 @@ class TwoFrameNet(MERModel):
         out["logits"] = self.classifier(feat)
         return out
 
-    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         total, parts = self.classification_loss(outputs, batch)
         if "au_logits" in outputs:
             au = masked_au_bce(outputs["au_logits"], self.get(batch, "aus"), batch.get("aus_mask"))
             total = total + self.au_weight * au
-            parts["au_bce"] = float(au.detach())
-        parts["loss"] = float(total.detach())
+            parts["au_bce"] = au.detach()
+        parts["loss"] = total.detach()
         return total, parts

@@ -8,6 +8,10 @@ Vector fields are transformed too: raw flow (`flows128`) gets the affine's linea
 min-max-normalised `flow28` maps get u -> 1 - u on a flip (exact for a min-max normalised map) and no vector rotation
 (not exact under per-map normalisation; at 3 degrees the mixing is below 5%). Landmarks follow the points and, on a
 flip, are re-indexed by the mirror permutation so that index 36 still means the image-left eye corner.
+
+Two implementations of the same transform: `apply` (OpenCV, one sample's cache arrays on the CPU: the reference) and
+`apply_batch` (torch `affine_grid`/`grid_sample` on a whole batch where it lives, e.g. device-resident data on a GPU),
+which uses the same per-sample matrices; they agree within interpolation tolerance (tests/test_training_data.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from mer_model.batch_keys import BATCH_KEYS, Geometry
 
@@ -139,4 +146,106 @@ def apply(arrays: dict[str, np.ndarray], aug: Augmentation) -> dict[str, np.ndar
         frame, side = spec.frame_of or (key, 0)
         m = aug.matrix(*sizes.get(frame, (side, side)))
         out[key] = _points(arrays[key], m, _MIRRORS[spec.geometry] if aug.flip else None)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Batched, on tensors (device-resident data)
+
+
+class DrawTable:
+    """The draws `Augmentation.draw(default_rng((seed, epoch, i)))` of positions i = 0, 1, ... as arrays, computed
+    once per (seed, epoch) and shared by every dataset with that seed (the folds of a group): a 68-fold group's step
+    then costs no per-sample Python. Columns: flip (0/1), angle (degrees), shift_x, shift_y (fractions)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._table = np.zeros((0, 4))
+
+    def params(self, seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
+        """(len(positions), 4) draw parameters."""
+        top = int(positions.max(initial=-1)) + 1
+        if self._key != (seed, epoch):
+            self._key, self._table = (seed, epoch), np.zeros((0, 4))
+        if top > len(self._table):
+            new = [Augmentation.draw(np.random.default_rng((seed, epoch, i))) for i in range(len(self._table), top)]
+            rows = np.array([[a.flip, a.angle, a.shift_x, a.shift_y] for a in new], dtype=np.float64).reshape(-1, 4)
+            self._table = np.concatenate([self._table, rows])
+        return self._table[positions]
+
+
+def matrices(params: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(B, 2, 3) `Augmentation.matrix` of every row of `params` (DrawTable columns), vectorised (float64, the same
+    arithmetic: flip, then cv2.getRotationMatrix2D's rotation about the centre, then the rounded shift)."""
+    flip, angle, sx, sy = params.T
+    b = len(params)
+    f = np.tile(np.eye(3), (b, 1, 1))
+    f[flip > 0.5, 0, 0], f[flip > 0.5, 0, 2] = -1.0, width - 1
+    rad = np.deg2rad(angle)
+    alpha, beta = np.cos(rad), np.sin(rad)
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    r = np.tile(np.eye(3), (b, 1, 1))
+    r[:, 0, 0], r[:, 0, 1], r[:, 0, 2] = alpha, beta, (1 - alpha) * cx - beta * cy
+    r[:, 1, 0], r[:, 1, 1], r[:, 1, 2] = -beta, alpha, beta * cx + (1 - alpha) * cy
+    t = np.tile(np.eye(3), (b, 1, 1))
+    t[:, 0, 2], t[:, 1, 2] = np.round(sx * width), np.round(sy * height)  # half to even, as Python's round
+    return (t @ r @ f)[:, :2]
+
+
+def _theta(params: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(B, 2, 3) `affine_grid` matrices (normalised output -> input coordinates, align_corners=True) of the
+    pixel-space matrices, which map input to output pixels as cv2.warpAffine reads them."""
+    norm = np.array([[2.0 / max(width - 1, 1), 0, -1], [0, 2.0 / max(height - 1, 1), -1], [0, 0, 1]])
+    forward = np.concatenate([matrices(params, height, width), np.tile([[[0.0, 0.0, 1.0]]], (len(params), 1, 1))],
+                             axis=1)
+    return (norm @ np.linalg.inv(forward) @ np.linalg.inv(norm))[:, :2]
+
+
+def _warp_batch(x: Tensor, params: np.ndarray, padding: str) -> Tensor:
+    """Warp (B, C, H, W) maps, sample b by params[b], bilinear like the reference."""
+    b, c, h, w = x.shape
+    theta = torch.as_tensor(_theta(params, h, w), dtype=torch.float32, device=x.device)
+    grid = F.affine_grid(theta, [b, c, h, w], align_corners=True)
+    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode=padding, align_corners=True).to(x.dtype)
+
+
+def apply_batch(batch: dict[str, Tensor], params: np.ndarray) -> dict[str, Tensor]:
+    """The batched counterpart of `apply`: batch tensors (the model's layout: CHW images in [0, 1], (B, N, H, W)
+    frames, (B, N-1, 2, H, W) flows, (B, 3, H, W) flow maps, (B, 5, 2) / (B, N, 68, 2) points) moved by sample b's
+    draw params[b] (DrawTable columns), on their own device. Borders as the reference: zeros, replicated for
+    min-max flow maps."""
+    out = dict(batch)
+    sizes: dict[str, tuple[int, int]] = {}
+    points = []
+    some = next(iter(batch.values()))
+    flips = torch.as_tensor(params[:, 0] > 0.5, device=some.device)
+    for key, x in batch.items():
+        spec = BATCH_KEYS.get(key)
+        if spec is None or spec.geometry is Geometry.NONE:
+            continue
+        if spec.geometry in _MIRRORS:
+            points.append((key, spec))
+            continue
+        h, w = x.shape[-2:]
+        sizes[spec.frame_of[0] if spec.frame_of else key] = (h, w)
+        if spec.geometry is Geometry.FLOW_VECTORS:
+            b, n = x.shape[:2]
+            warped = _warp_batch(x.reshape(b, n * 2, h, w), params, "zeros").reshape(x.shape)
+            linear = torch.as_tensor(matrices(params, h, w)[:, :, :2], dtype=x.dtype, device=x.device)
+            out[key] = torch.einsum("bij,bnjhw->bnihw", linear, warped)  # a displacement d maps to A d
+        elif spec.geometry is Geometry.MINMAX_FLOW_MAP:
+            warped = _warp_batch(x, params, "border")
+            u = torch.where(flips.view(-1, 1, 1), 1.0 - warped[:, 0], warped[:, 0])
+            out[key] = torch.cat([u.unsqueeze(1), warped[:, 1:]], dim=1)
+        else:  # IMAGE (B, C, H, W) and FRAME_STACK (B, N, H, W): every channel / frame alike
+            out[key] = _warp_batch(x, params, "zeros")
+    for key, spec in points:
+        frame, side = spec.frame_of or (key, 0)
+        h, w = sizes.get(frame, (side, side))
+        x = batch[key]
+        m = torch.as_tensor(matrices(params, h, w), dtype=x.dtype, device=x.device)
+        shape = (x.shape[0],) + (1,) * (x.ndim - 3)
+        moved = x @ m[:, :, :2].transpose(1, 2).reshape(*shape, 2, 2) + m[:, :, 2].reshape(*shape, 1, 2)
+        mirror = torch.as_tensor(_MIRRORS[spec.geometry], device=x.device)
+        out[key] = torch.where(flips.view(*shape, 1, 1), moved.index_select(-2, mirror), moved)
     return out

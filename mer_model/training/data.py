@@ -4,6 +4,10 @@ the model batch (docs/architecture.md, "Model contract").
 
 MER datasets are small (hundreds of clips), so arrays are read lazily and then kept in memory for the whole run: every
 LOSO fold re-reads the same samples, and decompressing npz files each epoch would dominate the run time of small models.
+Where they fit a byte budget, `DeviceArrays` stacks them once onto the training device (the whole MEGC2019 composite's
+flow maps are about 4 MB): a batch is then an index, a dtype conversion and a batched augmentation there, instead of
+per-sample `__getitem__` calls, OpenCV warps, a collate and a host-to-device copy. `SampleDataset` stays the CPU
+reference path (used when the data does not fit, and on the CPU by default).
 """
 
 from __future__ import annotations
@@ -259,3 +263,75 @@ class SampleDataset(Dataset):
         item["label"] = torch.tensor(int(self.labels[i]), dtype=torch.long)
         item["index"] = torch.tensor(i, dtype=torch.long)
         return item
+
+
+def batch_tensor(key: str, value: torch.Tensor) -> torch.Tensor:
+    """`to_tensor` for a stacked (B, ...) tensor of cache arrays, on its device."""
+    spec = BATCH_KEYS.get(key)
+    if spec is not None and spec.pixels:
+        value = value.float().div_(255.0)
+        return value.permute(0, 3, 1, 2) if spec.hwc else value
+    return value.float()
+
+
+class DeviceArrays:
+    """The cache arrays `keys` of `sample_ids`, stacked once on `device` in their cache dtypes (uint8 pixels stay
+    uint8), with labels and AU masks; `batch` serves a SampleDataset's items from them, augmented in one batched
+    call (augment.apply_batch) with the draws SampleDataset would make."""
+
+    def __init__(self, store: SampleStore, sample_ids: Sequence[str], keys: Sequence[str],
+                 device: torch.device) -> None:
+        self.keys = tuple(keys)
+        self.device = device
+        self.rows = {sid: i for i, sid in enumerate(sample_ids)}
+        with_aus = "aus" in self.keys
+        loaded = [store.arrays(sid, self.keys + (("au_coded",) if with_aus else ())) for sid in sample_ids]
+        self.tensors = {k: torch.from_numpy(np.stack([a[k] for a in loaded])).to(device) for k in self.keys}
+        if with_aus:
+            self.tensors["aus_mask"] = torch.tensor([float(a["au_coded"]) for a in loaded], device=device)
+        self.draws = aug_lib.DrawTable()
+        self._dataset_rows: dict[int, tuple[SampleDataset, np.ndarray]] = {}
+
+    def _rows_of(self, dataset: SampleDataset) -> np.ndarray:
+        """Stack rows of a dataset's samples, by position (computed once per dataset)."""
+        known = self._dataset_rows.get(id(dataset))
+        if known is None or known[0] is not dataset:
+            known = (dataset, np.array([self.rows[sid] for sid in dataset.sample_ids], dtype=np.int64))
+            self._dataset_rows[id(dataset)] = known
+        return known[1]
+
+    @staticmethod
+    def nbytes(store: SampleStore, sample_ids: Sequence[str], keys: Sequence[str]) -> int:
+        """Device bytes the stack would take (one sample's arrays x the sample count: shapes are fixed per key)."""
+        if not sample_ids:
+            return 0
+        return len(sample_ids) * sum(a.nbytes for a in store.arrays(sample_ids[0], keys).values())
+
+    def batch(self, dataset: SampleDataset, positions: np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch of `dataset` items at `positions` (as the collated `dataset[i]` would be, on the device);
+        augmented with the draws of (dataset.seed, dataset.epoch, position) when the dataset augments."""
+        return {k: v[0] for k, v in self.group_batch([dataset], np.asarray(positions)[None], dataset.keys).items()}
+
+    def group_batch(self, datasets: Sequence[SampleDataset], positions: np.ndarray, keys: Sequence[str]
+                    ) -> dict[str, torch.Tensor]:
+        """A fold group's (F, B, ...) batch: row f holds `datasets[f]`'s items at `positions[f]`, with `keys`; one
+        gather and one batched augmentation for the whole group."""
+        positions = np.asarray(positions, dtype=np.int64)
+        folds, size = positions.shape
+        rows = torch.as_tensor(np.concatenate([self._rows_of(d)[pos] for d, pos in zip(datasets, positions,
+                                                                                         strict=True)]),
+                               device=self.device)
+        out = {k: batch_tensor(k, self.tensors[k].index_select(0, rows)) for k in keys}
+        augmenting = [d.augment for d in datasets]
+        if any(augmenting):
+            if not all(augmenting):
+                raise ValueError("group_batch: augmented and plain datasets in one batch")
+            params = np.concatenate([self.draws.params(d.seed, d.epoch, pos)
+                                     for d, pos in zip(datasets, positions, strict=True)])
+            out = aug_lib.apply_batch(out, params)
+        if "aus" in keys:
+            out["aus_mask"] = self.tensors["aus_mask"].index_select(0, rows)
+        labels = np.concatenate([d.labels[pos] for d, pos in zip(datasets, positions, strict=True)])
+        out["label"] = torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        out["index"] = torch.as_tensor(positions.reshape(-1), device=self.device)
+        return {k: v.reshape(folds, size, *v.shape[1:]) for k, v in out.items()}

@@ -21,7 +21,7 @@ from mer_model.errors import ConfigError
 _SPLIT_CANDIDATES = 64
 # Train settings that change where or how fast a fold runs, never its numbers. `amp` is NOT among them: mixed
 # precision changes the arithmetic on CUDA.
-SPEED_ONLY = frozenset({"checkpoint_every", "num_workers", "device"})
+SPEED_ONLY = frozenset({"checkpoint_every", "num_workers", "device", "device_data_mb"})
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from mer_model.config import ModelConfig, TrainConfig
 from mer_model.errors import ConfigError
-from mer_model.training.data import SampleDataset, SampleStore
+from mer_model.training.data import DeviceArrays, SampleDataset, SampleStore
 from mer_model.training.folds import Fold, fold_fingerprint, inner_split
 from mer_model.training.metrics import au_f1, classification_metrics, flow_epe, landmark_nme
 from mer_model.training.protocols import get_protocol
@@ -102,13 +102,19 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(parameters: Iterable[Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """`train.optimizer` over the trainable tensors of `parameters` (a model's, or a fold group's stacked ones:
+    every update rule here is elementwise, so one optimizer over stacked tensors updates each fold as its own would)."""
+    params = [p for p in parameters if p.requires_grad]
+    # The fused kernels (one pass over parameter, gradient and state per step, CPU and CUDA) compute the same update
+    # as the default per-tensor loop: on HTNet's 139.6M parameters an Adam step takes ~1.4 s instead of ~8 s on two
+    # CPU cores (tests/test_training_trainer.py checks the update against the unfused one).
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, fused=fused)
 
 
 def lr_factor(epoch: int, cfg: TrainConfig, total: int) -> float:
@@ -126,8 +132,79 @@ def lr_factor(epoch: int, cfg: TrainConfig, total: int) -> float:
     return 1.0
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def mixed_precision(device: torch.device, amp: bool) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for float32, whether a GradScaler is needed) for `train.amp` on `device`: bfloat16 where
+    the GPU supports it (its float32 exponent range needs no loss scaling), float16 + GradScaler otherwise; CPU runs
+    stay float32 (their numbers must not change with the mixed-precision setting)."""
+    if not amp or device.type != "cuda":
+        return None, False
+    from mer_model.models.checkpoint import autocast_dtype
+
+    dtype = autocast_dtype(device)
+    return dtype, dtype == torch.float16
+
+
+def configure_backends(device: torch.device, cfg: TrainConfig) -> None:
+    """cuDNN autotuning (`train.cudnn_benchmark`) or deterministic algorithms (the default: reproducible folds)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        torch.backends.cudnn.deterministic = not cfg.cudnn_benchmark
+
+
+def accumulate(sums: dict[str, Tensor], parts: dict[str, Tensor], n: int | Tensor) -> None:
+    """Add a batch's loss parts, weighted by its sample count `n`, to the device-side epoch sums (`loss` is recorded
+    as `train_loss`, every other part as `train_<part>`). Nothing is read back to the host here."""
+    for name, value in parts.items():
+        key = "train_loss" if name == "loss" else f"train_{name}"
+        value = value.detach().double() * n  # float64 sums: the epoch means match a host-side sum
+        sums[key] = sums[key] + value if key in sums else value
+
+
+def read_epoch(sums: dict[str, Tensor], seen: int, epoch: int, folds: Sequence[str] = ()) -> list[dict[str, float]]:
+    """The epoch's sample-weighted means, read from the device in ONE transfer: one dict for scalar sums, one per
+    fold (named by `folds`) for a fold group's (F,) sums. A non-finite training loss (or part) is a
+    FloatingPointError naming the epoch (and the fold)."""
+    names = list(sums)
+    if not names:
+        return [{} for _ in folds] or [{}]
+    values = (torch.stack([sums[k] for k in names], dim=-1) / max(seen, 1)).tolist()
+    rows = values if folds else [values]
+    out = []
+    for i, row in enumerate(rows):
+        means = dict(zip(names, row, strict=True))
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
+            where = f"fold {folds[i]} " if folds else ""
+            raise FloatingPointError(f"{where}epoch {epoch}: training loss is not finite "
+                                     f"({', '.join(f'{k}={means[k]}' for k in bad)})")
+        out.append(means)
+    return out
+
+
+def device_arrays(cfg: TrainConfig, store: SampleStore, inputs: Sequence[str], device: torch.device
+                  ) -> DeviceArrays | None:
+    """The store's samples stacked on `device` (inputs + the optional targets every sample has) when
+    `train.device_data` asks for it and they fit `train.device_data_mb`; None = the CPU reference data path."""
+    if cfg.device_data == "off" or (cfg.device_data == "auto" and device.type != "cuda"):
+        return None
+    ids = store.sample_ids(store.subjects())
+    keys = tuple(inputs) + tuple(k for k in TARGET_KEYS if k not in inputs and all(k in store.keys(s) for s in ids))
+    size = DeviceArrays.nbytes(store, ids, keys)
+    if size > cfg.device_data_mb * 2**20:
+        log.info("train.device_data: %d samples take %.0f MB > device_data_mb %.0f: CPU data path", len(ids),
+                 size / 2**20, cfg.device_data_mb)
+        return None
+    return DeviceArrays(store, ids, keys, device)
+
+
+def index_batches(size: int, cfg: TrainConfig, shuffle: bool, epoch: int, batchnorm: bool) -> DataLoader:
+    """Batches of positions 0..size-1: THE order of an epoch (shuffled from (seed, epoch)), shared by the CPU
+    reference loader, device-resident data and fold groups. `batchnorm` drops a final batch of one sample, which
+    BatchNorm cannot normalise in training mode."""
+    generator = torch.Generator().manual_seed(_derived_seed(cfg.seed, epoch, 1))
+    drop_last = batchnorm and size % cfg.batch_size == 1 and size > 1
+    return DataLoader(range(size), batch_size=cfg.batch_size, shuffle=shuffle, drop_last=drop_last,
+                      generator=generator)
 
 
 class _Loop:
@@ -138,41 +215,53 @@ class _Loop:
         self.cfg = cfg
         self.store = store
         self.device = resolve_device(cfg.device)
-        self.amp = cfg.amp and self.device.type == "cuda"
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
+        self.amp_dtype, scaled = mixed_precision(self.device, cfg.amp)
+        configure_backends(self.device, cfg)
         _seed_everything(cfg.seed)
-        self.model = build_model(model_cfg, num_classes).to(self.device)
+        from mer_model.models.checkpoint import prepare_for_device, to_device_batch
+
+        self.model = prepare_for_device(build_model(model_cfg, num_classes), self.device)
+        self.to_device_batch = to_device_batch  # channels-last inputs for the models that prefer it
         # Loss targets are needed for every split (validation and test losses are reported too); `label` comes from
         # the index, not the npz.
         targets = tuple(k for k in getattr(self.model, "targets", ()) if k != "label")
         self.inputs = tuple(self.model.inputs) + tuple(k for k in targets if k not in self.model.inputs)
         self.optional = TARGET_KEYS
-        self.optimizer = _optimizer(self.model, cfg)
+        self.optimizer = make_optimizer(self.model.parameters(), cfg)
         # Stepped once per epoch; `epochs` is the length of THIS run (a final model may train for fewer epochs than
         # train.epochs), so a cosine schedule always ends annealed.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(e, cfg, epochs))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=scaled)
         self.train_set = store.torch_dataset(train_ids, self.inputs, cfg.augment, cfg.seed, self.optional)
         self.norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.stats_set = (store.torch_dataset(train_ids, self.inputs, False, cfg.seed, self.optional)
                           if cfg.precise_bn and self.norms else None)
         labels = store.labels(train_ids)
         self.weights = class_weights(labels, num_classes).to(self.device) if cfg.class_weights else None
+        self.arrays = device_arrays(cfg, store, self.inputs, self.device)
 
-    def loader(self, dataset: SampleDataset, shuffle: bool, epoch: int = 0, batchnorm: bool | None = None
-               ) -> DataLoader:
-        """Batches of `dataset`; `batchnorm` (default: `shuffle`, i.e. training) drops a final batch of one sample,
-        which BatchNorm cannot normalise in training mode."""
-        generator = torch.Generator().manual_seed(_derived_seed(self.cfg.seed, epoch, 1))
+    def batches(self, dataset: SampleDataset, shuffle: bool, epoch: int = 0, batchnorm: bool | None = None
+                ) -> Iterator[dict[str, Tensor]]:
+        """Device batches of `dataset` (with the class weights) in the epoch's order (`index_batches`;
+        `batchnorm` defaults to `shuffle`, i.e. training): gathered from the device-resident arrays when there are
+        some holding its keys, else through the CPU reference loader."""
         batchnorm = shuffle if batchnorm is None else batchnorm
-        drop_last = batchnorm and len(dataset) % self.cfg.batch_size == 1 and len(dataset) > 1
-        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=self.cfg.num_workers, generator=generator,
-                          pin_memory=self.device.type == "cuda")
+        if self.arrays is not None and set(dataset.keys) <= set(self.arrays.keys):
+            for positions in index_batches(len(dataset), self.cfg, shuffle, epoch, batchnorm):
+                yield self._device_batch(self.arrays.batch(dataset, positions.numpy()))
+            return
+        order = index_batches(len(dataset), self.cfg, shuffle, epoch, batchnorm)
+        loader = DataLoader(dataset, batch_sampler=order.batch_sampler, num_workers=self.cfg.num_workers,
+                            generator=order.generator, pin_memory=self.device.type == "cuda")
+        for batch in loader:
+            yield self._device_batch(batch)
 
-    def _with_weights(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def autocast(self) -> torch.autocast:
+        """Mixed precision around forward + loss (a no-op context for float32 runs)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _device_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = self.to_device_batch(batch, self.model, self.device)
         if self.weights is not None:
             batch["class_weights"] = self.weights
         return batch
@@ -184,30 +273,26 @@ class _Loop:
         torch.manual_seed(_derived_seed(self.cfg.seed, epoch, 2))
         self.train_set.set_epoch(epoch)
         self.model.train()
-        sums: dict[str, float] = {}
+        # Loss parts stay on the device; the step never waits for the GPU (no float(), no isfinite check per step).
+        sums: dict[str, Tensor] = {}
         seen = 0
-        for batch in self.loader(self.train_set, shuffle=True, epoch=epoch):
-            batch = self._with_weights(_to_device(batch, self.device))
-            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+        for batch in self.batches(self.train_set, shuffle=True, epoch=epoch):
+            with self.autocast():
                 outputs = self.model(batch)
                 loss, parts = self.model.loss(outputs, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch}: training loss is {loss.item()}")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            n = int(batch["label"].shape[0])
+            n = int(batch["label"].shape[0])  # a shape, not a value: no sync
             seen += n
-            sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach()) * n
-            for name, value in parts.items():
-                if name != "loss":  # the total, already recorded
-                    sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + float(value) * n
+            accumulate(sums, {**parts, "loss": loss}, n)
+        (means,) = read_epoch(sums, seen, epoch)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         if final:
             self.refresh_batchnorm()
-        return {**{k: v / max(seen, 1) for k, v in sums.items()}, "lr": lr}
+        return {**means, "lr": lr}
 
     @torch.no_grad()
     def refresh_batchnorm(self) -> None:
@@ -223,9 +308,9 @@ class _Loop:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the pass
             m.train()
-        for batch in self.loader(self.stats_set, shuffle=False, batchnorm=True):
-            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
-                self.model(_to_device(batch, self.device))
+        for batch in self.batches(self.stats_set, shuffle=False, batchnorm=True):
+            with self.autocast():
+                self.model(batch)
         for m, momentum in zip(self.norms, momenta, strict=True):
             m.momentum = momentum
             m.eval()
@@ -235,41 +320,73 @@ class _Loop:
         """Class probabilities (N, C) in dataset order, the loss and the auxiliary-task metrics where the model
         predicts them and the batch has ground truth."""
         self.model.eval()
-        probs, au_true, au_pred = [], [], []
-        loss_sum, epe_sum, nme_sum, epe_n, nme_n = 0.0, 0.0, 0.0, 0, 0
-        for batch in self.loader(dataset, shuffle=False):
-            batch = self._with_weights(_to_device(batch, self.device))
-            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+        scores = EvalAccumulator()
+        for batch in self.batches(dataset, shuffle=False):
+            with self.autocast():
                 outputs = self.model(batch)
                 loss, _ = self.model.loss(outputs, batch)
-            n = int(batch["label"].shape[0])
-            loss_sum += float(loss) * n
-            probs.append(torch.softmax(outputs["logits"].float(), dim=1).cpu().numpy())
-            if "au_logits" in outputs and "aus" in batch:
-                coded = (batch["aus_mask"] > 0.5).cpu().numpy() if "aus_mask" in batch else slice(None)
-                au_true.append(batch["aus"].cpu().numpy()[coded] > 0.5)
-                au_pred.append(outputs["au_logits"].float().cpu().numpy()[coded] > 0.0)
-            if "flow" in outputs and "flows128" in batch and outputs["flow"].shape == batch["flows128"].shape:
-                epe_sum += flow_epe(outputs["flow"].float().cpu().numpy(), batch["flows128"].cpu().numpy()) * n
-                epe_n += n
-            if "landmarks" in outputs and "landmarks68" in batch:
-                pred, true = outputs["landmarks"].float().cpu().numpy(), batch["landmarks68"].cpu().numpy()
-                if pred.shape[1] == true.shape[1] - 1:  # landmarks predicted for frames 2..N
-                    true = true[:, 1:]
-                if pred.shape == true.shape:
-                    nme_sum += landmark_nme(pred, true) * n
-                    nme_n += n
-        extra: dict[str, Any] = {"loss": loss_sum / max(len(dataset), 1)}
-        if au_true and sum(len(t) for t in au_true):  # a SMIC-only test fold has no AU ground truth
-            extra["au_f1"] = au_f1(np.concatenate(au_true), np.concatenate(au_pred))["au_f1"]
-        if epe_n:
-            extra["flow_epe"] = epe_sum / epe_n
-        if nme_n:
-            extra["landmark_nme"] = nme_sum / nme_n
-        return np.concatenate(probs), extra
+            scores.add(outputs, batch, loss)
+        return scores.result(len(dataset))
 
     def state(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the weights (the fold's result)."""
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def keep(self, into: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The weights of the epoch a protocol keeps, copied in place into `into` (allocated on the model's device
+        the first time): an epoch that replaces the best one (oracle ties included) costs one device-side copy, no
+        allocation and no transfer to the host."""
+        state = self.model.state_dict()
+        if into is None:
+            return {k: v.detach().clone() for k, v in state.items()}
+        for k, v in state.items():
+            into[k].copy_(v.detach())
+        return into
+
+
+class EvalAccumulator:
+    """Evaluation outputs of one model over the batches of one dataset (in order): probabilities stay on the device
+    until `result`; the auxiliary-task metrics are computed where the model predicts them and the batch has ground
+    truth."""
+
+    def __init__(self) -> None:
+        self.probs: list[Tensor] = []
+        self.loss_sum: Tensor | float = 0.0
+        self.au_true: list[np.ndarray] = []
+        self.au_pred: list[np.ndarray] = []
+        self.epe_sum, self.nme_sum, self.epe_n, self.nme_n = 0.0, 0.0, 0, 0
+
+    def add(self, outputs: dict[str, Tensor], batch: dict[str, Tensor], loss: Tensor) -> None:
+        """One batch: `outputs` of the model, the `batch` it read, its mean `loss`."""
+        n = int(batch["label"].shape[0])
+        self.loss_sum = self.loss_sum + loss.detach().double() * n
+        self.probs.append(torch.softmax(outputs["logits"].float(), dim=1))
+        if "au_logits" in outputs and "aus" in batch:
+            coded = (batch["aus_mask"] > 0.5).cpu().numpy() if "aus_mask" in batch else slice(None)
+            self.au_true.append(batch["aus"].cpu().numpy()[coded] > 0.5)
+            self.au_pred.append(outputs["au_logits"].float().cpu().numpy()[coded] > 0.0)
+        if "flow" in outputs and "flows128" in batch and outputs["flow"].shape == batch["flows128"].shape:
+            self.epe_sum += flow_epe(outputs["flow"].float().cpu().numpy(), batch["flows128"].cpu().numpy()) * n
+            self.epe_n += n
+        if "landmarks" in outputs and "landmarks68" in batch:
+            pred, true = outputs["landmarks"].float().cpu().numpy(), batch["landmarks68"].cpu().numpy()
+            if pred.shape[1] == true.shape[1] - 1:  # landmarks predicted for frames 2..N
+                true = true[:, 1:]
+            if pred.shape == true.shape:
+                self.nme_sum += landmark_nme(pred, true) * n
+                self.nme_n += n
+
+    def result(self, size: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """(probabilities (N, C), {"loss", and au_f1 / flow_epe / landmark_nme where available}) over `size`
+        samples."""
+        extra: dict[str, Any] = {"loss": float(self.loss_sum) / max(size, 1)}
+        if self.au_true and sum(len(t) for t in self.au_true):  # a SMIC-only test fold has no AU ground truth
+            extra["au_f1"] = au_f1(np.concatenate(self.au_true), np.concatenate(self.au_pred))["au_f1"]
+        if self.epe_n:
+            extra["flow_epe"] = self.epe_sum / self.epe_n
+        if self.nme_n:
+            extra["landmark_nme"] = self.nme_sum / self.nme_n
+        return torch.cat(self.probs).cpu().numpy(), extra
 
 
 def _score(dataset: SampleDataset, probs: np.ndarray, extra: dict[str, Any], num_classes: int,
@@ -299,19 +416,13 @@ def _predictions(store: SampleStore, dataset: SampleDataset, probs: np.ndarray, 
     return frame
 
 
-def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = None,
-               checkpoint_dir: str | Path | None = None) -> FoldResult:
-    """Train and evaluate one fold under `spec.train.protocol`; see the module docstring.
-
-    `callback(epoch, metrics)` receives each epoch's history entry (1-based epoch). With `checkpoint_dir` and
-    `train.checkpoint_every > 0` the state is saved every that many epochs, and an existing checkpoint of the same spec
-    is resumed, so a retried fold continues where its worker died.
-    """
-    start = time.perf_counter()
+def fold_sets(spec: FoldSpec, store: SampleStore) -> tuple[tuple[str, ...], tuple[str, ...], list[str], list[str]]:
+    """(training subjects, validation subjects, training sample ids, test sample ids) of a fold under its protocol;
+    the validation subjects are drawn from the fold's TRAINING subjects only. ConfigError for a test subject used in
+    training or an empty side."""
     cfg, fold = spec.train, spec.fold
-    protocol = get_protocol(cfg.protocol)
     train_subjects, val_subjects = tuple(fold.train_subjects), ()
-    if protocol.needs_validation:  # drawn from the fold's TRAINING subjects only
+    if get_protocol(cfg.protocol).needs_validation:
         if fold.val_subjects:
             val_subjects = tuple(fold.val_subjects)
         else:
@@ -324,15 +435,100 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
     test_ids = store.sample_ids(fold.test_subjects)
     if not train_ids or not test_ids:
         raise ConfigError(f"fold {fold.name}: {len(train_ids)} training and {len(test_ids)} test samples in the cache")
+    return train_subjects, val_subjects, train_ids, test_ids
 
-    loop = _Loop(spec.model, cfg, store, spec.num_classes, train_ids, cfg.epochs)
-    test_set = store.torch_dataset(test_ids, loop.inputs, False, cfg.seed, loop.optional)
-    val_set = (store.torch_dataset(store.sample_ids(val_subjects), loop.inputs, False, cfg.seed, loop.optional)
-               if val_subjects else None)
 
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"score": None, "epoch": 0, "state": None, "probs": None, "extra": None}
-    bad_epochs, first_epoch = 0, 1
+class FoldRun:
+    """One fold's protocol bookkeeping, whatever trains it (`train_fold`, or a fold-batched group): its evaluation
+    datasets, the history, the kept epoch and early stopping; `result` builds the FoldResult."""
+
+    def __init__(self, spec: FoldSpec, store: SampleStore, inputs: Sequence[str], optional: Sequence[str],
+                 callback: Callback | None = None, sets: tuple | None = None) -> None:
+        self.spec, self.store, self.callback = spec, store, callback
+        self.start = time.perf_counter()
+        self.protocol = get_protocol(spec.train.protocol)
+        self.train_subjects, self.val_subjects, self.train_ids, test_ids = sets or fold_sets(spec, store)
+        seed = spec.train.seed
+        self.test_set = store.torch_dataset(test_ids, inputs, False, seed, optional)
+        self.val_set = (store.torch_dataset(store.sample_ids(self.val_subjects), inputs, False, seed, optional)
+                        if self.val_subjects else None)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"score": None, "epoch": 0, "state": None, "probs": None, "extra": None}
+        self.bad_epochs = 0
+        self.stopped = False
+
+    @property
+    def watched(self) -> SampleDataset | None:
+        """The dataset evaluated after every epoch (validation, test under `oracle`), or None."""
+        return {"val": self.val_set, "test": self.test_set}.get(self.protocol.watch)
+
+    def record(self, entry: dict[str, Any], evaluated: tuple[np.ndarray, dict[str, Any]] | None,
+               keep: Callable[[dict[str, Tensor] | None], dict[str, Tensor]], started: float) -> bool:
+        """Add one epoch (`entry` = its training figures, `evaluated` = (probs, extra) on `watched`); `keep(into)`
+        copies the current weights when this epoch becomes the kept one. Returns True when the fold stops early."""
+        spec = self.spec
+        if evaluated is not None:
+            entry.update(_score(self.watched, *evaluated, spec.num_classes, spec.class_names, self.protocol.watch))
+        score = self.protocol.score(entry)
+        best = self.best
+        if self.protocol.improved(score, None if best["score"] is None else tuple(best["score"])):
+            best.update(score=list(score), epoch=entry["epoch"], state=keep(best["state"]) if evaluated else None)
+            if self.protocol.watch == "test":  # the test predictions of that epoch are the fold's result
+                best.update(probs=evaluated[0], extra=evaluated[1])
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        entry["time_s"] = time.perf_counter() - started
+        self.history.append(entry)
+        if self.callback is not None:
+            self.callback(entry["epoch"], dict(entry))
+        self.stopped = self.protocol.early_stopping and spec.train.patience > 0 and self.bad_epochs >= spec.train.patience
+        if self.stopped:
+            log.info("fold %s: early stop after epoch %d (best %d)", spec.fold.name, entry["epoch"], best["epoch"])
+        return self.stopped
+
+    @property
+    def selected_epoch(self) -> int:
+        if self.protocol.watch == "none":
+            return self.history[-1]["epoch"] if self.history else self.spec.train.epochs
+        return self.best["epoch"]
+
+    def result(self, final: tuple[np.ndarray, dict[str, Any]] | None, state: dict[str, Tensor],
+               device: torch.device) -> FoldResult:
+        """The FoldResult: test predictions = the kept epoch's (`oracle`) or `final` = the test set evaluated with
+        the selected weights; `state` = those weights (CPU)."""
+        spec = self.spec
+        probs, extra = (self.best["probs"], self.best["extra"]) if self.protocol.watch == "test" else final
+        test_metrics = classification_metrics(self.test_set.labels, probs.argmax(1), spec.num_classes,
+                                               spec.class_names)
+        test_metrics.update(extra)
+        result = FoldResult(
+            fold=spec.fold.name, predictions=_predictions(self.store, self.test_set, probs, spec.fold.name),
+            history=self.history, selected_epoch=self.selected_epoch,
+            val_score=float(self.best["score"][0]) if self.protocol.watch == "val" else None,
+            state_dict=state, protocol=self.protocol.name, leaky=self.protocol.leaky,
+            wall_time=time.perf_counter() - self.start, device=str(device), test_metrics=test_metrics,
+            train_subjects=tuple(self.train_subjects), val_subjects=tuple(self.val_subjects),
+            test_subjects=tuple(spec.fold.test_subjects), class_names=tuple(spec.class_names),
+        )
+        log.info("fold %s (%s): epoch %d, test acc %.3f, %.1fs", spec.fold.name, self.protocol.name,
+                 result.selected_epoch, test_metrics["accuracy"], result.wall_time)
+        return result
+
+
+def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = None,
+               checkpoint_dir: str | Path | None = None) -> FoldResult:
+    """Train and evaluate one fold under `spec.train.protocol`; see the module docstring.
+
+    `callback(epoch, metrics)` receives each epoch's history entry (1-based epoch). With `checkpoint_dir` and
+    `train.checkpoint_every > 0` the state is saved every that many epochs, and an existing checkpoint of the same spec
+    is resumed, so a retried fold continues where its worker died.
+    """
+    cfg, fold = spec.train, spec.fold
+    sets = fold_sets(spec, store)  # configuration errors before a model is built
+    loop = _Loop(spec.model, cfg, store, spec.num_classes, sets[2], cfg.epochs)
+    run = FoldRun(spec, store, loop.inputs, loop.optional, callback, sets)
+    first_epoch = 1
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     fingerprint = fold_fingerprint(spec.model, spec.train, fold, spec.class_names)
     if ckpt is not None and ckpt.is_file():
@@ -343,61 +539,27 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
         loop.optimizer.load_state_dict(saved["optimizer"])
         loop.scaler.load_state_dict(saved["scaler"])
         loop.scheduler.load_state_dict(saved["scheduler"])
-        history, best, bad_epochs = saved["history"], saved["best"], saved["bad_epochs"]
+        run.history, run.best, run.bad_epochs = saved["history"], saved["best"], saved["bad_epochs"]
         first_epoch = saved["epoch"] + 1
         log.info("fold %s: resuming from %s after epoch %d", fold.name, ckpt, saved["epoch"])
 
     for epoch in range(first_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
-        watched = {"val": val_set, "test": test_set}.get(protocol.watch)
+        watched = run.watched
         entry: dict[str, Any] = {"epoch": epoch, **loop.train_epoch(epoch, watched is not None or epoch == cfg.epochs)}
-        if watched is not None:
-            probs, extra = loop.evaluate(watched)
-            entry.update(_score(watched, probs, extra, spec.num_classes, spec.class_names, protocol.watch))
-        score = protocol.score(entry)
-        if protocol.improved(score, None if best["score"] is None else tuple(best["score"])):
-            best.update(score=list(score), epoch=epoch, state=loop.state() if watched is not None else None)
-            if protocol.watch == "test":  # the test predictions of that epoch are the fold's result
-                best.update(probs=probs, extra=extra)
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        entry["time_s"] = time.perf_counter() - t0
-        history.append(entry)
-        if callback is not None:
-            callback(epoch, dict(entry))
-        stop = protocol.early_stopping and cfg.patience > 0 and bad_epochs >= cfg.patience
+        stop = run.record(entry, loop.evaluate(watched) if watched is not None else None, loop.keep, t0)
         if ckpt is not None and cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or stop):
             _save_checkpoint(ckpt, {"fingerprint": fingerprint, "epoch": epoch, "model": loop.model.state_dict(),
                                     "optimizer": loop.optimizer.state_dict(), "scaler": loop.scaler.state_dict(),
                                     "scheduler": loop.scheduler.state_dict(),
-                                    "history": history, "best": best, "bad_epochs": bad_epochs})
+                                    "history": run.history, "best": run.best, "bad_epochs": run.bad_epochs})
         if stop:
-            log.info("fold %s: early stop after epoch %d (best %d)", fold.name, epoch, best["epoch"])
             break
 
-    if protocol.watch == "none":
-        selected = history[-1]["epoch"] if history else cfg.epochs
-    else:
-        selected = best["epoch"]
-        loop.model.load_state_dict(best["state"])
-    if protocol.watch == "test":
-        probs, extra = best["probs"], best["extra"]
-    else:
-        probs, extra = loop.evaluate(test_set)
-    test_metrics = classification_metrics(test_set.labels, probs.argmax(1), spec.num_classes, spec.class_names)
-    test_metrics.update(extra)
-    result = FoldResult(
-        fold=fold.name, predictions=_predictions(store, test_set, probs, fold.name), history=history,
-        selected_epoch=selected, val_score=float(best["score"][0]) if protocol.watch == "val" else None,
-        state_dict=loop.state(), protocol=protocol.name, leaky=protocol.leaky,
-        wall_time=time.perf_counter() - start, device=str(loop.device), test_metrics=test_metrics,
-        train_subjects=tuple(train_subjects), val_subjects=tuple(val_subjects),
-        test_subjects=tuple(fold.test_subjects), class_names=tuple(spec.class_names),
-    )
-    log.info("fold %s (%s): epoch %d, test acc %.3f, %.1fs", fold.name, protocol.name, selected,
-             test_metrics["accuracy"], result.wall_time)
-    return result
+    if run.protocol.watch != "none":
+        loop.model.load_state_dict(run.best["state"])
+    final = loop.evaluate(run.test_set) if run.protocol.watch != "test" else None
+    return run.result(final, loop.state(), loop.device)
 
 
 def train_final(model_cfg: ModelConfig, train_cfg: TrainConfig, store: SampleStore, subjects: Sequence[str],

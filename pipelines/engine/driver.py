@@ -148,7 +148,8 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
         info = RunInfo(experiment_key=experiment_key, parent_id=parent, base_params=base)
         common = dict(params=params.model_dump(mode="json", by_alias=True), cache_dir=cache_dir, storage=fold_store,
                       data_version=version, fold_cpus=cfg.fold_cpus, fold_gpus=cfg.fold_gpus,
-                      max_retries=cfg.max_retries, metric=cfg.metric, search_keys=sorted(cfg.search_space))
+                      max_retries=cfg.max_retries, metric=cfg.metric, search_keys=sorted(cfg.search_space),
+                      fold_group_size=cfg.fold_group_size)
         log.info("%s: %d folds (%s), protocol %s, data %s, parent run %s", name, len(folds), params.train.split,
                  protocol, version, parent)
 

@@ -1,6 +1,7 @@
-"""The engine's Ray tasks. A fold task takes a LIST of fold jobs and returns one stored FoldSummary per fold, each
-under its own key (today the trial submits one job per task; a task may train a group of folds, e.g. batched, without
-changing storage or callers). A fold whose result is already stored is read back, not trained.
+"""The engine's Ray tasks. A fold task takes a LIST of fold jobs (a group of `tune.fold_group_size` folds of one
+configuration) and returns one stored FoldSummary per fold, each under its own key. A fold whose result is already
+stored is read back, not trained. The folds left are trained as one stacked model (mer_model.training.fold_batch)
+when there are several and the model declares `fold_batching`, else one after another, each stored as it finishes.
 
 A fold declares its resources (`tune.fold_cpus`, fractional `tune.fold_gpus`, so small folds share a GPU) and is
 retried by Ray when its worker dies (`tune.max_retries`); its checkpoint makes the retry continue instead of
@@ -21,8 +22,9 @@ import torch
 from mer_model.config import ModelConfig, TrainConfig
 from mer_model.training.data import SampleStore
 from mer_model.training.folds import Fold
-from mer_model.training.results import FoldSummary
-from mer_model.training.trainer import FoldSpec, train_final, train_fold
+from mer_model.training.fold_batch import batchable, train_fold_group
+from mer_model.training.results import FoldResult, FoldSummary
+from mer_model.training.trainer import Callback, FoldSpec, train_final, train_fold
 from pipelines.engine.storage import FoldStorage
 
 log = logging.getLogger(__name__)
@@ -55,32 +57,60 @@ def open_store(cache_dir: str) -> SampleStore:
         return _STORES[cache_dir]
 
 
-def _train(job: FoldJob, storage: FoldStorage) -> FoldSummary:
-    torch.set_num_threads(max(1, job.torch_threads))
-    store = open_store(job.cache_dir)
-    train = TrainConfig(**job.train)
-    spec = FoldSpec(model=ModelConfig(**job.model), train=train, fold=job.fold, class_names=store.class_names)
-    ckpt_dir = storage.checkpoint_dir(job.key)
-    storage.pull_checkpoint(job.key, ckpt_dir)
+def _spec(job: FoldJob, store: SampleStore) -> FoldSpec:
+    return FoldSpec(model=ModelConfig(**job.model), train=TrainConfig(**job.train), fold=job.fold,
+                    class_names=store.class_names)
+
+
+def _epoch_logger(job: FoldJob, storage: FoldStorage, ckpt_dir: str | None) -> Callback:
+    """Logs each epoch and pushes the fold's checkpoint (if it has one) to the fold storage."""
 
     def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
         log.info("fold %s epoch %d: %s", job.fold.name, epoch,
                  ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
-        storage.push_checkpoint(job.key, ckpt_dir)
+        if ckpt_dir is not None:
+            storage.push_checkpoint(job.key, ckpt_dir)
 
-    result = train_fold(spec, store, callback=on_epoch, checkpoint_dir=ckpt_dir)
-    summary = result.summary(job.key, job.leaky, train.split)
+    return on_epoch
+
+
+def _store(job: FoldJob, storage: FoldStorage, result: FoldResult) -> FoldSummary:
+    summary = result.summary(job.key, job.leaky, TrainConfig(**job.train).split)
     storage.save(summary, result.predictions)
     return summary
 
 
+def _train(job: FoldJob, storage: FoldStorage) -> FoldSummary:
+    torch.set_num_threads(max(1, job.torch_threads))
+    store = open_store(job.cache_dir)
+    ckpt_dir = storage.checkpoint_dir(job.key)
+    storage.pull_checkpoint(job.key, ckpt_dir)
+    result = train_fold(_spec(job, store), store, callback=_epoch_logger(job, storage, ckpt_dir),
+                        checkpoint_dir=ckpt_dir)
+    return _store(job, storage, result)
+
+
+def _train_batched(jobs: Sequence[FoldJob]) -> list[FoldSummary]:
+    """The folds of `jobs` as one stacked model; each result stored under its own key."""
+    torch.set_num_threads(max(1, jobs[0].torch_threads))
+    store = open_store(jobs[0].cache_dir)
+    storages = [FoldStorage(job.storage) for job in jobs]
+    callbacks = [_epoch_logger(job, storage, None) for job, storage in zip(jobs, storages, strict=True)]
+    results = train_fold_group([_spec(job, store) for job in jobs], store, callbacks, batched=True)
+    return [_store(job, storage, result) for job, storage, result in zip(jobs, storages, results, strict=True)]
+
+
 def run_folds(jobs: Sequence[FoldJob]) -> list[FoldSummary]:
-    """Train the folds of `jobs` whose results are not stored yet; returns every job's stored summary, in order."""
-    out = []
-    for job in jobs:
-        storage = FoldStorage(job.storage)
-        out.append(storage.summary(job.key) or _train(job, storage))
-    return out
+    """Train the folds of `jobs` (one configuration) whose results are not stored yet; returns every job's stored
+    summary, in order."""
+    done = {job.key: FoldStorage(job.storage).summary(job.key) for job in jobs}
+    todo = [job for job in jobs if done[job.key] is None]
+    if len(todo) > 1 and batchable(_spec(todo[0], open_store(todo[0].cache_dir))):
+        done.update({job.key: s for job, s in zip(todo, _train_batched(todo), strict=True)})
+    else:
+        for job in todo:
+            done[job.key] = _train(job, FoldStorage(job.storage))
+    return [done[job.key] for job in jobs]
 
 
 def fold_task(cpus: float, gpus: float, retries: int, strategy: Any = "DEFAULT") -> Any:

@@ -46,6 +46,7 @@ class TrialContext:
     fold_gpus: float
     max_retries: int
     metric: str = "uf1"
+    fold_group_size: int = 1  # folds per Ray task (tune.fold_group_size)
     search_keys: list[str] = field(default_factory=list)
 
     def resolved(self, config: Mapping[str, Any]) -> tuple[Params, dict[str, Any]]:
@@ -81,26 +82,29 @@ def trial_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     strategy: Any = (PlacementGroupSchedulingStrategy(placement_group=group, placement_group_capture_child_tasks=True)
                      if group is not None else "DEFAULT")
     task = fold_task(ctx.fold_cpus, ctx.fold_gpus, ctx.max_retries, strategy)
-    pending = {task.remote([job]): job for job in jobs}
+    size = ctx.fold_group_size
+    pending = {task.remote(group): group for group in (jobs[i:i + size] for i in range(0, len(jobs), size))}
     scores: list[float] = []
     predictions: list[pd.DataFrame] = []
     storage = FoldStorage(ctx.storage)
+    done = 0
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        job = pending.pop(ready[0])
-        (summary,) = ray.get(ready[0])
-        report: dict[str, Any] = {"fold": job.fold.name, "fold_key": job.key, "folds_done": len(jobs) - len(pending),
-                                  "folds_total": len(jobs)}
-        if ctx.phase == "search":
-            scores.append(inner_score(summary, ctx.metric))
-            report[OBJECTIVE] = float(np.mean(scores))
-        else:
-            stored = storage.load(job.key)
-            assert stored is not None, f"fold {job.fold.name} finished but is not stored under {job.key}"
-            predictions.append(stored[1])
-            flat, _ = flat_metrics(pd.concat(predictions, ignore_index=True), summary.class_names)
-            report.update({k: v for k, v in flat.items() if v is not None})
-        tune.report(report)
+        group = pending.pop(ready[0])
+        for job, summary in zip(group, ray.get(ready[0]), strict=True):
+            done += 1
+            report: dict[str, Any] = {"fold": job.fold.name, "fold_key": job.key, "folds_done": done,
+                                      "folds_total": len(jobs)}
+            if ctx.phase == "search":
+                scores.append(inner_score(summary, ctx.metric))
+                report[OBJECTIVE] = float(np.mean(scores))
+            else:
+                stored = storage.load(job.key)
+                assert stored is not None, f"fold {job.fold.name} finished but is not stored under {job.key}"
+                predictions.append(stored[1])
+                flat, _ = flat_metrics(pd.concat(predictions, ignore_index=True), summary.class_names)
+                report.update({k: v for k, v in flat.items() if v is not None})
+            tune.report(report)
 
 
 def inner_score(summary: FoldSummary, metric: str) -> float:
