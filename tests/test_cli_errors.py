@@ -1,11 +1,17 @@
-"""User errors through the real `mer` CLI: exit code != 0, no traceback, and ONE line on stderr that says what is
-wrong and where (file, row, key or path)."""
+"""User errors through the real `mer` CLI: exit code 2, no traceback, and ONE line on stderr that says what is
+wrong and where (file, row, key or path).
+
+The cases run the CLI's `main` in this process (the same parser, dispatch and error printing as the `mer` script);
+the process itself (entry point, exit status, stderr) is checked by real `python -m pipelines.cli` subprocesses for
+a user error and for usage errors."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -15,12 +21,32 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def mer(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def mer_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+@dataclass
+class Result:
+    returncode: int
+    stderr: str
+
+
+@pytest.fixture()
+def mer(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
+    """`mer ARGS` in this process, in `cwd`: its exit code and stderr."""
+    from pipelines.cli import main
+
+    def run(*args: str, cwd: Path) -> Result:
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code = main(list(args))
+        return Result(code, capsys.readouterr().err)
+
+    return run
+
+
+def error_lines(result: Result | subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if ": error: " in line or line.startswith("Traceback")]
 
 
@@ -74,7 +100,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_user_error_is_one_line_without_traceback(project: Path, case: str) -> None:
+def test_user_error_is_one_line_without_traceback(project: Path, case: str, mer: Callable[..., Result]) -> None:
     args, expected = CASES[case]
     result = mer(*args, cwd=project)
     assert result.returncode == 2, result.stderr
@@ -83,7 +109,7 @@ def test_user_error_is_one_line_without_traceback(project: Path, case: str) -> N
     assert line.startswith(f"mer {args[0]}: error: ") and expected in line, line
 
 
-def test_invalid_value_in_params_file_names_file_and_key(project: Path) -> None:
+def test_invalid_value_in_params_file_names_file_and_key(project: Path, mer: Callable[..., Result]) -> None:
     bad = _bad_params(project, "train.protocol", "honest")
     result = mer("evaluate", "--params", bad, cwd=project)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -91,7 +117,7 @@ def test_invalid_value_in_params_file_names_file_and_key(project: Path) -> None:
     assert f"{bad}: train.protocol: Input should be 'fixed', 'inner' or 'oracle'" in line
 
 
-def test_unparseable_annotation_row_names_file_and_row(project: Path) -> None:
+def test_unparseable_annotation_row_names_file_and_row(project: Path, mer: Callable[..., Result]) -> None:
     root = _casme2_sheet(project)
     result = mer("ingest", "-S", "data.source=casme2", "-S", f"data.root={root}", "-S",
                  f"data.annotation={root / 'coding.xlsx'}", cwd=project)
@@ -100,7 +126,7 @@ def test_unparseable_annotation_row_names_file_and_row(project: Path) -> None:
     assert "coding.xlsx" in line and "row 3" in line and "abc" in line, line
 
 
-def test_unwritable_report_dir_fails_before_work(project: Path) -> None:
+def test_unwritable_report_dir_fails_before_work(project: Path, mer: Callable[..., Result]) -> None:
     (project / "afile").write_text("not a directory")
     results = project / "results"
     results.mkdir()
@@ -112,8 +138,17 @@ def test_unwritable_report_dir_fails_before_work(project: Path) -> None:
     assert "evaluate.report" in line and "afile/reports" in line and "not writable" in line, line
 
 
+def test_the_mer_process_exits_2_with_one_line(project: Path) -> None:
+    args, expected = CASES["unknown model for tune"]
+    result = mer_process(*args, cwd=project)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = error_lines(result)
+    assert line.startswith("mer tune: error: ") and expected in line, line
+
+
 def test_unknown_subcommand_and_missing_argument_are_usage_errors(project: Path) -> None:
-    result = mer("trian", cwd=project)
+    result = mer_process("trian", cwd=project)
     assert result.returncode == 2 and "invalid choice: 'trian'" in result.stderr and "Traceback" not in result.stderr
-    result = mer("predict", "clip", cwd=project)
+    result = mer_process("predict", "clip", cwd=project)
     assert result.returncode == 2 and "--model" in result.stderr and "Traceback" not in result.stderr
+
