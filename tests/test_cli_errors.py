@@ -52,8 +52,12 @@ def error_lines(result: Result | subprocess.CompletedProcess) -> list[str]:
 
 @pytest.fixture()
 def project(tmp_path: Path) -> Path:
-    """A working directory holding the repository's params.yaml (every other input deliberately missing)."""
+    """A working directory holding the repository's params.yaml (every other input deliberately missing, but for
+    `cache/index.csv`, an empty stand-in for a preprocessed cache)."""
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "index.csv").write_text("")
+    (tmp_path / "empty.yaml").write_text("")
     return tmp_path
 
 
@@ -90,12 +94,22 @@ CASES = {
     "report flag misuse": (["report", "--experiment", "x"], "--experiment: only with --compare"),
     "missing model for predict": (["predict", "--model", "nope.pt", "clip"], "--model nope.pt: no such checkpoint"),
     "missing cache for tune": (["tune"], "data/preprocessed: no index.csv; run `mer preprocess` first"),
-    # Checked before the cache is opened (the project has none): the model is named, not the missing cache.
-    "unknown model for tune": (["tune", "-S", "model.name=nope"], "model.name: unknown model 'nope' (known: "),
+    # Checked before the cache is read (`cache/` holds only an index.csv) and before Ray or the tracker start.
+    "unknown model for tune": (["tune", "-S", "model.name=nope", "-S", "preprocess.out=cache"],
+                               "model.name: unknown model 'nope' (known: "),
     "unwritable preprocess.out": (["preprocess", "-S", "preprocess.out=params.yaml/cache"],
                                   "preprocess.out: params.yaml/cache: output directory is not writable"),
     "unwritable tune.results": (["tune", "-S", "tune.results=params.yaml/results"],
                                 "tune.results: params.yaml/results: output directory is not writable"),
+    # Validated when params.yaml is loaded, not inside each trial once Ray and the tracker run.
+    "unknown search space key": (["tune", "-S", "tune.search_space={train.lrr: {type: uniform, low: 0.1, high: 1}}"],
+                                 "tune.search_space.train.lrr: no such parameter"),
+    "search space value out of range": (
+        ["tune", "-S", "tune.search_space={train.epochs: {type: int, low: 0, high: 3}}"],
+        "tune.search_space.train.epochs: value 0: Input should be greater than"),
+    "search without a space": (["tune", "-S", "tune.num_samples=4"], "num_samples > 0 needs a non-empty search_space"),
+    # An empty file is refused, not read as "every default" (`{}` says that): it is usually a failed write.
+    "empty params file": (["tune", "--params", "empty.yaml"], "empty.yaml: empty parameters file"),
 }
 
 
@@ -152,3 +166,22 @@ def test_unknown_subcommand_and_missing_argument_are_usage_errors(project: Path)
     result = mer_process("predict", "clip", cwd=project)
     assert result.returncode == 2 and "--model" in result.stderr and "Traceback" not in result.stderr
 
+
+def test_s3_storage_without_credentials_is_refused_before_anything_starts(project: Path, mer: Callable[..., Result],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):  # no ~/.aws either
+        monkeypatch.setenv(key, str(project / "nowhere"))
+    result = mer("tune", "-S", "tune.storage_path=s3://mer-bucket/tune", "-S", "preprocess.out=cache", cwd=project)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = error_lines(result)
+    assert "tune.storage_path: s3://mer-bucket/tune: no AWS credentials found" in line, line
+    assert not (project / "mlflow.db").exists()  # nothing was tracked: checked before the tracker and Ray
+
+
+def test_empty_mapping_is_every_default(project: Path) -> None:
+    from mer_model.config import Params, load_params
+
+    (project / "defaults.yaml").write_text("{}\n")
+    assert load_params(project / "defaults.yaml") == Params()

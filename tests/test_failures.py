@@ -82,3 +82,30 @@ def test_an_interrupted_preprocessing_run_keeps_what_it_finished(tmp_path: Path)
     assert not (tmp_path / "cache" / "index.csv").exists()
     again = Cache(params.preprocess.out)
     assert again.plan(table, params.preprocess, modalities) == {"synthetic/sub02/EP01": modalities}
+
+
+def test_sigterm_unwinds_first_then_the_runs_end_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SIGTERM handler only raises (Terminated, exit code 143): what it interrupted unwinds and releases the
+    store; then `end_all` marks the open runs KILLED (a handler that wrote itself waited on the interrupted write's
+    SQLite lock and the runs stayed RUNNING)."""
+    import os
+    import signal
+
+    from components.tracking import Terminated
+    from components.tracking.mlflow_tracker import MlflowTracker
+    from mer_model.config import TrackingConfig
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "test", "unknown")
+    tracker.check()
+    run, _ = tracker.open_run("k", "parent", {})
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        tracker.install_sigterm_handler()
+        with pytest.raises(Terminated) as raised:
+            os.kill(os.getpid(), signal.SIGTERM)
+        tracker.end_all("KILLED")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert raised.value.code == 143
+    assert tracker.client.get_run(run).info.status == "KILLED"

@@ -59,6 +59,11 @@ def test_ray_job_submit_runs_the_driver_and_an_oracle_run_is_tagged_leaky(tiny_r
     assert summary["folds"] == 4 and summary["metrics"]["n"] == 12
     assert summary["protocol"] == "oracle" and summary["leaky"] is True and summary["model_uri"] is None
     assert len(list((tmp_path / "runs" / "tune").glob("*/folds/*/result.json"))) == 4
+    # The trial reported each fold as it finished, without pooling all finished folds again each time (quadratic in
+    # folds): pooled metrics are computed once, when the phase ends (Tune's own result.json of the trial).
+    (reported,) = (tmp_path / "runs" / "tune").glob("*/*/evaluate/*/result.json")
+    results = [json.loads(line) for line in reported.read_text().splitlines()]
+    assert [r["folds_done"] for r in results] == [1, 2, 3, 4] and not any("uf1" in r for r in results)
     runs = runs_by_kind(tmp_path)
     every = [r for kind in runs.values() for r in kind]
     assert len(runs["parent"]) == 1 and len(runs["trial"]) == 1 and len(runs["fold"]) == 4

@@ -1,5 +1,6 @@
 """Killing the LOSO driver and starting it again: finished folds are not recomputed, MLflow runs are not duplicated,
-and the killed driver's runs end KILLED (SIGTERM) or are marked FAILED by the next start (SIGKILL).
+and the killed driver's runs end KILLED (SIGTERM) or are marked FAILED by the next start (SIGKILL). A second driver
+started on the same experiment while one runs is refused in one line and touches none of its runs.
 
 The drivers run with AWS credentials in their environment and debug logging, so the same tracked run (params, tags,
 fold artifacts, the final model) also shows that no credential reaches MLflow, the Tune storage, artifacts or logs.
@@ -111,11 +112,19 @@ def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Pat
     assert tracker.fail_stale_runs(experiment_key) == len(stale)
     assert all(client.get_run(r.info.run_id).info.status == "FAILED" for r in stale)
 
-    proc = _start(params, log)
+    # Two drivers of the same experiment at once: one takes the experiment's lock and finishes; the other is refused
+    # with one line (exit code 2) and leaves the first one's live runs alone (they all end FINISHED below).
+    logs = [tmp_path / "driver-a.log", tmp_path / "driver-b.log"]
+    procs = [_start(params, path) for path in logs]
     try:
-        assert proc.wait(timeout=DEADLINE_S) == 0, f"see {log}"
+        codes = [proc.wait(timeout=DEADLINE_S) for proc in procs]
     finally:
-        _end_group(proc, signal.SIGKILL)
+        for proc in procs:
+            _end_group(proc, signal.SIGKILL)
+    assert sorted(codes) == [0, 2], f"see {logs}"
+    refused = logs[codes.index(2)]
+    errors = [line for line in refused.read_text().splitlines() if ": error: " in line or "Traceback" in line]
+    assert len(errors) == 1 and "already being run by another driver" in errors[0], errors
     final = _finished_folds(storage)
     assert len(final) == FOLDS
     assert all(final[p] == mtime for p, mtime in second.items())  # finished folds were read back, not retrained
@@ -129,7 +138,7 @@ def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Pat
 
     # No credential anywhere: run params and tags, the tracking store, Tune storage, artifacts (the final model and
     # the fold predictions were written), the drivers' debug logs.
-    assert SECRET not in log.read_text() and KEY_ID not in log.read_text()
+    assert all(SECRET not in f.read_text() and KEY_ID not in f.read_text() for f in (log, *logs))
     for run in [r for kind in runs.values() for r in kind]:
         text = json.dumps({"params": run.data.params, "tags": run.data.tags})
         assert SECRET not in text and KEY_ID not in text
