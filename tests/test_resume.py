@@ -84,9 +84,9 @@ def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Pat
     from components.tracking.mlflow_tracker import MlflowTracker
     from mer_model.config import TrackingConfig
 
-    # Folds one at a time, long enough (30 epochs: seconds on two idle cores, the kill lands within half a second of a
-    # stored fold) that a kill lands between two of them.
-    params = tiny_params(tmp_path, tiny_data(tmp_path), **{"train.epochs": 30, "tune.folds_per_trial": 1})
+    # Folds one at a time, long enough (60 epochs) that a kill lands between two of them (30 were too few on a busy
+    # machine: a killed driver's last fold task may still finish beside the next driver's).
+    params = tiny_params(tmp_path, tiny_data(tmp_path), **{"train.epochs": 60, "tune.folds_per_trial": 1})
     storage = tmp_path / "runs" / "tune"
     log = tmp_path / "driver.log"
 
