@@ -43,7 +43,7 @@ def run_parallel(work: Sequence[tuple[dict[str, Any], tuple[str, ...]]], cfg: Pr
     from tqdm import tqdm
 
     started = not ray.is_initialized()
-    connect_ray(cfg.ray_address, cfg.num_workers)
+    connect_ray(cfg.ray_address, cfg.num_workers, key="preprocess.ray_address")
     try:
         task = ray.remote(num_cpus=1, max_retries=1)(process_row)
         cfg_ref = ray.put(cfg)

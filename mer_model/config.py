@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from mer_model.data.loaders import LOADERS
@@ -176,6 +176,25 @@ class SearchParam(_Section):
     high: float | None = None
     values: list[Any] | None = None
 
+    @model_validator(mode="after")
+    def _complete(self) -> SearchParam:
+        if self.type == "choice":
+            if not self.values:
+                raise PydanticCustomError("search_param", "a choice needs a non-empty list of values")
+        elif self.low is None or self.high is None or self.low >= self.high:
+            raise PydanticCustomError("search_param", "needs low < high")
+        elif self.type == "loguniform" and self.low <= 0:
+            raise PydanticCustomError("search_param", "loguniform needs low > 0")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """Values the search may sample at its bounds (every choice), to validate the key with at load."""
+        if self.type == "choice":
+            return list(self.values or [])
+        if self.type == "int":
+            return [int(self.low or 0), int(self.high or 0)]
+        return [self.low, self.high]
+
 
 class TuneConfig(_Section):
     """Ray Tune: LOSO folds as Ray tasks, Optuna search scored on inner validation only."""
@@ -198,6 +217,12 @@ class TuneConfig(_Section):
     experiment: str | None = None  # None = derived from dataset x model x protocol
     ray_address: str | None = None
     final_model: bool = True  # train on all subjects with the chosen config and register it
+
+    @model_validator(mode="after")
+    def _search_needs_a_space(self) -> TuneConfig:
+        if self.num_samples > 0 and not self.search_space:
+            raise PydanticCustomError("search_space", "num_samples > 0 needs a non-empty search_space")
+        return self
 
 
 class TrackingConfig(_Section):
@@ -257,12 +282,44 @@ class Params(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
 
+    @model_validator(mode="after")
+    def _check_search_space(self) -> Params:
+        """Every `tune.search_space` key names a model or training parameter that accepts the values the search may
+        sample, checked at load (not inside each trial after Ray and the tracker started). Only `model.*` and
+        `train.*` may be searched: a fold's stored result is keyed by those sections (folds.fold_fingerprint), and
+        the phase sets `train.protocol` / `train.split` itself."""
+        sections: dict[str, type[_Section]] = {"model": ModelConfig, "train": TrainConfig}
+        for key, spec in self.tune.search_space.items():
+            where = f"tune.search_space.{key}"
+            section, _, rest = key.partition(".")
+            if section not in sections or not rest:
+                raise PydanticCustomError("search_space", "{where}: only model.* and train.* parameters can be "
+                                          "searched", {"where": where})
+            if key in ("train.protocol", "train.split"):
+                raise PydanticCustomError("search_space", "{where}: set by the experiment phase, not searchable",
+                                          {"where": where})
+            for value in spec.candidates():
+                tree = getattr(self, section).model_dump(mode="json", by_alias=True)
+                try:
+                    set_dotted(tree, rest, value)
+                    sections[section].model_validate(tree)
+                except ConfigError as err:
+                    raise PydanticCustomError("search_space", "{where}: {detail}",
+                                              {"where": where, "detail": str(err)}) from None
+                except ValidationError as err:
+                    first = err.errors()[0]
+                    detail = ("no such parameter" if first["type"] == "extra_forbidden"
+                              else f"value {value!r}: {first['msg']}")
+                    raise PydanticCustomError("search_space", "{where}: {detail}",
+                                              {"where": where, "detail": detail}) from None
+        return self
+
 
 def _format_validation_error(source: str, err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {key}: {first['msg']}{more}"
+    return f"{source}: {key}: {first['msg']}{more}" if key else f"{source}: {first['msg']}{more}"
 
 
 def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
@@ -279,9 +336,13 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     if not path.is_file():
         raise ConfigError(f"{path}: parameters file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if raw is None:
+        # Refused rather than read as "all defaults": an empty file is far more often a truncated or failed write
+        # than a wish, and the defaults are a different, much longer experiment. `{}` says "all defaults".
+        raise ConfigError(f"{path}: empty parameters file (write `{{}}` to run with every default)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return with_overrides(raw, overrides or {}, str(path))

@@ -16,6 +16,11 @@ class ConfigError(MerError):
     """An invalid or missing configuration value; the message names the key."""
 
 
+class ServiceError(MerError):
+    """A service the platform runs on (local Ray, a Ray cluster, the tracking server) failed to start or cannot be
+    reached; the message names the setting that points at it."""
+
+
 class DataError(MerError):
     """A problem with a dataset file or annotation row; the message names the file and row."""
 

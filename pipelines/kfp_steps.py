@@ -23,8 +23,7 @@ from components.ingest import ingest
 from components.preprocess import preprocess
 from components.register import register_final_model
 from components.synth import synthesize
-from mer_model.config import Params, load_params, with_overrides
-from mer_model.errors import ConfigError
+from mer_model.config import Params, load_params
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +35,8 @@ def resolve_params(params_file: str, overrides: dict[str, Any], ray_address: str
     """params.yaml with the run's overrides applied and validated; `ray_address` goes to every Ray-using section."""
     path = Path(params_file)
     path = path if path.is_absolute() else PROJECT_ROOT / path
-    if not path.is_file():
-        raise ConfigError(f"{path}: parameters file not found")
     cluster = {"preprocess.ray_address": ray_address, "tune.ray_address": ray_address} if ray_address else {}
-    params = with_overrides(yaml.safe_load(path.read_text()) or {}, {**overrides, **cluster}, f"{path} + overrides")
+    params = load_params(path, {**overrides, **cluster})  # the one loader: an empty or broken file is one line
     return params.model_dump(mode="json", by_alias=True), params
 
 

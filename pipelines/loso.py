@@ -14,12 +14,15 @@ import sys
 from components.common import add_params_arguments, params_from_args
 from mer_model.errors import MerError
 from mer_model.logging_utils import setup_logging
+from pipelines.engine.preflight import check_experiment
 
 
 def _run(args: argparse.Namespace) -> int:
+    params = params_from_args(args)
+    check_experiment(params)  # a configuration error in a second, before torch, Ray Tune and MLflow are imported
     from pipelines.engine.driver import run_experiment  # Ray Tune: imported when the command runs, not for --help
 
-    run_experiment(params_from_args(args))
+    run_experiment(params)
     return 0
 
 
@@ -35,10 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     add_params_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    from pipelines.engine.driver import run_experiment  # Ray Tune: after the arguments are checked
-
     try:
-        run_experiment(params_from_args(args), source="python -m pipelines.loso")
+        params = params_from_args(args)
+        check_experiment(params)
+        from pipelines.engine.driver import run_experiment  # Ray Tune: after the configuration is checked
+
+        run_experiment(params, source="python -m pipelines.loso")
     except MerError as err:
         print(f"pipelines.loso: error: {err}", file=sys.stderr)
         return 2

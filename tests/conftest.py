@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.servers import (
+    NO_TELEMETRY,
+    RAY_TEST_ENV,
+    Postgres,
+    RayHead,
+    mlflow_server,
+    postgres_server,
+    ray_head,
+    s3_env,
+    s3_server,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MER_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -16,8 +29,9 @@ SHARED_CASES = Path(os.environ.get("MER_SHARED_CASES", SHARED_DATA.parent / "cas
 
 # Keep tests from oversubscribing the two CI cores.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-# Every Ray these tests start binds to 127.0.0.1; Ray reads this when imported (see components/__init__.py).
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Every Ray of these tests binds to 127.0.0.1 and runs without an auth token; every process that joins the session's
+# Ray (this one, drivers, `ray job submit`) must agree on that, so the variables are set, not defaulted.
+os.environ.update(RAY_TEST_ENV)
 
 
 def _shared(relative: str) -> Path:
@@ -68,8 +82,8 @@ TINY: dict[str, Any] = {
     "tune.num_samples": 0, "tune.search_folds": 2, "tune.fold_cpus": 1, "tune.max_concurrent_trials": 2,
 }
 
-# The smallest chain that still has LOSO folds (3 subjects x 2 clips, one epoch, one worker), for the runs of the
-# whole chain in one directory (the Kubeflow local run, the MLflow server test).
+# The smallest chain that still has LOSO folds (3 subjects x 2 clips, one epoch, one worker), for the run of the
+# whole chain in one directory (the Kubeflow local run against the tracking stack).
 THREE_BY_TWO: dict[str, Any] = {"synth.subjects": 3, "synth.clips_per_subject": 2, "train.epochs": 1,
                                 "preprocess.num_workers": 1, "tune.max_concurrent_trials": 1}
 
@@ -105,17 +119,56 @@ def tiny_data(root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def local_ray() -> Iterator[None]:
-    """One Ray for the in-process tests of this session: the cluster at RAY_ADDRESS if set, else local with 2 CPUs."""
+def session_ray() -> Iterator[RayHead]:
+    """The session's one Ray, a head on 127.0.0.1 with 2 CPUs and a job server (tests/servers.py). While it runs,
+    RAY_ADDRESS points at it, so every Ray user of the session joins it instead of starting its own: this process
+    (`local_ray`), the drivers and `mer` commands the tests start as subprocesses, the KFP steps, `ray job submit`."""
+    with ray_head(num_cpus=2) as head:
+        saved = os.environ.get("RAY_ADDRESS")
+        os.environ["RAY_ADDRESS"] = head.address
+        try:
+            yield head
+        finally:
+            if saved is None:
+                os.environ.pop("RAY_ADDRESS", None)
+            else:
+                os.environ["RAY_ADDRESS"] = saved
+
+
+@pytest.fixture(scope="session")
+def local_ray(session_ray: RayHead) -> Iterator[None]:
+    """This process joined to the session's Ray (what the in-process tests and components use)."""
     import ray
 
     from components.ray_session import connect_ray
 
-    started = not ray.is_initialized()
-    connect_ray(num_cpus=2)
+    connect_ray(session_ray.address)
     yield
-    if started:
-        ray.shutdown()
+    ray.shutdown()
+
+
+@dataclass(frozen=True)
+class TrackingStack:
+    """The deployment's tracking stack (infra/k8s/mlflow.yaml) as real local processes."""
+
+    uri: str  # the MLflow server
+    postgres: Postgres  # its backend store (database "mlflow")
+    s3_endpoint: str  # its artifact store, bucket TRACKING_BUCKET
+    bucket: str
+
+
+TRACKING_BUCKET = "mer-mlflow"
+
+
+@pytest.fixture(scope="session")
+def tracking_stack() -> Iterator[TrackingStack]:
+    """`mlflow server` with a PostgreSQL backend store and an S3 artifact store (moto's server standing in for
+    MinIO), all on 127.0.0.1, for the session. Only the server holds the bucket's credentials: clients reach artifacts
+    through its proxy, as in the deployment."""
+    with postgres_server() as pg, s3_server(buckets=(TRACKING_BUCKET,)) as endpoint:
+        with mlflow_server(pg.uri("mlflow"), f"s3://{TRACKING_BUCKET}/artifacts",
+                           {**s3_env(endpoint), **NO_TELEMETRY}) as uri:
+            yield TrackingStack(uri, pg, endpoint, TRACKING_BUCKET)
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +181,8 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory, local_ray: None) -> Path
     from mer_model.config import load_params
 
     root = tmp_path_factory.mktemp("tiny-build")
-    params = load_params(tiny_params(root, tiny_data(root)))
+    # What every model the session's runs train reads: STSTNet the flow map, CVA-FPF with annotated AUs also `aus`.
+    params = load_params(tiny_params(root, tiny_data(root), **{"preprocess.modalities": ["flow28", "aus"]}))
     synthesize(params.synth)
     ingest(params)
     preprocess(params)

@@ -1,4 +1,5 @@
-"""Real local services for integration tests: PostgreSQL, an S3 endpoint (moto) and an MLflow tracking server.
+"""Real local services for integration tests: a Ray head, PostgreSQL, an S3 endpoint (moto) and an MLflow tracking
+server.
 
 Each service is a context manager that starts a real process bound to 127.0.0.1 on a free port, waits for it with a
 bounded timeout, and on exit stops it and removes its files. Failures raise with the tail of the process log, so a
@@ -190,7 +191,9 @@ def mlflow_server(backend_store_uri: str, artifacts_destination: str, env: dict[
     cmd = [str(VENV_BIN / "mlflow"), "server", "--host", LOOPBACK, "--port", str(port),
            "--backend-store-uri", backend_store_uri, "--artifacts-destination", artifacts_destination,
            "--workers", "1"]
-    proc = _spawn(cmd, log, env={**os.environ, **NO_TELEMETRY, **env})
+    # No job execution: MLflow 3's server otherwise keeps a job runner and seven huey consumers polling (a quarter of
+    # a core for as long as the server lives); nothing of this platform submits server jobs.
+    proc = _spawn(cmd, log, env={**os.environ, **NO_TELEMETRY, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **env})
     uri = f"http://{LOOPBACK}:{port}"
     try:
         wait_until(lambda: http_ok(f"{uri}/health"), timeout, "mlflow server", proc, log)
@@ -198,3 +201,45 @@ def mlflow_server(backend_store_uri: str, artifacts_destination: str, env: dict[
     finally:
         stop(proc)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class RayHead:
+    address: str  # GCS address, what `ray.init(address=...)` and RAY_ADDRESS take
+    dashboard: str  # http URL of the dashboard, where `ray job submit` and the Jobs SDK send jobs
+    log: Path
+
+
+# A Ray of the tests' own: bound to 127.0.0.1 (not the machine's address), no auth token (an ephemeral loopback
+# cluster), no usage reporting. Every process that joins it (the test process, drivers, `ray job submit`) needs the
+# same authentication mode, so the tests export these variables for the whole session.
+RAY_TEST_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int = 2, timeout: float = 180) -> Iterator[RayHead]:
+    """`ray start --head --block` in its own session: loopback only, every port free and explicit (the defaults, e.g.
+    the dashboard agent's 52365, may be held by another Ray on this machine), its own short temp dir (Ray's socket
+    paths must stay under 108 characters). Yields once the runtime started and the dashboard (job server) answers;
+    on exit the whole session (head, raylet, workers) is ended and the temp dir removed."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
+    gcs, dashboard = free_port(), free_port()
+    log = temp_dir / "head.log"
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={gcs}",
+           f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+           f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    # Workers and job drivers inherit the head's environment: the venv's `python` first on PATH (a job's entrypoint
+    # is run by name), one thread each, so that two folds fit two cores.
+    env |= {"PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    proc = _spawn(cmd, log, env={**env, **RAY_TEST_ENV, **NO_TELEMETRY})
+    url = f"http://{LOOPBACK}:{dashboard}"
+    try:
+        wait_until(lambda: "Ray runtime started" in log.read_text(errors="replace") and http_ok(f"{url}/api/version"),
+                   timeout, "ray head", proc, log)
+        yield RayHead(f"{LOOPBACK}:{gcs}", url, log)
+    finally:
+        stop(proc, timeout=5)  # then SIGKILL to the whole session: an ephemeral cluster has nothing to save
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -37,6 +37,7 @@ def tiny_composite(composite_dir: Path, tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.usefixtures("local_ray")  # the session's Ray (tests/conftest.py), not one of its own
 def test_benchmark_command_end_to_end(tiny_composite: Path, annotations_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "results"
     small = "benchmark.models.cva-fpf-flow-au.kwargs"

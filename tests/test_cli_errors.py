@@ -1,11 +1,17 @@
-"""User errors through the real `mer` CLI: exit code != 0, no traceback, and ONE line on stderr that says what is
-wrong and where (file, row, key or path)."""
+"""User errors through the real `mer` CLI: exit code 2, no traceback, and ONE line on stderr that says what is
+wrong and where (file, row, key or path).
+
+The cases run the CLI's `main` in this process (the same parser, dispatch and error printing as the `mer` script);
+the process itself (entry point, exit status, stderr) is checked by real `python -m pipelines.cli` subprocesses for
+a user error and for usage errors."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -15,19 +21,43 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def mer(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def mer_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+@dataclass
+class Result:
+    returncode: int
+    stderr: str
+
+
+@pytest.fixture()
+def mer(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
+    """`mer ARGS` in this process, in `cwd`: its exit code and stderr."""
+    from pipelines.cli import main
+
+    def run(*args: str, cwd: Path) -> Result:
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code = main(list(args))
+        return Result(code, capsys.readouterr().err)
+
+    return run
+
+
+def error_lines(result: Result | subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if ": error: " in line or line.startswith("Traceback")]
 
 
 @pytest.fixture()
 def project(tmp_path: Path) -> Path:
-    """A working directory holding the repository's params.yaml (every other input deliberately missing)."""
+    """A working directory holding the repository's params.yaml (every other input deliberately missing, but for
+    `cache/index.csv`, an empty stand-in for a preprocessed cache)."""
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "index.csv").write_text("")
+    (tmp_path / "empty.yaml").write_text("")
     return tmp_path
 
 
@@ -64,17 +94,27 @@ CASES = {
     "report flag misuse": (["report", "--experiment", "x"], "--experiment: only with --compare"),
     "missing model for predict": (["predict", "--model", "nope.pt", "clip"], "--model nope.pt: no such checkpoint"),
     "missing cache for tune": (["tune"], "data/preprocessed: no index.csv; run `mer preprocess` first"),
-    # Checked before the cache is opened (the project has none): the model is named, not the missing cache.
-    "unknown model for tune": (["tune", "-S", "model.name=nope"], "model.name: unknown model 'nope' (known: "),
+    # Checked before the cache is read (`cache/` holds only an index.csv) and before Ray or the tracker start.
+    "unknown model for tune": (["tune", "-S", "model.name=nope", "-S", "preprocess.out=cache"],
+                               "model.name: unknown model 'nope' (known: "),
     "unwritable preprocess.out": (["preprocess", "-S", "preprocess.out=params.yaml/cache"],
                                   "preprocess.out: params.yaml/cache: output directory is not writable"),
     "unwritable tune.results": (["tune", "-S", "tune.results=params.yaml/results"],
                                 "tune.results: params.yaml/results: output directory is not writable"),
+    # Validated when params.yaml is loaded, not inside each trial once Ray and the tracker run.
+    "unknown search space key": (["tune", "-S", "tune.search_space={train.lrr: {type: uniform, low: 0.1, high: 1}}"],
+                                 "tune.search_space.train.lrr: no such parameter"),
+    "search space value out of range": (
+        ["tune", "-S", "tune.search_space={train.epochs: {type: int, low: 0, high: 3}}"],
+        "tune.search_space.train.epochs: value 0: Input should be greater than"),
+    "search without a space": (["tune", "-S", "tune.num_samples=4"], "num_samples > 0 needs a non-empty search_space"),
+    # An empty file is refused, not read as "every default" (`{}` says that): it is usually a failed write.
+    "empty params file": (["tune", "--params", "empty.yaml"], "empty.yaml: empty parameters file"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_user_error_is_one_line_without_traceback(project: Path, case: str) -> None:
+def test_user_error_is_one_line_without_traceback(project: Path, case: str, mer: Callable[..., Result]) -> None:
     args, expected = CASES[case]
     result = mer(*args, cwd=project)
     assert result.returncode == 2, result.stderr
@@ -83,7 +123,7 @@ def test_user_error_is_one_line_without_traceback(project: Path, case: str) -> N
     assert line.startswith(f"mer {args[0]}: error: ") and expected in line, line
 
 
-def test_invalid_value_in_params_file_names_file_and_key(project: Path) -> None:
+def test_invalid_value_in_params_file_names_file_and_key(project: Path, mer: Callable[..., Result]) -> None:
     bad = _bad_params(project, "train.protocol", "honest")
     result = mer("evaluate", "--params", bad, cwd=project)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -91,7 +131,7 @@ def test_invalid_value_in_params_file_names_file_and_key(project: Path) -> None:
     assert f"{bad}: train.protocol: Input should be 'fixed', 'inner' or 'oracle'" in line
 
 
-def test_unparseable_annotation_row_names_file_and_row(project: Path) -> None:
+def test_unparseable_annotation_row_names_file_and_row(project: Path, mer: Callable[..., Result]) -> None:
     root = _casme2_sheet(project)
     result = mer("ingest", "-S", "data.source=casme2", "-S", f"data.root={root}", "-S",
                  f"data.annotation={root / 'coding.xlsx'}", cwd=project)
@@ -100,7 +140,7 @@ def test_unparseable_annotation_row_names_file_and_row(project: Path) -> None:
     assert "coding.xlsx" in line and "row 3" in line and "abc" in line, line
 
 
-def test_unwritable_report_dir_fails_before_work(project: Path) -> None:
+def test_unwritable_report_dir_fails_before_work(project: Path, mer: Callable[..., Result]) -> None:
     (project / "afile").write_text("not a directory")
     results = project / "results"
     results.mkdir()
@@ -112,8 +152,36 @@ def test_unwritable_report_dir_fails_before_work(project: Path) -> None:
     assert "evaluate.report" in line and "afile/reports" in line and "not writable" in line, line
 
 
+def test_the_mer_process_exits_2_with_one_line(project: Path) -> None:
+    args, expected = CASES["unknown model for tune"]
+    result = mer_process(*args, cwd=project)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = error_lines(result)
+    assert line.startswith("mer tune: error: ") and expected in line, line
+
+
 def test_unknown_subcommand_and_missing_argument_are_usage_errors(project: Path) -> None:
-    result = mer("trian", cwd=project)
+    result = mer_process("trian", cwd=project)
     assert result.returncode == 2 and "invalid choice: 'trian'" in result.stderr and "Traceback" not in result.stderr
-    result = mer("predict", "clip", cwd=project)
+    result = mer_process("predict", "clip", cwd=project)
     assert result.returncode == 2 and "--model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_s3_storage_without_credentials_is_refused_before_anything_starts(project: Path, mer: Callable[..., Result],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):  # no ~/.aws either
+        monkeypatch.setenv(key, str(project / "nowhere"))
+    result = mer("tune", "-S", "tune.storage_path=s3://mer-bucket/tune", "-S", "preprocess.out=cache", cwd=project)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = error_lines(result)
+    assert "tune.storage_path: s3://mer-bucket/tune: no AWS credentials found" in line, line
+    assert not (project / "mlflow.db").exists()  # nothing was tracked: checked before the tracker and Ray
+
+
+def test_empty_mapping_is_every_default(project: Path) -> None:
+    from mer_model.config import Params, load_params
+
+    (project / "defaults.yaml").write_text("{}\n")
+    assert load_params(project / "defaults.yaml") == Params()

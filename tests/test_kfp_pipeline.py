@@ -1,5 +1,6 @@
 """The Kubeflow pipeline: the checked-in compiled YAML is current and a valid PipelineSpec, and the pipeline runs
-end to end with KFP's local runner (each step a subprocess running the real component) on a tiny synthetic set."""
+end to end with KFP's local runner (each step a subprocess running the real component) on a tiny synthetic set,
+against the deployment's tracking stack (`mlflow server` + PostgreSQL + S3, real local processes)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from conftest import THREE_BY_TWO, tiny_params
-from tests.servers import NO_TELEMETRY
+from conftest import THREE_BY_TWO, TrackingStack, tiny_params
+from tests.servers import NO_TELEMETRY, S3_KEY_ID, S3_SECRET, RayHead
 
 REPO = Path(__file__).resolve().parents[1]
 COMPILED = REPO / "infra" / "kubeflow" / "mer_pipeline.yaml"
 STEPS = ["ingest", "preprocess", "tune", "evaluate", "register"]
+EXPERIMENT = "mer-kfp-test"
 
 
 def test_compiled_pipeline_is_current(tmp_path: Path) -> None:
@@ -48,27 +51,81 @@ def test_compiled_pipeline_is_a_valid_pipeline_spec() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_pipeline_runs_locally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pipeline_runs_locally_against_the_tracking_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          session_ray: RayHead, tracking_stack: TrackingStack) -> None:
+    """The whole chain (synth + ingest, preprocess, tune, evaluate, register) as KFP's local runner runs it, on the
+    session's Ray (the steps' `ray_address`), logging to `mlflow server` with PostgreSQL and S3 with NO S3
+    credentials on the client side (the server proxies artifacts, as in infra/k8s/mlflow.yaml). Then the runs are
+    read from PostgreSQL and the final model from the bucket, and run as `mlflow models serve` would run it."""
+    import boto3
+    import mlflow.pyfunc
+    import psycopg2
+    import torch
     from kfp import local
     from mlflow.tracking import MlflowClient
 
+    from mer_model.inference import example_arrays
     from pipelines.kfp_pipeline import mer_pipeline
 
+    for key in [k for k in os.environ if k.startswith(("AWS_", "MLFLOW_S3"))] + ["MLFLOW_TRACKING_URI"]:
+        monkeypatch.delenv(key, raising=False)
     for key, value in {"OMP_NUM_THREADS": "1", **NO_TELEMETRY}.items():
         monkeypatch.setenv(key, value)
-    params = tiny_params(tmp_path, **{**THREE_BY_TWO, "tracking.experiment": "mer-kfp-test"})
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = tiny_params(tmp_path, **{**THREE_BY_TWO, "tracking.experiment": EXPERIMENT})
     root = tmp_path / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                workspace_root=str(tmp_path / "workspace"))
-    mer_pipeline(params_file=str(params), overrides={"tune.final_model": True}, tracking_uri=tracking_uri,
-                 ray_address="")
+    mer_pipeline(params_file=str(params), overrides={"tune.final_model": True}, tracking_uri=tracking_stack.uri,
+                 ray_address=session_ray.address)
 
     (metrics_file,) = root.rglob("evaluation/metrics.json")
     metrics = json.loads(metrics_file.read_text())
     assert 0.0 <= metrics["uf1"] <= 1.0 and metrics["n"] == 6  # TINY: 3 subjects x 2 clips, all tested once
     (registered_file,) = root.rglob("registered/runs/registered.json")
     registered = json.loads(registered_file.read_text())
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)  # not a registry another test pinned
-    versions = client.search_model_versions("name='mer-model'")
+    client = MlflowClient(tracking_uri=tracking_stack.uri, registry_uri=tracking_stack.uri)
+    versions = client.search_model_versions(f"name='{registered['name']}'")
     assert [str(v.version) for v in versions] == [str(registered["version"])]
+
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None and experiment.artifact_location.startswith("mlflow-artifacts:")
+    runs = client.search_runs([experiment.experiment_id])
+    kinds = {run.data.tags.get("mer.kind") for run in runs}
+    assert {"parent", "trial", "fold"} <= kinds, kinds
+    (parent,) = [run for run in runs if run.data.tags.get("mer.kind") == "parent"]
+    assert "uf1" in parent.data.metrics and registered["run_id"] == parent.info.run_id
+    model_uri = parent.data.tags["mer.final_model_uri"]
+
+    # The stores themselves: the runs are rows in PostgreSQL, the final model is in the bucket.
+    pg = tracking_stack.postgres
+    with psycopg2.connect(host=pg.host, port=pg.port, user=pg.user, password=pg.password,
+                          dbname="mlflow") as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM runs WHERE experiment_id = %s", (int(experiment.experiment_id),))
+        assert cur.fetchone()[0] == len(runs)
+    s3 = boto3.client("s3", endpoint_url=tracking_stack.s3_endpoint, aws_access_key_id=S3_KEY_ID,
+                      aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+    prefix = f"artifacts/{experiment.experiment_id}/"
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=tracking_stack.bucket,
+                                                                              Prefix=prefix)
+            for o in page.get("Contents", [])]
+    mlmodels = [k for k in keys if k.endswith("/MLmodel")]
+    assert len(mlmodels) == 1, (model_uri, mlmodels)
+    model_prefix = mlmodels[0].rsplit("/", 1)[0]
+    downloaded = tmp_path / "final_model"
+    for key in (k for k in keys if k.startswith(model_prefix + "/")):
+        target = downloaded / key[len(model_prefix) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(tracking_stack.bucket, key, str(target))
+    flavors = yaml.safe_load((downloaded / "MLmodel").read_text())["flavors"]
+    assert flavors["python_function"]["loader_module"] == "mlflow.pyfunc.model" and "pytorch" not in flavors
+
+    served = mlflow.pyfunc.load_model(str(downloaded))
+    model = served.unwrap_python_model().model
+    assert isinstance(model, torch.nn.Module) and sum(p.numel() for p in model.parameters()) > 0
+    names = served.metadata.get_input_schema().input_names()
+    assert sorted(names) == sorted(model.inputs)
+    batch = {k: v[None].astype(np.float32)
+             for k, v in example_arrays(names, served.unwrap_python_model().preprocess).items()}
+    probabilities = served.predict(batch)
+    assert list(probabilities.columns) == served.unwrap_python_model().class_names
+    np.testing.assert_allclose(probabilities.to_numpy().sum(axis=1), 1.0, atol=1e-5)

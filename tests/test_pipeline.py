@@ -1,7 +1,8 @@
 """The LOSO driver end to end on a tiny synthetic set: MLflow hierarchy, honest search objective, registry, leaky tags.
 
 The tiny set (4 subjects x 3 clips, cheap preprocessing settings) is built once per session by the real stages
-(`synthesize`, `ingest`, `preprocess`); test_resume.py and test_ray_job.py reuse it.
+(`synthesize`, `ingest`, `preprocess`); test_resume.py and test_ray_job.py reuse it. The `oracle` protocol's leaky
+tags are checked on the run test_ray_job.py submits as a Ray job.
 """
 
 from __future__ import annotations
@@ -100,31 +101,6 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     text = (report / "report.html").read_text()
     assert f"{summary.metrics['uf1']:.4f}" in text and "LEAKY" not in text
     assert (report / "learning_curves.png").is_file()
-
-
-@pytest.mark.slow
-def test_oracle_runs_are_tagged_leaky(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                      caplog: pytest.LogCaptureFixture) -> None:
-    from mer_model.config import load_params
-    from pipelines.engine.driver import run_experiment
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    # Two Ray tasks of two folds each (fold-batched STSTNet): still one stored result and one tracked run per fold.
-    params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{"train.protocol": "oracle",
-                                                                        "tune.final_model": False,
-                                                                        "tune.fold_group_size": 2}))
-    caplog.set_level(logging.INFO, logger="pipelines.engine.callbacks")
-    summary = run_experiment(params)
-    # Progress without a terminal: one line per finished fold, done/total with an ETA.
-    progress = [r.getMessage() for r in caplog.records if "folds done" in r.getMessage()]
-    assert len(progress) == 4 and progress[-1].startswith("evaluate: 4/4 folds done") and "ETA 00:00" in progress[-1]
-    assert summary.leaky is True and summary.model_uri is None
-
-    runs = runs_by_kind(tmp_path)
-    every = [r for kind in runs.values() for r in kind]
-    assert len(runs["parent"]) == 1 and len(runs["trial"]) == 1 and len(runs["fold"]) == 4
-    assert all(r.data.tags["leaky"] == "true" and r.data.tags["protocol"] == "oracle" for r in every)
-    assert all("oracle (leaky)" in r.info.run_name for r in every)
 
 
 @pytest.mark.slow

@@ -1,51 +1,28 @@
-"""`ray job submit` of the LOSO driver to a real Ray head on 127.0.0.1: the cluster path of `python -m pipelines.loso`.
+"""`ray job submit` of the LOSO driver to the session's Ray head (tests/conftest.py `session_ray`, started with a job
+server): the cluster path of `python -m pipelines.loso`.
 
-The head is started by this test (`ray start --head --block` in its own session, loopback only, free ports, its own
-temp dir) and ended by killing that session, so other Ray instances on the machine are never touched.
+The job runs the `oracle` protocol, so this one end-to-end run also shows what a leaky experiment looks like: every
+run tagged and named leaky, no final model promised, and the driver's fold progress in the job's log.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, runs_by_kind, tiny_data, tiny_params
+from tests.servers import RayHead
 
-START_S = 120
 JOB_S = 400
-EXCLUDES = [".venv", "data", "runs", ".git", ".dvc/cache", "mlflow.db", "mlartifacts", "mlruns", "plots", "reports"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_head(url: str, head: subprocess.Popen, log: Path) -> None:
-    """Until `ray start` reports the runtime started and the dashboard answers."""
-    deadline = time.monotonic() + START_S
-    while True:
-        assert head.poll() is None, f"ray start exited (rc {head.returncode}); see {log}"
-        if "Ray runtime started" in log.read_text(errors="replace"):
-            try:
-                with urllib.request.urlopen(f"{url}/api/version", timeout=5):
-                    return
-            except OSError:
-                pass
-        assert time.monotonic() < deadline, f"Ray head not up within {START_S}s; see {log}"
-        time.sleep(1)
+# Anchored to the working directory (gitignore syntax): a bare "data" would also drop the package mer_model/data.
+EXCLUDES = ["/.venv", "/data", "/runs", "/.git", "/.dvc/cache", "/mlflow.db", "/mlartifacts", "/mlruns", "/plots",
+            "/reports"]
 
 
 def _submit(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -59,47 +36,39 @@ def _submit(command: list[str], env: dict[str, str]) -> subprocess.CompletedProc
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_the_driver(tiny_root: Path, tmp_path: Path) -> None:
+def test_ray_job_submit_runs_the_driver_and_an_oracle_run_is_tagged_leaky(tiny_root: Path, session_ray: RayHead,
+                                                                          tmp_path: Path) -> None:
     venv_bin = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is the venv's
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind to 127.0.0.1, not the machine's address
-           "RAY_AUTH_MODE": "disabled",  # an ephemeral loopback cluster of this test only
            "OMP_NUM_THREADS": "1"}
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
-    gcs, dashboard = _free_port(), _free_port()
-    url = f"http://127.0.0.1:{dashboard}"
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay under 108 chars
-    head_log = tmp_path / "ray-head.log"
-    head = subprocess.Popen(
-        [str(venv_bin / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={_free_port()}",
-         # Every port explicit: the defaults (e.g. the agent's 52365) may be held by another Ray on this machine.
-         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        cwd=tmp_path, env=env, stdout=head_log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_for_head(url, head, head_log)
-        params = tiny_params(tmp_path, tiny_data(tmp_path), **{"tune.final_model": False})
-        runtime_env = json.dumps({"excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1"}})
-        submit = _submit(
-            [str(venv_bin / "ray"), "job", "submit", "--address", url, "--working-dir", ".",
-             "--runtime-env-json", runtime_env, "--", "python", "-m", "pipelines.loso", "--params", str(params)], env)
-        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        assert "succeeded" in (submit.stdout + submit.stderr).lower()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-                head.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    # Two Ray tasks of two folds each (fold-batched STSTNet): still one stored result and one tracked run per fold.
+    params = tiny_params(tmp_path, tiny_data(tmp_path), **{"train.protocol": "oracle", "tune.final_model": False,
+                                                            "tune.fold_group_size": 2})
+    runtime_env = json.dumps({"excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1"}})
+    submit = _submit(
+        [str(venv_bin / "ray"), "job", "submit", "--address", session_ray.dashboard, "--working-dir", ".",
+         "--runtime-env-json", runtime_env, "--", "python", "-m", "pipelines.loso", "--params", str(params)], env)
+    output = submit.stdout + submit.stderr
+    assert submit.returncode == 0, output[-6000:]
+    assert "succeeded" in output.lower()
+    # Progress without a terminal (the job's log): one line per finished fold, done/total with an ETA.
+    progress = [line for line in output.splitlines() if "folds done" in line]
+    assert len(progress) == 4 and "evaluate: 4/4 folds done" in progress[-1] and "ETA 00:00" in progress[-1], progress
 
     summary = json.loads((tmp_path / "runs" / "results" / "summary.json").read_text())
     assert summary["folds"] == 4 and summary["metrics"]["n"] == 12
+    assert summary["protocol"] == "oracle" and summary["leaky"] is True and summary["model_uri"] is None
     assert len(list((tmp_path / "runs" / "tune").glob("*/folds/*/result.json"))) == 4
+    # The trial reported each fold as it finished, without pooling all finished folds again each time (quadratic in
+    # folds): pooled metrics are computed once, when the phase ends (Tune's own result.json of the trial).
+    (reported,) = (tmp_path / "runs" / "tune").glob("*/*/evaluate/*/result.json")
+    results = [json.loads(line) for line in reported.read_text().splitlines()]
+    assert [r["folds_done"] for r in results] == [1, 2, 3, 4] and not any("uf1" in r for r in results)
     runs = runs_by_kind(tmp_path)
+    every = [r for kind in runs.values() for r in kind]
     assert len(runs["parent"]) == 1 and len(runs["trial"]) == 1 and len(runs["fold"]) == 4
-    assert all(r.info.status == "FINISHED" for kind in runs.values() for r in kind)
+    assert all(r.info.status == "FINISHED" for r in every)
+    assert all(r.data.tags["leaky"] == "true" and r.data.tags["protocol"] == "oracle" for r in every)
+    assert all("oracle (leaky)" in r.info.run_name for r in every)

@@ -5,9 +5,8 @@ the way the LOSO driver writes it."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -90,13 +89,31 @@ def test_comparison_table_latest_run_and_leaky_rows(tmp_path: Path) -> None:
     assert pd.read_csv(tmp_path / "compare.csv").shape[0] == 3
 
 
-def _mer(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **env})
+@dataclass
+class Result:
+    returncode: int
+    stderr: str
+
+
+@pytest.fixture()
+def mer(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
+    """`mer ARGS` through the CLI's `main` in this process (the `mer` process itself is checked in
+    test_cli_errors.py), in `cwd`, with `env` set."""
+    from pipelines.cli import main
+
+    def run(*args: str, cwd: Path, env: dict[str, str]) -> Result:
+        monkeypatch.chdir(cwd)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        capsys.readouterr()
+        code = main(list(args))
+        return Result(code, capsys.readouterr().err)
+
+    return run
 
 
 @pytest.mark.slow
-def test_mer_report_cli_single_and_compare(tmp_path: Path) -> None:
+def test_mer_report_cli_single_and_compare(tmp_path: Path, mer: Callable[..., Result]) -> None:
     """Tune results (summary, pooled predictions, fold histories) + MLflow parent runs as the driver leaves them ->
     `mer report` (reads only tune.results; attaches the report to the parent run) and `mer report --compare`."""
     from mlflow.tracking import MlflowClient
@@ -129,21 +146,21 @@ def test_mer_report_cli_single_and_compare(tmp_path: Path) -> None:
     env = {"MLFLOW_TRACKING_URI": uri}
     common = ["--params", str(REPO / "params.yaml"), "-S", f"tune.results={results}", "-S", "model.name=htnet",
               "-S", "model.config=small"]
-    single = _mer("report", *common, "--out", str(tmp_path / "reports"), cwd=tmp_path, env=env)
+    single = mer("report", *common, "--out", str(tmp_path / "reports"), cwd=tmp_path, env=env)
     assert single.returncode == 0, single.stderr
     page = (tmp_path / "reports" / "megc2019-htnet-inner" / "report.html").read_text()
     assert 'src="learning_curves.png"' in page and "LEAKY" not in page
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.html", "report/confusion.png", "report/learning_curves.png"} <= logged
 
-    compare = _mer("report", "--compare", "--experiment", "mer", *common, "--out", str(tmp_path / "reports"),
+    compare = mer("report", "--compare", "--experiment", "mer", *common, "--out", str(tmp_path / "reports"),
                    cwd=tmp_path, env=env)
     assert compare.returncode == 0, compare.stderr
     table = pd.read_csv(tmp_path / "reports" / "compare.csv")
     assert table[["protocol", "leaky"]].values.tolist() == [["inner", False], ["oracle", True]]
     assert '<tr class="leaky">' in (tmp_path / "reports" / "compare.html").read_text()
 
-    missing = _mer("report", "--compare", "--experiment", "nope", *common, cwd=tmp_path, env=env)
+    missing = mer("report", "--compare", "--experiment", "nope", *common, cwd=tmp_path, env=env)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1] == (
         f"mer report: error: --experiment nope: no such MLflow experiment at {uri}")

@@ -1,8 +1,14 @@
 """Killing the LOSO driver and starting it again: finished folds are not recomputed, MLflow runs are not duplicated,
-and the killed driver's runs end KILLED (SIGTERM) or are marked FAILED by the next start (SIGKILL)."""
+and the killed driver's runs end KILLED (SIGTERM) or are marked FAILED by the next start (SIGKILL). A second driver
+started on the same experiment while one runs is refused in one line and touches none of its runs.
+
+The drivers run with AWS credentials in their environment and debug logging, so the same tracked run (params, tags,
+fold artifacts, the final model) also shows that no credential reaches MLflow, the Tune storage, artifacts or logs.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,13 +23,16 @@ from conftest import REPO, runs_by_kind, tiny_data, tiny_params
 
 FOLDS = 4
 DEADLINE_S = 300
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYSECRETKEY"
+KEY_ID = "AKIAMERTESTKEYID0001"
 
 
 def _start(params: Path, log: Path) -> subprocess.Popen:
-    """The driver in its own session, so that it and the local Ray it starts can be ended as one process group."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    """The driver (joining the session's Ray through RAY_ADDRESS) in its own session, so that it can be ended as one
+    process group; with credentials in its environment that must never be written anywhere."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": KEY_ID}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "pipelines.loso", "--params", str(params)], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "pipelines.loso", "-v", "--params", str(params)], cwd=REPO, env=env,
                             stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -75,9 +84,9 @@ def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Pat
     from components.tracking.mlflow_tracker import MlflowTracker
     from mer_model.config import TrackingConfig
 
-    # Folds one at a time, long enough (60 epochs) that a kill lands between two of them.
-    params = tiny_params(tmp_path, tiny_data(tmp_path),
-                         **{"train.epochs": 60, "tune.folds_per_trial": 1, "tune.final_model": False})
+    # Folds one at a time, long enough (60 epochs) that a kill lands between two of them (30 were too few on a busy
+    # machine: a killed driver's last fold task may still finish beside the next driver's).
+    params = tiny_params(tmp_path, tiny_data(tmp_path), **{"train.epochs": 60, "tune.folds_per_trial": 1})
     storage = tmp_path / "runs" / "tune"
     log = tmp_path / "driver.log"
 
@@ -103,11 +112,19 @@ def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Pat
     assert tracker.fail_stale_runs(experiment_key) == len(stale)
     assert all(client.get_run(r.info.run_id).info.status == "FAILED" for r in stale)
 
-    proc = _start(params, log)
+    # Two drivers of the same experiment at once: one takes the experiment's lock and finishes; the other is refused
+    # with one line (exit code 2) and leaves the first one's live runs alone (they all end FINISHED below).
+    logs = [tmp_path / "driver-a.log", tmp_path / "driver-b.log"]
+    procs = [_start(params, path) for path in logs]
     try:
-        assert proc.wait(timeout=DEADLINE_S) == 0, f"see {log}"
+        codes = [proc.wait(timeout=DEADLINE_S) for proc in procs]
     finally:
-        _end_group(proc, signal.SIGKILL)
+        for proc in procs:
+            _end_group(proc, signal.SIGKILL)
+    assert sorted(codes) == [0, 2], f"see {logs}"
+    refused = logs[codes.index(2)]
+    errors = [line for line in refused.read_text().splitlines() if ": error: " in line or "Traceback" in line]
+    assert len(errors) == 1 and "already being run by another driver" in errors[0], errors
     final = _finished_folds(storage)
     assert len(final) == FOLDS
     assert all(final[p] == mtime for p, mtime in second.items())  # finished folds were read back, not retrained
@@ -118,3 +135,16 @@ def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Pat
     fold_names = sorted(r.data.tags["fold"] for r in runs["fold"])
     assert fold_names == sorted(set(fold_names)) and len(fold_names) == FOLDS  # one run per fold, no duplicates
     assert all(r.info.status == "FINISHED" for kind in runs.values() for r in kind)
+
+    # No credential anywhere: run params and tags, the tracking store, Tune storage, artifacts (the final model and
+    # the fold predictions were written), the drivers' debug logs.
+    assert all(SECRET not in f.read_text() and KEY_ID not in f.read_text() for f in (log, *logs))
+    for run in [r for kind in runs.values() for r in kind]:
+        text = json.dumps({"params": run.data.params, "tags": run.data.tags})
+        assert SECRET not in text and KEY_ID not in text
+    assert any(tmp_path.rglob("MLmodel")) and any(tmp_path.rglob("predictions.csv"))
+    assert _grep(tmp_path, SECRET.encode()) == [] and _grep(tmp_path, KEY_ID.encode()) == []
+
+
+def _grep(root: Path, needle: bytes) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]

@@ -18,7 +18,9 @@ from components.tracking.base import (
     DatasetInfo,
     NullTracker,
     Registration,
+    Terminated,
     Tracker,
+    check_tracking_server,
     config_hash,
     data_version,
     flatten,
@@ -33,8 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 __all__ = [
     "CHAMPION_ALIAS", "EXPERIMENT_KEY_TAG", "FINAL_MODEL_TAG", "KEY_TAG", "KIND_TAG", "DatasetInfo", "NullTracker",
-    "Registration", "Tracker", "config_hash", "data_version", "flatten", "git_commit", "make_tracker", "redact",
-    "run_params", "tracking_uri",
+    "Registration", "Terminated", "Tracker", "check_tracking_server", "config_hash", "data_version", "flatten",
+    "git_commit", "make_tracker", "redact", "run_params", "tracking_uri",
 ]
 
 

@@ -18,7 +18,10 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
+import urllib.parse
+import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,6 +33,16 @@ import yaml
 
 from mer_model.config import Params, TrackingConfig
 from mer_model.errors import ConfigError
+
+class Terminated(SystemExit):
+    """Raised in the main thread by the SIGTERM handler (Kubernetes, `ray job stop`, a user's kill). The handler
+    only raises: whatever tracker write the signal interrupted unwinds first and releases its store (an SQLite
+    write lock), so that `end_all("KILLED")` can write afterwards; a handler that wrote itself waited on the lock
+    of the very write it interrupted. Exit code 128 + SIGTERM, like a process killed by it."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + 15)
+
 
 KEY_TAG = "mer.key"  # unique per run: experiment key + kind + identity
 EXPERIMENT_KEY_TAG = "mer.experiment_key"  # dataset x model x protocol (+ config hash): groups one driver's runs
@@ -118,7 +131,8 @@ class Tracker(ABC):
 
     @abstractmethod
     def install_sigterm_handler(self) -> None:
-        """On SIGTERM end the open runs as KILLED, then die of SIGTERM."""
+        """On SIGTERM raise `Terminated` in the main thread; the caller's `except BaseException` ends the open runs
+        as KILLED (`end_all`) and lets it propagate (exit code 143)."""
 
     @abstractmethod
     def log_model(self, run: str, model: Any, class_names: list[str], preprocess: Any, leaky: bool,
@@ -213,7 +227,37 @@ def tracking_uri(cfg: TrackingConfig, base: Path | None = None) -> str:
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str(((base or Path.cwd()) / uri[len(prefix):]).resolve())
+    # A bare postgresql:// makes SQLAlchemy 2.1 load psycopg (3), which is not installed: name the installed driver.
+    if uri.startswith(("postgresql://", "postgres://")):
+        uri = "postgresql+psycopg2://" + uri.split("://", 1)[1]
     return uri
+
+
+TRACKING_CHECK_S = 5.0  # one connection attempt: a server that does not answer in this time counts as down
+
+
+def check_tracking_server(uri: str) -> None:
+    """A short reachability check of a tracking server or database before anything starts: MLflow's client
+    otherwise retries a dead server for minutes. HTTP(S): the server's /health answers; a database URI: its host
+    accepts a TCP connection. Files and SQLite need no check. ConfigError naming the URI (credentials redacted)."""
+    parsed = urllib.parse.urlsplit(uri)
+    scheme = parsed.scheme.split("+")[0]
+    where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
+    try:
+        if scheme in ("http", "https"):
+            url = uri.rstrip("/") + "/health"
+            with urllib.request.urlopen(url, timeout=TRACKING_CHECK_S) as response:  # noqa: S310 - the configured URI
+                response.read()
+        elif scheme in DATABASE_PORTS and parsed.hostname:
+            with socket.create_connection((parsed.hostname, parsed.port or DATABASE_PORTS[scheme]),
+                                          timeout=TRACKING_CHECK_S):
+                pass
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise ConfigError(f"{where}: {redact(uri)}: tracking server not reachable ({reason})") from None
+
+
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 
 
 def artifact_location(cfg: TrackingConfig, uri: str, experiment: str) -> str | None:

@@ -16,7 +16,6 @@ its source (entry point and git commit); the final model is a pyfunc with an inp
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -44,8 +43,10 @@ from components.tracking.base import (
     KIND_TAG,
     DatasetInfo,
     Registration,
+    Terminated,
     Tracker,
     artifact_location,
+    check_tracking_server,
     redact,
     tracking_uri,
 )
@@ -98,6 +99,7 @@ class MlflowTracker(Tracker):
         return self.experiment_id
 
     def check(self) -> str:
+        check_tracking_server(self.uri)  # seconds, not MLflow's minutes of retries, when the server is down
         name = self.cfg.experiment
         found = self.client.get_experiment_by_name(name)
         if found is None:
@@ -174,10 +176,9 @@ class MlflowTracker(Tracker):
 
     def install_sigterm_handler(self) -> None:
         def handler(signum: int, frame: FrameType | None) -> None:
-            log.warning("SIGTERM: marking %d open MLflow run(s) KILLED", len(self._open))
-            self.end_all("KILLED")
+            log.warning("SIGTERM: ending; %d open MLflow run(s) will be marked KILLED", len(self._open))
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+            raise Terminated
 
         signal.signal(signal.SIGTERM, handler)
 

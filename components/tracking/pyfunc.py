@@ -31,7 +31,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import get_model_info, infer_signature
 
-from components.tracking.base import redact, tracking_uri
+from components.tracking.base import check_tracking_server, redact, tracking_uri
 from mer_model.config import Params, PreprocessConfig, set_dotted
 from mer_model.data.labels import get_class_set
 from mer_model.errors import ConfigError, DataError
@@ -138,7 +138,10 @@ def load_for_inference(uri: str, params: Params) -> LoadedModel:
     if not (uri.startswith(_MLFLOW_SCHEMES) or (path / "MLmodel").is_file()):
         raise ConfigError(f"--model {uri}: no such checkpoint file or MLflow model directory, and not an MLflow URI "
                           "(models:/NAME/VERSION, runs:/RUN_ID/PATH)")
-    mlflow.set_tracking_uri(tracking_uri(params.tracking))
+    server = tracking_uri(params.tracking)
+    if uri.startswith(("models:/", "runs:/")):
+        check_tracking_server(server)  # these URIs are resolved by the tracking server: say so if it is down
+    mlflow.set_tracking_uri(server)
     try:
         return _from_mlflow(uri, params)
     except MlflowException as err:

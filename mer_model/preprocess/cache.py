@@ -40,6 +40,7 @@ import pandas as pd
 
 from mer_model.config import PreprocessConfig
 from mer_model.data.aus import AU_LIST
+from mer_model.errors import DataError
 from mer_model.io import atomic_write, digest, write_csv, write_json
 from mer_model.preprocess.modalities import MODALITIES, check_modalities, input_hashes, library_versions
 from mer_model.preprocess.sample import preprocess_sample
@@ -134,6 +135,15 @@ def read_entries(path: Path) -> pd.DataFrame:
                     list(ENTRY_COLUMNS))
         return empty
     return entries
+
+
+def require_index(root: str | Path) -> Path:
+    """`root/index.csv`, or the one-line DataError every reader of a cache gives when `mer preprocess` has not run
+    (torch-free: `mer tune` checks it before importing torch, Ray and MLflow)."""
+    index = Path(root) / "index.csv"
+    if not index.is_file():
+        raise DataError("no index.csv; run `mer preprocess` first", file=str(root))
+    return index
 
 
 class Cache:

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from mer_model.batch_keys import BATCH_KEYS
 from mer_model.errors import DataError
 from mer_model.io import digest, read_json
-from mer_model.preprocess.cache import ENTRY_COLUMNS, coverage
+from mer_model.preprocess.cache import ENTRY_COLUMNS, coverage, require_index
 from mer_model.preprocess.modalities import COMPANIONS, check_modalities, stored_keys
 from mer_model.training import augment as aug_lib
 
@@ -86,9 +86,7 @@ class SampleStore:
         for). Class names come from `class_names`, else from the manifest's `class_names`, else are the label
         numbers (with a warning). Every problem with the files is a DataError naming the file."""
         root = Path(cache_dir)
-        index_path, entries_path = root / "index.csv", root / "modalities.csv"
-        if not index_path.is_file():
-            raise DataError("no index.csv; run `mer preprocess` first", file=str(root))
+        index_path, entries_path = require_index(root), root / "modalities.csv"
         index = _read_csv(index_path, ("sample_id", "subject", "dataset", "label", "status", "modalities"))
         if not entries_path.is_file():
             raise DataError("no modalities.csv: a cache written by an older version; run `mer preprocess` again",

@@ -28,13 +28,13 @@ import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from components.common import check_output_dir
 from components.ray_session import connect_ray
 from components.tracking import (
     EXPERIMENT_KEY_TAG,
     FINAL_MODEL_TAG,
     KIND_TAG,
     DatasetInfo,
+    Terminated,
     Tracker,
     config_hash,
     data_version,
@@ -42,12 +42,13 @@ from components.tracking import (
     make_tracker,
 )
 from mer_model.config import Params, PreprocessConfig
-from mer_model.errors import ConfigError
 from mer_model.training.data import SampleStore
 from mer_model.training.protocols import is_leaky, run_label
 from mer_model.training.results import ExperimentSummary, Results, write_results
 from mer_model.training.splits import make_folds
 from pipelines.engine.callbacks import FoldProgress, RunInfo, TrackingCallback, leak_tags, log_pooled, stored_folds
+from pipelines.engine.preflight import check_experiment
+from pipelines.engine.storage import experiment_lock
 from pipelines.engine.tasks import run_final
 from pipelines.engine.trial import (
     OBJECTIVE,
@@ -109,13 +110,11 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
     """Search, evaluate and train the final model; writes `tune.results` and returns its summary. `source` names
     the entry point in the tracker."""
     cfg = params.tune
-    # Also validates model.name/config/kwargs: an unknown model fails here, before the cache, Ray or the tracker.
+    inputs = check_experiment(params)  # outputs, cache, model: fail now, not after the whole run
     leaky = is_leaky(params.train.protocol, params.model)
-    check_output_dir(cfg.results, "tune.results")  # fail now, not after the whole run
-    if "://" not in cfg.storage_path:
-        check_output_dir(cfg.storage_path, "tune.storage_path")
     cache_dir = str(Path(params.preprocess.out).resolve())
     store = SampleStore.open(cache_dir)
+    store.check_inputs(list(store.index["sample_id"]), inputs)  # here, not in every fold task once Ray runs
     folds = make_folds(params.train.split, store.index)
     version = data_version(cache_dir)
     name = experiment_name(params)
@@ -126,83 +125,83 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
     tune_root = f"{storage_root(params)}/{experiment_key}"
     fold_store = f"{storage_root(params)}/folds"
 
-    connect_ray(cfg.ray_address)
-    slots = fold_slots(ray.cluster_resources(), cfg.fold_cpus, cfg.fold_gpus)
-    tracker = make_tracker(params.tracking, source)
-    tracker.check()
-    tracker.fail_stale_runs(experiment_key)
-    tracker.install_sigterm_handler()
-    try:
-        base = {"data_version": version, "git_commit": git_commit(REPO), "experiment": name}
-        parent, created = tracker.open_run(
-            experiment_key, f"{name} {run_label(protocol, leaky)}",
-            {KIND_TAG: "parent", EXPERIMENT_KEY_TAG: experiment_key, "dataset": params.data.source,
-             "model": params.model.name, "split": params.train.split, "data_version": version,
-             **leak_tags(protocol, leaky)})
-        if created:
-            tracker.log_params_of(parent, params, base)
-            with tempfile.TemporaryDirectory(prefix="mer-config-") as tmp:
-                tracker.log_config(parent, params, Path(tmp))
-            tracker.log_dataset(parent, DatasetInfo(params.data.source, version, params.preprocess.out,
-                                                    len(store.index), len(store.subjects())))
-        info = RunInfo(experiment_key=experiment_key, parent_id=parent, base_params=base)
-        common = dict(params=params.model_dump(mode="json", by_alias=True), cache_dir=cache_dir, storage=fold_store,
-                      data_version=version, fold_cpus=cfg.fold_cpus, fold_gpus=cfg.fold_gpus,
-                      max_retries=cfg.max_retries, metric=cfg.metric, search_keys=sorted(cfg.search_space),
-                      fold_group_size=cfg.fold_group_size)
-        log.info("%s: %d folds (%s), protocol %s, data %s, parent run %s", name, len(folds), params.train.split,
-                 protocol, version, parent)
+    with experiment_lock(storage_root(params), experiment_key):  # one driver per experiment, else one line
+        tracker = make_tracker(params.tracking, source)
+        tracker.check()  # a tracking server that is down is one line now, before Ray starts
+        connect_ray(cfg.ray_address)
+        slots = fold_slots(ray.cluster_resources(), cfg.fold_cpus, cfg.fold_gpus)
+        tracker.fail_stale_runs(experiment_key)
+        tracker.install_sigterm_handler()
+        try:
+            base = {"data_version": version, "git_commit": git_commit(REPO), "experiment": name}
+            parent, created = tracker.open_run(
+                experiment_key, f"{name} {run_label(protocol, leaky)}",
+                {KIND_TAG: "parent", EXPERIMENT_KEY_TAG: experiment_key, "dataset": params.data.source,
+                 "model": params.model.name, "split": params.train.split, "data_version": version,
+                 **leak_tags(protocol, leaky)})
+            if created:
+                tracker.log_params_of(parent, params, base)
+                with tempfile.TemporaryDirectory(prefix="mer-config-") as tmp:
+                    tracker.log_config(parent, params, Path(tmp))
+                tracker.log_dataset(parent, DatasetInfo(params.data.source, version, params.preprocess.out,
+                                                        len(store.index), len(store.subjects())))
+            info = RunInfo(experiment_key=experiment_key, parent_id=parent, base_params=base)
+            common = dict(params=params.model_dump(mode="json", by_alias=True), cache_dir=cache_dir, storage=fold_store,
+                          data_version=version, fold_cpus=cfg.fold_cpus, fold_gpus=cfg.fold_gpus,
+                          max_retries=cfg.max_retries, metric=cfg.metric, search_keys=sorted(cfg.search_space),
+                          fold_group_size=cfg.fold_group_size)
+            log.info("%s: %d folds (%s), protocol %s, data %s, parent run %s", name, len(folds), params.train.split,
+                     protocol, version, parent)
 
-        chosen: dict[str, Any] = {}
-        if cfg.num_samples > 0:
-            if not cfg.search_space:
-                raise ConfigError("tune.search_space: empty, but tune.num_samples > 0")
-            ctx = TrialContext(phase="search", protocol="inner", folds=search_folds(folds, cfg.search_folds), **common)
-            space = {k: tune_domain(k, v) for k, v in cfg.search_space.items()}
-            concurrent = min(cfg.max_concurrent_trials, cfg.num_samples)
-            bundles = cfg.folds_per_trial or max(1, min(len(ctx.folds), slots // concurrent))
-            grid = _run_phase("search", ctx, space, cfg.num_samples, concurrent, bundles, tune_root,
-                              [TrackingCallback(tracker, info, ctx),
-                               FoldProgress("search", cfg.num_samples * len(ctx.folds))], params.seed)
-            best = grid.get_best_result(metric=OBJECTIVE, mode="max")
-            chosen = {k: best.config[k] for k in sorted(cfg.search_space)}
-            tracker.log_params(parent, {f"chosen.{k}": json.dumps(v) for k, v in chosen.items()})
-            tracker.log_metrics(parent, [(f"search_{OBJECTIVE}", best.metrics[OBJECTIVE], 0)])
-            log.info("search: best inner %s %.4f with %s", cfg.metric, best.metrics[OBJECTIVE], chosen)
+            chosen: dict[str, Any] = {}
+            if cfg.num_samples > 0:
+                ctx = TrialContext(phase="search", protocol="inner", folds=search_folds(folds, cfg.search_folds),
+                                   **common)
+                space = {k: tune_domain(k, v) for k, v in cfg.search_space.items()}
+                concurrent = min(cfg.max_concurrent_trials, cfg.num_samples)
+                bundles = cfg.folds_per_trial or max(1, min(len(ctx.folds), slots // concurrent))
+                grid = _run_phase("search", ctx, space, cfg.num_samples, concurrent, bundles, tune_root,
+                                  [TrackingCallback(tracker, info, ctx),
+                                   FoldProgress("search", cfg.num_samples * len(ctx.folds))], params.seed)
+                best = grid.get_best_result(metric=OBJECTIVE, mode="max")
+                chosen = {k: best.config[k] for k in sorted(cfg.search_space)}
+                tracker.log_params(parent, {f"chosen.{k}": json.dumps(v) for k, v in chosen.items()})
+                tracker.log_metrics(parent, [(f"search_{OBJECTIVE}", best.metrics[OBJECTIVE], 0)])
+                log.info("search: best inner %s %.4f with %s", cfg.metric, best.metrics[OBJECTIVE], chosen)
 
-        ctx = TrialContext(phase="evaluate", protocol=protocol, folds=folds, **common)
-        bundles = cfg.folds_per_trial or max(1, min(len(folds), slots))
-        _run_phase("evaluate", ctx, dict(chosen), 1, 1, bundles, tune_root,
-                   [TrackingCallback(tracker, info, ctx), FoldProgress("evaluate", len(folds))], params.seed)
-        resolved = trial_params(ctx.params, chosen, protocol)
-        summaries, predictions = stored_folds(fold_store, [j.key for j in fold_jobs(ctx, resolved)])
-        class_names = summaries[0].class_names
-        leaky = is_leaky(protocol, resolved.model)
-        metrics = log_pooled(tracker, parent, predictions, class_names, f"{name} ({run_label(protocol, leaky)})",
-                             leaky)
+            ctx = TrialContext(phase="evaluate", protocol=protocol, folds=folds, **common)
+            bundles = cfg.folds_per_trial or max(1, min(len(folds), slots))
+            _run_phase("evaluate", ctx, dict(chosen), 1, 1, bundles, tune_root,
+                       [TrackingCallback(tracker, info, ctx), FoldProgress("evaluate", len(folds))], params.seed)
+            resolved = trial_params(ctx.params, chosen, protocol)
+            summaries, predictions = stored_folds(fold_store, [j.key for j in fold_jobs(ctx, resolved)])
+            class_names = summaries[0].class_names
+            leaky = is_leaky(protocol, resolved.model)
+            metrics = log_pooled(tracker, parent, predictions, class_names, f"{name} ({run_label(protocol, leaky)})",
+                                 leaky)
 
-        model_uri = None
-        if cfg.final_model and tracker.stores_models:
-            epochs = int(statistics.median(s.selected_epoch for s in summaries))
-            model_uri = final_model(params, resolved, store, epochs, tracker, parent, leaky)
-        elif cfg.final_model:
-            log.warning("tune.final_model: tracking.backend %s stores no model; no final model trained",
-                        params.tracking.backend)
+            model_uri = None
+            if cfg.final_model and tracker.stores_models:
+                epochs = int(statistics.median(s.selected_epoch for s in summaries))
+                model_uri = final_model(params, resolved, store, epochs, tracker, parent, leaky)
+            elif cfg.final_model:
+                log.warning("tune.final_model: tracking.backend %s stores no model; no final model trained",
+                            params.tracking.backend)
 
-        summary = ExperimentSummary(
-            experiment=name, experiment_key=experiment_key, protocol=protocol, split=params.train.split,
-            leaky=leaky, class_names=list(class_names), chosen=chosen, metrics=metrics, data_version=version,
-            folds=len(summaries), model=resolved.model.model_dump(mode="json"),
-            tracking_experiment=params.tracking.experiment if params.tracking.backend != "none" else None,
-            parent_run_id=parent if params.tracking.backend != "none" else None, model_uri=model_uri)
-        out = write_results(cfg.results, Results(summary, predictions, summaries))
-        tracker.end_run(parent, "FINISHED")
-        log.info("%s: UF1 %.4f UAR %.4f accuracy %.4f (%s) -> %s", name, metrics["uf1"], metrics["uar"],
-                 metrics["accuracy"], run_label(protocol, leaky), out)
-    except BaseException as err:
-        # A SIGTERM has already ended the runs as KILLED; anything else (a failed trial, Ctrl-C) ends them here.
-        tracker.end_all("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
+            summary = ExperimentSummary(
+                experiment=name, experiment_key=experiment_key, protocol=protocol, split=params.train.split,
+                leaky=leaky, class_names=list(class_names), chosen=chosen, metrics=metrics, data_version=version,
+                folds=len(summaries), model=resolved.model.model_dump(mode="json"),
+                tracking_experiment=params.tracking.experiment if params.tracking.backend != "none" else None,
+                parent_run_id=parent if params.tracking.backend != "none" else None, model_uri=model_uri)
+            out = write_results(cfg.results, Results(summary, predictions, summaries))
+            tracker.end_run(parent, "FINISHED")
+            log.info("%s: UF1 %.4f UAR %.4f accuracy %.4f (%s) -> %s", name, metrics["uf1"], metrics["uar"],
+                     metrics["accuracy"], run_label(protocol, leaky), out)
+        except BaseException as err:
+            # SIGTERM (Terminated) or Ctrl-C: KILLED; anything else (a failed trial): FAILED.
+            tracker.end_all("KILLED" if isinstance(err, (KeyboardInterrupt, Terminated)) else "FAILED")
+            raise
     return summary
 
 

@@ -6,14 +6,20 @@ configuration reads a fold back instead of training it again. A fold's checkpoin
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
+import os
+import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 from pyarrow import fs as pafs
 
+from mer_model.errors import ServiceError
 from mer_model.training.results import FoldSummary
 from mer_model.training.trainer import CHECKPOINT_NAME
 
@@ -83,3 +89,32 @@ class FoldStorage:
         path = Path(local_dir) / CHECKPOINT_NAME
         if path.is_file():
             self._write(self._path(key, CHECKPOINT_DIR, CHECKPOINT_NAME), path.read_bytes())
+
+
+@contextlib.contextmanager
+def experiment_lock(storage_root: str, experiment_key: str) -> Iterator[Path]:
+    """Hold the one driver lock of an experiment key for the block, or refuse with one line: a second driver of the
+    same experiment would mark the first one's live runs FAILED (as stale) and train its folds twice.
+
+    The lock is a file lock (`flock`, released by the kernel when the holder dies, so a killed driver never blocks
+    the next start) beside local storage, `<storage_root>/<experiment_key>.lock`. With remote storage (s3://) it
+    lives in this machine's temp dir: two drivers on one host are caught, two on different hosts are not."""
+    root = Path(storage_root) if "://" not in storage_root else Path(tempfile.gettempdir()) / "mer-locks"
+    path = root / f"{experiment_key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ServiceError(f"tune.storage_path: experiment {experiment_key} is already being run by another "
+                               f"driver ({holder}, lock {path}); wait for it to finish or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield path
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

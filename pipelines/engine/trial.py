@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import ray
 from ray import tune
 from ray.util import get_current_placement_group
@@ -22,10 +21,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from mer_model.config import Params, SearchParam, with_overrides
 from mer_model.errors import ConfigError
 from mer_model.training.folds import Fold, fold_fingerprint
-from mer_model.training.metrics import flat_metrics
 from mer_model.training.protocols import is_leaky
 from mer_model.training.results import FoldSummary
-from pipelines.engine.storage import FoldStorage
 from pipelines.engine.tasks import FoldJob, fold_task
 
 OBJECTIVE = "objective"  # the key a search trial reports: mean inner-validation score over its folds
@@ -74,7 +71,9 @@ def trial_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable: launch every fold of this configuration, report each as it finishes.
 
     Search phase: the reported `objective` is the mean INNER validation score (`val_<tune.metric>` at the selected
-    epoch) of the folds finished so far -- never a test-fold number. Evaluate phase: the pooled test metrics so far.
+    epoch) of the folds finished so far -- never a test-fold number. Evaluate phase: the fold only; pooled test
+    metrics are computed once, when the phase's folds are all done (TrackingCallback.on_trial_complete and the
+    driver), not over all folds again after every fold.
     """
     params, _ = ctx.resolved(config)
     jobs = fold_jobs(ctx, params)
@@ -85,8 +84,6 @@ def trial_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     size = ctx.fold_group_size
     pending = {task.remote(group): group for group in (jobs[i:i + size] for i in range(0, len(jobs), size))}
     scores: list[float] = []
-    predictions: list[pd.DataFrame] = []
-    storage = FoldStorage(ctx.storage)
     done = 0
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
@@ -98,12 +95,6 @@ def trial_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
             if ctx.phase == "search":
                 scores.append(inner_score(summary, ctx.metric))
                 report[OBJECTIVE] = float(np.mean(scores))
-            else:
-                stored = storage.load(job.key)
-                assert stored is not None, f"fold {job.fold.name} finished but is not stored under {job.key}"
-                predictions.append(stored[1])
-                flat, _ = flat_metrics(pd.concat(predictions, ignore_index=True), summary.class_names)
-                report.update({k: v for k, v in flat.items() if v is not None})
             tune.report(report)
 
 
@@ -141,13 +132,10 @@ def search_folds(folds: list[Fold], count: int) -> list[Fold]:
 
 
 def tune_domain(name: str, spec: SearchParam) -> Any:
-    """A Tune search domain for one `tune.search_space` entry."""
+    """A Tune search domain for one `tune.search_space` entry (validated at load: mer_model.config.SearchParam)."""
     if spec.type == "choice":
-        if not spec.values:
-            raise ConfigError(f"tune.search_space.{name}: a choice needs values")
         return tune.choice(spec.values)
-    if spec.low is None or spec.high is None or spec.low >= spec.high:
-        raise ConfigError(f"tune.search_space.{name}: needs low < high")
+    assert spec.low is not None and spec.high is not None, f"tune.search_space.{name} was not validated"
     if spec.type == "loguniform":
         return tune.loguniform(spec.low, spec.high)
     if spec.type == "int":

@@ -1,0 +1,39 @@
+"""What the driver checks before it starts anything (torch, Ray, the tracker): a configuration error costs `mer tune`
+about a second and one line, not a minute of imports and a Ray start.
+
+It imports neither Ray nor MLflow (torch only for the model registry): `mer tune` calls it before importing the
+driver, and `run_experiment` calls it first too, for every other entry point.
+"""
+
+from __future__ import annotations
+
+from components.common import check_output_dir
+from mer_model.config import Params
+from mer_model.errors import ConfigError
+from mer_model.preprocess.cache import require_index
+
+
+def check_experiment(params: Params) -> tuple[str, ...]:
+    """Output locations writable, the preprocessed cache present, the model known; returns the batch keys the model
+    reads. Raises a MerError naming the key or file. Only the model check imports torch (the model registry, with
+    timm: seconds on a busy machine), so it comes last."""
+    cfg = params.tune
+    check_output_dir(cfg.results, "tune.results")
+    if "://" not in cfg.storage_path:
+        check_output_dir(cfg.storage_path, "tune.storage_path")
+    elif cfg.storage_path.startswith("s3://"):
+        check_s3_credentials(cfg.storage_path, "tune.storage_path")
+    require_index(params.preprocess.out)
+    from mer_model.models import model_inputs  # torch
+
+    return model_inputs(params.model.name, params.model.config, **params.model.kwargs)
+
+
+def check_s3_credentials(uri: str, key: str) -> None:
+    """AWS credentials are configured (environment, shared files or an instance role, as boto3 and pyarrow find
+    them) for an s3:// location; otherwise the run would only fail once Ray and the tracked runs had started."""
+    import boto3  # boto3's credential chain: the same sources pyarrow's S3 filesystem reads
+
+    if boto3.Session().get_credentials() is None:
+        raise ConfigError(f"{key}: {uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
