@@ -82,7 +82,7 @@ def write_outputs(table: pd.DataFrame, out: Path, settings: Mapping[str, Any]) -
     paths["settings"].write_text(json.dumps(settings, indent=2, default=str) + "\n")
     honest = table[~table["leaky"].astype(bool)]
     leaky = table[table["leaky"].astype(bool)]
-    notes = sorted({n for cell in table["notes"] for n in str(cell).split("; ") if n})
+    notes = sorted({n for cell in table["notes"].fillna("") for n in str(cell).split("; ") if n})
     baselines = "; ".join(f"{name} UF1 " + ", ".join(f"{k} {v:.3f}" for k, v in vals.items())
                           for name, vals in FIELD_BASELINES.items())
     text = [
