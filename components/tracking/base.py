@@ -82,6 +82,9 @@ class Tracker(ABC):
     backend: ClassVar[str]
     #: log_model stores a servable model (the engine trains the final model only when it does).
     stores_models: ClassVar[bool] = False
+    #: set by the SIGTERM handler: Ray Tune may wrap the `Terminated` raised inside its loop in its own error, so the
+    #: caller asks this rather than the exception's type alone.
+    terminated: bool = False
 
     @abstractmethod
     def check(self) -> str:

@@ -178,6 +178,7 @@ class MlflowTracker(Tracker):
         def handler(signum: int, frame: FrameType | None) -> None:
             log.warning("SIGTERM: ending; %d open MLflow run(s) will be marked KILLED", len(self._open))
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self.terminated = True
             raise Terminated
 
         signal.signal(signal.SIGTERM, handler)

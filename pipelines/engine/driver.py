@@ -200,7 +200,8 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
                      metrics["accuracy"], run_label(protocol, leaky), out)
         except BaseException as err:
             # SIGTERM (Terminated) or Ctrl-C: KILLED; anything else (a failed trial): FAILED.
-            tracker.end_all("KILLED" if isinstance(err, (KeyboardInterrupt, Terminated)) else "FAILED")
+            killed = isinstance(err, (KeyboardInterrupt, Terminated)) or tracker.terminated
+            tracker.end_all("KILLED" if killed else "FAILED")
             raise
     return summary
 
