@@ -169,10 +169,15 @@ class MlflowTracker(Tracker):
         with self._open_lock:
             runs, MlflowTracker._open = dict(self._open), {}
         for run, uri in sorted(runs.items()):
-            try:
-                MlflowClient(tracking_uri=uri).set_terminated(run, status=status)
-            except Exception:  # noqa: BLE001 - best effort while the process is going down
-                log.exception("could not end MLflow run %s", run)
+            for attempt in range(5):  # a SQLite store may be locked by a callback's write for a moment
+                try:
+                    MlflowClient(tracking_uri=uri).set_terminated(run, status=status)
+                    break
+                except Exception:  # noqa: BLE001 - best effort while the process is going down
+                    if attempt == 4:
+                        log.exception("could not end MLflow run %s", run)
+                    else:
+                        time.sleep(0.5)
 
     def install_sigterm_handler(self) -> None:
         def handler(signum: int, frame: FrameType | None) -> None:
