@@ -206,7 +206,12 @@ class TuneConfig(_Section):
     max_concurrent_trials: int = Field(2, ge=1)
     fold_cpus: float = Field(1, gt=0)
     fold_gpus: float = Field(0, ge=0)  # fractional: several small folds share one GPU
-    folds_per_trial: int = Field(0, ge=0)  # folds of one trial in flight at once; 0 = as many as the cluster holds
+    # Fold tasks (groups of fold_group_size folds) one trial has in flight at once; 0 = no cap: every fold task is
+    # submitted and Ray runs as many as the cluster holds at each moment (the pending ones are autoscaler demand).
+    folds_per_trial: int = Field(0, ge=0)
+    # Seconds the driver waits for a Ray node that can hold one fold (fold_cpus and fold_gpus on one node) before it
+    # fails with one line; each node that joins meanwhile (an autoscaler bringing up workers) restarts the clock.
+    fold_node_wait_s: float = Field(600, gt=0)
     # Folds one Ray task trains: > 1 trains them as one stacked model with torch.func for models that declare
     # `fold_batching` (mer_model.training.fold_batch; e.g. 68 STSTNet folds on one GPU in one process), one after
     # another in the same process otherwise. Each fold is still stored under its own key.

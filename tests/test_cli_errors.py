@@ -108,6 +108,8 @@ CASES = {
         ["tune", "-S", "tune.search_space={train.epochs: {type: int, low: 0, high: 3}}"],
         "tune.search_space.train.epochs: value 0: Input should be greater than"),
     "search without a space": (["tune", "-S", "tune.num_samples=4"], "num_samples > 0 needs a non-empty search_space"),
+    "no wait for a fold node": (["tune", "-S", "tune.fold_node_wait_s=0"],
+                                "tune.fold_node_wait_s: Input should be greater than 0"),
     # An empty file is refused, not read as "every default" (`{}` says that): it is usually a failed write.
     "empty params file": (["tune", "--params", "empty.yaml"], "empty.yaml: empty parameters file"),
 }

@@ -54,12 +54,12 @@ from pipelines.engine.trial import (
     OBJECTIVE,
     TrialContext,
     fold_jobs,
-    fold_resources,
-    fold_slots,
     search_folds,
     trial_params,
+    trial_resources,
     trial_trainable,
     tune_domain,
+    wait_for_fold_node,
 )
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,10 @@ def storage_root(params: Params) -> str:
 
 
 def _run_phase(phase: str, ctx: TrialContext, space: dict[str, Any], num_samples: int, concurrent: int,
-               bundles: int, tune_root: str, callbacks: list[Any], seed: int) -> Any:
+               tune_root: str, callbacks: list[Any], seed: int) -> Any:
     """One Tuner, restored from `tune_root/phase` when a previous driver left it unfinished (its callbacks come back
     with it from the experiment state); returns its ResultGrid."""
-    trainable = tune.with_resources(tune.with_parameters(trial_trainable, ctx=ctx),
-                                    fold_resources(ctx.fold_cpus, ctx.fold_gpus, bundles))
+    trainable = tune.with_resources(tune.with_parameters(trial_trainable, ctx=ctx), trial_resources())
     path = f"{tune_root}/{phase}"
     if tune.Tuner.can_restore(path):
         log.info("%s: restoring the Tune experiment at %s", phase, path)
@@ -129,7 +128,7 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
         tracker = make_tracker(params.tracking, source)
         tracker.check()  # a tracking server that is down is one line now, before Ray starts
         connect_ray(cfg.ray_address)
-        slots = fold_slots(ray.cluster_resources(), cfg.fold_cpus, cfg.fold_gpus)
+        wait_for_fold_node(cfg.fold_cpus, cfg.fold_gpus, cfg.fold_node_wait_s)  # else folds would wait forever
         tracker.fail_stale_runs(experiment_key)
         tracker.install_sigterm_handler()
         try:
@@ -149,7 +148,7 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
             common = dict(params=params.model_dump(mode="json", by_alias=True), cache_dir=cache_dir, storage=fold_store,
                           data_version=version, fold_cpus=cfg.fold_cpus, fold_gpus=cfg.fold_gpus,
                           max_retries=cfg.max_retries, metric=cfg.metric, search_keys=sorted(cfg.search_space),
-                          fold_group_size=cfg.fold_group_size)
+                          fold_group_size=cfg.fold_group_size, folds_per_trial=cfg.folds_per_trial)
             log.info("%s: %d folds (%s), protocol %s, data %s, parent run %s", name, len(folds), params.train.split,
                      protocol, version, parent)
 
@@ -159,8 +158,7 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
                                    **common)
                 space = {k: tune_domain(k, v) for k, v in cfg.search_space.items()}
                 concurrent = min(cfg.max_concurrent_trials, cfg.num_samples)
-                bundles = cfg.folds_per_trial or max(1, min(len(ctx.folds), slots // concurrent))
-                grid = _run_phase("search", ctx, space, cfg.num_samples, concurrent, bundles, tune_root,
+                grid = _run_phase("search", ctx, space, cfg.num_samples, concurrent, tune_root,
                                   [TrackingCallback(tracker, info, ctx),
                                    FoldProgress("search", cfg.num_samples * len(ctx.folds))], params.seed)
                 best = grid.get_best_result(metric=OBJECTIVE, mode="max")
@@ -170,8 +168,7 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
                 log.info("search: best inner %s %.4f with %s", cfg.metric, best.metrics[OBJECTIVE], chosen)
 
             ctx = TrialContext(phase="evaluate", protocol=protocol, folds=folds, **common)
-            bundles = cfg.folds_per_trial or max(1, min(len(folds), slots))
-            _run_phase("evaluate", ctx, dict(chosen), 1, 1, bundles, tune_root,
+            _run_phase("evaluate", ctx, dict(chosen), 1, 1, tune_root,
                        [TrackingCallback(tracker, info, ctx), FoldProgress("evaluate", len(folds))], params.seed)
             resolved = trial_params(ctx.params, chosen, protocol)
             summaries, predictions = stored_folds(fold_store, [j.key for j in fold_jobs(ctx, resolved)])

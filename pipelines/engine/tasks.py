@@ -114,7 +114,8 @@ def run_folds(jobs: Sequence[FoldJob]) -> list[FoldSummary]:
 
 
 def fold_task(cpus: float, gpus: float, retries: int, strategy: Any = "DEFAULT") -> Any:
-    """`run_folds` as a Ray task with one fold's resources (scheduled by `strategy`, e.g. a trial's placement group)."""
+    """`run_folds` as a Ray task with one fold's resources, scheduled by `strategy` ("DEFAULT": anywhere in the
+    cluster, the way trial_trainable submits it, so that pending tasks are demand the autoscaler sees)."""
     return ray.remote(run_folds).options(num_cpus=cpus, num_gpus=gpus, max_retries=retries,
                                          scheduling_strategy=strategy)
 

@@ -1,13 +1,16 @@
 """One hyperparameter trial = one configuration over its folds, as a Ray Tune function trainable.
 
-A trial requests a placement group of one empty head bundle (the trainable only waits) plus one bundle per fold it
-runs at once; its fold tasks are scheduled INSIDE that group, so Tune's accounting of trials matches what the folds
-really use, and trials and folds run concurrently up to the cluster's size.
+A trial reserves only what its waiting trainable needs (TRIAL_RESOURCES). Its fold tasks are plain Ray tasks outside
+Tune's placement group, each declaring one fold's resources (`tune.fold_cpus`, `tune.fold_gpus`): pending tasks are
+resource demand that Ray's autoscaler sees, and Ray runs as many as the cluster holds at each moment, so fold
+concurrency follows a cluster that grows (GPU workers starting at zero) instead of being sized when the driver starts.
+`tune.folds_per_trial` caps the fold tasks one trial has in flight.
 """
 
 from __future__ import annotations
 
-import math
+import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,8 +18,7 @@ from typing import Any
 import numpy as np
 import ray
 from ray import tune
-from ray.util import get_current_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.autoscaler.sdk import request_resources
 
 from mer_model.config import Params, SearchParam, with_overrides
 from mer_model.errors import ConfigError
@@ -24,6 +26,8 @@ from mer_model.training.folds import Fold, fold_fingerprint
 from mer_model.training.protocols import is_leaky
 from mer_model.training.results import FoldSummary
 from pipelines.engine.tasks import FoldJob, fold_task
+
+log = logging.getLogger(__name__)
 
 OBJECTIVE = "objective"  # the key a search trial reports: mean inner-validation score over its folds
 
@@ -44,6 +48,7 @@ class TrialContext:
     max_retries: int
     metric: str = "uf1"
     fold_group_size: int = 1  # folds per Ray task (tune.fold_group_size)
+    folds_per_trial: int = 0  # fold tasks in flight per trial (tune.folds_per_trial); 0 = no cap
     search_keys: list[str] = field(default_factory=list)
 
     def resolved(self, config: Mapping[str, Any]) -> tuple[Params, dict[str, Any]]:
@@ -68,7 +73,8 @@ def fold_jobs(ctx: TrialContext, params: Params) -> list[FoldJob]:
 
 
 def trial_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
-    """Ray Tune function trainable: launch every fold of this configuration, report each as it finishes.
+    """Ray Tune function trainable: launch the fold tasks of this configuration (at most `folds_per_trial` in flight
+    when set, the next submitted as one finishes), report each fold as it finishes.
 
     Search phase: the reported `objective` is the mean INNER validation score (`val_<tune.metric>` at the selected
     epoch) of the folds finished so far -- never a test-fold number. Evaluate phase: the fold only; pooled test
@@ -77,15 +83,19 @@ def trial_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     """
     params, _ = ctx.resolved(config)
     jobs = fold_jobs(ctx, params)
-    group = get_current_placement_group()
-    strategy: Any = (PlacementGroupSchedulingStrategy(placement_group=group, placement_group_capture_child_tasks=True)
-                     if group is not None else "DEFAULT")
-    task = fold_task(ctx.fold_cpus, ctx.fold_gpus, ctx.max_retries, strategy)
+    # "DEFAULT": out of the trial's placement group (Tune makes its trainables capture child tasks), so each fold
+    # task asks the whole cluster for its own resources.
+    task = fold_task(ctx.fold_cpus, ctx.fold_gpus, ctx.max_retries, "DEFAULT")
     size = ctx.fold_group_size
-    pending = {task.remote(group): group for group in (jobs[i:i + size] for i in range(0, len(jobs), size))}
+    queue = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    cap = ctx.folds_per_trial or len(queue)
+    pending: dict[Any, list[FoldJob]] = {}
     scores: list[float] = []
     done = 0
-    while pending:
+    while queue or pending:
+        while queue and len(pending) < cap:
+            group = queue.pop(0)
+            pending[task.remote(group)] = group
         ready, _ = ray.wait(list(pending), num_returns=1)
         group = pending.pop(ready[0])
         for job, summary in zip(group, ray.get(ready[0]), strict=True):
@@ -108,21 +118,61 @@ def inner_score(summary: FoldSummary, metric: str) -> float:
     return float(entry[key])
 
 
-def fold_resources(fold_cpus: float, fold_gpus: float, bundles: int) -> Any:
-    """Tune resources of a trial: an empty head bundle for the waiting trainable, one bundle per concurrent fold."""
+# What a trial's trainable reserves: it only submits fold tasks and waits for them, so no CPU or GPU (a bundle may not
+# be empty; a little memory, which every node has, including a KubeRay head started with num-cpus 0).
+TRIAL_RESOURCES: dict[str, float] = {"memory": 64 * 2**20}
+
+
+def trial_resources() -> Any:
+    """Tune resources of a trial: one bundle for the waiting trainable, none for its folds (they ask Ray directly)."""
+    return tune.PlacementGroupFactory([dict(TRIAL_RESOURCES)])
+
+
+def _fits(resources: Mapping[str, float], fold_cpus: float, fold_gpus: float) -> bool:
+    return (resources.get("CPU", 0) + 1e-9 >= fold_cpus) and (resources.get("GPU", 0) + 1e-9 >= fold_gpus)
+
+
+def wait_for_fold_node(fold_cpus: float, fold_gpus: float, timeout_s: float, poll_s: float = 1.0) -> None:
+    """Return once some alive node of the Ray cluster can hold one fold (`fold_cpus` CPU and `fold_gpus` GPU on ONE
+    node), asking the autoscaler for such a node meanwhile (`ray.autoscaler.sdk.request_resources`; a cluster without
+    an autoscaler ignores the request). A node joining counts as progress and restarts the clock, so an autoscaling
+    cluster may take as long as it needs to bring up workers; ConfigError (one line naming tune.fold_cpus/fold_gpus
+    and what the cluster has) when `timeout_s` seconds pass without one.
+    """
+    def alive() -> list[dict[str, Any]]:
+        return [n for n in ray.nodes() if n.get("Alive")]
+
+    current = alive()
+    if any(_fits(n["Resources"], fold_cpus, fold_gpus) for n in current):
+        return
     fold = {"CPU": fold_cpus, **({"GPU": fold_gpus} if fold_gpus else {})}
-    return tune.PlacementGroupFactory([{}] + [dict(fold) for _ in range(max(1, bundles))])
-
-
-def fold_slots(cluster: Mapping[str, float], fold_cpus: float, fold_gpus: float) -> int:
-    """How many folds the cluster can run at once."""
-    slots = math.floor(cluster.get("CPU", 1) / fold_cpus + 1e-9)
-    if fold_gpus:
-        slots = min(slots, math.floor(cluster.get("GPU", 0) / fold_gpus + 1e-9))
-    if slots < 1:
-        raise ConfigError(f"tune.fold_cpus/fold_gpus: one fold needs {fold_cpus} CPU / {fold_gpus} GPU; the Ray "
-                          f"cluster has {cluster.get('CPU', 0)} CPU / {cluster.get('GPU', 0)} GPU")
-    return slots
+    log.info("no node of the Ray cluster can hold one fold (%g CPU / %g GPU) yet; asking the autoscaler for one and "
+             "waiting up to %.0f s (tune.fold_node_wait_s) after the last node that joined", fold_cpus, fold_gpus,
+             timeout_s)
+    request_resources(bundles=[fold])
+    try:
+        seen = {n["NodeID"] for n in current}
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            time.sleep(poll_s)
+            current = alive()
+            if any(_fits(n["Resources"], fold_cpus, fold_gpus) for n in current):
+                log.info("a node that holds one fold joined the Ray cluster")
+                return
+            joined = {n["NodeID"] for n in current} - seen
+            if joined:
+                seen |= joined
+                deadline = time.monotonic() + timeout_s
+        total = {k: sum(n["Resources"].get(k, 0) for n in current) for k in ("CPU", "GPU")}
+        largest = max(current, key=lambda n: (n["Resources"].get("GPU", 0), n["Resources"].get("CPU", 0)),
+                      default={"Resources": {}})["Resources"]
+        raise ConfigError(
+            f"tune.fold_cpus/tune.fold_gpus: one fold needs {fold_cpus:g} CPU / {fold_gpus:g} GPU on one node; no node "
+            f"of the Ray cluster has that and none joined in {timeout_s:g} s (tune.fold_node_wait_s); the cluster "
+            f"has {len(current)} node(s), {total['CPU']:g} CPU / {total['GPU']:g} GPU in all, the largest "
+            f"{largest.get('CPU', 0):g} CPU / {largest.get('GPU', 0):g} GPU")
+    finally:
+        request_resources(bundles=[])  # the folds' own tasks are the demand from here on
 
 
 def search_folds(folds: list[Fold], count: int) -> list[Fold]:
