@@ -9,6 +9,7 @@ broken service explains itself instead of timing out silently.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -17,9 +18,11 @@ import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PG_BIN = Path(os.environ.get("MER_PG_BIN", "/usr/lib/postgresql/15/bin"))
 VENV_BIN = Path(sys.executable).parent
@@ -217,11 +220,16 @@ RAY_TEST_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disa
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int = 2, timeout: float = 180) -> Iterator[RayHead]:
+def ray_head(num_cpus: int = 2, timeout: float = 180, autoscaling: dict[str, Any] | None = None) -> Iterator[RayHead]:
     """`ray start --head --block` in its own session: loopback only, every port free and explicit (the defaults, e.g.
     the dashboard agent's 52365, may be held by another Ray on this machine), its own short temp dir (Ray's socket
     paths must stay under 108 characters). Yields once the runtime started and the dashboard (job server) answers;
-    on exit the whole session (head, raylet, workers) is ended and the temp dir removed."""
+    on exit the whole session (head, raylet, workers) is ended and the temp dir removed.
+
+    `autoscaling`: a cluster config for Ray's fake multi-node provider (`provider.type: fake_multinode`, the
+    provider behind `ray.cluster_utils.AutoscalingCluster`): the head runs Ray's autoscaler, which starts and stops
+    worker nodes on this machine as demand comes and goes. The provider is pointed at this head's GCS port; its
+    worker nodes keep the head's environment (loopback address) and temp dir, and are ended with it."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
     gcs, dashboard = free_port(), free_port()
     log = temp_dir / "head.log"
@@ -234,6 +242,12 @@ def ray_head(num_cpus: int = 2, timeout: float = 180) -> Iterator[RayHead]:
     # Workers and job drivers inherit the head's environment: the venv's `python` first on PATH (a job's entrypoint
     # is run by name), one thread each, so that two folds fit two cores.
     env |= {"PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    if autoscaling is not None:
+        config = {**autoscaling, "provider": {**autoscaling["provider"], "gcs_address": f"{LOOPBACK}:{gcs}"}}
+        (temp_dir / "autoscaling.json").write_text(json.dumps(config))
+        cmd.append(f"--autoscaling-config={temp_dir / 'autoscaling.json'}")
+        # What AutoscalingCluster.start sets: the fake provider refuses to run without RAY_FAKE_CLUSTER.
+        env |= {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     proc = _spawn(cmd, log, env={**env, **RAY_TEST_ENV, **NO_TELEMETRY})
     url = f"http://{LOOPBACK}:{dashboard}"
     try:
@@ -242,4 +256,23 @@ def ray_head(num_cpus: int = 2, timeout: float = 180) -> Iterator[RayHead]:
         yield RayHead(f"{LOOPBACK}:{gcs}", url, log)
     finally:
         stop(proc, timeout=5)  # then SIGKILL to the whole session: an ephemeral cluster has nothing to save
+        _end_leftovers(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _end_leftovers(temp_dir: Path) -> None:
+    """Kill, by pid, the processes of this head's cluster that outlived its session: those whose command line names
+    its own temp dir (e.g. worker nodes an autoscaler started in a session of their own)."""
+    import psutil
+
+    mine = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(arg.endswith(str(temp_dir)) or f"{temp_dir}/" in arg for arg in proc.info["cmdline"] or ()):
+                mine.append(proc)
+    for proc in mine:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(mine, timeout=10)
+    if mine:
+        warnings.warn(f"ray_head: {len(mine)} process(es) of {temp_dir} outlived its session; killed", stacklevel=2)
