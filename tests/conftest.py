@@ -17,7 +17,7 @@ from tests.servers import (
     NO_TELEMETRY,
     RAY_TEST_ENV,
     Postgres,
-    RayHead,
+    LocalRay,
     mlflow_server,
     postgres_server,
     ray_head,
@@ -162,7 +162,7 @@ def tiny_data(root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def session_ray() -> Iterator[RayHead]:
+def session_ray() -> Iterator[LocalRay]:
     """The session's one Ray, a head on 127.0.0.1 with 2 CPUs and a job server (tests/servers.py). While it runs,
     RAY_ADDRESS points at it, so every Ray user of the session joins it instead of starting its own: this process
     (`local_ray`), the drivers and `mer` commands the tests start as subprocesses, the KFP steps, `ray job submit`."""
@@ -179,7 +179,7 @@ def session_ray() -> Iterator[RayHead]:
 
 
 @pytest.fixture(scope="session")
-def local_ray(session_ray: RayHead) -> Iterator[None]:
+def local_ray(session_ray: LocalRay) -> Iterator[None]:
     """This process joined to the session's Ray (what the in-process tests and components use)."""
     import ray
 

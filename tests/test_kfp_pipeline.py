@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import THREE_BY_TWO, TrackingStack, tiny_params
-from tests.servers import NO_TELEMETRY, S3_KEY_ID, S3_SECRET, RayHead
+from tests.servers import NO_TELEMETRY, S3_KEY_ID, S3_SECRET, LocalRay
 
 REPO = Path(__file__).resolve().parents[1]
 COMPILED = REPO / "infra" / "kubeflow" / "mer_pipeline.yaml"
@@ -52,7 +52,7 @@ def test_compiled_pipeline_is_a_valid_pipeline_spec() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_pipeline_runs_locally_against_the_tracking_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          session_ray: RayHead, tracking_stack: TrackingStack) -> None:
+                                                          session_ray: LocalRay, tracking_stack: TrackingStack) -> None:
     """The whole chain (synth + ingest, preprocess, tune, evaluate, register) as KFP's local runner runs it, on the
     session's Ray (the steps' `ray_address`), logging to `mlflow server` with PostgreSQL and S3 with NO S3
     credentials on the client side (the server proxies artifacts, as in infra/k8s/mlflow.yaml). Then the runs are
