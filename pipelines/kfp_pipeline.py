@@ -7,9 +7,13 @@ a directory holding the step's outputs under their params.yaml-relative paths (e
 and moves its own outputs into its output artifact (pipelines/kfp_steps.py) — the components stay unaware of Kubeflow.
 
 Pipeline parameters mirror params.yaml: `params_file` (in the image; relative paths are relative to the project
-root) and `overrides`, dotted keys exactly like `mer ... -S key=value` (validated, a typo names the key). Two
-cluster settings sit beside them: `tracking_uri` (sets MLFLOW_TRACKING_URI) and `ray_address` (the RayCluster the
-preprocess and tune steps connect to, e.g. `ray://mer-raycluster-head-svc.mer.svc.cluster.local:10001`).
+root) and `overrides`, dotted keys exactly like `mer ... -S key=value` (validated, a typo names the key). The
+cluster settings sit beside them: `tracking_uri` (sets MLFLOW_TRACKING_URI), `ray_address` (the RayCluster the
+preprocess step's tasks run on, e.g. `ray://mer-raycluster-head-svc.mer.svc.cluster.local:10001`), `ray_dashboard`
+(the cluster's job server, e.g. `http://mer-raycluster-head-svc.mer.svc.cluster.local:8265`: the tune step submits
+the LOSO driver there as a Ray job, as Ray advises for Ray Tune, instead of driving Tune through Ray Client) and
+`ray_job_timeout_s` (how long the tune step waits for that job). Without `ray_dashboard` the tune step runs the
+driver in its own pod, joining `ray_address` if given, local Ray otherwise.
 
     python -m pipelines.kfp_pipeline --output infra/kubeflow/mer_pipeline.yaml     # `make pipeline-yaml`
 """
@@ -22,6 +26,8 @@ from pathlib import Path
 
 from kfp import compiler, dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from pipelines.ray_jobs import DEFAULT_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +58,13 @@ def preprocess(run_id: str, params_file: str, overrides: dict, tracking_uri: str
 
 
 @_component
-def tune(run_id: str, params_file: str, overrides: dict, tracking_uri: str, ray_address: str,
-         ingested: Input[Dataset],
-         preprocessed: Input[Dataset], tuned: Output[Model]):
+def tune(run_id: str, params_file: str, overrides: dict, tracking_uri: str, ray_address: str, ray_dashboard: str,
+         ray_job_timeout_s: int, ingested: Input[Dataset], preprocessed: Input[Dataset], tuned: Output[Model]):
     from pipelines.kfp_steps import run_step
 
     run_step("tune", run_id, params_file, overrides, tracking_uri, ray_address,
-             [ingested.path, preprocessed.path], tuned.path)
+             [ingested.path, preprocessed.path], tuned.path, ray_dashboard=ray_dashboard,
+             ray_job_timeout_s=ray_job_timeout_s)
 
 
 @_component
@@ -87,12 +93,13 @@ def register(run_id: str, params_file: str, overrides: dict, tracking_uri: str, 
 
 @dsl.pipeline(name="mer-loso", description="Micro-expression recognition: LOSO experiment and model registration")
 def mer_pipeline(params_file: str = "params.yaml", overrides: dict = {}, tracking_uri: str = "",  # noqa: B006
-                 ray_address: str = ""):
+                 ray_address: str = "", ray_dashboard: str = "", ray_job_timeout_s: int = DEFAULT_TIMEOUT_S):
     common = dict(run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, params_file=params_file, overrides=overrides,
                   tracking_uri=tracking_uri, ray_address=ray_address)
     ingest_task = ingest(**common)
     preprocess_task = preprocess(**common, ingested=ingest_task.outputs["ingested"])
-    tune_task = tune(**common, ingested=ingest_task.outputs["ingested"],
+    tune_task = tune(**common, ray_dashboard=ray_dashboard, ray_job_timeout_s=ray_job_timeout_s,
+                     ingested=ingest_task.outputs["ingested"],
                      preprocessed=preprocess_task.outputs["preprocessed"])
     evaluate_task = evaluate(**common, ingested=ingest_task.outputs["ingested"],
                              preprocessed=preprocess_task.outputs["preprocessed"], tuned=tune_task.outputs["tuned"])

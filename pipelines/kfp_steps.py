@@ -1,6 +1,11 @@
 """What a Kubeflow step does inside its pod: run the step's function (the one `mer <step>` runs) in a fresh working
 directory whose inputs are the upstream steps' artifacts, then move the step's outputs into its output artifact.
 
+Given a Ray job server (`ray_dashboard`), the tune step instead submits the LOSO driver as a Ray job
+(pipelines/ray_jobs.py) that runs in the same working directory on the cluster's head: the directory must then be
+on storage the head sees at the same path (a shared volume; the step's temp dir, TMPDIR), and the inputs are copied
+into it rather than linked to the pod's artifact paths.
+
 Kept apart from pipelines/kfp_pipeline.py (the pipeline DEFINITION) because KFP's executor loads kfp in a runtime-only
 mode in which the compiler cannot be imported; this module imports nothing from kfp.
 """
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -24,11 +30,14 @@ from components.preprocess import preprocess
 from components.register import register_final_model
 from components.synth import synthesize
 from mer_model.config import Params, load_params
+from mer_model.errors import ServiceError
+from pipelines.ray_jobs import DASHBOARD_KEY, DEFAULT_TIMEOUT_S, RayJobs, submission_id
 
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PATHS_FILE = "paths.json"  # in every artifact: the params-relative paths it carries
+COPIED_FILE = "copied-inputs.json"  # in a Ray job's working directory: the inputs copied there, removed at the end
 
 
 def resolve_params(params_file: str, overrides: dict[str, Any], ray_address: str) -> tuple[dict[str, Any], Params]:
@@ -67,7 +76,23 @@ def _link_inputs(inputs: list[str], workdir: Path) -> None:
             target.symlink_to(artifact / rel)
 
 
-def _collect_outputs(paths: list[str], workdir: Path, output: str) -> None:
+def _copy_inputs(inputs: list[str], workdir: Path) -> list[str]:
+    """Copy (links followed) what the input artifacts carry into `workdir`; returns the params-relative paths."""
+    copied = []
+    for artifact in map(Path, inputs):
+        for rel in json.loads((artifact / PATHS_FILE).read_text()):
+            source, target = artifact / rel, workdir / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, target, dirs_exist_ok=True)
+            else:
+                shutil.copy2(source, target)
+            copied.append(rel)
+    return copied
+
+
+def _collect_outputs(paths: list[str], workdir: Path, output: str, keep: bool = False) -> None:
+    """Move (`keep`: copy) the outputs present into the output artifact and list them in its paths.json."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     present = [rel for rel in paths if (workdir / rel).exists()]
@@ -76,7 +101,12 @@ def _collect_outputs(paths: list[str], workdir: Path, output: str) -> None:
         log.warning("step produced no %s", ", ".join(missing))
     for rel in present:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(workdir / rel), str(out / rel))
+        if not keep:
+            shutil.move(str(workdir / rel), str(out / rel))
+        elif (workdir / rel).is_dir():
+            shutil.copytree(workdir / rel, out / rel, dirs_exist_ok=True)
+        else:
+            shutil.copy2(workdir / rel, out / rel)
     (out / PATHS_FILE).write_text(json.dumps(present))
 
 
@@ -92,16 +122,22 @@ STEPS: dict[str, Callable[[Params], Any]] = {
 
 
 def run_step(step: str, run_id: str, params_file: str, overrides: dict[str, Any], tracking_uri: str,
-             ray_address: str, inputs: list[str], output: str) -> None:
-    """Run the step's function (and `synthesize` before a synthetic ingest) in a fresh working directory.
+             ray_address: str, inputs: list[str], output: str, ray_dashboard: str = "",
+             ray_job_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Run the step's function (and `synthesize` before a synthetic ingest) in a fresh working directory; the tune
+    step with `ray_dashboard` runs it as a Ray job there (`_tune_job`).
 
     The directory's path is the same in every step of a run (`<tmp>/mer-kfp-<run id>`), so absolute paths a
     component records (e.g. the frame directories in annotations.csv) still resolve downstream, through the links.
     """
+    workdir = Path(tempfile.gettempdir()) / f"mer-kfp-{run_id}"
+    if step == "tune" and ray_dashboard:
+        _tune_job(run_id, params_file, overrides, tracking_uri, inputs, output, workdir, ray_dashboard,
+                  ray_job_timeout_s)
+        return
     raw, params = resolve_params(params_file, overrides, ray_address)
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    workdir = Path(tempfile.gettempdir()) / f"mer-kfp-{run_id}"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     cwd = Path.cwd()
@@ -119,6 +155,48 @@ def run_step(step: str, run_id: str, params_file: str, overrides: dict[str, Any]
     finally:
         os.chdir(cwd)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _tune_job(run_id: str, params_file: str, overrides: dict[str, Any], tracking_uri: str, inputs: list[str],
+              output: str, workdir: Path, ray_dashboard: str, timeout_s: float) -> None:
+    """The tune step on a cluster: `python -m pipelines.loso` in `workdir` as the Ray job of this run and experiment
+    (pipelines/ray_jobs.py), then its outputs copied into the output artifact.
+
+    A retry of the step (same run id, same parameters) submits nothing new: it attaches to the job while it runs,
+    takes its outputs when it SUCCEEDED, and resubmits it in the same directory after FAILED or STOPPED (finished
+    folds are read back, not trained again). The working directory keeps the outputs for such a retry (the copied
+    inputs are removed); the inputs and the job's own state are the only things written to the shared storage.
+    """
+    jobs = RayJobs(ray_dashboard)  # first: an unreachable job server is one line naming `ray_dashboard`
+    raw, params = resolve_params(params_file, overrides, "")
+    # Inside the job the driver joins the job's own cluster (RAY_ADDRESS); an address in the parameters (e.g. a
+    # ray:// one) would make it a Ray Client of that cluster instead.
+    raw["tune"]["ray_address"] = None
+    job_id = submission_id(run_id, raw)
+    status = jobs.status(job_id)
+    if status in ("PENDING", "RUNNING", "SUCCEEDED"):
+        log.info("kfp step tune: Ray job %s is %s already (an earlier attempt of this step): not submitted again",
+                 job_id, status)
+    else:
+        if status is None:  # a first attempt: a fresh directory, as for the other steps
+            shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        copied = _copy_inputs(inputs, workdir)
+        (workdir / COPIED_FILE).write_text(json.dumps(copied))
+        env = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}
+        entrypoint = f"cd {shlex.quote(str(workdir))} && python -m pipelines.loso --params params.yaml"
+        jobs.submit(job_id, entrypoint, env)
+    jobs.wait(job_id, timeout_s)
+    if not (workdir / params.tune.results).exists():
+        raise ServiceError(f"{DASHBOARD_KEY}: Ray job {job_id} SUCCEEDED but {workdir / params.tune.results} is "
+                           "missing here: the step's temp dir (TMPDIR) must be storage the Ray head shares at the "
+                           "same path")
+    _collect_outputs(step_outputs("tune", params), workdir, output, keep=True)
+    copied_file = workdir / COPIED_FILE
+    for rel in json.loads(copied_file.read_text()) if copied_file.exists() else []:
+        target = workdir / rel
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
 
 def log_metrics(metrics_dir: str, metrics_file: str, sink: Any) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from tests.servers import (
     NO_TELEMETRY,
     RAY_TEST_ENV,
     Postgres,
-    RayHead,
+    LocalRay,
     mlflow_server,
     postgres_server,
     ray_head,
@@ -32,6 +34,47 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # Every Ray of these tests binds to 127.0.0.1 and runs without an auth token; every process that joins the session's
 # Ray (this one, drivers, `ray job submit`) must agree on that, so the variables are set, not defaulted.
 os.environ.update(RAY_TEST_ENV)
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stderr: str
+
+
+def mer_process(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None,
+                timeout: float = 300) -> subprocess.CompletedProcess:
+    """The `mer` command as a user runs it, a process of its own; `env` replaces the environment (default: this
+    one, one OMP thread)."""
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env if env is not None else {**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture()
+def mer(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """`mer ARGS` through the CLI's `main` in this process (faster than `mer_process`), in `cwd`, with `env` added:
+    its exit code and stderr."""
+    from pipelines.cli import main
+
+    def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> CliResult:
+        monkeypatch.chdir(cwd)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        capsys.readouterr()
+        code = main(list(args))
+        return CliResult(code, capsys.readouterr().err)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A SampleStore of 5 subjects x 6 synthetic samples with every cache array (tests/test_training_data.py
+    `write_cache`), for the training-loop tests."""
+    from mer_model.training.data import SampleStore
+    from test_training_data import write_cache
+
+    return SampleStore.open(write_cache(tmp_path_factory.mktemp("cache"), subjects=5, per_subject=6))
 
 
 def _shared(relative: str) -> Path:
@@ -119,7 +162,7 @@ def tiny_data(root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def session_ray() -> Iterator[RayHead]:
+def session_ray() -> Iterator[LocalRay]:
     """The session's one Ray, a head on 127.0.0.1 with 2 CPUs and a job server (tests/servers.py). While it runs,
     RAY_ADDRESS points at it, so every Ray user of the session joins it instead of starting its own: this process
     (`local_ray`), the drivers and `mer` commands the tests start as subprocesses, the KFP steps, `ray job submit`."""
@@ -136,7 +179,7 @@ def session_ray() -> Iterator[RayHead]:
 
 
 @pytest.fixture(scope="session")
-def local_ray(session_ray: RayHead) -> Iterator[None]:
+def local_ray(session_ray: LocalRay) -> Iterator[None]:
     """This process joined to the session's Ray (what the in-process tests and components use)."""
     import ray
 

@@ -12,17 +12,17 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from components.ray_session import LOCAL_RAY_ENV, LocalRay, free_port, start_local_ray
 
 PG_BIN = Path(os.environ.get("MER_PG_BIN", "/usr/lib/postgresql/15/bin"))
 VENV_BIN = Path(sys.executable).parent
@@ -32,13 +32,6 @@ S3_KEY_ID = "testing"
 S3_SECRET = "testing"
 # No usage reporting from test processes (no outbound traffic; MLflow's telemetry thread also races os.environ).
 NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on the loopback interface."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
@@ -206,73 +199,35 @@ def mlflow_server(backend_store_uri: str, artifacts_destination: str, env: dict[
         shutil.rmtree(root, ignore_errors=True)
 
 
-@dataclass(frozen=True)
-class RayHead:
-    address: str  # GCS address, what `ray.init(address=...)` and RAY_ADDRESS take
-    dashboard: str  # http URL of the dashboard, where `ray job submit` and the Jobs SDK send jobs
-    log: Path
-
-
-# A Ray of the tests' own: bound to 127.0.0.1 (not the machine's address), no auth token (an ephemeral loopback
-# cluster), no usage reporting. Every process that joins it (the test process, drivers, `ray job submit`) needs the
-# same authentication mode, so the tests export these variables for the whole session.
-RAY_TEST_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+# Every process that joins the tests' Ray (the test process, drivers, `ray job submit`) needs the head's auth mode
+# (components.ray_session.LOCAL_RAY_ENV), so the tests export these variables for the whole session.
+RAY_TEST_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **LOCAL_RAY_ENV}
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int = 2, timeout: float = 180, autoscaling: dict[str, Any] | None = None) -> Iterator[RayHead]:
-    """`ray start --head --block` in its own session: loopback only, every port free and explicit (the defaults, e.g.
-    the dashboard agent's 52365, may be held by another Ray on this machine), its own short temp dir (Ray's socket
-    paths must stay under 108 characters). Yields once the runtime started and the dashboard (job server) answers;
-    on exit the whole session (head, raylet, workers) is ended and the temp dir removed.
+def ray_head(num_cpus: int = 2, timeout: float = 180, autoscaling: dict[str, Any] | None = None) -> Iterator[LocalRay]:
+    """The platform's private local Ray head (components.ray_session.start_local_ray) with a job server, ended on
+    exit. Workers and job drivers inherit the head's environment: the venv's `python` first on PATH (a job's
+    entrypoint is run by name), one thread each, so that two folds fit two cores.
 
     `autoscaling`: a cluster config for Ray's fake multi-node provider (`provider.type: fake_multinode`, the
     provider behind `ray.cluster_utils.AutoscalingCluster`): the head runs Ray's autoscaler, which starts and stops
     worker nodes on this machine as demand comes and goes. The provider is pointed at this head's GCS port; its
-    worker nodes keep the head's environment (loopback address) and temp dir, and are ended with it."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
-    gcs, dashboard = free_port(), free_port()
-    log = temp_dir / "head.log"
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={gcs}",
-           f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
-           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-           f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    # Workers and job drivers inherit the head's environment: the venv's `python` first on PATH (a job's entrypoint
-    # is run by name), one thread each, so that two folds fit two cores.
-    env |= {"PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
-    if autoscaling is not None:
-        config = {**autoscaling, "provider": {**autoscaling["provider"], "gcs_address": f"{LOOPBACK}:{gcs}"}}
-        (temp_dir / "autoscaling.json").write_text(json.dumps(config))
-        cmd.append(f"--autoscaling-config={temp_dir / 'autoscaling.json'}")
-        # What AutoscalingCluster.start sets: the fake provider refuses to run without RAY_FAKE_CLUSTER.
-        env |= {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
-    proc = _spawn(cmd, log, env={**env, **RAY_TEST_ENV, **NO_TELEMETRY})
-    url = f"http://{LOOPBACK}:{dashboard}"
-    try:
-        wait_until(lambda: "Ray runtime started" in log.read_text(errors="replace") and http_ok(f"{url}/api/version"),
-                   timeout, "ray head", proc, log)
-        yield RayHead(f"{LOOPBACK}:{gcs}", url, log)
-    finally:
-        stop(proc, timeout=5)  # then SIGKILL to the whole session: an ephemeral cluster has nothing to save
-        _end_leftovers(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _end_leftovers(temp_dir: Path) -> None:
-    """Kill, by pid, the processes of this head's cluster that outlived its session: those whose command line names
-    its own temp dir (e.g. worker nodes an autoscaler started in a session of their own)."""
-    import psutil
-
-    mine = []
-    for proc in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if any(arg.endswith(str(temp_dir)) or f"{temp_dir}/" in arg for arg in proc.info["cmdline"] or ()):
-                mine.append(proc)
-    for proc in mine:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(mine, timeout=10)
-    if mine:
-        warnings.warn(f"ray_head: {len(mine)} process(es) of {temp_dir} outlived its session; killed", stacklevel=2)
+    worker nodes inherit the head's environment (loopback address), join its temp dir and process session, and end
+    with it."""
+    env = {"MLFLOW_TRACKING_URI": None, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1", **NO_TELEMETRY}
+    with tempfile.TemporaryDirectory(prefix="mer-as-") as config_dir:
+        options: dict[str, str] = {}
+        if autoscaling is not None:
+            gcs = free_port()
+            path = Path(config_dir) / "autoscaling.json"
+            path.write_text(json.dumps({**autoscaling, "provider": {**autoscaling["provider"],
+                                                                     "gcs_address": f"{LOOPBACK}:{gcs}"}}))
+            options = {"port": str(gcs), "autoscaling-config": str(path)}
+            # What AutoscalingCluster.start sets: the fake provider refuses to run without RAY_FAKE_CLUSTER.
+            env |= {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+        head = start_local_ray(num_cpus, dashboard=True, env=env, timeout=timeout, options=options)
+        try:
+            yield head
+        finally:
+            head.stop(timeout=5)  # then SIGKILL to the whole session: an ephemeral cluster has nothing to save

@@ -9,44 +9,19 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
+from conftest import CliResult, mer_process
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def mer_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-@dataclass
-class Result:
-    returncode: int
-    stderr: str
-
-
-@pytest.fixture()
-def mer(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
-    """`mer ARGS` in this process, in `cwd`: its exit code and stderr."""
-    from pipelines.cli import main
-
-    def run(*args: str, cwd: Path) -> Result:
-        monkeypatch.chdir(cwd)
-        capsys.readouterr()
-        code = main(list(args))
-        return Result(code, capsys.readouterr().err)
-
-    return run
-
-
-def error_lines(result: Result | subprocess.CompletedProcess) -> list[str]:
+def error_lines(result: CliResult | subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if ": error: " in line or line.startswith("Traceback")]
 
 
@@ -116,7 +91,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_user_error_is_one_line_without_traceback(project: Path, case: str, mer: Callable[..., Result]) -> None:
+def test_user_error_is_one_line_without_traceback(project: Path, case: str, mer: Callable[..., CliResult]) -> None:
     args, expected = CASES[case]
     result = mer(*args, cwd=project)
     assert result.returncode == 2, result.stderr
@@ -125,7 +100,7 @@ def test_user_error_is_one_line_without_traceback(project: Path, case: str, mer:
     assert line.startswith(f"mer {args[0]}: error: ") and expected in line, line
 
 
-def test_invalid_value_in_params_file_names_file_and_key(project: Path, mer: Callable[..., Result]) -> None:
+def test_invalid_value_in_params_file_names_file_and_key(project: Path, mer: Callable[..., CliResult]) -> None:
     bad = _bad_params(project, "train.protocol", "honest")
     result = mer("evaluate", "--params", bad, cwd=project)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -133,7 +108,7 @@ def test_invalid_value_in_params_file_names_file_and_key(project: Path, mer: Cal
     assert f"{bad}: train.protocol: Input should be 'fixed', 'inner' or 'oracle'" in line
 
 
-def test_unparseable_annotation_row_names_file_and_row(project: Path, mer: Callable[..., Result]) -> None:
+def test_unparseable_annotation_row_names_file_and_row(project: Path, mer: Callable[..., CliResult]) -> None:
     root = _casme2_sheet(project)
     result = mer("ingest", "-S", "data.source=casme2", "-S", f"data.root={root}", "-S",
                  f"data.annotation={root / 'coding.xlsx'}", cwd=project)
@@ -142,7 +117,7 @@ def test_unparseable_annotation_row_names_file_and_row(project: Path, mer: Calla
     assert "coding.xlsx" in line and "row 3" in line and "abc" in line, line
 
 
-def test_unwritable_report_dir_fails_before_work(project: Path, mer: Callable[..., Result]) -> None:
+def test_unwritable_report_dir_fails_before_work(project: Path, mer: Callable[..., CliResult]) -> None:
     (project / "afile").write_text("not a directory")
     results = project / "results"
     results.mkdir()
@@ -169,7 +144,7 @@ def test_unknown_subcommand_and_missing_argument_are_usage_errors(project: Path)
     assert result.returncode == 2 and "--model" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_s3_storage_without_credentials_is_refused_before_anything_starts(project: Path, mer: Callable[..., Result],
+def test_s3_storage_without_credentials_is_refused_before_anything_starts(project: Path, mer: Callable[..., CliResult],
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     for key in [k for k in os.environ if k.startswith("AWS_")]:
         monkeypatch.delenv(key)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from conftest import REPO, tiny_data, tiny_params
-from tests.servers import RayHead, ray_head
+from tests.servers import LocalRay, ray_head
 
 # Ray's fake multi-node provider (what ray.cluster_utils.AutoscalingCluster configures; its own start() cannot be
 # used here, see fake_gpu_cluster): a CPU-only head and a GPU worker type starting at zero nodes.
@@ -53,7 +53,7 @@ def _gpu_nodes() -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 def test_loso_with_fold_gpus_grows_an_autoscaling_cluster_from_zero_gpu_workers(tiny_root: Path, tmp_path: Path,
-                                                                                session_ray: RayHead) -> None:
+                                                                                session_ray: LocalRay) -> None:
     """A LOSO asking 0.5 GPU per fold on a cluster with a CPU-only head and GPU workers at zero: the driver does not
     refuse (no sizing from start-time resources), the autoscaler starts GPU workers for the pending folds, and the
     run completes with every fold stored and pooled metrics written. Ray's GPUs here are fake (a node that says it

@@ -41,11 +41,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> SampleStore:
-    return SampleStore.open(write_cache(tmp_path_factory.mktemp("cache"), subjects=5, per_subject=6))
-
-
 def _specs(folds: list[Fold], dropout: float = 0.0, name: str = "ststnet", **train: Any) -> list[FoldSpec]:
     model = ModelConfig(name=name, config="small", kwargs={"dropout": dropout})
     cfg = TrainConfig(**{"epochs": 3, "batch_size": 8, "lr": 0.01, "device": "cpu", **train})

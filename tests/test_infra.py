@@ -193,10 +193,19 @@ def test_raycluster_shape() -> None:
     ray = pytest.importorskip("ray")
     assert cluster["rayVersion"] == ray.__version__, "rayVersion must match the Ray in the image"
     assert cluster["enableInTreeAutoscaling"] is True
-    (gpu,) = [g for g in cluster["workerGroupSpecs"] if g["groupName"] == "gpu"]
-    assert 0 <= gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
-    limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert int(limits["nvidia.com/gpu"]) >= 1
+    assert 0 < cluster["autoscalerOptions"]["idleTimeoutSeconds"] <= 600  # idle GPU workers do go away
+    # The head runs the GCS, the job server and the drivers, no task: every fold waits for a worker.
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    head_limits = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in head_limits
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "gpu"}
+    for group in groups.values():  # both scale from zero pods: an idle cluster is one head
+        assert group["minReplicas"] == group["replicas"] == 0 < group["maxReplicas"]
+        assert "num-gpus" not in group["rayStartParams"]  # KubeRay takes it from the nvidia.com/gpu limit
+    gpu_limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert int(gpu_limits["nvidia.com/gpu"]) >= 1
+    assert "nvidia.com/gpu" not in groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     for template in pod_templates({"kind": "RayCluster", "spec": cluster}):
         sources = template["spec"]["containers"][0]["envFrom"]
         assert {"configMapRef": {"name": "mer-env"}} in sources and {"secretRef": {"name": "mer-s3"}} in sources
@@ -207,9 +216,20 @@ def test_raycluster_shape() -> None:
 def test_rayjob_runs_the_loso_driver_on_the_cluster() -> None:
     job = by_kind("RayJob")[0]["spec"]
     assert job["clusterSelector"] == {"ray.io/cluster": by_kind("RayCluster")[0]["metadata"]["name"]}
-    assert job["entrypoint"] == "python -m pipelines.loso --params params.yaml"
+    command = job["entrypoint"].split()
+    assert command[:5] == ["python", "-m", "pipelines.loso", "--params", "params.yaml"]
     assert job["shutdownAfterJobFinishes"] is False  # the selected cluster is shared, not owned by the job
     assert importlib.util.find_spec("pipelines.loso") is not None, "the RayJob entrypoint module is missing"
+    # The folds ask for GPUs (a fraction: several small folds share one), the driver for nothing (it stays on the
+    # head, whose num-cpus is 0).
+    overrides = dict(arg.split("=", 1) for flag, arg in zip(command[5::2], command[6::2]) if flag == "-S")
+    assert 0 < float(overrides["tune.fold_gpus"]) <= 1
+    assert job.get("entrypointNumCpus", 0) == 0 and job.get("entrypointNumGpus", 0) == 0
+    assert "entrypointResources" not in job
+    from mer_model.config import load_params
+
+    params = load_params(REPO / "params.yaml", overrides)  # the overrides are valid keys and values
+    assert params.tune.fold_gpus == float(overrides["tune.fold_gpus"])
 
 
 def test_mlflow_server_stores() -> None:

@@ -1,21 +1,25 @@
 """The Kubeflow pipeline: the checked-in compiled YAML is current and a valid PipelineSpec, and the pipeline runs
 end to end with KFP's local runner (each step a subprocess running the real component) on a tiny synthetic set,
-against the deployment's tracking stack (`mlflow server` + PostgreSQL + S3, real local processes)."""
+against the deployment's tracking stack (`mlflow server` + PostgreSQL + S3, real local processes). The tune step's
+cluster path (the driver as a Ray job on the session's Ray head, through its job server) is run on its own."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import THREE_BY_TWO, TrackingStack, tiny_params
-from tests.servers import NO_TELEMETRY, S3_KEY_ID, S3_SECRET, RayHead
+from conftest import THREE_BY_TWO, TrackingStack, tiny_data, tiny_params
+from tests.servers import NO_TELEMETRY, S3_KEY_ID, S3_SECRET, LocalRay
 
 REPO = Path(__file__).resolve().parents[1]
 COMPILED = REPO / "infra" / "kubeflow" / "mer_pipeline.yaml"
@@ -46,13 +50,15 @@ def test_compiled_pipeline_is_a_valid_pipeline_spec() -> None:
         assert before in tasks[after].dependent_tasks
     executors = doc["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {DEFAULT_IMAGE}
-    assert set(spec.root.input_definitions.parameters) == {"params_file", "overrides", "tracking_uri", "ray_address"}
+    assert set(spec.root.input_definitions.parameters) == {"params_file", "overrides", "tracking_uri", "ray_address",
+                                                           "ray_dashboard", "ray_job_timeout_s"}
+    assert set(tasks["tune"].inputs.parameters) >= {"ray_dashboard", "ray_job_timeout_s"}
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_pipeline_runs_locally_against_the_tracking_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          session_ray: RayHead, tracking_stack: TrackingStack) -> None:
+                                                          session_ray: LocalRay, tracking_stack: TrackingStack) -> None:
     """The whole chain (synth + ingest, preprocess, tune, evaluate, register) as KFP's local runner runs it, on the
     session's Ray (the steps' `ray_address`), logging to `mlflow server` with PostgreSQL and S3 with NO S3
     credentials on the client side (the server proxies artifacts, as in infra/k8s/mlflow.yaml). Then the runs are
@@ -129,3 +135,120 @@ def test_pipeline_runs_locally_against_the_tracking_stack(tmp_path: Path, monkey
     probabilities = served.predict(batch)
     assert list(probabilities.columns) == served.unwrap_python_model().class_names
     np.testing.assert_allclose(probabilities.to_numpy().sum(axis=1), 1.0, atol=1e-5)
+
+
+def _artifact(root: Path, rel: str, source: Path) -> str:
+    """An upstream step's output artifact as the pipeline hands it on: `rel` (linked to `source`) + paths.json."""
+    from pipelines.kfp_steps import PATHS_FILE
+
+    (root / rel).parent.mkdir(parents=True)
+    (root / rel).symlink_to(source)
+    (root / PATHS_FILE).write_text(json.dumps([rel]))
+    return str(root)
+
+
+def test_tune_step_names_an_unreachable_job_server(tmp_path: Path) -> None:
+    """`ray_dashboard` is checked first, within seconds, and the one line names the pipeline parameter."""
+    from mer_model.errors import ServiceError
+    from pipelines.kfp_steps import run_step
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for address, fragment in [(f"http://127.0.0.1:{port}", "no Ray cluster reachable"),
+                              (f"127.0.0.1:{port}", "expected the Ray job server's URL")]:
+        with pytest.raises(ServiceError) as err:
+            run_step("tune", "unreachable", "params.yaml", {}, "", "", [], str(tmp_path / "out"),
+                     ray_dashboard=address)
+        message = str(err.value)
+        assert message.startswith("ray_dashboard: ") and fragment in message and "\n" not in message
+
+
+def test_ray_job_submission_id_is_per_run_and_experiment() -> None:
+    from pipelines.ray_jobs import submission_id
+
+    experiment = {"model": {"name": "ststnet"}, "train": {"epochs": 2}}
+    assert submission_id("run-1", experiment) == submission_id("run-1", json.loads(json.dumps(experiment)))
+    assert submission_id("run-1", experiment) != submission_id("run-2", experiment)
+    assert submission_id("run-1", experiment) != submission_id("run-1", {**experiment, "train": {"epochs": 3}})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tune_step_runs_the_driver_as_a_ray_job(tiny_root: Path, session_ray: LocalRay,
+                                                tracking_stack: TrackingStack, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The tune step given `ray_dashboard` submits `python -m pipelines.loso` to the session's job server, copies
+    the job's log into its own, and takes the results into its output artifact; the same step again (a KFP retry:
+    same run id) submits no second job and hands on the same results; a job that fails is one line naming it."""
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobSubmissionClient
+
+    from mer_model.errors import ServiceError
+    from pipelines.kfp_steps import run_step
+
+    # The step's temp dir is where the job works: on a cluster a volume the head shares, here this machine's disk.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    data = tiny_data(tiny_root)
+    ingested = _artifact(tmp_path / "ingested", "data/ingested", data / "ingested")
+    preprocessed = _artifact(tmp_path / "preprocessed", "data/preprocessed", data / "preprocessed")
+    experiment = "mer-kfp-job-test"
+    params = tiny_params(tmp_path, data, **{
+        "data.ingested": "data/ingested/annotations.csv", "preprocess.out": "data/preprocessed",
+        "tune.storage_path": "runs/tune", "tune.results": "runs/results", "tune.final_model": False,
+        "tracking.experiment": experiment})
+    jobs = JobSubmissionClient(session_ray.dashboard)
+
+    def submitted(run_id: str) -> list:
+        return [j for j in jobs.list_jobs() if (j.submission_id or "").startswith(f"mer-tune-{run_id}-")]
+
+    step = dict(params_file=str(params), overrides={}, tracking_uri=tracking_stack.uri, ray_address="",
+                inputs=[ingested, preprocessed], ray_dashboard=session_ray.dashboard, ray_job_timeout_s=400)
+    with caplog.at_level(logging.INFO, logger="pipelines.ray_jobs"):
+        run_step("tune", "job-test", output=str(tmp_path / "tuned"), **step)
+    (job,) = submitted("job-test")
+    assert job.status.value == "SUCCEEDED" and job.entrypoint.endswith("python -m pipelines.loso --params params.yaml")
+    copied_log = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"[{job.submission_id}]")]
+    assert any("evaluate: 4/4 folds done" in line for line in copied_log), copied_log[-20:]
+    tuned = tmp_path / "tuned"
+    assert json.loads((tuned / "paths.json").read_text()) == ["runs/results", "runs/tune"]
+    summary = json.loads((tuned / "runs" / "results" / "summary.json").read_text())
+    assert summary["folds"] == 4 and summary["metrics"]["n"] == 12
+    # The job logged to the tracking server it was given (the head's own environment has no MLFLOW_TRACKING_URI).
+    client = MlflowClient(tracking_uri=tracking_stack.uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert [r.data.tags.get("mer.kind") for r in runs].count("fold") == 4
+    # The copied inputs are gone from the shared directory; the outputs stay there for a retry.
+    workdir = shared / "mer-kfp-job-test"
+    assert not (workdir / "data" / "preprocessed").exists() and (workdir / "runs" / "results").is_dir()
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines.kfp_steps"):
+        run_step("tune", "job-test", output=str(tmp_path / "tuned-again"), **step)
+    (again,) = submitted("job-test")
+    assert (again.submission_id, again.start_time) == (job.submission_id, job.start_time)
+    assert any("not submitted again" in r.getMessage() for r in caplog.records)
+    assert json.loads((tmp_path / "tuned-again" / "runs" / "results" / "summary.json").read_text()) == summary
+
+    # No preprocessed input: the driver exits 2 on the cluster, and the step says so in one line naming the job.
+    with pytest.raises(ServiceError) as err:
+        run_step("tune", "job-fail", output=str(tmp_path / "failed"), **{**step, "inputs": [ingested]})
+    (failed,) = submitted("job-fail")
+    message = str(err.value)
+    assert failed.status.value == "FAILED" and "\n" not in message
+    assert message.startswith(f"Ray job {failed.submission_id} FAILED") and "exit code 2" in message
+    assert "last log line: pipelines.loso: error: " in message and "no index.csv" in message
+    # Retried after the failure: the same job id submitted again (the failed record replaced), still one job.
+    with pytest.raises(ServiceError, match="FAILED"):
+        run_step("tune", "job-fail", output=str(tmp_path / "failed-again"), **{**step, "inputs": [ingested]})
+    (resubmitted,) = submitted("job-fail")
+    assert resubmitted.submission_id == failed.submission_id and resubmitted.start_time > failed.start_time
+
+    # Still running when the step's time is up: stopped, and the one line names the parameter and the job.
+    with pytest.raises(ServiceError) as err:
+        run_step("tune", "job-late", output=str(tmp_path / "late"), **{**step, "ray_job_timeout_s": 1})
+    (late,) = submitted("job-late")
+    assert late.status.value == "STOPPED"
+    assert str(err.value).startswith(f"ray_job_timeout_s: Ray job {late.submission_id} still ")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import mer_process
 from mer_model.config import Params, PreprocessConfig
 from mer_model.errors import SampleError
 from mer_model.inference import example_arrays, input_batch, open_clip, predict_proba
@@ -88,12 +87,6 @@ def _checkpoint(path: Path, name: str = "htnet") -> Path:
     return save_checkpoint(model, path, meta)
 
 
-def _mer(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 def test_predict_cli_on_real_frames_and_video(tmp_path: Path, casme2_clip_dir: Path) -> None:
     """Folder and lossless video of the same real frames give the same answer; failing clips are reported by name
     and counted while the others complete; default key frames are reported."""
@@ -102,7 +95,7 @@ def test_predict_cli_on_real_frames_and_video(tmp_path: Path, casme2_clip_dir: P
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken.mp4").write_bytes(b"\x00not a video" * 64)
     checkpoint = _checkpoint(tmp_path / "model.pt")
-    result = _mer("predict", "--model", str(checkpoint), "--json", "--params", str(REPO / "params.yaml"),
+    result = mer_process("predict", "--model", str(checkpoint), "--json", "--params", str(REPO / "params.yaml"),
                   str(casme2_clip_dir), str(video), str(tmp_path / "empty"), str(tmp_path / "broken.mp4"),
                   cwd=tmp_path)
     assert result.returncode == 1, result.stderr

@@ -4,7 +4,6 @@ apex crops become `apex224` (issue 11) while a crop the face detector misses cos
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import cv2

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, runs_by_kind, tiny_data, tiny_params
-from tests.servers import RayHead
+from tests.servers import LocalRay
 
 JOB_S = 400
 # Anchored to the working directory (gitignore syntax): a bare "data" would also drop the package mer_model/data.
@@ -36,7 +36,7 @@ def _submit(command: list[str], env: dict[str, str]) -> subprocess.CompletedProc
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_the_driver_and_an_oracle_run_is_tagged_leaky(tiny_root: Path, session_ray: RayHead,
+def test_ray_job_submit_runs_the_driver_and_an_oracle_run_is_tagged_leaky(tiny_root: Path, session_ray: LocalRay,
                                                                           tmp_path: Path) -> None:
     venv_bin = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is the venv's

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from test_models import make_batch
-from test_training_data import CLASSES, write_cache
+from test_training_data import CLASSES
 
 from mer_model.batch_keys import BATCH_KEYS, Geometry, example_array
 from mer_model.config import ModelConfig, PreprocessConfig, TrainConfig, parse_params
@@ -20,6 +20,7 @@ from mer_model.data import LOADERS, load_annotations
 from mer_model.errors import ConfigError, DataError
 from mer_model.inference import example_arrays, input_batch
 from mer_model.models import create_model, list_configs, list_models, model_io
+from mer_model.preprocess.modalities import MODALITIES
 from mer_model.training import augment
 from mer_model.training.data import SampleStore, to_tensor
 from mer_model.training.protocols import get_protocol, is_leaky, list_protocols
@@ -36,6 +37,12 @@ def _one_thread() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------------------------ models
+
+
+def test_every_cache_modality_is_a_batch_key() -> None:
+    """`preprocess.modalities` (the validated Literal of config.py, which cannot import the spec) names exactly the
+    arrays of the batch-key spec: a new key is added to both or the config refuses what the cache can hold."""
+    assert set(MODALITIES) == set(BATCH_KEYS)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -82,11 +89,6 @@ def test_every_loader_is_a_valid_data_source(source: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- protocols
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> SampleStore:
-    return SampleStore.open(write_cache(tmp_path_factory.mktemp("cache"), subjects=5, per_subject=6))
 
 
 @pytest.mark.parametrize("name", list_protocols())

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -14,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import CliResult
 from mer_model.reporting import comparison_table, write_comparison_report, write_experiment_report
 from mer_model.training.metrics import pooled_metrics
 
@@ -89,31 +89,8 @@ def test_comparison_table_latest_run_and_leaky_rows(tmp_path: Path) -> None:
     assert pd.read_csv(tmp_path / "compare.csv").shape[0] == 3
 
 
-@dataclass
-class Result:
-    returncode: int
-    stderr: str
-
-
-@pytest.fixture()
-def mer(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
-    """`mer ARGS` through the CLI's `main` in this process (the `mer` process itself is checked in
-    test_cli_errors.py), in `cwd`, with `env` set."""
-    from pipelines.cli import main
-
-    def run(*args: str, cwd: Path, env: dict[str, str]) -> Result:
-        monkeypatch.chdir(cwd)
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        capsys.readouterr()
-        code = main(list(args))
-        return Result(code, capsys.readouterr().err)
-
-    return run
-
-
 @pytest.mark.slow
-def test_mer_report_cli_single_and_compare(tmp_path: Path, mer: Callable[..., Result]) -> None:
+def test_mer_report_cli_single_and_compare(tmp_path: Path, mer: Callable[..., CliResult]) -> None:
     """Tune results (summary, pooled predictions, fold histories) + MLflow parent runs as the driver leaves them ->
     `mer report` (reads only tune.results; attaches the report to the parent run) and `mer report --compare`."""
     from mlflow.tracking import MlflowClient

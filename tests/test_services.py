@@ -3,22 +3,22 @@ within a bounded time and before anything else starts -- not minutes of retries 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import secrets
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TrackingStack, tiny_data, tiny_params
+from conftest import REPO, TrackingStack, mer_process, tiny_data, tiny_params
+from mer_model.errors import ServiceError
 from tests.servers import free_port
 
 BOUND_S = 180  # generous for a busy 2-core machine; the failure modes fixed here took minutes or hung
-
-
-def _mer(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=BOUND_S)
 
 
 def _one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -32,12 +32,86 @@ def test_unreachable_ray_address_is_one_line_naming_the_setting(tiny_root: Path,
     dead = f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     params = tiny_params(tmp_path, tiny_data(tmp_path), **{"tune.ray_address": dead, "tracking.backend": "none"})
-    line = _one_error_line(_mer("tune", "--params", str(params), env=env))
+    line = _one_error_line(mer_process("tune", "--params", str(params), env=env, timeout=BOUND_S))
     assert line.startswith("mer tune: error: tune.ray_address: " + dead) and "no Ray cluster reachable" in line
 
     fresh = tiny_params(tmp_path, tiny_data(tmp_path), **{"preprocess.out": str(tmp_path / "preprocessed")})
-    line = _one_error_line(_mer("preprocess", "--params", str(fresh), env={**env, "RAY_ADDRESS": dead}))
+    line = _one_error_line(mer_process("preprocess", "--params", str(fresh), env={**env, "RAY_ADDRESS": dead},
+                                       timeout=BOUND_S))
     assert line.startswith("mer preprocess: error: RAY_ADDRESS: " + dead) and "no Ray cluster reachable" in line
+
+
+RAY_DASHBOARD_AGENT_DEFAULT_PORT = 52365  # where a Ray started by ray.init() puts its dashboard agent, unconfigurable
+
+
+def test_two_mer_commands_start_their_own_local_ray_at_once(tiny_root: Path, tmp_path: Path) -> None:
+    """Two `mer preprocess` commands started together, each with its own local Ray (no RAY_ADDRESS), while another
+    program holds Ray's default dashboard-agent port: both finish every sample, and each command's private Ray
+    (its temp dir, its processes) is gone when it exits."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    before = set(Path("/tmp").glob("mer-ray-*"))
+    with contextlib.ExitStack() as stack:
+        squatter = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        with contextlib.suppress(OSError):  # already held (another Ray on this machine): as good for this test
+            squatter.bind(("", RAY_DASHBOARD_AGENT_DEFAULT_PORT))
+            squatter.listen()
+        commands = []
+        for name in ("first", "second"):
+            (tmp_path / name).mkdir()
+            params = tiny_params(tmp_path / name, tiny_data(tmp_path),
+                                 **{"preprocess.out": str(tmp_path / name / "preprocessed")})
+            commands.append(subprocess.Popen([sys.executable, "-m", "pipelines.cli", "preprocess", "--params",
+                                              str(params)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.PIPE, text=True))
+        results = []
+        for proc in commands:
+            try:
+                _, err = proc.communicate(timeout=2 * BOUND_S)
+            except subprocess.TimeoutExpired:
+                for other in commands:
+                    other.kill()
+                raise
+            results.append((proc.returncode, err))
+    for code, err in results:
+        assert code == 0 and "Traceback" not in err, err[-3000:]
+    for name in ("first", "second"):
+        manifest = json.loads((tmp_path / name / "preprocessed" / "manifest.json").read_text())
+        counts = manifest["counts"]
+        assert (counts["total"], counts["ok"], counts["failed"]) == (12, 12, 0), counts
+    assert set(Path("/tmp").glob("mer-ray-*")) <= before, "a command left its local Ray's temp dir behind"
+
+
+def test_ray_address_refusing_the_auth_token_is_one_line(tiny_root: Path, tmp_path: Path) -> None:
+    """A cluster with token authentication joined without its token (Ray's C++ client retries with a warning per
+    second, then Python raises a bare ConnectionError): one line naming RAY_ADDRESS and the auth mode, rc 2."""
+    from components.ray_session import start_local_ray
+
+    head = start_local_ray(1, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)})
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN")}
+        params = tiny_params(tmp_path, tiny_data(tmp_path), **{"preprocess.out": str(tmp_path / "preprocessed")})
+        result = mer_process("preprocess", "--params", str(params), env={**env, "RAY_ADDRESS": head.address},
+                             timeout=BOUND_S)
+    finally:
+        head.stop()
+    line = _one_error_line(result)
+    assert line.startswith(f"mer preprocess: error: RAY_ADDRESS: {head.address}: the Ray cluster refused this "
+                           "process's authentication (RAY_AUTH_MODE=disabled)"), line
+    assert "InvalidAuthToken" not in result.stderr, result.stderr[-2000:]
+
+
+def test_local_ray_start_failure_is_one_line() -> None:
+    """`ray start` exiting, or a head not up within the bound (a machine too busy), is one ServiceError line naming
+    local Ray, and nothing it started is left running."""
+    from components.ray_session import start_local_ray
+
+    for kwargs, expected in (({"num_cpus": -1}, "local Ray: `ray start` exited with"),
+                             ({"timeout": 0.5}, "local Ray: not started within 0.5 s")):
+        before = set(Path("/tmp").glob("mer-ray-*"))
+        with pytest.raises(ServiceError) as err:
+            start_local_ray(**kwargs)
+        assert str(err.value).startswith(expected) and "\n" not in str(err.value), err.value
+        assert set(Path("/tmp").glob("mer-ray-*")) <= before
 
 
 def test_tracking_server_down_is_one_line_naming_the_uri(tiny_root: Path, tmp_path: Path,

@@ -36,11 +36,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-@pytest.fixture()
-def store(tmp_path: Path) -> SampleStore:
-    return SampleStore.open(write_cache(tmp_path / "cache", subjects=5, per_subject=6))
-
-
 def _spec(store: SampleStore, fold_no: int = 0, **train: Any) -> FoldSpec:
     cfg = TrainConfig(**{"epochs": 3, "batch_size": 8, "lr": 0.01, "device": "cpu", **train})
     return FoldSpec(MODEL, cfg, loso_folds(store.index)[fold_no], CLASSES)

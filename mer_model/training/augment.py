@@ -16,7 +16,9 @@ which uses the same per-sample matrices; they agree within interpolation toleran
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -126,26 +128,37 @@ def _warp_kind(geometry: Geometry, array: np.ndarray, aug: Augmentation) -> np.n
 _MIRRORS = {Geometry.POINTS5: MIRROR_5, Geometry.LANDMARKS68: MIRROR_68}
 
 
-def apply(arrays: dict[str, np.ndarray], aug: Augmentation) -> dict[str, np.ndarray]:
-    """Return augmented copies of the cache arrays of one sample, each moved by its geometric kind
-    (mer_model.batch_keys); keys without geometry (`aus`, ...) pass through. Point sets use the pixel frame of the key
-    their spec names (points5 -> flow28, landmarks68 -> frames128), or its default side when that key is absent."""
-    out = dict(arrays)
-    sizes: dict[str, tuple[int, int]] = {}
-    points = []
+def _by_geometry(arrays: Mapping[str, Any], size_of: Callable[[Geometry, Any], tuple[int, int]]
+                 ) -> tuple[list[tuple[str, Geometry]], list[tuple[str, Geometry, tuple[int, int]]]]:
+    """Split the keys that move into image-like ones (key, geometry) and point sets (key, geometry, (H, W) of the
+    pixel frame the points live in: the key their spec names, e.g. points5 -> flow28, landmarks68 -> frames128, or
+    its default side when that key is absent). Keys without geometry (`aus`, ...) are left out: they pass through."""
+    images, points, sizes = [], [], {}
     for key, array in arrays.items():
         spec = BATCH_KEYS.get(key)
         if spec is None or spec.geometry is Geometry.NONE:
             continue
         if spec.geometry in _MIRRORS:
             points.append((key, spec))
-            continue
-        sizes[spec.frame_of[0] if spec.frame_of else key] = _spatial(spec.geometry, array)
-        out[key] = _warp_kind(spec.geometry, array, aug)
+        else:
+            images.append((key, spec.geometry))
+            sizes[spec.frame_of[0] if spec.frame_of else key] = size_of(spec.geometry, array)
+    framed = []
     for key, spec in points:
         frame, side = spec.frame_of or (key, 0)
-        m = aug.matrix(*sizes.get(frame, (side, side)))
-        out[key] = _points(arrays[key], m, _MIRRORS[spec.geometry] if aug.flip else None)
+        framed.append((key, spec.geometry, sizes.get(frame, (side, side))))
+    return images, framed
+
+
+def apply(arrays: dict[str, np.ndarray], aug: Augmentation) -> dict[str, np.ndarray]:
+    """Return augmented copies of the cache arrays of one sample, each moved by its geometric kind
+    (mer_model.batch_keys); keys without geometry (`aus`, ...) pass through."""
+    out = dict(arrays)
+    images, points = _by_geometry(arrays, _spatial)
+    for key, geometry in images:
+        out[key] = _warp_kind(geometry, arrays[key], aug)
+    for key, geometry, (h, w) in points:
+        out[key] = _points(arrays[key], aug.matrix(h, w), _MIRRORS[geometry] if aug.flip else None)
     return out
 
 
@@ -215,37 +228,28 @@ def apply_batch(batch: dict[str, Tensor], params: np.ndarray) -> dict[str, Tenso
     draw params[b] (DrawTable columns), on their own device. Borders as the reference: zeros, replicated for
     min-max flow maps."""
     out = dict(batch)
-    sizes: dict[str, tuple[int, int]] = {}
-    points = []
     some = next(iter(batch.values()))
     flips = torch.as_tensor(params[:, 0] > 0.5, device=some.device)
-    for key, x in batch.items():
-        spec = BATCH_KEYS.get(key)
-        if spec is None or spec.geometry is Geometry.NONE:
-            continue
-        if spec.geometry in _MIRRORS:
-            points.append((key, spec))
-            continue
+    images, points = _by_geometry(batch, lambda _, x: tuple(x.shape[-2:]))
+    for key, geometry in images:
+        x = batch[key]
         h, w = x.shape[-2:]
-        sizes[spec.frame_of[0] if spec.frame_of else key] = (h, w)
-        if spec.geometry is Geometry.FLOW_VECTORS:
+        if geometry is Geometry.FLOW_VECTORS:
             b, n = x.shape[:2]
             warped = _warp_batch(x.reshape(b, n * 2, h, w), params, "zeros").reshape(x.shape)
             linear = torch.as_tensor(matrices(params, h, w)[:, :, :2], dtype=x.dtype, device=x.device)
             out[key] = torch.einsum("bij,bnjhw->bnihw", linear, warped)  # a displacement d maps to A d
-        elif spec.geometry is Geometry.MINMAX_FLOW_MAP:
+        elif geometry is Geometry.MINMAX_FLOW_MAP:
             warped = _warp_batch(x, params, "border")
             u = torch.where(flips.view(-1, 1, 1), 1.0 - warped[:, 0], warped[:, 0])
             out[key] = torch.cat([u.unsqueeze(1), warped[:, 1:]], dim=1)
         else:  # IMAGE (B, C, H, W) and FRAME_STACK (B, N, H, W): every channel / frame alike
             out[key] = _warp_batch(x, params, "zeros")
-    for key, spec in points:
-        frame, side = spec.frame_of or (key, 0)
-        h, w = sizes.get(frame, (side, side))
+    for key, geometry, (h, w) in points:
         x = batch[key]
         m = torch.as_tensor(matrices(params, h, w), dtype=x.dtype, device=x.device)
         shape = (x.shape[0],) + (1,) * (x.ndim - 3)
         moved = x @ m[:, :, :2].transpose(1, 2).reshape(*shape, 2, 2) + m[:, :, 2].reshape(*shape, 1, 2)
-        mirror = torch.as_tensor(_MIRRORS[spec.geometry], device=x.device)
+        mirror = torch.as_tensor(_MIRRORS[geometry], device=x.device)
         out[key] = torch.where(flips.view(*shape, 1, 1), moved.index_select(-2, mirror), moved)
     return out
