@@ -204,17 +204,29 @@ def _join_error(key: str, address: str | None, err: Exception, native: str) -> s
     return f"{key}: {address}: cannot join the Ray cluster ({type(err).__name__}: {first})"
 
 
-def connect_ray(address: str | None = None, num_cpus: int | None = None, key: str = "tune.ray_address") -> None:
+_private_head: LocalRay | None = None  # the head connect_ray started for this process, if it did
+
+
+def _connected_address() -> str | None:
+    """The GCS address this process's Ray worker is connected to."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+def connect_ray(address: str | None = None, num_cpus: int | None = None, key: str = "tune.ray_address") -> bool:
     """Join `address` (the setting `key`, or RAY_ADDRESS, e.g. inside `ray job submit`); otherwise start a private
-    local Ray head (`start_local_ray`, `num_cpus` None = every core) that ends with this process.
+    local Ray head (`start_local_ray`, `num_cpus` None = every core) that ends with this process. Returns True when
+    this process is on such a private head (a cluster of one node that never grows), False on a cluster it joined.
 
     Raises ServiceError (one line naming `key`, or "local Ray") when the cluster cannot be reached or joined, e.g. it
     refuses the auth token, or the local head does not start.
     """
     import ray
 
+    global _private_head
     if ray.is_initialized():
-        return
+        return _private_head is not None and _private_head.address == _connected_address()
     if not address and os.environ.get("RAY_ADDRESS"):
         address, key = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     said = ""  # what Ray's C++ side wrote to stderr while joining
@@ -226,6 +238,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, key: st
             atexit.register(head.stop)  # registered before ray.init's own shutdown hook, so it runs after it
             os.environ.update(LOCAL_RAY_ENV)  # the joining process must use the head's auth mode
             address, key = head.address, "local Ray"
+            _private_head = head
         with _native_stderr_captured() as native:
             try:
                 ray.init(address=address, configure_logging=False, logging_level=logging.WARNING)
@@ -237,3 +250,5 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, key: st
     except Exception as err:  # noqa: BLE001 - Ray raises many kinds here (ConnectionError, RuntimeError, auth, ...)
         raise ServiceError(_join_error(key, address, err, said)) from None
     log.info("Ray cluster resources: %s", ray.cluster_resources())
+    return _private_head is not None and _private_head.address == address
+

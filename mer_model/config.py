@@ -210,7 +210,8 @@ class TuneConfig(_Section):
     # submitted and Ray runs as many as the cluster holds at each moment (the pending ones are autoscaler demand).
     folds_per_trial: int = Field(0, ge=0)
     # Seconds the driver waits for a Ray node that can hold one fold (fold_cpus and fold_gpus on one node) before it
-    # fails with one line; each node that joins meanwhile (an autoscaler bringing up workers) restarts the clock.
+    # fails with one line; each node that joins meanwhile (an autoscaler bringing up workers) restarts the clock. On
+    # a command's private local Ray (no address), which cannot grow, it fails at once.
     fold_node_wait_s: float = Field(600, gt=0)
     # Folds one Ray task trains: > 1 trains them as one stacked model with torch.func for models that declare
     # `fold_batching` (mer_model.training.fold_batch; e.g. 68 STSTNet folds on one GPU in one process), one after

@@ -121,3 +121,12 @@ def test_a_fold_no_node_can_hold_fails_in_one_line(tiny_root: Path, tmp_path: Pa
     assert "tune.fold_cpus/tune.fold_gpus" in line and "1 GPU" in line and "tune.fold_node_wait_s" in line, line
     assert "2 CPU / 0 GPU in all" in line, line
     assert 3 <= took < 60, took
+
+    # A Ray that cannot grow (the private local head a `mer` command starts without an address) is said at once.
+    from mer_model.errors import ConfigError
+    from pipelines.engine.trial import wait_for_fold_node
+
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="1 GPU on one node .* 0 GPU in all.*local Ray cannot grow"):
+        wait_for_fold_node(1, 1, 0)
+    assert time.monotonic() - start < 5

@@ -127,8 +127,9 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
     with experiment_lock(storage_root(params), experiment_key):  # one driver per experiment, else one line
         tracker = make_tracker(params.tracking, source)
         tracker.check()  # a tracking server that is down is one line now, before Ray starts
-        connect_ray(cfg.ray_address)
-        wait_for_fold_node(cfg.fold_cpus, cfg.fold_gpus, cfg.fold_node_wait_s)  # else folds would wait forever
+        private = connect_ray(cfg.ray_address)
+        # Else folds would wait forever; a private local Ray never grows, so there it is said at once.
+        wait_for_fold_node(cfg.fold_cpus, cfg.fold_gpus, 0 if private else cfg.fold_node_wait_s)
         tracker.fail_stale_runs(experiment_key)
         tracker.install_sigterm_handler()
         try:

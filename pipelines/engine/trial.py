@@ -132,12 +132,23 @@ def _fits(resources: Mapping[str, float], fold_cpus: float, fold_gpus: float) ->
     return (resources.get("CPU", 0) + 1e-9 >= fold_cpus) and (resources.get("GPU", 0) + 1e-9 >= fold_gpus)
 
 
+def _no_fold_node(nodes: list[dict[str, Any]], fold_cpus: float, fold_gpus: float) -> str:
+    """What is missing, said in one clause: the fold's needs and what the cluster has."""
+    total = {k: sum(n["Resources"].get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
+    largest = max(nodes, key=lambda n: (n["Resources"].get("GPU", 0), n["Resources"].get("CPU", 0)),
+                  default={"Resources": {}})["Resources"]
+    return (f"one fold needs {fold_cpus:g} CPU / {fold_gpus:g} GPU on one node and no node of the Ray cluster has "
+            f"that: {len(nodes)} node(s), {total['CPU']:g} CPU / {total['GPU']:g} GPU in all, the largest "
+            f"{largest.get('CPU', 0):g} CPU / {largest.get('GPU', 0):g} GPU")
+
+
 def wait_for_fold_node(fold_cpus: float, fold_gpus: float, timeout_s: float, poll_s: float = 1.0) -> None:
     """Return once some alive node of the Ray cluster can hold one fold (`fold_cpus` CPU and `fold_gpus` GPU on ONE
     node), asking the autoscaler for such a node meanwhile (`ray.autoscaler.sdk.request_resources`; a cluster without
     an autoscaler ignores the request). A node joining counts as progress and restarts the clock, so an autoscaling
     cluster may take as long as it needs to bring up workers; ConfigError (one line naming tune.fold_cpus/fold_gpus
-    and what the cluster has) when `timeout_s` seconds pass without one.
+    and what the cluster has) when `timeout_s` seconds pass without one, at once when `timeout_s` is 0 (a cluster
+    that cannot grow, e.g. the command's private local Ray).
     """
     def alive() -> list[dict[str, Any]]:
         return [n for n in ray.nodes() if n.get("Alive")]
@@ -145,6 +156,9 @@ def wait_for_fold_node(fold_cpus: float, fold_gpus: float, timeout_s: float, pol
     current = alive()
     if any(_fits(n["Resources"], fold_cpus, fold_gpus) for n in current):
         return
+    if timeout_s <= 0:
+        raise ConfigError(f"tune.fold_cpus/tune.fold_gpus: {_no_fold_node(current, fold_cpus, fold_gpus)}; this "
+                          "command's local Ray cannot grow (tune.ray_address joins a cluster)")
     fold = {"CPU": fold_cpus, **({"GPU": fold_gpus} if fold_gpus else {})}
     log.info("no node of the Ray cluster can hold one fold (%g CPU / %g GPU) yet; asking the autoscaler for one and "
              "waiting up to %.0f s (tune.fold_node_wait_s) after the last node that joined", fold_cpus, fold_gpus,
@@ -163,14 +177,8 @@ def wait_for_fold_node(fold_cpus: float, fold_gpus: float, timeout_s: float, pol
             if joined:
                 seen |= joined
                 deadline = time.monotonic() + timeout_s
-        total = {k: sum(n["Resources"].get(k, 0) for n in current) for k in ("CPU", "GPU")}
-        largest = max(current, key=lambda n: (n["Resources"].get("GPU", 0), n["Resources"].get("CPU", 0)),
-                      default={"Resources": {}})["Resources"]
-        raise ConfigError(
-            f"tune.fold_cpus/tune.fold_gpus: one fold needs {fold_cpus:g} CPU / {fold_gpus:g} GPU on one node; no node "
-            f"of the Ray cluster has that and none joined in {timeout_s:g} s (tune.fold_node_wait_s); the cluster "
-            f"has {len(current)} node(s), {total['CPU']:g} CPU / {total['GPU']:g} GPU in all, the largest "
-            f"{largest.get('CPU', 0):g} CPU / {largest.get('GPU', 0):g} GPU")
+        raise ConfigError(f"tune.fold_cpus/tune.fold_gpus: {_no_fold_node(current, fold_cpus, fold_gpus)}; none "
+                          f"joined in {timeout_s:g} s (tune.fold_node_wait_s)")
     finally:
         request_resources(bundles=[])  # the folds' own tasks are the demand from here on
 
