@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,8 +166,6 @@ def _ready(head: LocalRay) -> bool:
         return False
     if head.dashboard is None:
         return True
-    import urllib.request
-
     try:
         with urllib.request.urlopen(f"{head.dashboard}/api/version", timeout=2) as response:
             return response.status == 200
