@@ -43,6 +43,7 @@ from mer_model.reporting.benchmark import DATASETS, SCORES, write_outputs
 from mer_model.training.metrics import pooled_metrics
 from mer_model.training.protocols import leak_reasons, list_protocols
 from mer_model.training.results import ExperimentSummary, FoldSummary, read_results
+from mer_model.preprocess.modalities import MODALITIES, model_modalities
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,19 @@ def base_params(params: Params, collection: str, root: Path, au_sheets: Mapping[
         "tune.storage_path": str(work / "tune"), "tune.num_samples": 0, "tune.final_model": False,
         "tracking.experiment": f"benchmark-{collection}",
     }, "benchmark settings")
+
+
+def with_models_inputs(base: Params, keys: Sequence[str]) -> Params:
+    """`base` with `preprocess.modalities` = what the benchmarked models read together (plus any set explicitly):
+    the collection is preprocessed once for all of them, so a model reading more than the default model (HTNet's
+    `points5`, MOL's 128 px sequences) finds its inputs. Face crops for an entry's `faces` variant are not added:
+    whether the collection has them is known only after preprocessing (set them in preprocess.modalities)."""
+    needed = set(base.preprocess.modalities)
+    for key in keys:
+        entry = base.benchmark.models[key]
+        needed.update(model_modalities(entry.name, entry.config, **entry.kwargs))
+    return with_overrides(base, {"preprocess.modalities": [m for m in MODALITIES if m in needed]},
+                          "benchmark models' inputs")
 
 
 def run_params(base: Params, key: str, entry: BenchmarkModel, kwargs: Mapping[str, Any], protocol: str,
@@ -226,6 +240,7 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
 
     base = base_params(params, collection, root, au_sheets or {})
     keys = select_models(base, models)
+    base = with_models_inputs(base, keys)
     chosen = order_protocols(protocols or base.benchmark.protocols, base.benchmark.fixed_epochs_from_inner)
     out = out or Path(base.benchmark.out) / collection
     connect_ray(base.tune.ray_address, base.benchmark.cpus)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipelines.benchmark import adapt_entry, order_protocols, parse_au_sheets, portable_path
+from pipelines.benchmark import adapt_entry, order_protocols, parse_au_sheets, portable_path, with_models_inputs
 from pipelines.cli import main
 from mer_model.config import BenchmarkModel
 from mer_model.errors import ConfigError, DataError
@@ -103,6 +103,18 @@ def test_adapt_entry_switches_off_what_the_data_lacks() -> None:
     full = {"faces": True, "au_coded": {"casme2": 2}, "per_dataset": {"casme2": 2}}
     kwargs, au_mode, notes = adapt_entry("cva", entry, full)
     assert kwargs["position"] == "fpf" and au_mode == "predicted" and not any("disabled" in n for n in notes)
+
+
+def test_the_collection_is_preprocessed_for_every_benchmarked_model() -> None:
+    """One preprocessing serves all models of the run: HTNet's 5 landmarks are computed beside STSTNet's flow map
+    (the HTNet row of a run whose default model reads only flow28 + aus failed on a cache without points5)."""
+    from mer_model.config import load_params
+
+    base = load_params(REPO / "params.yaml")
+    assert base.preprocess.modalities == []
+    assert with_models_inputs(base, ["ststnet-cpu"]).preprocess.modalities == ["flow28"]
+    both = with_models_inputs(base, ["ststnet-cpu", "htnet-cpu", "cva-fpf-flow-au-cpu"])
+    assert both.preprocess.modalities == ["flow28", "points5", "aus"]
 
 
 def test_protocol_order_and_au_sheet_arguments(tmp_path: Path) -> None:
