@@ -67,6 +67,18 @@ def mer(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> 
     return run
 
 
+@pytest.fixture()
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for the test: the training-loop tests' models are tiny, and intra-op threads only add
+    synchronisation (7x slower on a loaded 2-core runner)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A SampleStore of 5 subjects x 6 synthetic samples with every cache array (tests/test_training_data.py

@@ -11,7 +11,6 @@ two of the 33 test samples.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,7 @@ from mer_model.training.trainer import FoldSpec, train_fold
 PROBS = [f"prob_{k}" for k in range(3)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _specs(folds: list[Fold], dropout: float = 0.0, name: str = "ststnet", **train: Any) -> list[FoldSpec]:

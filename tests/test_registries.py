@@ -4,7 +4,6 @@ covered by iterating its registry (as timm does over `list_models()`), so a new 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +27,7 @@ from mer_model.training.splits import list_splits, make_folds
 from mer_model.training.trainer import FoldSpec, train_fold
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------------------------ models

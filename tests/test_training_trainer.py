@@ -6,7 +6,6 @@ All runs train the real registered STSTNet (the shallow MEGC2019 baseline on flo
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,7 @@ from mer_model.training.trainer import FoldSpec, class_weights, train_final, tra
 MODEL = ModelConfig(name="ststnet", config="small")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These models are tiny: intra-op threads only add synchronisation (7x slower on a loaded 2-core runner)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _spec(store: SampleStore, fold_no: int = 0, **train: Any) -> FoldSpec:
