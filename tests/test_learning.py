@@ -21,15 +21,7 @@ from mer_model.training.trainer import fit_check
 
 from conftest import tiny_params
 
-# Configurations known not to pass yet, with the measured reason; strict, so a fix that makes one pass fails here
-# until the entry is removed.
-KNOWN_FAILING = {
-    ("mol", "small"): "MOL's MER head (3D conv -> global average pool -> FC) reaches train UF1 0.75-0.79 after 48 "
-                      "steps on the synthetic clips, 0.79 after 96 (with or without the flow and landmark heads)",
-}
-CASES = [pytest.param(name, config, id=f"{name}-{config}",
-                      marks=[pytest.mark.xfail(reason=KNOWN_FAILING[name, config], strict=True)]
-                      if (name, config) in KNOWN_FAILING else [])
+CASES = [pytest.param(name, config, id=f"{name}-{config}")
          for name in list_models() for config in list_configs(name) if "small" in config]
 # Cache arrays the composite provides (no face frames): a model reading only these trains on real maps.
 COMPOSITE_KEYS = {"flow28", "points5", "aus"}
