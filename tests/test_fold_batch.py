@@ -120,8 +120,10 @@ def test_a_fold_task_trains_its_unfinished_folds_as_one_group(store: SampleStore
     monkeypatch.setitem(tasks._STORES, str(store.root), store)
     (first,) = tasks.run_folds(jobs[:1])  # one fold: the per-fold trainer
     groups: list[list[str]] = []
-    real = tasks.train_fold_group
-    monkeypatch.setattr(tasks, "train_fold_group",
+    from mer_model.training import fold_batch
+
+    real = fold_batch.train_fold_group
+    monkeypatch.setattr(fold_batch, "train_fold_group",
                         lambda specs, *a, **k: (groups.append([s.fold.name for s in specs]), real(specs, *a, **k))[1])
     summaries = tasks.run_folds(jobs)
     assert groups == [[jobs[1].fold.name, jobs[2].fold.name]]

@@ -27,6 +27,9 @@ from mer_model.errors import DataError
 SUMMARY_FILE = "summary.json"
 PREDICTIONS_FILE = "predictions.csv"
 FOLDS_FILE = "folds.json"
+# A fold's resumable training state (model, optimizer, epoch) in its checkpoint directory: what a retried fold task
+# continues from (mer_model.training.trainer writes it, the engine's fold storage moves it).
+CHECKPOINT_NAME = "last.pt"
 
 
 def _plain(value: Any) -> Any:
@@ -56,6 +59,7 @@ class _Json:
             return cls(**dict(data))
         except TypeError as err:  # a required field missing
             raise DataError(f"{cls.__name__}: {err}", file=source or None) from None
+
 
 
 @dataclass

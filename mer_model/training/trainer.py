@@ -39,12 +39,11 @@ from mer_model.training.data import DeviceArrays, SampleDataset, SampleStore
 from mer_model.training.folds import Fold, fold_fingerprint, inner_split
 from mer_model.training.metrics import au_f1, classification_metrics, flow_epe, landmark_nme
 from mer_model.training.protocols import get_protocol
-from mer_model.training.results import FoldResult
+from mer_model.training.results import CHECKPOINT_NAME, FoldResult
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[int, dict[str, Any]], None]
-CHECKPOINT_NAME = "last.pt"
 # Cache keys a loss or an auxiliary metric may need besides the model's inputs; loaded where every sample has them.
 TARGET_KEYS = ("aus",)
 

@@ -20,8 +20,7 @@ import pandas as pd
 from pyarrow import fs as pafs
 
 from mer_model.errors import ServiceError
-from mer_model.training.results import FoldSummary
-from mer_model.training.trainer import CHECKPOINT_NAME
+from mer_model.training.results import CHECKPOINT_NAME, FoldSummary
 
 RESULT_FILE = "result.json"
 PREDICTIONS_FILE = "predictions.csv"

@@ -14,18 +14,23 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
-import torch
 
 from mer_model.config import ModelConfig, TrainConfig
-from mer_model.training.data import SampleStore
 from mer_model.training.folds import Fold
-from mer_model.training.fold_batch import batchable, train_fold_group
-from mer_model.training.results import FoldResult, FoldSummary
-from mer_model.training.trainer import Callback, FoldSpec, train_final, train_fold
+from mer_model.training.results import FoldSummary
 from pipelines.engine.storage import FoldStorage
+
+if TYPE_CHECKING:
+    from mer_model.training.data import SampleStore
+    from mer_model.training.results import FoldResult
+    from mer_model.training.trainer import Callback, FoldSpec
+
+# torch and the trainer are imported inside the task functions: this module is also imported by every Tune trial
+# actor (for FoldJob and fold_task), which only submits fold tasks and waits; importing torch there cost each trial
+# seconds of start-up on two cores.
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,8 @@ _STORES_LOCK = threading.Lock()
 
 def open_store(cache_dir: str) -> SampleStore:
     """One SampleStore per worker process and cache: Ray reuses workers, and the store keeps arrays in memory."""
+    from mer_model.training.data import SampleStore
+
     with _STORES_LOCK:
         if cache_dir not in _STORES:
             _STORES[cache_dir] = SampleStore.open(cache_dir)
@@ -58,6 +65,8 @@ def open_store(cache_dir: str) -> SampleStore:
 
 
 def _spec(job: FoldJob, store: SampleStore) -> FoldSpec:
+    from mer_model.training.trainer import FoldSpec
+
     return FoldSpec(model=ModelConfig(**job.model), train=TrainConfig(**job.train), fold=job.fold,
                     class_names=store.class_names)
 
@@ -81,6 +90,10 @@ def _store(job: FoldJob, storage: FoldStorage, result: FoldResult) -> FoldSummar
 
 
 def _train(job: FoldJob, storage: FoldStorage) -> FoldSummary:
+    import torch
+
+    from mer_model.training.trainer import train_fold
+
     torch.set_num_threads(max(1, job.torch_threads))
     store = open_store(job.cache_dir)
     ckpt_dir = storage.checkpoint_dir(job.key)
@@ -92,6 +105,10 @@ def _train(job: FoldJob, storage: FoldStorage) -> FoldSummary:
 
 def _train_batched(jobs: Sequence[FoldJob]) -> list[FoldSummary]:
     """The folds of `jobs` as one stacked model; each result stored under its own key."""
+    import torch
+
+    from mer_model.training.fold_batch import train_fold_group
+
     torch.set_num_threads(max(1, jobs[0].torch_threads))
     store = open_store(jobs[0].cache_dir)
     storages = [FoldStorage(job.storage) for job in jobs]
@@ -103,6 +120,8 @@ def _train_batched(jobs: Sequence[FoldJob]) -> list[FoldSummary]:
 def run_folds(jobs: Sequence[FoldJob]) -> list[FoldSummary]:
     """Train the folds of `jobs` (one configuration) whose results are not stored yet; returns every job's stored
     summary, in order."""
+    from mer_model.training.fold_batch import batchable
+
     done = {job.key: FoldStorage(job.storage).summary(job.key) for job in jobs}
     todo = [job for job in jobs if done[job.key] is None]
     if len(todo) > 1 and batchable(_spec(todo[0], open_store(todo[0].cache_dir))):
@@ -123,6 +142,10 @@ def fold_task(cpus: float, gpus: float, retries: int, strategy: Any = "DEFAULT")
 def run_final(model: dict[str, Any], train: dict[str, Any], cache_dir: str, epochs: int,
               torch_threads: int = 1) -> tuple[Any, list[dict[str, Any]]]:
     """Train the final model on every subject of the cache (a Ray task); returns (model on CPU, history)."""
+    import torch
+
+    from mer_model.training.trainer import train_final
+
     torch.set_num_threads(max(1, torch_threads))
     store = open_store(cache_dir)
     return train_final(ModelConfig(**model), TrainConfig(**train), store, store.subjects(), epochs)
