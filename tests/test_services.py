@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,6 +113,31 @@ def test_local_ray_start_failure_is_one_line() -> None:
             start_local_ray(**kwargs)
         assert str(err.value).startswith(expected) and "\n" not in str(err.value), err.value
         assert set(Path("/tmp").glob("mer-ray-*")) <= before
+
+
+def test_a_local_ray_start_ray_gave_up_on_a_busy_machine_is_tried_once_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray waits a fixed 30 s for the head's raylet and then `ray start` exits (seen with three Ray heads starting at
+    once on two cores): that one failure is tried again; any other failure, or the same one twice, is raised."""
+    from components import ray_session
+
+    busy = ServiceError(f"local Ray: `ray start` exited with 1 (Exception: The current node {ray_session.BUSY_START}.)")
+    outcomes: list[Any] = [busy, "head"]
+
+    def attempt(*_: Any) -> Any:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(ray_session, "_start_head", attempt)
+    assert ray_session.start_local_ray() == "head" and not outcomes
+    outcomes[:] = [busy, busy, "head"]
+    with pytest.raises(ServiceError, match=ray_session.BUSY_START):
+        ray_session.start_local_ray()
+    assert outcomes == ["head"]
+    outcomes[:] = [ServiceError("local Ray: `ray start` exited with 1 (bad option)"), "head"]
+    with pytest.raises(ServiceError, match="bad option"):
+        ray_session.start_local_ray()
 
 
 def test_tracking_server_down_is_one_line_naming_the_uri(tiny_root: Path, tmp_path: Path,
