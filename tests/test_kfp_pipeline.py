@@ -180,7 +180,12 @@ def test_tune_step_runs_the_driver_as_a_ray_job(tiny_root: Path, session_ray: Lo
                                                 monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """The tune step given `ray_dashboard` submits `python -m pipelines.loso` to the session's job server, copies
     the job's log into its own, and takes the results into its output artifact; the same step again (a KFP retry:
-    same run id) submits no second job and hands on the same results; a job that fails is one line naming it."""
+    same run id) submits no second job and hands on the same results; a job that fails is one line naming it.
+
+    The suite's one LOSO run as a Ray job (tests/test_ray_job.py submits the README's `ray job submit` command with
+    a bad input only): it runs the `oracle` protocol in fold groups of two, so it also shows what a leaky experiment
+    looks like (every run tagged and named leaky, no final model) and that fold-batched tasks still store, report
+    and track each fold on its own."""
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobSubmissionClient
 
@@ -198,7 +203,7 @@ def test_tune_step_runs_the_driver_as_a_ray_job(tiny_root: Path, session_ray: Lo
     params = tiny_params(tmp_path, data, **{
         "data.ingested": "data/ingested/annotations.csv", "preprocess.out": "data/preprocessed",
         "tune.storage_path": "runs/tune", "tune.results": "runs/results", "tune.final_model": False,
-        "tracking.experiment": experiment})
+        "tracking.experiment": experiment, "train.protocol": "oracle", "tune.fold_group_size": 2})
     jobs = JobSubmissionClient(session_ray.dashboard)
 
     def submitted(run_id: str) -> list:
@@ -211,18 +216,33 @@ def test_tune_step_runs_the_driver_as_a_ray_job(tiny_root: Path, session_ray: Lo
     (job,) = submitted("job-test")
     assert job.status.value == "SUCCEEDED" and job.entrypoint.endswith("python -m pipelines.loso --params params.yaml")
     copied_log = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"[{job.submission_id}]")]
-    assert any("evaluate: 4/4 folds done" in line for line in copied_log), copied_log[-20:]
+    # Progress without a terminal (the job's log): one line per finished fold, done/total with an ETA.
+    progress = [line for line in copied_log if "folds done" in line]
+    assert len(progress) == 4 and "evaluate: 4/4 folds done" in progress[-1] and "ETA 00:00" in progress[-1], (
+        copied_log[-20:])
     tuned = tmp_path / "tuned"
     assert json.loads((tuned / "paths.json").read_text()) == ["runs/results", "runs/tune"]
     summary = json.loads((tuned / "runs" / "results" / "summary.json").read_text())
     assert summary["folds"] == 4 and summary["metrics"]["n"] == 12
-    # The job logged to the tracking server it was given (the head's own environment has no MLFLOW_TRACKING_URI).
-    client = MlflowClient(tracking_uri=tracking_stack.uri)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    assert [r.data.tags.get("mer.kind") for r in runs].count("fold") == 4
+    assert summary["protocol"] == "oracle" and summary["leaky"] is True and summary["model_uri"] is None
     # The copied inputs are gone from the shared directory; the outputs stay there for a retry.
     workdir = shared / "mer-kfp-job-test"
     assert not (workdir / "data" / "preprocessed").exists() and (workdir / "runs" / "results").is_dir()
+    assert len(list((workdir / "runs" / "tune").glob("*/folds/*/result.json"))) == 4  # one per fold, groups of two
+    # The trial reported each fold as it finished, without pooling all finished folds again each time (quadratic in
+    # folds): pooled metrics are computed once, when the phase ends (Tune's own result.json of the trial).
+    (reported,) = (workdir / "runs" / "tune").glob("*/*/evaluate/*/result.json")
+    results = [json.loads(line) for line in reported.read_text().splitlines()]
+    assert [r["folds_done"] for r in results] == [1, 2, 3, 4] and not any("uf1" in r for r in results)
+    # The job logged to the tracking server it was given (the head's own environment has no MLFLOW_TRACKING_URI):
+    # one parent, one trial, one run per fold, all finished and all tagged and named leaky.
+    client = MlflowClient(tracking_uri=tracking_stack.uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    kinds = [r.data.tags.get("mer.kind") for r in runs]
+    assert sorted(kinds) == ["fold"] * 4 + ["parent", "trial"], kinds
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags["leaky"] == "true" and r.data.tags["protocol"] == "oracle" for r in runs)
+    assert all("oracle (leaky)" in r.info.run_name for r in runs)
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipelines.kfp_steps"):

@@ -1,8 +1,8 @@
 """The LOSO driver end to end on a tiny synthetic set: MLflow hierarchy, honest search objective, registry, leaky tags.
 
 The tiny set (4 subjects x 3 clips, cheap preprocessing settings) is built once per session by the real stages
-(`synthesize`, `ingest`, `preprocess`); test_resume.py and test_ray_job.py reuse it. The `oracle` protocol's leaky
-tags are checked on the run test_ray_job.py submits as a Ray job.
+(`synthesize`, `ingest`, `preprocess`); the other end-to-end tests reuse it. The `oracle` protocol's leaky tags are
+checked on the run the Kubeflow tune step submits as a Ray job (test_kfp_pipeline.py).
 """
 
 from __future__ import annotations

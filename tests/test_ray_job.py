@@ -1,8 +1,10 @@
-"""`ray job submit` of the LOSO driver to the session's Ray head (tests/conftest.py `session_ray`, started with a job
-server): the cluster path of `python -m pipelines.loso`.
+"""The README's `ray job submit` command (working directory uploaded, the runtime env's excludes) against the
+session's Ray head (tests/conftest.py `session_ray`, started with a job server): the LOSO driver runs from the uploaded
+copy of the repository and a bad input is one line in the job's log, the job FAILED.
 
-The job runs the `oracle` protocol, so this one end-to-end run also shows what a leaky experiment looks like: every
-run tagged and named leaky, no final model promised, and the driver's fold progress in the job's log.
+The successful LOSO run as a Ray job (progress in the job's log, results, the leaky `oracle` tags, fold groups) is
+made once, by the Kubeflow tune step's job (tests/test_kfp_pipeline.py `test_tune_step_runs_the_driver_as_a_ray_job`):
+both submit the same driver to the same head, so a second end-to-end run here would check nothing new.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, runs_by_kind, tiny_data, tiny_params
+from conftest import REPO, tiny_data, tiny_params
 from tests.servers import LocalRay
 
 JOB_S = 400
@@ -36,39 +38,30 @@ def _submit(command: list[str], env: dict[str, str]) -> subprocess.CompletedProc
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_the_driver_and_an_oracle_run_is_tagged_leaky(tiny_root: Path, session_ray: LocalRay,
-                                                                          tmp_path: Path) -> None:
+def test_ray_job_submit_uploads_the_repository_and_a_bad_input_is_one_line(tiny_root: Path, session_ray: LocalRay,
+                                                                           tmp_path: Path) -> None:
+    from ray.job_submission import JobSubmissionClient
+
     venv_bin = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is the venv's
            "OMP_NUM_THREADS": "1"}
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
-    # Two Ray tasks of two folds each (fold-batched STSTNet): still one stored result and one tracked run per fold.
-    params = tiny_params(tmp_path, tiny_data(tmp_path), **{"train.protocol": "oracle", "tune.final_model": False,
-                                                            "tune.fold_group_size": 2})
+    # The session's tiny set, except the preprocessed cache, which is not there.
+    params = tiny_params(tmp_path, tiny_data(tmp_path), **{"preprocess.out": str(tmp_path / "not-preprocessed")})
     runtime_env = json.dumps({"excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1"}})
     submit = _submit(
         [str(venv_bin / "ray"), "job", "submit", "--address", session_ray.dashboard, "--working-dir", ".",
          "--runtime-env-json", runtime_env, "--", "python", "-m", "pipelines.loso", "--params", str(params)], env)
     output = submit.stdout + submit.stderr
-    assert submit.returncode == 0, output[-6000:]
-    assert "succeeded" in output.lower()
-    # Progress without a terminal (the job's log): one line per finished fold, done/total with an ETA.
-    progress = [line for line in output.splitlines() if "folds done" in line]
-    assert len(progress) == 4 and "evaluate: 4/4 folds done" in progress[-1] and "ETA 00:00" in progress[-1], progress
+    assert submit.returncode != 0 and "failed" in output.lower(), output[-6000:]
+    # One error line (the CLI prints the job's log, then again in the failure's status message), no traceback.
+    errors = {line for line in output.splitlines() if ": error: " in line or "Traceback" in line}
+    assert len(errors) == 1, output[-6000:]
+    (error,) = errors
+    assert error.startswith("pipelines.loso: error: ") and "no index.csv" in error and "exit code 2" in output, error
 
-    summary = json.loads((tmp_path / "runs" / "results" / "summary.json").read_text())
-    assert summary["folds"] == 4 and summary["metrics"]["n"] == 12
-    assert summary["protocol"] == "oracle" and summary["leaky"] is True and summary["model_uri"] is None
-    assert len(list((tmp_path / "runs" / "tune").glob("*/folds/*/result.json"))) == 4
-    # The trial reported each fold as it finished, without pooling all finished folds again each time (quadratic in
-    # folds): pooled metrics are computed once, when the phase ends (Tune's own result.json of the trial).
-    (reported,) = (tmp_path / "runs" / "tune").glob("*/*/evaluate/*/result.json")
-    results = [json.loads(line) for line in reported.read_text().splitlines()]
-    assert [r["folds_done"] for r in results] == [1, 2, 3, 4] and not any("uf1" in r for r in results)
-    runs = runs_by_kind(tmp_path)
-    every = [r for kind in runs.values() for r in kind]
-    assert len(runs["parent"]) == 1 and len(runs["trial"]) == 1 and len(runs["fold"]) == 4
-    assert all(r.info.status == "FINISHED" for r in every)
-    assert all(r.data.tags["leaky"] == "true" and r.data.tags["protocol"] == "oracle" for r in every)
-    assert all("oracle (leaky)" in r.info.run_name for r in every)
+    # The job ran an uploaded copy of the repository (a package in the cluster's storage), not this checkout.
+    jobs = JobSubmissionClient(session_ray.dashboard)
+    (job,) = [j for j in jobs.list_jobs() if j.entrypoint.endswith(f"--params {params}")]
+    assert job.status.value == "FAILED" and job.runtime_env["working_dir"].startswith("gcs://_ray_pkg_"), job
