@@ -61,7 +61,6 @@ class _Json:
             raise DataError(f"{cls.__name__}: {err}", file=source or None) from None
 
 
-
 @dataclass
 class FoldSummary(_Json):
     """What is stored for one finished fold (its predictions sit beside it as CSV)."""

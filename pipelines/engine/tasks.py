@@ -64,6 +64,13 @@ def open_store(cache_dir: str) -> SampleStore:
         return _STORES[cache_dir]
 
 
+def _set_threads(count: int) -> None:
+    """torch's intra-op threads in this worker (torch imported here, not by the module: see the note above)."""
+    import torch
+
+    torch.set_num_threads(max(1, count))
+
+
 def _spec(job: FoldJob, store: SampleStore) -> FoldSpec:
     from mer_model.training.trainer import FoldSpec
 
@@ -90,11 +97,9 @@ def _store(job: FoldJob, storage: FoldStorage, result: FoldResult) -> FoldSummar
 
 
 def _train(job: FoldJob, storage: FoldStorage) -> FoldSummary:
-    import torch
-
     from mer_model.training.trainer import train_fold
 
-    torch.set_num_threads(max(1, job.torch_threads))
+    _set_threads(job.torch_threads)
     store = open_store(job.cache_dir)
     ckpt_dir = storage.checkpoint_dir(job.key)
     storage.pull_checkpoint(job.key, ckpt_dir)
@@ -105,11 +110,9 @@ def _train(job: FoldJob, storage: FoldStorage) -> FoldSummary:
 
 def _train_batched(jobs: Sequence[FoldJob]) -> list[FoldSummary]:
     """The folds of `jobs` as one stacked model; each result stored under its own key."""
-    import torch
-
     from mer_model.training.fold_batch import train_fold_group
 
-    torch.set_num_threads(max(1, jobs[0].torch_threads))
+    _set_threads(jobs[0].torch_threads)
     store = open_store(jobs[0].cache_dir)
     storages = [FoldStorage(job.storage) for job in jobs]
     callbacks = [_epoch_logger(job, storage, None) for job, storage in zip(jobs, storages, strict=True)]
@@ -142,10 +145,8 @@ def fold_task(cpus: float, gpus: float, retries: int, strategy: Any = "DEFAULT")
 def run_final(model: dict[str, Any], train: dict[str, Any], cache_dir: str, epochs: int,
               torch_threads: int = 1) -> tuple[Any, list[dict[str, Any]]]:
     """Train the final model on every subject of the cache (a Ray task); returns (model on CPU, history)."""
-    import torch
-
     from mer_model.training.trainer import train_final
 
-    torch.set_num_threads(max(1, torch_threads))
+    _set_threads(torch_threads)
     store = open_store(cache_dir)
     return train_final(ModelConfig(**model), TrainConfig(**train), store, store.subjects(), epochs)
