@@ -22,7 +22,8 @@ from conftest import REPO, tiny_data, tiny_params
 from tests.servers import LocalRay
 
 JOB_S = 400
-# Anchored to the working directory (gitignore syntax): a bare "data" would also drop the package mer_model/data.
+# The README's list, anchored to the working directory (gitignore syntax): a bare "data" would also drop the package
+# mer_model/data.
 EXCLUDES = ["/.venv", "/data", "/runs", "/.git", "/.dvc/cache", "/mlflow.db", "/mlartifacts", "/mlruns", "/plots",
             "/reports"]
 
