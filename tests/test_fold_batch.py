@@ -24,6 +24,7 @@ from mer_model.config import ModelConfig, TrainConfig
 from mer_model.errors import ConfigError
 from mer_model.models.registry import get_entry, list_models
 from mer_model.training.data import SampleStore
+from mer_model.training import fold_batch
 from mer_model.training.fold_batch import batchable, train_fold_group
 from mer_model.training.folds import Fold, loso_folds
 from mer_model.training.metrics import pooled_metrics
@@ -120,9 +121,7 @@ def test_a_fold_task_trains_its_unfinished_folds_as_one_group(store: SampleStore
     monkeypatch.setitem(tasks._STORES, str(store.root), store)
     (first,) = tasks.run_folds(jobs[:1])  # one fold: the per-fold trainer
     groups: list[list[str]] = []
-    from mer_model.training import fold_batch
-
-    real = fold_batch.train_fold_group
+    real = train_fold_group  # the task looks it up in its module when it runs, so the module's name is patched
     monkeypatch.setattr(fold_batch, "train_fold_group",
                         lambda specs, *a, **k: (groups.append([s.fold.name for s in specs]), real(specs, *a, **k))[1])
     summaries = tasks.run_folds(jobs)
