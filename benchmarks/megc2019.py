@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +47,7 @@ def main() -> int:
             "--au-sheets", *args.au_sheets, *[x for s in args.overrides for x in ("-S", s)]]
     # One invocation per model: each merges its rows into results.csv as it finishes, so an interrupted run keeps
     # the finished models (and a re-run resumes the stored folds of the interrupted one).
+    start = time.monotonic()
     runs = [argv] if args.full else [[*argv, "--models", m, "--protocol", *args.protocol] for m in args.models]
     for run in runs:
         logging.getLogger("benchmarks").info("mer %s", " ".join(run))
@@ -53,6 +55,7 @@ def main() -> int:
         if code:
             return code
     print((Path(args.out) / "results.md").read_text())
+    print(f"whole run: {len(runs)} mer benchmark invocation(s), {(time.monotonic() - start) / 60:.1f} min wall")
     return 0
 
 
