@@ -14,6 +14,7 @@ from pipelines.benchmark import adapt_entry, order_protocols, parse_au_sheets, p
 from pipelines.cli import main
 from mer_model.config import BenchmarkModel
 from mer_model.errors import ConfigError, DataError
+from mer_model.reporting.benchmark import table_notes
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECTS = {("casme2", "sub02"), ("casme2", "sub19"), ("smic", "s14"), ("smic", "s08")}
@@ -124,3 +125,11 @@ def test_protocol_order_and_au_sheet_arguments(tmp_path: Path) -> None:
         parse_au_sheets(["casme2"])
     with pytest.raises(DataError, match="missing.xlsx"):
         parse_au_sheets([f"casme2={tmp_path / 'missing.xlsx'}"])
+
+
+def test_notes_name_the_rows_they_concern_unless_they_concern_all() -> None:
+    """A per-row note (the `fixed` epoch count of one model) keeps its row in results.md; a note of every row does not
+    repeat them."""
+    table = pd.DataFrame({"label": ["A", "A", "B"], "protocol": ["fixed", "inner", "fixed"],
+                          "notes": ["common; fixed epochs (11)", "common", "common; fixed epochs (16)"]})
+    assert table_notes(table) == ["common", "fixed epochs (11) — A fixed", "fixed epochs (16) — B fixed"]

@@ -74,6 +74,18 @@ def _splits(table: pd.DataFrame) -> list[str]:
     return sorted({str(s) if isinstance(s, str) and s else "loso" for s in column})
 
 
+def table_notes(table: pd.DataFrame) -> list[str]:
+    """Each row's notes once, followed by the rows they concern unless they concern every row (a note such as the
+    `fixed` epoch count differs per model and would otherwise lose its model)."""
+    rows: dict[str, list[str]] = {}
+    for _, r in table.iterrows():
+        for note in str(r["notes"] if pd.notna(r["notes"]) else "").split("; "):
+            if note:
+                rows.setdefault(note, []).append(f"{r['label']} {r['protocol']}")
+    return [note if len(where) == len(table) else f"{note} — {', '.join(where)}"
+            for note, where in sorted(rows.items())]
+
+
 def write_outputs(table: pd.DataFrame, out: Path, settings: Mapping[str, Any]) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "results.csv", "md": out / "results.md", "png": out / "results.png",
@@ -82,7 +94,7 @@ def write_outputs(table: pd.DataFrame, out: Path, settings: Mapping[str, Any]) -
     paths["settings"].write_text(json.dumps(settings, indent=2, default=str) + "\n")
     honest = table[~table["leaky"].astype(bool)]
     leaky = table[table["leaky"].astype(bool)]
-    notes = sorted({n for cell in table["notes"].fillna("") for n in str(cell).split("; ") if n})
+    notes = table_notes(table)
     baselines = "; ".join(f"{name} UF1 " + ", ".join(f"{k} {v:.3f}" for k, v in vals.items())
                           for name, vals in FIELD_BASELINES.items())
     text = [
