@@ -7,8 +7,9 @@ Why it is built this way: a benchmark number must come from the code users run, 
 `ingest` -> `preprocess` -> the experiment driver (`pipelines.engine.driver.run_experiment`, folds as Ray tasks,
 tracked parent/trial/fold runs) once per (model, protocol): this module is a loop over models x protocols that chooses
 the settings and collects one row per run from the driver's typed results; the tables and the chart are rendered by
-`mer_model.reporting.benchmark`. Models come from `params.benchmark.models` (recipes set a priori, never tuned on a test
-fold). What the data cannot feed is switched off and said so: FPF without apex face crops, AUs without a coding sheet.
+`mer_model.reporting.benchmark`. Models come from `params.benchmark.models` (recipes set a priori or chosen by
+`mer tune` on inner validation subjects, never tuned on a test fold). What the data cannot feed is switched off and
+said so: FPF without apex face crops, AUs without a coding sheet.
 Rows are flagged `leaky` when the protocol is `oracle` (test-fold epoch selection) or the model reads annotated AUs.
 
 Outputs under `--out` (default `<benchmark.out>/<collection>`): results.csv (one row per model x protocol, merged with
