@@ -1,6 +1,6 @@
 """Ablation of the main system (CVA + FPF + AU) on the MEGC2019 composite, the way the seed paper argues for each part.
 
-    python benchmarks/ablation.py                      # shared part (CASME II + SMIC), CPU, ~10 min on 2 cores
+    python benchmarks/ablation.py                      # shared part (CASME II + SMIC), CPU, 5-10 min on 2 cores
     python benchmarks/ablation.py --root /data/megc2019-full --au-sheets casme2=... samm=...
 
 One part is changed at a time from the `cva-fpf-flow-cpu` recipe of params.yaml (everything else as chosen by its
