@@ -12,7 +12,7 @@ import pytest
 
 from pipelines.benchmark import adapt_entry, order_protocols, parse_au_sheets, portable_path, with_models_inputs
 from pipelines.cli import main
-from mer_model.config import BenchmarkModel
+from mer_model.config import BenchmarkModel, load_params
 from mer_model.errors import ConfigError, DataError
 from mer_model.reporting.benchmark import table_notes
 
@@ -109,8 +109,6 @@ def test_adapt_entry_switches_off_what_the_data_lacks() -> None:
 def test_the_collection_is_preprocessed_for_every_benchmarked_model() -> None:
     """One preprocessing serves all models of the run: HTNet's 5 landmarks are computed beside STSTNet's flow map
     (the HTNet row of a run whose default model reads only flow28 + aus failed on a cache without points5)."""
-    from mer_model.config import load_params
-
     base = load_params(REPO / "params.yaml")
     assert base.preprocess.modalities == []
     assert with_models_inputs(base, ["ststnet-cpu"]).preprocess.modalities == ["flow28"]
@@ -133,3 +131,14 @@ def test_notes_name_the_rows_they_concern_unless_they_concern_all() -> None:
     table = pd.DataFrame({"label": ["A", "A", "B"], "protocol": ["fixed", "inner", "fixed"],
                           "notes": ["common; fixed epochs (11)", "common", "common; fixed epochs (16)"]})
     assert table_notes(table) == ["common", "fixed epochs (11) — A fixed", "fixed epochs (16) — B fixed"]
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "benchmarks" / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_recipe_searches_score_inner_validation_only_and_match_their_entry(recipe: Path) -> None:
+    """The committed search behind each searched CPU entry is valid, searches (num_samples > 0) under `inner` (trials
+    scored on validation subjects, never a test fold), and trains the model its params.yaml entry names."""
+    search = load_params(recipe)
+    entry = load_params(REPO / "params.yaml").benchmark.models[recipe.stem]
+    assert search.tune.num_samples > 0 and search.tune.search_space
+    assert search.train.protocol == "inner"
+    assert (search.model.name, search.model.config) == (entry.name, entry.config)
