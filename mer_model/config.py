@@ -268,8 +268,9 @@ class BenchmarkConfig(_Section):
     models: dict[str, BenchmarkModel] = Field(default_factory=dict)
     default_models: list[str] = Field(default_factory=list)  # [] = every entry of `models`
     protocols: list[Protocol] = Field(default_factory=lambda: ["fixed", "inner", "oracle"])
-    # `fixed` trains for the median epoch that `inner` selected on validation subjects (run first), so the fixed
-    # epoch count is chosen without looking at a test fold; false = the model's configured epochs.
+    # `fixed` trains for the epoch count `inner` (run first) supports on validation subjects: the best epoch of its
+    # fold-averaged validation UF1 (protocols.retrain_epochs), chosen without looking at a test fold; false = the
+    # model's configured epochs.
     fixed_epochs_from_inner: bool = True
     cpus: int = Field(0, ge=0)  # local Ray CPUs; 0 = all (tune.ray_address set = use that cluster)
 

@@ -42,7 +42,7 @@ from mer_model.config import BenchmarkModel, Params, with_overrides
 from mer_model.errors import ConfigError, DataError
 from mer_model.reporting.benchmark import DATASETS, SCORES, write_outputs
 from mer_model.training.metrics import pooled_metrics
-from mer_model.training.protocols import leak_reasons, list_protocols
+from mer_model.training.protocols import leak_reasons, list_protocols, retrain_epochs
 from mer_model.training.results import ExperimentSummary, FoldSummary, read_results
 from mer_model.preprocess.modalities import MODALITIES, model_modalities
 
@@ -263,7 +263,7 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
             run_notes = list(notes)
             if protocol == "fixed" and inner_epoch is not None:
                 run_epochs = inner_epoch
-                run_notes.append(f"fixed epochs = median epoch selected by inner validation ({inner_epoch})")
+                run_notes.append(f"fixed epochs = best epoch of the fold-averaged inner validation UF1 ({inner_epoch})")
             run = run_params(base, key, entry, kwargs, protocol, run_epochs, collection)
             log.info("benchmark: %s under %s (%d epochs)", key, protocol, run.train.epochs)
             summary, predictions, folds, wall = run_one(run)
@@ -271,8 +271,8 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
                              command)
             row["coverage"] = f"{coverage['usable']}/{coverage['total']}"
             rows.append(row)
-            if protocol == "inner" and base.benchmark.fixed_epochs_from_inner and row["selected_epoch_median"]:
-                inner_epoch = max(1, int(round(row["selected_epoch_median"])))
+            if protocol == "inner" and base.benchmark.fixed_epochs_from_inner and folds:
+                inner_epoch = retrain_epochs([f.history for f in folds], [f.selected_epoch for f in folds])
             log.info("benchmark: %s %s: UF1 %.4f UAR %.4f acc %.4f (%.0f s)", key, protocol, row["uf1"], row["uar"],
                      row["accuracy"], wall)
     table = merge_rows(out / "results.csv", pd.DataFrame(rows), list(base.benchmark.models))

@@ -22,7 +22,7 @@ from mer_model.models import create_model, list_configs, list_models, model_io
 from mer_model.preprocess.modalities import MODALITIES
 from mer_model.training import augment
 from mer_model.training.data import SampleStore, to_tensor
-from mer_model.training.protocols import get_protocol, is_leaky, list_protocols
+from mer_model.training.protocols import get_protocol, is_leaky, list_protocols, retrain_epochs
 from mer_model.training.splits import list_splits, make_folds
 from mer_model.training.trainer import FoldSpec, train_fold
 
@@ -114,6 +114,23 @@ def test_every_protocol_keeps_its_promises(name: str, store: SampleStore) -> Non
 @pytest.mark.parametrize("name", list_protocols())
 def test_every_protocol_is_a_valid_setting(name: str) -> None:
     assert parse_params({"train": {"protocol": name}}).train.protocol == name
+
+
+def test_retrain_epochs_follow_the_fold_averaged_validation_curve() -> None:
+    """`fixed` and the final model retrain for the best epoch of the validation UF1 averaged over folds, not the median
+    of the folds' own (noisy) choices; over the epochs every fold reached; the median choice without a curve."""
+    def history(curve: list[float]) -> list[dict[str, float]]:
+        return [{"epoch": e, "val_uf1": v} for e, v in enumerate(curve, 1)]
+
+    # Two folds peak early by chance (their choices: epochs 1, 1, 4); averaged, epoch 4 is best.
+    curves = [[0.9, 0.5, 0.6, 0.8], [0.7, 0.5, 0.6, 0.65], [0.2, 0.5, 0.6, 0.9]]
+    assert retrain_epochs([history(c) for c in curves], [1, 1, 4]) == 4
+    # A fold that stopped early bounds the curve; ties go to the fewer epochs.
+    assert retrain_epochs([history([0.5, 0.7, 0.7]), history([0.5, 0.7, 0.7, 1.0])], [2, 4]) == 2
+    # No validation curve (`fixed`, `oracle`): the median selected epoch.
+    assert retrain_epochs([[{"epoch": 1, "test_accuracy": 1.0}]] * 3, [3, 5, 8]) == 5
+    with pytest.raises(ValueError, match="no folds"):
+        retrain_epochs([], [])
 
 
 # ------------------------------------------------------------------------------------------------------------ splits

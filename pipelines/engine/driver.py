@@ -6,8 +6,8 @@
 2. Evaluation: the chosen configuration (or params.yaml's, without a search) on every fold of `train.split` (loso |
    lodo) under `train.protocol` (fixed | inner | oracle; leaky ones tagged); -> `tune.results` (summary.json,
    predictions.csv, folds.json: mer_model.training.results).
-3. Final model (`tune.final_model`, with a tracker that stores models): trained on all subjects for the median
-   selected epoch, logged as this platform's pyfunc (servable with `mlflow models serve`); `mer register` puts it in
+3. Final model (`tune.final_model`, with a tracker that stores models): trained on all subjects for the epoch count
+   the evaluation supports (`retrain_epochs`: the best epoch of the fold-averaged validation UF1 under `inner`), logged as this platform's pyfunc (servable with `mlflow models serve`); `mer register` puts it in
    the model registry.
 
 Everything a restart needs lives under `tune.storage_path` (Tune's experiment state, fold results) and in the tracker
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from components.tracking import (
 )
 from mer_model.config import Params, PreprocessConfig
 from mer_model.training.data import SampleStore
-from mer_model.training.protocols import is_leaky, run_label
+from mer_model.training.protocols import is_leaky, retrain_epochs, run_label
 from mer_model.training.results import ExperimentSummary, Results, write_results
 from mer_model.training.splits import make_folds
 from pipelines.engine.callbacks import FoldProgress, RunInfo, TrackingCallback, leak_tags, log_pooled, stored_folds
@@ -180,7 +179,7 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
 
             model_uri = None
             if cfg.final_model and tracker.stores_models:
-                epochs = int(statistics.median(s.selected_epoch for s in summaries))
+                epochs = retrain_epochs([s.history for s in summaries], [s.selected_epoch for s in summaries])
                 model_uri = final_model(params, resolved, store, epochs, tracker, parent, leaky)
             elif cfg.final_model:
                 log.warning("tune.final_model: tracking.backend %s stores no model; no final model trained",
