@@ -7,8 +7,8 @@ preprocess -> Ray Tune LOSO driver -> MLflow), then the table is printed.
     python benchmarks/megc2019.py --root /data/megc2019-full --au-sheets casme2=... samm=...
 
 The CPU run uses the `*-cpu` entries of `benchmark.models` as they are (no overrides here): their recipes were chosen
-by the platform's own search on inner validation subjects (README, "Results"), and `fixed` trains for the median
-epoch that `inner` selected (benchmark.fixed_epochs_from_inner), so no test fold picks anything. The commands
+by the platform's own search on inner validation subjects (README, "Results"), and `fixed` trains for the best
+epoch of `inner`'s fold-averaged validation UF1 (benchmark.fixed_epochs_from_inner), so no test fold picks anything. The commands
 recorded in results/megc2019/ name data paths relative to the repository (`mer benchmark` makes them portable).
 """
 
