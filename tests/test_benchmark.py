@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +13,7 @@ import pytest
 
 from pipelines.benchmark import adapt_entry, order_protocols, parse_au_sheets, portable_path, with_models_inputs
 from pipelines.cli import main
+from components.tracking.base import git_commit
 from mer_model.config import BenchmarkModel, load_params
 from mer_model.errors import ConfigError, DataError
 from mer_model.reporting.benchmark import table_notes
@@ -142,3 +144,22 @@ def test_recipe_searches_score_inner_validation_only_and_match_their_entry(recip
     assert search.tune.num_samples > 0 and search.tune.search_space
     assert search.train.protocol == "inner"
     assert (search.model.name, search.model.config) == (entry.name, entry.config)
+
+
+def test_a_runs_own_tables_do_not_mark_its_code_dirty(tmp_path: Path) -> None:
+    """Each `mer benchmark` invocation of one run rewrites the tracked results/ tables; only a code change is dirty."""
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True, timeout=30)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "results.csv").write_text("a\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    clean = git_commit(tmp_path)
+    (tmp_path / "results" / "results.csv").write_text("b\n")
+    assert git_commit(tmp_path) == clean and not clean.endswith("-dirty")
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == clean + "-dirty"

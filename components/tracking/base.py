@@ -324,14 +324,21 @@ def data_version(cache_dir: str | Path, dvc_lock: str | Path = "dvc.lock") -> st
     return f"files:{digest.hexdigest()}"
 
 
+# Tracked files the platform itself rewrites (benchmark tables, DVC's lock): not code, so they do not make a run's
+# code "dirty" -- else every `mer benchmark` invocation after the first of one run would be marked so.
+GIT_OUTPUTS = ("results", "dvc.lock")
+
+
 def git_commit(repo: str | Path = ".") -> str:
-    """HEAD of the repository (suffix `-dirty` when tracked files changed), or `unknown` outside git."""
+    """HEAD of the repository (suffix `-dirty` when tracked files other than GIT_OUTPUTS changed), or `unknown`
+    outside git."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                         *[f":(exclude){p}" for p in GIT_OUTPUTS]))
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
