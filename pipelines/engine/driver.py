@@ -7,8 +7,9 @@
    lodo) under `train.protocol` (fixed | inner | oracle; leaky ones tagged); -> `tune.results` (summary.json,
    predictions.csv, folds.json: mer_model.training.results).
 3. Final model (`tune.final_model`, with a tracker that stores models): trained on all subjects for the epoch count
-   the evaluation supports (`retrain_epochs`: the best epoch of the fold-averaged validation UF1 under `inner`), logged as this platform's pyfunc (servable with `mlflow models serve`); `mer register` puts it in
-   the model registry.
+   the evaluation supports (`retrain_epochs`: the best epoch of the fold-averaged validation UF1 under `inner`),
+   logged as this platform's pyfunc (servable with `mlflow models serve`); `mer register` puts it in the model
+   registry.
 
 Everything a restart needs lives under `tune.storage_path` (Tune's experiment state, fold results) and in the tracker
 (runs found by key), so killing the driver and starting it again continues: Tune restores its trials with their
