@@ -272,7 +272,7 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
             row["coverage"] = f"{coverage['usable']}/{coverage['total']}"
             rows.append(row)
             if protocol == "inner" and base.benchmark.fixed_epochs_from_inner and folds:
-                inner_epoch = retrain_epochs([f.history for f in folds], [f.selected_epoch for f in folds])
+                inner_epoch = retrain_epochs(folds)
             log.info("benchmark: %s %s: UF1 %.4f UAR %.4f acc %.4f (%.0f s)", key, protocol, row["uf1"], row["uar"],
                      row["accuracy"], wall)
     table = merge_rows(out / "results.csv", pd.DataFrame(rows), list(base.benchmark.models))

@@ -5,6 +5,7 @@ covered by iterating its registry (as timm does over `list_models()`), so a new 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -119,18 +120,20 @@ def test_every_protocol_is_a_valid_setting(name: str) -> None:
 def test_retrain_epochs_follow_the_fold_averaged_validation_curve() -> None:
     """`fixed` and the final model retrain for the best epoch of the validation UF1 averaged over folds, not the median
     of the folds' own (noisy) choices; over the epochs every fold reached; the median choice without a curve."""
-    def history(curve: list[float]) -> list[dict[str, float]]:
-        return [{"epoch": e, "val_uf1": v} for e, v in enumerate(curve, 1)]
+    def fold(curve: list[float], selected: int) -> SimpleNamespace:  # the FoldSummary fields it reads
+        return SimpleNamespace(history=[{"epoch": e, "val_uf1": v} for e, v in enumerate(curve, 1)],
+                               selected_epoch=selected)
 
     # Two folds peak early by chance (their choices: epochs 1, 1, 4); averaged, epoch 4 is best.
     curves = [[0.9, 0.5, 0.6, 0.8], [0.7, 0.5, 0.6, 0.65], [0.2, 0.5, 0.6, 0.9]]
-    assert retrain_epochs([history(c) for c in curves], [1, 1, 4]) == 4
+    assert retrain_epochs([fold(c, s) for c, s in zip(curves, [1, 1, 4])]) == 4
     # A fold that stopped early bounds the curve; ties go to the fewer epochs.
-    assert retrain_epochs([history([0.5, 0.7, 0.7]), history([0.5, 0.7, 0.7, 1.0])], [2, 4]) == 2
+    assert retrain_epochs([fold([0.5, 0.7, 0.7], 2), fold([0.5, 0.7, 0.7, 1.0], 4)]) == 2
     # No validation curve (`fixed`, `oracle`): the median selected epoch.
-    assert retrain_epochs([[{"epoch": 1, "test_accuracy": 1.0}]] * 3, [3, 5, 8]) == 5
+    no_curve = [SimpleNamespace(history=[{"epoch": 1, "test_accuracy": 1.0}], selected_epoch=e) for e in (3, 5, 8)]
+    assert retrain_epochs(no_curve) == 5
     with pytest.raises(ValueError, match="no folds"):
-        retrain_epochs([], [])
+        retrain_epochs([])
 
 
 # ------------------------------------------------------------------------------------------------------------ splits

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from mer_model.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mer_model.training.results import FoldSummary
 
 Watch = Literal["none", "val", "test"]
 
@@ -108,10 +111,10 @@ class Oracle(EpochProtocol):
         return best is None or score >= best  # `>=`: the last epoch reaching the best accuracy wins
 
 
-def retrain_epochs(histories: Sequence[Sequence[Mapping[str, Any]]], selected: Sequence[int]) -> int:
+def retrain_epochs(folds: Sequence["FoldSummary"]) -> int:
     """Epochs for a model retrained on all of a fold's training subjects, from an epoch-selecting run's folds.
 
-    `histories`: per fold, its per-epoch entries (1-based `epoch`); `selected`: per fold, its selected epoch. When
+    `folds`: the run's fold summaries (their per-epoch `history`, 1-based `epoch`, and `selected_epoch`). When
     every fold has a validation curve (`val_uf1`, the `inner` protocol): the epoch that maximises the validation UF1
     averaged over the folds (over the epochs every fold reached; ties: the earliest), as xgboost.cv and lightgbm.cv
     choose a number of boosting rounds. Otherwise (no validation curve: `fixed`, or `oracle`'s test-based choice): the
@@ -123,14 +126,15 @@ def retrain_epochs(histories: Sequence[Sequence[Mapping[str, Any]]], selected: S
     epochs while the fold-averaged curve kept rising to epoch 21; retrained for 11 epochs it scored 0.706 UF1 against
     0.753 for the full 30 (5-fold CV, three partitions; MMNet 18 vs 40 epochs: 0.687 vs 0.718).
     """
-    if not histories:
+    if not folds:
         raise ValueError("retrain_epochs: no folds")
+    histories = [f.history for f in folds]
     if all(h and all("val_uf1" in e for e in h) for h in histories):
         reached = min(len(h) for h in histories)
         mean = [statistics.fmean(float(h[i]["val_uf1"]) for h in histories) for i in range(reached)]
         best = max(range(reached), key=lambda i: (mean[i], -i))
         return int(histories[0][best]["epoch"])
-    return max(1, int(round(statistics.median(selected))))
+    return max(1, int(round(statistics.median(f.selected_epoch for f in folds))))
 
 
 # --------------------------------------------------------------------------------------------------------------------

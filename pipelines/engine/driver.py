@@ -180,7 +180,7 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
 
             model_uri = None
             if cfg.final_model and tracker.stores_models:
-                epochs = retrain_epochs([s.history for s in summaries], [s.selected_epoch for s in summaries])
+                epochs = retrain_epochs(summaries)
                 model_uri = final_model(params, resolved, store, epochs, tracker, parent, leaky)
             elif cfg.final_model:
                 log.warning("tune.final_model: tracking.backend %s stores no model; no final model trained",
