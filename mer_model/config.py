@@ -150,6 +150,11 @@ class TrainConfig(_Section):
     val_fraction: float = Field(0.2, gt=0, lt=1)  # `inner`: share of TRAINING subjects held out for validation
     patience: int = Field(0, ge=0)  # `inner`: early stopping patience in epochs (0 = select best epoch, no stop)
     augment: bool = True
+    # Test-time augmentation of every evaluation (validation, test, final model, `mer predict`; MERModel.tta): "flip"
+    # averages the class probabilities of each sample and its mirror image -- the flip the training augmentation
+    # already draws, so the mirror is in the training distribution. It cuts the variance of the larger networks' test
+    # predictions (5-fold subject CV on the MEGC2019 composite: README "How the settings were chosen").
+    tta: Literal["none", "flip"] = "none"
     checkpoint_every: int = Field(0, ge=0)  # epochs; 0 = no intermediate checkpoints
     device: str = "auto"
     # Mixed precision on CUDA only (CPU runs stay float32): bfloat16 autocast where the GPU supports it, else float16

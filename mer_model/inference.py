@@ -35,6 +35,7 @@ from mer_model.preprocess import face as facelib
 from mer_model.preprocess import MODALITIES, preprocess_sample
 from mer_model.preprocess.keyframes import APEX_SEARCH_SIZE, apex_by_motion
 from mer_model.preprocess.sample import read_image
+from mer_model.training.augment import tta_forward
 from mer_model.training.data import to_tensor
 
 log = logging.getLogger(__name__)
@@ -191,10 +192,11 @@ def input_batch(arrays: Mapping[str, np.ndarray], inputs: Sequence[str], batched
 
 @torch.no_grad()
 def predict_proba(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> np.ndarray:
-    """Softmax class probabilities (B, C) float32 of a model in eval mode, on the model's device."""
+    """Softmax class probabilities (B, C) float32 of a model in eval mode, on the model's device, with the test-time
+    augmentation it was trained with (`model.tta`, saved in its checkpoint)."""
     model.eval()
     device = next(model.parameters()).device
-    logits = model({k: v.to(device) for k, v in batch.items()})["logits"]
+    logits = tta_forward(model, {k: v.to(device) for k, v in batch.items()}, getattr(model, "tta", "none"))["logits"]
     return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
 

@@ -67,6 +67,17 @@ def test_batched_folds_equal_per_fold_training_without_dropout(store: SampleStor
         assert float((flat[0] - flat[1]).norm() / flat[1].norm()) < 5e-2
 
 
+def test_batched_folds_predict_with_flip_tta_like_per_fold_training(store: SampleStore) -> None:
+    """train.tta="flip" under vmap (the mirror is indexing only): validation scores, kept epoch and test
+    probabilities equal the per-fold trainer's."""
+    specs = _specs(loso_folds(store.index)[:2], protocol="inner", tta="flip")
+    for spec, got in zip(specs, train_fold_group(specs, store), strict=True):
+        want = train_fold(spec, store)
+        assert got.selected_epoch == want.selected_epoch
+        np.testing.assert_allclose(got.predictions[PROBS].to_numpy(), want.predictions[PROBS].to_numpy(), atol=1e-4)
+        assert [h["val_uf1"] for h in got.history] == pytest.approx([h["val_uf1"] for h in want.history])
+
+
 def _uneven_store(root: Path) -> SampleStore:
     """6 subjects with 3..8 clips each (the last clips of smaller subjects left out)."""
     full = SampleStore.open(write_cache(root, subjects=6, per_subject=8))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -350,6 +351,33 @@ def test_determinism_with_fixed_seed() -> None:
 
     (l1, g1), (l2, g2) = run(), run()
     assert torch.equal(l1, l2) and torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_flip_tta_averages_the_probabilities_of_the_two_views(name: str, tmp_path: Any) -> None:
+    """train.tta="flip": predictions are the mean class probabilities of the batch and its mirror image, through
+    `tta_forward` and `predict_proba` alike; the model's own forward stays one view; the mode survives a
+    checkpoint."""
+    from mer_model.inference import predict_proba
+    from mer_model.training.augment import mirror_batch, tta_forward
+
+    torch.manual_seed(0)
+    model = create_model(name, "small", num_classes=3).eval()
+    batch = make_batch(model.inputs)
+    with torch.no_grad():
+        plain = model(batch)["logits"].softmax(-1)
+        mirror = model(mirror_batch(batch))["logits"].softmax(-1)
+        assert not torch.allclose(plain, mirror, atol=1e-4)  # the two views differ, so the checks below can fail
+        torch.testing.assert_close(tta_forward(model, batch, "none")["logits"].softmax(-1), plain)
+        model.set_tta("flip")
+        averaged = tta_forward(model, batch, model.tta)["logits"].softmax(-1)
+        torch.testing.assert_close(model(batch)["logits"].softmax(-1), plain)
+    torch.testing.assert_close(averaged, (plain + mirror) / 2, atol=1e-5, rtol=0)
+    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "m.pt"))
+    assert loaded.tta == "flip"
+    np.testing.assert_allclose(predict_proba(loaded, batch), averaged.numpy(), atol=1e-5)
+    with pytest.raises(ConfigError, match="train.tta"):
+        model.set_tta("five-crop")
 
 
 def test_checkpoint_roundtrip_rebuilds_without_params(tmp_path: Any) -> None:

@@ -258,6 +258,30 @@ def test_flip_maps_points_like_pixels() -> None:
     assert np.allclose(out["flow28"][0], 1.0 - np.fliplr(flow[0]))
 
 
+def test_mirror_batch_is_the_flip_of_apply_batch() -> None:
+    """The test-time mirror (pure indexing) equals the batched augmentation drawn as a flip without rotation or shift,
+    for every geometric kind, and mirroring twice gives the batch back."""
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "flow28": torch.rand(2, 3, 28, 28, generator=g),
+        "points5": torch.rand(2, 5, 2, generator=g) * 27,
+        "apex224": torch.rand(2, 3, 224, 224, generator=g),
+        "frames128": torch.rand(2, 4, 128, 128, generator=g),
+        "flows128": torch.randn(2, 3, 2, 128, 128, generator=g),
+        "landmarks68": torch.rand(2, 4, 68, 2, generator=g) * 127,
+        "aus": (torch.rand(2, N_AUS, generator=g) > 0.5).float(),
+        "label": torch.tensor([0, 2]),
+    }
+    mirrored = augment.mirror_batch(batch)
+    flipped = augment.apply_batch(batch, np.tile([[1.0, 0.0, 0.0, 0.0]], (2, 1)))
+    assert set(mirrored) == set(batch)
+    for key in batch:
+        torch.testing.assert_close(mirrored[key], flipped[key], atol=1e-4, rtol=0, msg=key)
+    for key, value in augment.mirror_batch(mirrored).items():
+        torch.testing.assert_close(value, batch[key], atol=1e-5, rtol=0, msg=key)
+    assert torch.equal(mirrored["aus"], batch["aus"]) and torch.equal(mirrored["label"], batch["label"])
+
+
 def test_dataset_augmentation_is_seeded_per_epoch(image_cache: Path) -> None:
     store = SampleStore.open(image_cache)
     ids = store.sample_ids(store.subjects())

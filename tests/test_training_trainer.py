@@ -158,8 +158,8 @@ def test_class_weights_reach_the_model_loss(store: SampleStore, monkeypatch: pyt
     seen: list[Any] = []
     build = trainer.build_model
 
-    def recording_build(cfg: ModelConfig, num_classes: int) -> Any:
-        model = build(cfg, num_classes)
+    def recording_build(cfg: ModelConfig, num_classes: int, tta: str = "none") -> Any:
+        model = build(cfg, num_classes, tta)
         loss = model.loss
         model.loss = lambda outputs, batch: (seen.append(batch.get("class_weights")), loss(outputs, batch))[1]
         return model
@@ -257,8 +257,8 @@ def test_training_steps_never_read_values_back(store: SampleStore, monkeypatch: 
 def test_non_finite_loss_is_one_clear_error_per_epoch(store: SampleStore, monkeypatch: pytest.MonkeyPatch) -> None:
     build = trainer.build_model
 
-    def poisoned(cfg: ModelConfig, num_classes: int) -> Any:
-        model = build(cfg, num_classes)
+    def poisoned(cfg: ModelConfig, num_classes: int, tta: str = "none") -> Any:
+        model = build(cfg, num_classes, tta)
         loss = model.loss
         model.loss = lambda outputs, batch: (lambda total, parts: (total * float("nan"), parts))(
             *loss(outputs, batch))

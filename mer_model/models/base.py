@@ -52,8 +52,16 @@ def choice(name: str, key: str, value: Any, allowed: tuple[Any, ...]) -> Any:
     return value
 
 
+TTA_MODES: tuple[str, ...] = ("none", "flip")
+
+
 class MERModel(nn.Module):
-    """Base of all models: batch-dict forward, declared inputs/targets, a loss returning its named parts."""
+    """Base of all models: batch-dict forward, declared inputs/targets, a loss returning its named parts.
+
+    `tta` is how the model's predictions are made (train.tta, saved in checkpoints): "flip" = the mean class
+    probabilities of the batch and its mirror image (mer_model.training.augment.tta_forward, which every evaluation
+    and `inference.predict_proba` call); forward itself always runs one view.
+    """
 
     name: ClassVar[str] = "model"
     #: True when an input is (part of) the human coding the labels were derived from (annotated AUs).
@@ -72,6 +80,14 @@ class MERModel(nn.Module):
         self.num_classes = num_classes
         self.inputs: tuple[str, ...] = ()
         self.targets: tuple[str, ...] = ("label",)
+        self.tta = "none"
+
+    def set_tta(self, mode: str) -> MERModel:
+        """Choose the test-time augmentation ("none" | "flip"); a ConfigError names train.tta otherwise."""
+        if mode not in TTA_MODES:
+            raise ConfigError(f"train.tta: {self.name} accepts {', '.join(map(repr, TTA_MODES))}, got {mode!r}")
+        self.tta = mode
+        return self
 
     @classmethod
     def io_keys(cls, **cfg: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:

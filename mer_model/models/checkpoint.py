@@ -30,14 +30,15 @@ class CheckpointError(MerError):
 
 
 def save_checkpoint(model: MERModel, path: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
-    """Write weights + build spec (+ free-form `meta`, e.g. fold, epoch, metrics) to `path`."""
+    """Write weights + build spec + test-time augmentation (`model.tta`) (+ free-form `meta`, e.g. fold, epoch,
+    metrics) to `path`."""
     spec = getattr(model, "build_spec", None)
     if spec is None:
         raise CheckpointError(f"{path}: model was not built by create_model, it cannot be rebuilt from a checkpoint")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": FORMAT, **spec, "state_dict": state, "meta": dict(meta or {})}, path)
+    torch.save({"format": FORMAT, **spec, "tta": model.tta, "state_dict": state, "meta": dict(meta or {})}, path)
     return path
 
 
@@ -54,6 +55,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: not a {FORMAT} file")
     model = create_model(blob["name"], blob["config"], num_classes=blob["num_classes"], **blob["overrides"])
     model.load_state_dict(blob["state_dict"])
+    model.set_tta(blob.get("tta", "none"))  # checkpoints written before train.tta existed predict one view
     model.checkpoint_meta = blob["meta"]
     return model.to(map_location).eval()
 

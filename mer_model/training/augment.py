@@ -12,10 +12,13 @@ flip, are re-indexed by the mirror permutation so that index 36 still means the 
 Two implementations of the same transform: `apply` (OpenCV, one sample's cache arrays on the CPU: the reference) and
 `apply_batch` (torch `affine_grid`/`grid_sample` on a whole batch where it lives, e.g. device-resident data on a GPU),
 which uses the same per-sample matrices; they agree within interpolation tolerance (tests/test_training_data.py).
+`mirror_batch` is the flip alone, exact and without interpolation: the second view of flip test-time augmentation
+(`tta_forward`, train.tta).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -253,3 +256,45 @@ def apply_batch(batch: dict[str, Tensor], params: np.ndarray) -> dict[str, Tenso
         mirror = torch.as_tensor(_MIRRORS[geometry], device=x.device)
         out[key] = torch.where(flips.view(*shape, 1, 1), moved.index_select(-2, mirror), moved)
     return out
+
+
+def mirror_batch(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The horizontal mirror image of a batch in the model's layout (what `apply_batch` does with a flip and no
+    rotation or shift, exactly: pure indexing, no resampling): image-like keys reversed along W, `flow28`'s u
+    -> 1 - u, raw flow's u negated, points x -> W - 1 - x in their frame and re-indexed by the mirror permutation;
+    keys without geometry (labels, AUs, class weights) pass through. Shape-generic over leading dimensions and free of
+    data-dependent control flow, so it also runs under torch.func.vmap (fold groups).
+    """
+    out = dict(batch)
+    images, points = _by_geometry(batch, lambda _, x: tuple(x.shape[-2:]))
+    for key, geometry in images:
+        x = batch[key].flip(-1)
+        if geometry is Geometry.MINMAX_FLOW_MAP:
+            x = torch.cat([1.0 - x[..., :1, :, :], x[..., 1:, :, :]], dim=-3)
+        elif geometry is Geometry.FLOW_VECTORS:
+            x = torch.cat([-x[..., :1, :, :], x[..., 1:, :, :]], dim=-3)
+        out[key] = x
+    for key, geometry, (_, w) in points:
+        x = batch[key]
+        moved = torch.cat([(w - 1) - x[..., :1], x[..., 1:]], dim=-1)
+        out[key] = moved.index_select(-2, torch.as_tensor(_MIRRORS[geometry], device=x.device))
+    return out
+
+
+def tta_forward(forward: Callable[[Mapping[str, Tensor]], dict[str, Tensor]], batch: Mapping[str, Tensor],
+                mode: str) -> dict[str, Tensor]:
+    """A model's outputs for `batch` under test-time augmentation `mode` (MERModel.tta, from train.tta): "none" =
+    `forward(batch)`; "flip" = also `forward(mirror_batch(batch))`, with `logits` replaced by the log of the two
+    views' mean class probabilities (so a softmax or cross-entropy of the result is that of the mean; the other
+    outputs are the plain view's). `forward` is the model, or a functional_call of it under vmap. Every evaluation
+    (validation, test, fold groups, the final model's `inference.predict_proba`) goes through here, so they predict
+    alike. The mirror is the flip the training augmentation draws, so it is in the training distribution."""
+    outputs = forward(batch)
+    if mode == "none":
+        return outputs
+    if mode != "flip":
+        raise ValueError(f"test-time augmentation {mode!r}: expected 'none' or 'flip'")
+    mirrored = forward(mirror_batch(batch))
+    views = torch.stack([F.log_softmax(outputs["logits"].float(), dim=-1),
+                         F.log_softmax(mirrored["logits"].float(), dim=-1)])
+    return {**outputs, "logits": torch.logsumexp(views, dim=0) - math.log(2.0)}

@@ -50,6 +50,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.utils.data import default_collate
 
 from mer_model.errors import ConfigError
+from mer_model.training.augment import tta_forward
 from mer_model.training.data import SampleDataset, SampleStore
 from mer_model.training.results import FoldResult
 from mer_model.training.trainer import (
@@ -129,7 +130,7 @@ class _GroupLoop:
         configure_backends(self.device, cfg)
         sets = [fold_sets(spec, store) for spec in specs]
         _seed_everything(cfg.seed)
-        model = build_model(specs[0].model, specs[0].num_classes).to(self.device)  # every fold's seeded init
+        model = build_model(specs[0].model, specs[0].num_classes, cfg.tta).to(self.device)  # every fold's seeded init
         targets = tuple(k for k in model.targets if k != "label")
         self.inputs = tuple(model.inputs) + tuple(k for k in targets if k not in model.inputs)
         self.params, self.buffers = stack_module_state([model] * len(specs))
@@ -189,14 +190,16 @@ class _GroupLoop:
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def _forward(self, batch: dict[str, Tensor], with_loss: bool) -> tuple[dict[str, Tensor], Any]:
-        """Every fold's outputs (and losses) for an (F, B, ...) batch, in one vmapped call."""
+    def _forward(self, batch: dict[str, Tensor], with_loss: bool, tta: str = "none"
+                 ) -> tuple[dict[str, Tensor], Any]:
+        """Every fold's outputs (and losses) for an (F, B, ...) batch, in one vmapped call; `tta`: the test-time
+        augmentation of an evaluation (augment.tta_forward)."""
         weights = self.weights
 
         def one_fold(params: dict, buffers: dict, fold_batch: dict, fold_weights: Tensor | None) -> Any:
             if fold_weights is not None:
                 fold_batch = {**fold_batch, "class_weights": fold_weights}
-            outputs = functional_call(self.base, (params, buffers), (fold_batch,))
+            outputs = tta_forward(lambda b: functional_call(self.base, (params, buffers), (b,)), fold_batch, tta)
             if not with_loss:
                 return outputs, {}
             loss, parts = self.base.loss(outputs, fold_batch)
@@ -277,7 +280,7 @@ class _GroupLoop:
         bs = self.cfg.batch_size
         for start, rows in zip(range(0, max(sizes), bs), self._tables(sizes, orders, batchnorm=False), strict=True):
             batch = self._collate(sets, rows)
-            outputs, _ = self._forward(batch, with_loss=False)
+            outputs, _ = self._forward(batch, with_loss=False, tta=self.base.tta)
             for f, (dataset, n) in enumerate(zip(present, sizes, strict=True)):
                 count = min(n - start, bs)
                 if dataset is None or count <= 0:

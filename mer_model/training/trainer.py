@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from mer_model.config import ModelConfig, TrainConfig
 from mer_model.errors import ConfigError
+from mer_model.training.augment import tta_forward
 from mer_model.training.data import DeviceArrays, SampleDataset, SampleStore
 from mer_model.training.folds import Fold, fold_fingerprint, inner_split
 from mer_model.training.metrics import au_f1, classification_metrics, flow_epe, landmark_nme
@@ -73,12 +74,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """The registered model named by the config (imported here so the training core does not depend on every model's
-    third-party code at import time)."""
+def build_model(model_cfg: ModelConfig, num_classes: int, tta: str = "none") -> nn.Module:
+    """The registered model named by the config, predicting with test-time augmentation `tta` (train.tta) (imported
+    here so the training core does not depend on every model's third-party code at import time)."""
     from mer_model.models import create_model
 
-    return create_model(model_cfg.name, model_cfg.config, num_classes=num_classes, **model_cfg.kwargs)
+    return create_model(model_cfg.name, model_cfg.config, num_classes=num_classes, **model_cfg.kwargs).set_tta(tta)
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -219,7 +220,7 @@ class _Loop:
         _seed_everything(cfg.seed)
         from mer_model.models.checkpoint import prepare_for_device, to_device_batch
 
-        self.model = prepare_for_device(build_model(model_cfg, num_classes), self.device)
+        self.model = prepare_for_device(build_model(model_cfg, num_classes, cfg.tta), self.device)
         self.to_device_batch = to_device_batch  # channels-last inputs for the models that prefer it
         # Loss targets are needed for every split (validation and test losses are reported too); `label` comes from
         # the index, not the npz.
@@ -322,7 +323,7 @@ class _Loop:
         scores = EvalAccumulator()
         for batch in self.batches(dataset, shuffle=False):
             with self.autocast():
-                outputs = self.model(batch)
+                outputs = tta_forward(self.model, batch, self.model.tta)
                 loss, _ = self.model.loss(outputs, batch)
             scores.add(outputs, batch, loss)
         return scores.result(len(dataset))
