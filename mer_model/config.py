@@ -155,6 +155,11 @@ class TrainConfig(_Section):
     # already draws, so the mirror is in the training distribution. It cuts the variance of the larger networks' test
     # predictions (5-fold subject CV on the MEGC2019 composite: README "How the settings were chosen").
     tta: Literal["none", "flip"] = "none"
+    # Weight averaging (mer_model.training.trainer.WeightAverage): > 0 = every evaluated or kept epoch uses an
+    # exponential moving average of the weights, this decay per optimiser step (timm's warm-up; 0.9 ~ the last 10
+    # steps). Steadies the snapshot `inner` keeps from the high learning-rate phase; `fixed` after an annealed schedule
+    # is unchanged. 0 = off.
+    ema_decay: float = Field(0.0, ge=0, lt=1)
     checkpoint_every: int = Field(0, ge=0)  # epochs; 0 = no intermediate checkpoints
     device: str = "auto"
     # Mixed precision on CUDA only (CPU runs stay float32): bfloat16 autocast where the GPU supports it, else float16

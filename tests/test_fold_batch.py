@@ -67,10 +67,11 @@ def test_batched_folds_equal_per_fold_training_without_dropout(store: SampleStor
         assert float((flat[0] - flat[1]).norm() / flat[1].norm()) < 5e-2
 
 
-def test_batched_folds_predict_with_flip_tta_like_per_fold_training(store: SampleStore) -> None:
-    """train.tta="flip" under vmap (the mirror is indexing only): validation scores, kept epoch and test
-    probabilities equal the per-fold trainer's."""
-    specs = _specs(loso_folds(store.index)[:2], protocol="inner", tta="flip")
+@pytest.mark.parametrize("train", [{"tta": "flip"}, {"ema_decay": 0.5}], ids=["flip-tta", "weight-average"])
+def test_batched_folds_evaluate_like_per_fold_training(store: SampleStore, train: dict[str, Any]) -> None:
+    """train.tta="flip" (the mirror is indexing only) and train.ema_decay (the stacked weights averaged elementwise)
+    under vmap: validation scores, kept epoch and test probabilities equal the per-fold trainer's."""
+    specs = _specs(loso_folds(store.index)[:2], protocol="inner", **train)
     for spec, got in zip(specs, train_fold_group(specs, store), strict=True):
         want = train_fold(spec, store)
         assert got.selected_epoch == want.selected_epoch

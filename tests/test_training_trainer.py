@@ -103,8 +103,10 @@ def test_same_seed_same_predictions(store: SampleStore) -> None:
     assert not np.array_equal(a.predictions[prob_cols].to_numpy(), c.predictions[prob_cols].to_numpy())
 
 
-def test_checkpoint_resume_continues_exactly(store: SampleStore, tmp_path: Path) -> None:
-    reference = train_fold(_spec(store, epochs=4, protocol="inner"), store)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.5])
+def test_checkpoint_resume_continues_exactly(store: SampleStore, tmp_path: Path, ema_decay: float) -> None:
+    """Also with weight averaging: the checkpoint holds the average and the trained weights apart."""
+    reference = train_fold(_spec(store, epochs=4, protocol="inner", ema_decay=ema_decay), store)
 
     class WorkerDied(RuntimeError):
         pass
@@ -113,7 +115,7 @@ def test_checkpoint_resume_continues_exactly(store: SampleStore, tmp_path: Path)
         if epoch == 3:
             raise WorkerDied
 
-    spec = _spec(store, epochs=4, protocol="inner", checkpoint_every=2)
+    spec = _spec(store, epochs=4, protocol="inner", checkpoint_every=2, ema_decay=ema_decay)
     with pytest.raises(WorkerDied):
         train_fold(spec, store, callback=die_in_epoch_3, checkpoint_dir=tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / trainer.CHECKPOINT_NAME).is_file()
@@ -125,9 +127,43 @@ def test_checkpoint_resume_continues_exactly(store: SampleStore, tmp_path: Path)
     prob_cols = [f"prob_{k}" for k in range(3)]
     assert np.array_equal(resumed.predictions[prob_cols].to_numpy(), reference.predictions[prob_cols].to_numpy())
     assert [h["val_uf1"] for h in resumed.history] == [h["val_uf1"] for h in reference.history]
-    other = _spec(store, epochs=4, protocol="inner", checkpoint_every=2, lr=0.02)
+    other = _spec(store, epochs=4, protocol="inner", checkpoint_every=2, lr=0.02, ema_decay=ema_decay)
     with pytest.raises(ConfigError, match="different configuration"):
         train_fold(other, store, checkpoint_dir=tmp_path / "ckpt")
+
+
+def test_weight_average_is_evaluated_without_changing_the_training_path(store: SampleStore) -> None:
+    """train.ema_decay: after every optimiser step the average follows timm's warm-up EMA of the trained weights; an
+    evaluated epoch leaves the model holding that average, and the next epoch trains on from the trained weights, so
+    the trained weights follow exactly the path of a run without averaging."""
+    decay = 0.5
+    trained: dict[float, list[list[torch.Tensor]]] = {}
+    for ema_decay in (0.0, decay):
+        spec = _spec(store, epochs=2, ema_decay=ema_decay)
+        loop = trainer._Loop(spec.model, spec.train, store, 3, store.sample_ids(spec.fold.train_subjects), 2)
+        start = [p.detach().clone() for p in loop.model.parameters()]
+        steps: list[list[torch.Tensor]] = trained.setdefault(ema_decay, [])
+        loop.optimizer.register_step_post_hook(
+            lambda *_, loop=loop, steps=steps: steps.append([p.detach().clone() for p in loop.model.parameters()]))
+        for epoch in (1, 2):
+            loop.train_epoch(epoch, final=True)
+            if ema_decay == 0.0:
+                continue
+            average = [p.clone() for p in start]
+            for t, weights in enumerate(steps, start=1):
+                d = min(decay, (1 + t) / (10 + t))
+                average = [a + (1 - d) * (w - a) for a, w in zip(average, weights, strict=True)]
+            for got, want, last in zip(loop.model.parameters(), average, steps[-1], strict=True):
+                torch.testing.assert_close(got.detach(), want)
+            assert any(not torch.equal(p.detach(), w) for p, w in zip(loop.model.parameters(), steps[-1]))
+    assert len(trained[0.0]) == len(trained[decay]) > 2
+    for plain, averaged in zip(trained[0.0], trained[decay], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(plain, averaged, strict=True))
+
+
+def test_weight_average_rejects_a_decay_outside_the_open_interval() -> None:
+    with pytest.raises(ConfigError, match="train.ema_decay"):
+        trainer.WeightAverage([torch.zeros(2)], 1.0)
 
 
 def test_class_weights_are_balanced_over_present_classes() -> None:
