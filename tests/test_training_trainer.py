@@ -161,9 +161,10 @@ def test_weight_average_is_evaluated_without_changing_the_training_path(store: S
         assert all(torch.equal(a, b) for a, b in zip(plain, averaged, strict=True))
 
 
-def test_weight_average_rejects_a_decay_outside_the_open_interval() -> None:
+@pytest.mark.parametrize("decay", [-0.1, 1.0])
+def test_weight_average_rejects_a_decay_outside_its_range(decay: float) -> None:
     with pytest.raises(ConfigError, match="train.ema_decay"):
-        trainer.WeightAverage([torch.zeros(2)], 1.0)
+        trainer.WeightAverage([torch.zeros(2, requires_grad=True)], decay)
 
 
 def test_class_weights_are_balanced_over_present_classes() -> None:

@@ -59,6 +59,7 @@ from mer_model.training.trainer import (
     EvalAccumulator,
     FoldRun,
     FoldSpec,
+    WeightAverage,
     _derived_seed,
     _seed_everything,
     accumulate,
@@ -74,7 +75,6 @@ from mer_model.training.trainer import (
     read_epoch,
     resolve_device,
     train_fold,
-    weight_average,
 )
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class _GroupLoop:
         self.norm_buffers = [f"{name}.{b}" for name, m in self.base.named_modules() if m in self.norms
                              for b in ("running_mean", "running_var", "num_batches_tracked")]
         self.optimizer = make_optimizer(self.params.values(), cfg)
-        self.average = weight_average(self.params.values(), cfg)
+        self.average = WeightAverage(self.params.values(), cfg.ema_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(e, cfg, cfg.epochs))
         self.scaler = torch.amp.GradScaler("cuda", enabled=scaled)
         self.runs = [FoldRun(spec, store, self.inputs, TARGET_KEYS, callback, s)
@@ -217,8 +217,7 @@ class _GroupLoop:
     # ---------------------------------------------------------------------------------------------------- epochs
 
     def train_epoch(self, epoch: int, final: bool) -> list[dict[str, float]]:
-        if self.average is not None:
-            self.average.use(False)
+        self.average.use(False)
         torch.manual_seed(_derived_seed(self.cfg.seed, epoch, 2))
         for dataset in self.train_sets:
             dataset.set_epoch(epoch)
@@ -234,8 +233,7 @@ class _GroupLoop:
             self.scaler.scale(parts["loss"].sum()).backward()  # fold f's parameters get fold f's gradient
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            if self.average is not None:
-                self.average.update()
+            self.average.update()
             n = rows.shape[1]
             seen += n
             accumulate(sums, parts, n)
@@ -243,8 +241,7 @@ class _GroupLoop:
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         if final:
-            if self.average is not None:
-                self.average.use(True)
+            self.average.use(True)
             self.refresh_batchnorm()
         return [{**m, "lr": lr} for m in means]
 

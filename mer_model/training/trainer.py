@@ -140,7 +140,8 @@ class WeightAverage:
     `update()` after every optimiser step: average <- average + (1 - d_t) (weights - average) with the warm-up of
     timm's ModelEmaV3, d_t = min(decay, (1 + t) / (10 + t)) at step t, so the first epochs do not drag the
     initialisation along. `use(averaged)` puts the average (True) or the trained weights (False) into the live
-    tensors by swapping them in place; training always resumes on the trained weights.
+    tensors by swapping them in place; training always resumes on the trained weights. With `decay` 0 (averaging off)
+    both are no-ops, so the loops call them unconditionally.
 
     Why: the `inner` protocol keeps the epoch its few validation subjects score best, typically one from the high
     learning-rate phase, where consecutive epochs' weights (and their validation scores) swing most; the average over
@@ -148,11 +149,11 @@ class WeightAverage:
     so `fixed` is unchanged (5-fold subject CV on the MEGC2019 composite: README "How the settings were chosen").
     """
 
-    def __init__(self, live: Sequence[Tensor], decay: float) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ConfigError(f"train.ema_decay: must be in (0, 1) to average weights, got {decay}")
-        self.live = list(live)
+    def __init__(self, live: Iterable[Tensor], decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ConfigError(f"train.ema_decay: must be in [0, 1), got {decay}")
         self.decay = decay
+        self.live = [t for t in live if t.requires_grad] if decay > 0 else []
         self.steps = 0
         self.averaged = False  # whether `live` holds the average (and `other` the trained weights)
         self.other = [t.detach().clone() for t in self.live]
@@ -160,6 +161,8 @@ class WeightAverage:
     @torch.no_grad()
     def update(self) -> None:
         """Fold the current trained weights into the average (call after every optimiser step)."""
+        if not self.live:
+            return
         if self.averaged:
             raise RuntimeError("WeightAverage.update: the live tensors hold the average, not the trained weights")
         self.steps += 1
@@ -170,7 +173,7 @@ class WeightAverage:
     @torch.no_grad()
     def use(self, averaged: bool) -> None:
         """Put the average (True) or the trained weights (False) into the live tensors."""
-        if averaged == self.averaged:
+        if averaged == self.averaged or not self.live:
             return
         for other, live in zip(self.other, self.live, strict=True):
             kept = live.detach().clone()
@@ -186,11 +189,6 @@ class WeightAverage:
         self.steps, self.averaged = int(state["steps"]), bool(state["averaged"])
         for other, saved in zip(self.other, state["other"], strict=True):
             other.copy_(saved)
-
-
-def weight_average(live: Iterable[Tensor], cfg: TrainConfig) -> WeightAverage | None:
-    """The WeightAverage of `live` (its trainable tensors) when `train.ema_decay` > 0, else None."""
-    return WeightAverage([t for t in live if t.requires_grad], cfg.ema_decay) if cfg.ema_decay > 0 else None
 
 
 def mixed_precision(device: torch.device, amp: bool) -> tuple[torch.dtype | None, bool]:
@@ -289,7 +287,7 @@ class _Loop:
         self.inputs = tuple(self.model.inputs) + tuple(k for k in targets if k not in self.model.inputs)
         self.optional = TARGET_KEYS
         self.optimizer = make_optimizer(self.model.parameters(), cfg)
-        self.average = weight_average(self.model.parameters(), cfg)
+        self.average = WeightAverage(self.model.parameters(), cfg.ema_decay)
         # Stepped once per epoch; `epochs` is the length of THIS run (a final model may train for fewer epochs than
         # train.epochs), so a cosine schedule always ends annealed.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(e, cfg, epochs))
@@ -332,8 +330,7 @@ class _Loop:
         """One pass over the training set; returns sample-weighted means of the loss and its parts. `final`: the
         weights after this epoch will be evaluated or kept, so the model is left holding the weight average
         (`train.ema_decay` > 0) and BatchNorm statistics are made precise (`refresh_batchnorm`)."""
-        if self.average is not None:
-            self.average.use(False)
+        self.average.use(False)
         torch.manual_seed(_derived_seed(self.cfg.seed, epoch, 2))
         self.train_set.set_epoch(epoch)
         self.model.train()
@@ -348,8 +345,7 @@ class _Loop:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            if self.average is not None:
-                self.average.update()
+            self.average.update()
             n = int(batch["label"].shape[0])  # a shape, not a value: no sync
             seen += n
             accumulate(sums, {**parts, "loss": loss}, n)
@@ -357,8 +353,7 @@ class _Loop:
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         if final:
-            if self.average is not None:
-                self.average.use(True)
+            self.average.use(True)
             self.refresh_batchnorm()
         return {**means, "lr": lr}
 
@@ -607,8 +602,7 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
         loop.optimizer.load_state_dict(saved["optimizer"])
         loop.scaler.load_state_dict(saved["scaler"])
         loop.scheduler.load_state_dict(saved["scheduler"])
-        if loop.average is not None:
-            loop.average.load_state_dict(saved["average"])
+        loop.average.load_state_dict(saved["average"])
         run.history, run.best, run.bad_epochs = saved["history"], saved["best"], saved["bad_epochs"]
         first_epoch = saved["epoch"] + 1
         log.info("fold %s: resuming from %s after epoch %d", fold.name, ckpt, saved["epoch"])
@@ -622,7 +616,7 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
             _save_checkpoint(ckpt, {"fingerprint": fingerprint, "epoch": epoch, "model": loop.model.state_dict(),
                                     "optimizer": loop.optimizer.state_dict(), "scaler": loop.scaler.state_dict(),
                                     "scheduler": loop.scheduler.state_dict(),
-                                    "average": loop.average.state_dict() if loop.average is not None else None,
+                                    "average": loop.average.state_dict(),
                                     "history": run.history, "best": run.best, "bad_epochs": run.bad_epochs})
         if stop:
             break
