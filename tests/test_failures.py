@@ -109,3 +109,37 @@ def test_sigterm_unwinds_first_then_the_runs_end_killed(tmp_path: Path, monkeypa
         signal.signal(signal.SIGTERM, previous)
     assert raised.value.code == 143
     assert tracker.client.get_run(run).info.status == "KILLED"
+
+
+def test_sigterm_inside_a_store_write_is_delivered_again_outside_it(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM that interrupts the tracking store's own code (SQLAlchemy / sqlite3 / mlflow.store) does not unwind
+    it -- that left the write's connection holding the SQLite lock, so marking the runs KILLED waited out the busy
+    timeout per run -- but is sent again 0.2 s later and then ends the process as usual."""
+    import signal
+    import sys
+    import time
+
+    from components.tracking import Terminated
+    from components.tracking.mlflow_tracker import MlflowTracker
+    from mer_model.config import TrackingConfig
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "test", "unknown")
+    tracker.check()
+    run, _ = tracker.open_run("k", "parent", {})
+    store_code: dict = {"__name__": "sqlalchemy.engine.default", "sys": sys}
+    exec("def interrupted_frame():\n    return sys._getframe()", store_code)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        tracker.install_sigterm_handler()
+        handler = signal.getsignal(signal.SIGTERM)
+        assert handler(signal.SIGTERM, store_code["interrupted_frame"]()) is None  # deferred, nothing raised
+        assert not tracker.terminated
+        with pytest.raises(Terminated) as raised:
+            time.sleep(5)  # the re-sent signal arrives here, outside the store
+        tracker.end_all("KILLED")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert raised.value.code == 143 and tracker.terminated
+    assert tracker.client.get_run(run).info.status == "KILLED"

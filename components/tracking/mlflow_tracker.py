@@ -16,6 +16,7 @@ its source (entry point and git commit); the final model is a pyfunc with an inp
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -62,6 +63,19 @@ MODEL_TRAINING_KIND = "custom_model_development"  # MLflow 3's "model training" 
 # MLflow limits of one log_batch call.
 _BATCH_PARAMS = 100
 _BATCH_METRICS = 1000
+
+
+# Modules whose calls must not be unwound by the SIGTERM handler's exception (they hold the tracking store's lock).
+_STORE_MODULES = ("sqlalchemy.", "sqlite3", "mlflow.store.")
+
+
+def _inside_store_call(frame: FrameType | None) -> bool:
+    """True when the interrupted Python stack is inside a tracking-store (database) call."""
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith(_STORE_MODULES):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class MlflowTracker(Tracker):
@@ -181,6 +195,14 @@ class MlflowTracker(Tracker):
 
     def install_sigterm_handler(self) -> None:
         def handler(signum: int, frame: FrameType | None) -> None:
+            if _inside_store_call(frame):
+                # Unwinding out of the middle of a database write leaves that connection holding the SQLite lock, and
+                # `end_all` then waits out the busy timeout for every run it marks KILLED: deliver the signal again a
+                # moment later, outside the write.
+                retry = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
+                retry.daemon = True
+                retry.start()
+                return
             log.warning("SIGTERM: ending; %d open MLflow run(s) will be marked KILLED", len(self._open))
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             self.terminated = True
