@@ -332,19 +332,31 @@ class Params(_Section):
         return self
 
 
-def _format_validation_error(source: str, err: ValidationError) -> str:
+def _format_validation_error(source: str, err: ValidationError, overrides: Mapping[str, Any] | None = None) -> str:
+    """One line for the first error: `source: key: message (got VALUE; set by the override KEY=VALUE)`, the value
+    when pydantic has one for the key, and the override when the key is (or lies under) one of `overrides`."""
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {key}: {first['msg']}{more}" if key else f"{source}: {first['msg']}{more}"
+    detail = []
+    if first["type"] != "missing" and not isinstance(first.get("input"), Mapping):
+        shown = repr(first.get("input"))
+        detail.append(f"got {shown if len(shown) <= 60 else shown[:57] + '...'}")
+    overrides = overrides or {}
+    origin = next((k for k in overrides if key == k or key.startswith(f"{k}.")), None)
+    if origin is not None:
+        detail.append(f"set by the override {origin}={overrides[origin]!r}")
+    note = f" ({'; '.join(detail)})" if detail else ""
+    return f"{source}: {key}: {first['msg']}{note}{more}" if key else f"{source}: {first['msg']}{note}{more}"
 
 
-def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
-    """Validate a params mapping; a ConfigError names the first bad key."""
+def parse_params(raw: dict[str, Any], source: str = "params", overrides: Mapping[str, Any] | None = None) -> Params:
+    """Validate a params mapping; a ConfigError names the first bad key, its value, and the override that set it
+    (`overrides`, dotted keys) if one did."""
     try:
         return Params.model_validate(raw or {})
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(source, err)) from None
+        raise ConfigError(_format_validation_error(source, err, overrides)) from None
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
@@ -372,7 +384,7 @@ def with_overrides(base: Params | Mapping[str, Any], overrides: Mapping[str, Any
             else copy.deepcopy(dict(base)))
     for key, value in overrides.items():
         set_dotted(tree, key, value)
-    return parse_params(tree, source)
+    return parse_params(tree, source, overrides)
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

@@ -55,9 +55,12 @@ def _casme2_sheet(project: Path) -> Path:
 
 
 CASES = {
+    # The rejected value, and the override that set it: the file says otherwise, so the line must say where.
     "params value out of range": (["synth", "-S", "synth.subjects=1"],
-                                  "params.yaml: synth.subjects: Input should be greater than or equal to 2"),
-    "unknown params key": (["tune", "-S", "train.epoch=3"], "train.epoch: Extra inputs are not permitted"),
+                                  "params.yaml: synth.subjects: Input should be greater than or equal to 2 (got 1; "
+                                  "set by the override synth.subjects=1)"),
+    "unknown params key": (["tune", "-S", "train.epoch=3"],
+                           "train.epoch: Extra inputs are not permitted (got 3; set by the override train.epoch=3)"),
     "malformed override": (["evaluate", "-S", "train.epochs"], "override 'train.epochs': expected key=value"),
     "missing params file": (["ingest", "--params", "missing.yaml"], "missing.yaml: parameters file not found"),
     "missing data root": (["ingest", "-S", "data.source=casme2", "-S", "data.root=nowhere"],
@@ -105,7 +108,8 @@ def test_invalid_value_in_params_file_names_file_and_key(project: Path, mer: Cal
     result = mer("evaluate", "--params", bad, cwd=project)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = error_lines(result)
-    assert f"{bad}: train.protocol: Input should be 'fixed', 'inner' or 'oracle'" in line
+    assert f"{bad}: train.protocol: Input should be 'fixed', 'inner' or 'oracle' (got 'honest')" in line
+    assert "override" not in line  # the value came from the file
 
 
 def test_unparseable_annotation_row_names_file_and_row(project: Path, mer: Callable[..., CliResult]) -> None:
