@@ -130,6 +130,11 @@ class ExperimentSummary(_Json):
     data_version: str = ""
     folds: int = 0
     model: dict[str, Any] = field(default_factory=dict)  # name, config, kwargs
+    # The `train` section every evaluated fold ran with (the chosen values applied, `protocol` the evaluation's), and
+    # the search that chose them (num_samples, search_folds, metric, search_space): without MLflow, these files alone
+    # say how the numbers were made. Empty in summaries written before they were recorded.
+    train: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
     tracking_experiment: str | None = None
     parent_run_id: str | None = None
     model_uri: str | None = None

@@ -190,6 +190,10 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
                 experiment=name, experiment_key=experiment_key, protocol=protocol, split=params.train.split,
                 leaky=leaky, class_names=list(class_names), chosen=chosen, metrics=metrics, data_version=version,
                 folds=len(summaries), model=resolved.model.model_dump(mode="json"),
+                train=resolved.train.model_dump(mode="json"),
+                search={"num_samples": cfg.num_samples, "search_folds": cfg.search_folds, "metric": cfg.metric,
+                        "search_space": {k: v.model_dump(mode="json") for k, v in cfg.search_space.items()}}
+                if cfg.num_samples > 0 else {},
                 tracking_experiment=params.tracking.experiment if params.tracking.backend != "none" else None,
                 parent_run_id=parent if params.tracking.backend != "none" else None, model_uri=model_uri)
             out = write_results(cfg.results, Results(summary, predictions, summaries))
