@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from components.preprocess import preprocess
+from components.tracking.base import data_version
 from mer_model.config import ModelConfig, Params, parse_params
 from mer_model.data.schema import make_table
 from mer_model.errors import ConfigError, DataError
@@ -146,6 +147,12 @@ def test_only_what_the_model_reads_and_then_only_what_is_missing(dataset: tuple[
     assert second["counts"]["ok"] == 2
     back = preprocess(params)["counts"]  # and back to the flow model: everything reused
     assert (back["ok"], back["reused"], back["computed"]) == (3, 3, 2)  # the two failed ones are retried
+    # A re-run that changes nothing keeps the cache's data version (else every stored fold would be retrained):
+    # manifest.json holds the content, not the invocation's computed / reused counts.
+    version = data_version(out, out / "no-dvc.lock")
+    assert preprocess(params)["counts"]["reused"] == 3 and data_version(out, out / "no-dvc.lock") == version
+    stored = json.loads((out / "manifest.json").read_text())["counts"]
+    assert "computed" not in stored and "reused" not in stored["modalities"]["flow28"]
     with pytest.raises(ConfigError, match="model.name: unknown model 'nope'"):
         preprocess(params.model_copy(update={"model": params.model.model_copy(update={"name": "nope"})}))
 

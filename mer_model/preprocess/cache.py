@@ -240,7 +240,10 @@ class Cache:
     def finish(self, table: pd.DataFrame, cfg: PreprocessConfig, modalities: Sequence[str],
                extra: Mapping[str, Any]) -> dict[str, Any]:
         """Write modalities.csv, index.csv and manifest.json (in that order, each atomically) and delete files no
-        entry refers to; returns the manifest."""
+        entry refers to; returns the manifest with this invocation's `computed` / `reused` counts added. Those stay
+        out of manifest.json: the file describes the cache's content, and the data version is a hash of it
+        (components.tracking.base.data_version), so a re-run that changes nothing must leave it byte-identical --
+        else every stored fold of the experiments on it would be retrained."""
         modalities = check_modalities(modalities)
         ids = table["sample_id"].astype(str).tolist()
         missing = [sid for sid in ids for m in modalities if (sid, m) not in self._entries]
@@ -253,6 +256,7 @@ class Cache:
             index[column] = [s[column] for s in status]
         write_csv(self.index_path, index)
         self._remove_unreferenced({e["file"] for e in entries if e["file"]})
+        counts = self._counts(index, ids, modalities)
         manifest = {
             "format": "per-modality entries (modalities.csv)",
             "params_hash": params_hash(cfg),
@@ -261,13 +265,13 @@ class Cache:
             "au_list": list(AU_LIST),
             "versions": library_versions(),
             **extra,
-            "counts": self._counts(index, ids, modalities),
+            "counts": _content_counts(counts),
             "coverage": coverage(index),
             "failures": [{"sample_id": r.sample_id, "reason": r.reason, "error": r.error}
                          for r in index.itertuples() if r.status != "ok"],
         }
         write_json(self.manifest_path, manifest)
-        return manifest
+        return {**manifest, "counts": counts}
 
     def _sample_status(self, sid: str, modalities: Sequence[str]) -> dict[str, str]:
         mine = [self._entries[(sid, m)] for m in MODALITIES if (sid, m) in self._entries]
@@ -323,3 +327,11 @@ def coverage(index: pd.DataFrame, usable: pd.Series | None = None) -> dict[str, 
     per = {str(d): {"usable": int(mask[group.index].sum()), "total": len(group)}
            for d, group in index.groupby("dataset", sort=True)}
     return {"usable": int(mask.sum()), "total": len(index), "per_dataset": per}
+
+
+def _content_counts(counts: Mapping[str, Any]) -> dict[str, Any]:
+    """`counts` without what depends on the invocation rather than the cache (computed / reused, overall and per
+    modality)."""
+    run = ("computed", "reused")
+    return {k: ({m: {c: n for c, n in v.items() if c not in run} for m, v in value.items()} if k == "modalities"
+                else value) for k, value in counts.items() if k not in run}
