@@ -195,7 +195,9 @@ def result_row(key: str, entry: BenchmarkModel, params: Params, parameters: int,
         row[f"{dataset}_n"] = values["n"] if values else 0
     devices = sorted({f.device for f in folds})
     row.update({
-        "wall_s": round(wall, 1), "device": ",".join(devices) or "?",
+        # wall_s: this invocation; fold_s: the folds' own training time (summed over parallel workers), which a
+        # resumed invocation that found its folds stored does not shorten.
+        "wall_s": round(wall, 1), "fold_s": round(sum(f.wall_time for f in folds), 1), "device": ",".join(devices) or "?",
         "lr": params.train.lr, "batch_size": params.train.batch_size, "optimizer": params.train.optimizer,
         "weight_decay": params.train.weight_decay, "schedule": params.train.schedule, "tta": params.train.tta,
         "ema_decay": params.train.ema_decay,
@@ -316,7 +318,7 @@ def _run(args: argparse.Namespace) -> int:
     table = benchmark(params, args.collection, Path(args.root).expanduser(), args.models, args.protocol, args.epochs,
                       parse_au_sheets(args.au_sheets), Path(args.out) if args.out else None, command_line(args))
     log.info("benchmark results:\n%s", table[["label", "protocol", "leaky", *SCORES, "n_samples", "n_subjects",
-                                                "wall_s", "device"]].to_string(index=False))
+                                                "wall_s", "fold_s", "device"]].to_string(index=False))
     return 0
 
 

@@ -44,7 +44,7 @@ def tiny_composite(composite_dir: Path, tmp_path: Path) -> Path:
 def test_benchmark_command_end_to_end(tiny_composite: Path, annotations_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "results"
     small = "benchmark.models.cva-fpf-flow-au.kwargs"
-    code = main([
+    argv = [
         "benchmark", "megc2019", "--root", str(tiny_composite), "--models", "ststnet", "cva-fpf-flow-au",
         "--protocol", "oracle", "inner", "--epochs", "1", "--out", str(out),
         "--au-sheets", f"casme2={annotations_dir / 'CASME2-coding-20140508.xlsx'}",
@@ -52,7 +52,8 @@ def test_benchmark_command_end_to_end(tiny_composite: Path, annotations_dir: Pat
         "-S", f"benchmark.work={tmp_path / 'work'}", "-S", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "-S", "benchmark.cpus=2", "-S", f"{small}.img_size=32", "-S", f"{small}.stage_channels=[8,8,8,8]",
         "-S", f"{small}.act_channels=8", "-S", f"{small}.fc_dim=16", "-S", f"{small}.fc2_dim=8",
-    ])
+    ]
+    code = main(argv)
     assert code == 0
     table = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
     assert set(zip(table["model"], table["protocol"], strict=True)) == {
@@ -67,7 +68,7 @@ def test_benchmark_command_end_to_end(tiny_composite: Path, annotations_dir: Pat
     au_rows = table[table["model"] == "cva-fpf-flow-au"]
     assert (au_rows["au"] == "annotated").all()
     assert au_rows["notes"].str.contains("FPF disabled").all() and au_rows["notes"].str.contains("smic uncoded").all()
-    assert table["device"].eq("cpu").all() and (table["wall_s"] > 0).all()
+    assert table["device"].eq("cpu").all() and (table["wall_s"] > 0).all() and (table["fold_s"] > 0).all()
     assert (table["coverage"] == f"{n}/{n}").all() and (table["split"] == "loso").all()
     # Committed results never name the machine's directories: tmp paths become placeholders.
     recorded = " ".join(table["command"]) + (out / "settings.json").read_text() + (out / "results.md").read_text()
@@ -78,6 +79,13 @@ def test_benchmark_command_end_to_end(tiny_composite: Path, annotations_dir: Pat
     assert markdown.index("## Honest protocols") < markdown.index("## Leaky rows")
     assert "0.8603 / 0.8475" in markdown  # the published HTNet row of the reproduction check
     assert (out / "results.png").stat().st_size > 10_000
+
+    # Run again: every fold is found stored, so the invocation is short, but `fold_s` still reports the folds' own
+    # training time (the rows' compute, not the resuming command's).
+    assert main(argv) == 0
+    again = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
+    assert again["fold_s"].tolist() == table["fold_s"].tolist()
+    assert again[["uf1", "uar", "accuracy"]].equals(table[["uf1", "uar", "accuracy"]])
     # MLflow holds a parent run per model x protocol.
     import mlflow
 

@@ -37,7 +37,7 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
 def markdown_table(table: pd.DataFrame) -> str:
     datasets = [d for d in DATASETS if f"{d}_uf1" in table and table[f"{d}_uf1"].notna().any()]
     head = ["model", "protocol", "UF1", "UAR", "acc"] + [f"{d} UF1 / UAR / acc" for d in datasets]
-    head += ["n / subj.", "coverage", "epochs", "AUs", "wall s", "device"]
+    head += ["n / subj.", "coverage", "epochs", "AUs", "wall s", "fold s", "device"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.to_dict("records"):
         protocol = r["protocol"] + (" ⚠ leaky" if r["leaky"] else "")
@@ -45,7 +45,7 @@ def markdown_table(table: pd.DataFrame) -> str:
         cells = [r["label"], protocol] + [_fmt(r[k]) for k in SCORES]
         cells += [" / ".join(_fmt(r[f"{d}_{k}"]) for k in SCORES) for d in datasets]
         cells += [f"{r['n_samples']} / {r['n_subjects']}", _fmt(r.get("coverage")), epochs, r["au"],
-                  _fmt(r["wall_s"], ".0f"), r["device"]]
+                  _fmt(r["wall_s"], ".0f"), _fmt(r.get("fold_s"), ".0f"), r["device"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
