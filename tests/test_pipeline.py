@@ -44,7 +44,9 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     assert all(r.data.tags["mlflow.parentRunId"] in trials for r in runs["fold"])
     assert all(r.info.status == "FINISHED" for kind in runs.values() for r in kind)
 
-    # Parent: resolved config, data version, git commit; pooled metrics; evaluation artifacts.
+    # Parent: named with its settings hash (the experiment key's), resolved config, data version, git commit; pooled
+    # metrics; evaluation artifacts.
+    assert parent.info.run_name.endswith(f"[{parent.data.tags['mer.experiment_key'][-12:-4]}]"), parent.info.run_name
     assert parent.data.params["model.name"] == "ststnet"
     assert parent.data.params["data_version"].startswith(("dvc:", "files:"))
     assert parent.data.params["git_commit"]
@@ -225,3 +227,15 @@ def test_tune_callbacks_pickle_with_their_tracker_and_reconnect(tmp_path: Path,
     assert callback.tracker.experiment_id == tracker.experiment_id
     assert callback.tracker.get_tag(run, "mer.key") == "k"
     tracker.end_run(run)
+
+
+def test_flip_tta_without_augmentation_is_warned_about() -> None:
+    from mer_model.config import parse_params
+    from pipelines.engine.preflight import setting_warnings
+
+    def warnings(**train: object) -> list[str]:
+        return setting_warnings(parse_params({"train": train}))
+
+    [line] = warnings(tta="flip", augment=False)
+    assert line.startswith("train.tta: flip with train.augment false")
+    assert warnings(tta="flip", augment=True) == [] and warnings(tta="none", augment=False) == []

@@ -47,7 +47,7 @@ from mer_model.training.protocols import is_leaky, retrain_epochs, run_label
 from mer_model.training.results import ExperimentSummary, Results, write_results
 from mer_model.training.splits import make_folds
 from pipelines.engine.callbacks import FoldProgress, RunInfo, TrackingCallback, leak_tags, log_pooled, stored_folds
-from pipelines.engine.preflight import check_experiment
+from pipelines.engine.preflight import check_experiment, setting_warnings
 from pipelines.engine.storage import experiment_lock
 from pipelines.engine.tasks import run_final
 from pipelines.engine.trial import (
@@ -110,6 +110,8 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
     the entry point in the tracker."""
     cfg = params.tune
     inputs = check_experiment(params)  # outputs, cache, model: fail now, not after the whole run
+    for warning in setting_warnings(params):
+        log.warning("%s", warning)
     leaky = is_leaky(params.train.protocol, params.model)
     cache_dir = str(Path(params.preprocess.out).resolve())
     store = SampleStore.open(cache_dir)
@@ -120,7 +122,8 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
     protocol = params.train.protocol
     keyed = params.model_dump(mode="json", include={"seed", "model", "train", "tune", "data"})
     keyed["tune"] = {k: keyed["tune"][k] for k in ("num_samples", "search_space", "search_folds", "metric")}
-    experiment_key = f"{name}-{config_hash([keyed, version])}"
+    settings = config_hash([keyed, version])
+    experiment_key = f"{name}-{settings}"
     tune_root = f"{storage_root(params)}/{experiment_key}"
     fold_store = f"{storage_root(params)}/folds"
 
@@ -134,8 +137,10 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
         tracker.install_sigterm_handler()
         try:
             base = {"data_version": version, "git_commit": git_commit(REPO), "experiment": name}
+            # The settings hash in the name: two runs that differ in one setting are told apart in the MLflow UI's
+            # run list, and a resumed run keeps its name.
             parent, created = tracker.open_run(
-                experiment_key, f"{name} {run_label(protocol, leaky)}",
+                experiment_key, f"{name} {run_label(protocol, leaky)} [{settings[:8]}]",
                 {KIND_TAG: "parent", EXPERIMENT_KEY_TAG: experiment_key, "dataset": params.data.source,
                  "model": params.model.name, "split": params.train.split, "data_version": version,
                  **leak_tags(protocol, leaky)})

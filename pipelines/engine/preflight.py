@@ -37,3 +37,12 @@ def check_s3_credentials(uri: str, key: str) -> None:
     if boto3.Session().get_credentials() is None:
         raise ConfigError(f"{key}: {uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
                           "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
+
+
+def setting_warnings(params: Params) -> list[str]:
+    """Settings that are valid but probably not meant (the driver logs each once per experiment)."""
+    warnings = []
+    if params.train.tta == "flip" and not params.train.augment:
+        warnings.append("train.tta: flip with train.augment false: every evaluation averages in a mirrored view "
+                        "that training never showed the model")
+    return warnings
