@@ -8,6 +8,7 @@ so a training parameter never invalidates the preprocessing cache. Validation er
 from __future__ import annotations
 
 import copy
+import difflib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -332,21 +333,47 @@ class Params(_Section):
         return self
 
 
+def _shown(value: Any) -> str:
+    """A value as it would be written in params.yaml or after -S (YAML flow style), cut at 60 characters."""
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()
+    text = text.removesuffix("...").strip()
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _close_key(loc: tuple[Any, ...]) -> str | None:
+    """For an unknown key: the known key of the same section it most resembles (`train.epoch` -> `train.epochs`),
+    when the section is a fixed set of fields."""
+    model: Any = Params
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    names = [f.alias or name for name, f in model.model_fields.items()]
+    match = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    return ".".join([*map(str, loc[:-1]), match[0]]) if match else None
+
+
 def _format_validation_error(source: str, err: ValidationError, overrides: Mapping[str, Any] | None = None) -> str:
-    """One line for the first error: `source: key: message (got VALUE; set by the override KEY=VALUE)`, the value
-    when pydantic has one for the key, and the override when the key is (or lies under) one of `overrides`."""
-    first = err.errors()[0]
+    """One line for the first error: `source: key: message (did you mean KEY; got VALUE; set by the override
+    KEY=VALUE) (and N more: KEYS)` -- the suggestion for an unknown key, the value when pydantic has one, the override
+    when the key is (or lies under) one of `overrides`."""
+    errors = err.errors()
+    first = errors[0]
     key = ".".join(str(p) for p in first["loc"])
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     detail = []
+    if first["type"] == "extra_forbidden" and (close := _close_key(tuple(first["loc"]))):
+        detail.append(f"did you mean {close}")
     if first["type"] != "missing" and not isinstance(first.get("input"), Mapping):
-        shown = repr(first.get("input"))
-        detail.append(f"got {shown if len(shown) <= 60 else shown[:57] + '...'}")
+        detail.append(f"got {_shown(first.get('input'))}")
     overrides = overrides or {}
     origin = next((k for k in overrides if key == k or key.startswith(f"{k}.")), None)
     if origin is not None:
-        detail.append(f"set by the override {origin}={overrides[origin]!r}")
+        detail.append(f"set by the override {origin}={_shown(overrides[origin])}")
     note = f" ({'; '.join(detail)})" if detail else ""
+    others = list(dict.fromkeys(".".join(str(p) for p in e["loc"]) or "(top level)" for e in errors[1:]))
+    more = (f" (and {len(errors) - 1} more: {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+            if others else "")
     return f"{source}: {key}: {first['msg']}{note}{more}" if key else f"{source}: {first['msg']}{note}{more}"
 
 

@@ -60,7 +60,11 @@ CASES = {
                                   "params.yaml: synth.subjects: Input should be greater than or equal to 2 (got 1; "
                                   "set by the override synth.subjects=1)"),
     "unknown params key": (["tune", "-S", "train.epoch=3"],
-                           "train.epoch: Extra inputs are not permitted (got 3; set by the override train.epoch=3)"),
+                           "train.epoch: Extra inputs are not permitted (did you mean train.epochs; got 3; set by the "
+                           "override train.epoch=3)"),
+    "two bad values": (["tune", "-S", "train.ema_decay=-0.1", "-S", "train.lr=-1"],
+                       "train.lr: Input should be greater than 0 (got -1; set by the override train.lr=-1) (and 1 more: "
+                       "train.ema_decay)"),
     "malformed override": (["evaluate", "-S", "train.epochs"], "override 'train.epochs': expected key=value"),
     "missing params file": (["ingest", "--params", "missing.yaml"], "missing.yaml: parameters file not found"),
     "missing data root": (["ingest", "-S", "data.source=casme2", "-S", "data.root=nowhere"],
@@ -108,7 +112,7 @@ def test_invalid_value_in_params_file_names_file_and_key(project: Path, mer: Cal
     result = mer("evaluate", "--params", bad, cwd=project)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = error_lines(result)
-    assert f"{bad}: train.protocol: Input should be 'fixed', 'inner' or 'oracle' (got 'honest')" in line
+    assert f"{bad}: train.protocol: Input should be 'fixed', 'inner' or 'oracle' (got honest)" in line
     assert "override" not in line  # the value came from the file
 
 
