@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -82,7 +83,15 @@ def test_benchmark_command_end_to_end(tiny_composite: Path, annotations_dir: Pat
 
     # Run again: every fold is found stored, so the invocation is short, but `fold_s` still reports the folds' own
     # training time (the rows' compute, not the resuming command's).
-    assert main(argv) == 0
+    driver_log, said = logging.getLogger("pipelines.engine.driver"), []
+    handler = logging.Handler()  # on the driver's logger: the CLI's logging setup replaces the root handlers
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    driver_log.addHandler(handler)
+    try:
+        assert main(argv) == 0
+    finally:
+        driver_log.removeHandler(handler)
+    assert sum("evaluate: 4 of 4 folds found stored" in m for m in said) == 4  # said, not left to the speed
     again = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
     assert again["fold_s"].tolist() == table["fold_s"].tolist()
     assert again[["uf1", "uar", "accuracy"]].equals(table[["uf1", "uar", "accuracy"]])

@@ -34,10 +34,11 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     assert summary.train["lr"] == pytest.approx(summary.chosen["train.lr"]) and summary.train["protocol"] == "fixed"
     assert summary.train["epochs"] == params.train.epochs and summary.train["ema_decay"] == params.train.ema_decay
     assert summary.search["num_samples"] == 2 and set(summary.search["search_space"]) == {"train.lr"}
-    assert summary.search["search_space"]["train.lr"]["type"] == "loguniform"
+    assert summary.search["search_space"]["train.lr"] == {"type": "loguniform", "low": 1e-4, "high": 1e-2}
 
     runs = runs_by_kind(tmp_path)
     (parent,) = runs["parent"]
+    assert parent.data.metrics["search_objective"] == pytest.approx(summary.search["best_inner_score"])
     trials = {r.info.run_id: r for r in runs["trial"]}
     assert len(trials) == 3  # two search trials + the evaluation of the chosen config
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials.values())

@@ -48,7 +48,7 @@ from mer_model.training.results import ExperimentSummary, Results, write_results
 from mer_model.training.splits import make_folds
 from pipelines.engine.callbacks import FoldProgress, RunInfo, TrackingCallback, leak_tags, log_pooled, stored_folds
 from pipelines.engine.preflight import check_experiment, setting_warnings
-from pipelines.engine.storage import experiment_lock
+from pipelines.engine.storage import FoldStorage, experiment_lock
 from pipelines.engine.tasks import run_final
 from pipelines.engine.trial import (
     OBJECTIVE,
@@ -159,6 +159,7 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
                      protocol, version, parent)
 
             chosen: dict[str, Any] = {}
+            best_inner: float | None = None
             if cfg.num_samples > 0:
                 ctx = TrialContext(phase="search", protocol="inner", folds=search_folds(folds, cfg.search_folds),
                                    **common)
@@ -171,13 +172,19 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
                 chosen = {k: best.config[k] for k in sorted(cfg.search_space)}
                 tracker.log_params(parent, {f"chosen.{k}": json.dumps(v) for k, v in chosen.items()})
                 tracker.log_metrics(parent, [(f"search_{OBJECTIVE}", best.metrics[OBJECTIVE], 0)])
-                log.info("search: best inner %s %.4f with %s", cfg.metric, best.metrics[OBJECTIVE], chosen)
+                best_inner = float(best.metrics[OBJECTIVE])
+                log.info("search: best inner %s %.4f with %s", cfg.metric, best_inner, chosen)
 
             ctx = TrialContext(phase="evaluate", protocol=protocol, folds=folds, **common)
+            resolved = trial_params(ctx.params, chosen, protocol)
+            keys = [j.key for j in fold_jobs(ctx, resolved)]
+            reused = sum(FoldStorage(fold_store).summary(k) is not None for k in keys)
+            if reused:  # said, not left to be inferred from the speed
+                log.info("evaluate: %d of %d folds found stored (same settings and data version): read back, "
+                         "not retrained", reused, len(keys))
             _run_phase("evaluate", ctx, dict(chosen), 1, 1, tune_root,
                        [TrackingCallback(tracker, info, ctx), FoldProgress("evaluate", len(folds))], params.seed)
-            resolved = trial_params(ctx.params, chosen, protocol)
-            summaries, predictions = stored_folds(fold_store, [j.key for j in fold_jobs(ctx, resolved)])
+            summaries, predictions = stored_folds(fold_store, keys)
             class_names = summaries[0].class_names
             leaky = is_leaky(protocol, resolved.model)
             metrics = log_pooled(tracker, parent, predictions, class_names, f"{name} ({run_label(protocol, leaky)})",
@@ -197,8 +204,9 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
                 folds=len(summaries), model=resolved.model.model_dump(mode="json"),
                 train=resolved.train.model_dump(mode="json"),
                 search={"num_samples": cfg.num_samples, "search_folds": cfg.search_folds, "metric": cfg.metric,
-                        "search_space": {k: v.model_dump(mode="json") for k, v in cfg.search_space.items()}}
-                if cfg.num_samples > 0 else {},
+                        "search_space": {k: v.model_dump(mode="json", exclude_none=True)
+                                         for k, v in cfg.search_space.items()},
+                        "best_inner_score": best_inner} if cfg.num_samples > 0 else {},
                 tracking_experiment=params.tracking.experiment if params.tracking.backend != "none" else None,
                 parent_run_id=parent if params.tracking.backend != "none" else None, model_uri=model_uri)
             out = write_results(cfg.results, Results(summary, predictions, summaries))

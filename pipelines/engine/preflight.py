@@ -44,5 +44,5 @@ def setting_warnings(params: Params) -> list[str]:
     warnings = []
     if params.train.tta == "flip" and not params.train.augment:
         warnings.append("train.tta: flip with train.augment false: every evaluation averages in a mirrored view "
-                        "that training never showed the model")
+                        "that training never showed the model (set train.tta: none, or train.augment: true)")
     return warnings
