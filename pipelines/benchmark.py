@@ -335,18 +335,23 @@ def portable_path(value: str, placeholder: str) -> str:
 
 
 def command_line(args: argparse.Namespace) -> str:
-    """The invocation as a `mer benchmark` command line (recorded with each result row; paths made portable)."""
-    parts = ["mer", "benchmark", args.collection, "--root", portable_path(args.root, f"<{args.collection} root>")]
+    """The invocation as a `mer benchmark` command line (recorded with each result row; paths made portable). The
+    path arguments are read from the working directory first, so that all of them end up relative to the repository
+    (a `-S` value is left as typed: it is not known to be a path)."""
+    def path(value: str, placeholder: str) -> str:
+        return portable_path(os.path.abspath(value), placeholder)
+
+    parts = ["mer", "benchmark", args.collection, "--root", path(args.root, f"<{args.collection} root>")]
     for flag, value in (("--models", args.models), ("--protocol", args.protocol)):
         if value:
             parts += [flag, *value]
     if args.au_sheets:
-        parts += ["--au-sheets", *(f"{k}={portable_path(v, f'<{k} sheet>')}"
+        parts += ["--au-sheets", *(f"{k}={path(v, f'<{k} sheet>')}"
                                    for k, v in parse_au_sheets(args.au_sheets).items())]
     if args.epochs is not None:
         parts += ["--epochs", str(args.epochs)]
     if args.out:
-        parts += ["--out", portable_path(args.out, "<out>")]
+        parts += ["--out", path(args.out, "<out>")]
     for override in args.overrides:
         key, _, value = override.partition("=")
         parts += ["-S", f"{key}={portable_path(value, '<local path>')}"]

@@ -113,6 +113,23 @@ def test_portable_path_is_relative_beside_the_repository_and_a_placeholder_elsew
     assert portable_path("data/relative", "<root>") == "data/relative" and portable_path("3", "<x>") == "3"
 
 
+def test_recorded_command_reads_path_arguments_from_the_working_directory(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out bench` typed in a scratch folder is that folder's `bench`, not the repository's: recorded as the
+    placeholder (outside the repository's parent), like the absolute paths given beside it."""
+    from pipelines.benchmark import command_line
+    from pipelines.cli import build_parser
+
+    args = build_parser().parse_args(["benchmark", "megc2019", "--root", "composite", "--out", "bench",
+                                    "-S", "benchmark.cpus=2"])
+    monkeypatch.chdir(tmp_path)
+    recorded = command_line(args)
+    assert "--out '<out>'" in recorded and "--root '<megc2019 root>'" in recorded, recorded
+    assert "benchmark.cpus=2" in recorded
+    monkeypatch.chdir(REPO)
+    assert "--out bench" in command_line(args)  # from the repository root: repository-relative, as typed
+
+
 def test_adapt_entry_switches_off_what_the_data_lacks() -> None:
     entry = BenchmarkModel(name="cva_fpf", config="flow_small", kwargs={"au_mode": "predicted"},
                            faces={"position": "fpf", "position_frames": ["apex224"]})
