@@ -197,7 +197,8 @@ def result_row(key: str, entry: BenchmarkModel, params: Params, parameters: int,
     row.update({
         # wall_s: this invocation; fold_s: the folds' own training time (summed over parallel workers), which a
         # resumed invocation that found its folds stored does not shorten.
-        "wall_s": round(wall, 1), "fold_s": round(sum(f.wall_time for f in folds), 1), "device": ",".join(devices) or "?",
+        "wall_s": round(wall, 1), "fold_s": round(sum(f.wall_time for f in folds), 1),
+        "device": ",".join(devices) or "?",
         "lr": params.train.lr, "batch_size": params.train.batch_size, "optimizer": params.train.optimizer,
         "weight_decay": params.train.weight_decay, "schedule": params.train.schedule, "tta": params.train.tta,
         "ema_decay": params.train.ema_decay,

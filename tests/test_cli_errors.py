@@ -63,8 +63,8 @@ CASES = {
                            "train.epoch: Extra inputs are not permitted (did you mean train.epochs; got 3; set by the "
                            "override train.epoch=3)"),
     "two bad values": (["tune", "-S", "train.ema_decay=-0.1", "-S", "train.lr=-1"],
-                       "train.lr: Input should be greater than 0 (got -1; set by the override train.lr=-1) (and 1 more: "
-                       "train.ema_decay)"),
+                       "train.lr: Input should be greater than 0 (got -1; set by the override train.lr=-1) "
+                       "(and 1 more: train.ema_decay)"),
     "malformed override": (["evaluate", "-S", "train.epochs"], "override 'train.epochs': expected key=value"),
     "missing params file": (["ingest", "--params", "missing.yaml"], "missing.yaml: parameters file not found"),
     "missing data root": (["ingest", "-S", "data.source=casme2", "-S", "data.root=nowhere"],

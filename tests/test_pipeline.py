@@ -30,7 +30,8 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     summary = run_experiment(params)
     assert summary.protocol == "fixed" and summary.leaky is False and summary.folds == 4
     assert set(summary.chosen) == {"train.lr"}
-    # summary.json alone says how the numbers were made: the folds' train section (the chosen lr applied) and the search.
+    # summary.json alone says how the numbers were made: the folds' train section (the chosen lr applied) and the
+    # search.
     assert summary.train["lr"] == pytest.approx(summary.chosen["train.lr"]) and summary.train["protocol"] == "fixed"
     assert summary.train["epochs"] == params.train.epochs and summary.train["ema_decay"] == params.train.ema_decay
     assert summary.search["num_samples"] == 2 and set(summary.search["search_space"]) == {"train.lr"}

@@ -171,8 +171,8 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
                 best = grid.get_best_result(metric=OBJECTIVE, mode="max")
                 chosen = {k: best.config[k] for k in sorted(cfg.search_space)}
                 tracker.log_params(parent, {f"chosen.{k}": json.dumps(v) for k, v in chosen.items()})
-                tracker.log_metrics(parent, [(f"search_{OBJECTIVE}", best.metrics[OBJECTIVE], 0)])
                 best_inner = float(best.metrics[OBJECTIVE])
+                tracker.log_metrics(parent, [(f"search_{OBJECTIVE}", best_inner, 0)])
                 log.info("search: best inner %s %.4f with %s", cfg.metric, best_inner, chosen)
 
             ctx = TrialContext(phase="evaluate", protocol=protocol, folds=folds, **common)
