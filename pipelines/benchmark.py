@@ -201,7 +201,7 @@ def result_row(key: str, entry: BenchmarkModel, params: Params, parameters: int,
         "device": ",".join(devices) or "?",
         "lr": params.train.lr, "batch_size": params.train.batch_size, "optimizer": params.train.optimizer,
         "weight_decay": params.train.weight_decay, "schedule": params.train.schedule, "tta": params.train.tta,
-        "ema_decay": params.train.ema_decay,
+        "ema_decay": params.train.ema_decay, "ensemble": params.train.ensemble,
         "class_weights": params.train.class_weights, "model_kwargs": json.dumps(params.model.kwargs, sort_keys=True),
         "mlflow_run": summary.parent_run_id or "", "notes": "; ".join(notes), "command": command,
     })

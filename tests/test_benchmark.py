@@ -17,7 +17,7 @@ from pipelines.cli import main
 from components.tracking.base import git_commit
 from mer_model.config import BenchmarkModel, load_params
 from mer_model.errors import ConfigError, DataError
-from mer_model.reporting.benchmark import table_notes
+from mer_model.reporting.benchmark import markdown_table, table_notes
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECTS = {("casme2", "sub02"), ("casme2", "sub19"), ("smic", "s14"), ("smic", "s08")}
@@ -167,6 +167,15 @@ def test_notes_name_the_rows_they_concern_unless_they_concern_all() -> None:
     table = pd.DataFrame({"label": ["A", "A", "B"], "protocol": ["fixed", "inner", "fixed"],
                           "notes": ["common; fixed epochs (11)", "common", "common; fixed epochs (16)"]})
     assert table_notes(table) == ["common", "fixed epochs (11) — A fixed", "fixed epochs (16) — B fixed"]
+
+
+def test_results_md_marks_seed_ensembles_and_reads_tables_without_the_column() -> None:
+    row = {"label": "A", "protocol": "inner", "leaky": False, "uf1": 0.7, "uar": 0.7, "accuracy": 0.7,
+           "n_samples": 10, "n_subjects": 2, "epochs": 30, "selected_epoch_median": 12.0, "au": "none",
+           "wall_s": 1.0, "fold_s": 1.0, "device": "cpu"}
+    lines = markdown_table(pd.DataFrame([{**row, "ensemble": 3}, {**row, "ensemble": 1}])).splitlines()[2:]
+    assert "30 (sel. 12), 3-seed ensemble" in lines[0] and "ensemble" not in lines[1]
+    assert "ensemble" not in markdown_table(pd.DataFrame([row]))  # a results.csv written before the column
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "benchmarks" / "recipes").glob("*.yaml")), ids=lambda p: p.stem)

@@ -119,6 +119,25 @@ def test_group_falls_back_to_a_loop_and_rejects_mixed_configurations(store: Samp
         train_fold_group(_specs(folds, lr=1e38, optimizer="sgd", epochs=2), store)
 
 
+def test_a_seed_ensemble_group_trains_fold_by_fold(store: SampleStore) -> None:
+    """Members of a seed ensemble are trained one after another, so a group asked to stack falls back to the loop."""
+    specs = _specs(loso_folds(store.index)[:2], ensemble=2)
+    grouped = train_fold_group(specs, store, batched=True)
+    for a, b in zip(grouped, [train_fold(s, store) for s in specs], strict=True):
+        assert np.array_equal(a.predictions[PROBS].to_numpy(), b.predictions[PROBS].to_numpy())
+
+
+def test_the_search_scores_a_seed_ensemble_by_its_mean_probabilities(store: SampleStore) -> None:
+    """A search's UF1 objective is the fold's `val_score` (for an ensemble: the members' mean probabilities on the
+    validation subjects), other metrics the validation figure of the (member-averaged) selected epoch."""
+    from pipelines.engine.trial import inner_score
+
+    (spec,) = _specs(loso_folds(store.index)[1:2], protocol="inner", ensemble=2)
+    summary = train_fold(spec, store).summary("key", False, "loso")
+    assert inner_score(summary, "uf1") == pytest.approx(summary.val_score)
+    assert inner_score(summary, "uar") == pytest.approx(summary.history[summary.selected_epoch - 1]["val_uar"])
+
+
 def test_a_fold_task_trains_its_unfinished_folds_as_one_group(store: SampleStore, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's fold task (called directly, without Ray): a stored fold is read back, the others are trained

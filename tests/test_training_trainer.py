@@ -103,6 +103,53 @@ def test_same_seed_same_predictions(store: SampleStore) -> None:
     assert not np.array_equal(a.predictions[prob_cols].to_numpy(), c.predictions[prob_cols].to_numpy())
 
 
+@pytest.mark.parametrize("protocol", ["fixed", "inner", "oracle"])
+def test_seed_ensemble_averages_its_members_probabilities(store: SampleStore, protocol: str) -> None:
+    """The members share the fold's subjects (the validation subjects too, drawn from train.seed) and differ in their
+    seed; the ensemble predicts the mean of their probabilities at their kept epochs."""
+    seed, cols = 3, [f"prob_{k}" for k in range(3)]
+    spec = _spec(store, fold_no=1, protocol=protocol, epochs=3, seed=seed, ensemble=2)
+    ensemble = train_fold(spec, store)
+    sets = trainer.fold_sets(spec, store)
+    members = [trainer._train_member(spec, store, sets, m, None, None) for m in range(2)]
+    runs = [run for run, _, _ in members]
+    probs = [run.best["probs"] if final is None else final[0] for run, _, final in members]
+    assert not np.allclose(probs[0], probs[1])  # different seeds, different models
+    mean = (probs[0] + probs[1]) / 2
+    np.testing.assert_allclose(ensemble.predictions[cols].to_numpy(), mean, rtol=1e-6, atol=1e-7)
+    assert (ensemble.predictions["pred"].to_numpy() == mean.argmax(1)).all()
+    assert ensemble.selected_epoch == round(np.median([r.selected_epoch for r in runs]))
+    assert len(ensemble.history) == 3 and all("member" not in e for e in ensemble.history)
+    np.testing.assert_allclose([e["train_loss"] for e in ensemble.history],
+                               [(a["train_loss"] + b["train_loss"]) / 2 for a, b in zip(*[r.history for r in runs])])
+    assert ensemble.leaky is (protocol == "oracle")
+    assert ensemble.val_subjects == sets[1] and (ensemble.val_score is not None) is (protocol == "inner")
+    # Member 0 is the fold's single model; member 1 is the single model of its own seed.
+    single = train_fold(_spec(store, fold_no=1, protocol=protocol, epochs=3, seed=seed), store)
+    np.testing.assert_allclose(single.predictions[cols].to_numpy(), probs[0], rtol=1e-6, atol=1e-7)
+    if protocol != "inner":  # (under `inner` another seed would also draw other validation subjects)
+        other = train_fold(_spec(store, fold_no=1, protocol=protocol, epochs=3,
+                                 seed=trainer.member_seed(seed, 1)), store)
+        np.testing.assert_allclose(other.predictions[cols].to_numpy(), probs[1], rtol=1e-6, atol=1e-7)
+
+
+def test_seed_ensemble_resumes_each_member_from_its_checkpoint(store: SampleStore, tmp_path: Path) -> None:
+    spec = _spec(store, fold_no=1, protocol="inner", epochs=3, ensemble=2, checkpoint_every=1)
+    first = train_fold(spec, store, checkpoint_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [trainer.CHECKPOINT_NAME, f"member1-{trainer.CHECKPOINT_NAME}"])
+    again = train_fold(spec, store, checkpoint_dir=tmp_path)  # both members resume after their last epoch
+    cols = [f"prob_{k}" for k in range(3)]
+    np.testing.assert_array_equal(first.predictions[cols].to_numpy(), again.predictions[cols].to_numpy())
+
+
+def test_seed_ensemble_of_one_is_the_single_model(store: SampleStore) -> None:
+    a = train_fold(_spec(store, protocol="inner", ensemble=1), store)
+    b = train_fold(_spec(store, protocol="inner"), store)
+    cols = [f"prob_{k}" for k in range(3)]
+    assert np.array_equal(a.predictions[cols].to_numpy(), b.predictions[cols].to_numpy())
+
+
 @pytest.mark.parametrize("ema_decay", [0.0, 0.5])
 def test_checkpoint_resume_continues_exactly(store: SampleStore, tmp_path: Path, ema_decay: float) -> None:
     """Also with weight averaging: the checkpoint holds the average and the trained weights apart."""

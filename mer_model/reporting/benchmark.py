@@ -42,6 +42,9 @@ def markdown_table(table: pd.DataFrame) -> str:
     for r in table.to_dict("records"):
         protocol = r["protocol"] + (" ⚠ leaky" if r["leaky"] else "")
         epochs = str(r["epochs"]) + (f" (sel. {_fmt(r['selected_epoch_median'], 'g')})" if r["protocol"] != "fixed" else "")
+        members = r.get("ensemble")
+        if isinstance(members, (int, float)) and members > 1:  # NaN for rows of tables that predate the column
+            epochs += f", {int(members)}-seed ensemble"
         cells = [r["label"], protocol] + [_fmt(r[k]) for k in SCORES]
         cells += [" / ".join(_fmt(r[f"{d}_{k}"]) for k in SCORES) for d in datasets]
         cells += [f"{r['n_samples']} / {r['n_subjects']}", _fmt(r.get("coverage")), epochs, r["au"],

@@ -104,7 +104,9 @@ def train_fold_group(specs: Sequence[FoldSpec], store: SampleStore, callbacks: S
         if (spec.model, spec.train, spec.class_names) != (first.model, first.train, first.class_names):
             raise ConfigError(f"fold group: fold {spec.fold.name} has another model/train configuration than "
                               f"{first.fold.name}; a group trains one configuration")
-    if batched is None:
+    if first.train.ensemble > 1:  # a seed ensemble trains its members one after another, fold by fold
+        batched = False
+    elif batched is None:
         batched = len(specs) > 1 and batchable(first)
     if not batched:
         return [train_fold(spec, store, callback, ckpt)

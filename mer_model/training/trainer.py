@@ -586,14 +586,58 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
     `callback(epoch, metrics)` receives each epoch's history entry (1-based epoch). With `checkpoint_dir` and
     `train.checkpoint_every > 0` the state is saved every that many epochs, and an existing checkpoint of the same spec
     is resumed, so a retried fold continues where its worker died.
+
+    With `train.ensemble` K > 1 the fold trains K members one after another (`member_seed`; same training and
+    validation subjects), each under the protocol as a single model would be, and the test subject is predicted with
+    the mean of the members' class probabilities (Lakshminarayanan et al. 2017, "deep ensembles"). The result's
+    `history` is the members' per-epoch mean, `selected_epoch` the median of their kept epochs, `val_score` the
+    validation UF1 of the members' mean probabilities at their kept epochs; `state_dict` holds member 0's weights.
     """
-    cfg, fold = spec.train, spec.fold
     sets = fold_sets(spec, store)  # configuration errors before a model is built
-    loop = _Loop(spec.model, cfg, store, spec.num_classes, sets[2], cfg.epochs)
+    if spec.train.ensemble == 1:
+        run, loop, final = _train_member(spec, store, sets, 0, callback, checkpoint_dir)
+        return run.result(final, loop.state(), loop.device)
+    members = []
+    for m in range(spec.train.ensemble):  # one member in memory at a time: only its predictions are kept
+        run, loop, final = _train_member(spec, store, sets, m, callback, checkpoint_dir)
+        val = loop.evaluate(run.val_set)[0] if run.protocol.watch == "val" else None
+        members.append(_Member(run, final or (run.best["probs"], run.best["extra"]), val,
+                               loop.state() if m == 0 else None, str(loop.device)))
+        run.best["state"] = None
+        del loop
+    return _ensemble_result(spec, store, members)
+
+
+@dataclass
+class _Member:
+    """What a fold keeps of one ensemble member: its protocol run, its test (probabilities, extra figures) at the kept
+    epoch, its validation probabilities there (`inner`), and member 0's weights."""
+
+    run: FoldRun
+    test: tuple[np.ndarray, dict[str, Any]]
+    val_probs: np.ndarray | None
+    state: dict[str, Tensor] | None
+    device: str
+
+
+def member_seed(seed: int, member: int) -> int:
+    """Seed of ensemble member `member` of a fold trained with `train.seed` = `seed` (member 0 keeps `seed`, so a
+    one-member ensemble is the single model)."""
+    return seed if member == 0 else _derived_seed(seed, member, 3)
+
+
+def _train_member(spec: FoldSpec, store: SampleStore, sets: tuple, member: int, callback: Callback | None,
+                  checkpoint_dir: str | Path | None) -> tuple[FoldRun, _Loop, tuple[np.ndarray, dict[str, Any]] | None]:
+    """One model of a fold (ensemble member `member`): (its protocol run, its loop holding the kept weights, its
+    test evaluation or None under `oracle`, whose run holds the kept epoch's test predictions)."""
+    cfg, fold = spec.train, spec.fold
+    member_cfg = cfg if member == 0 else cfg.model_copy(update={"seed": member_seed(cfg.seed, member)})
+    loop = _Loop(spec.model, member_cfg, store, spec.num_classes, sets[2], cfg.epochs)
     run = FoldRun(spec, store, loop.inputs, loop.optional, callback, sets)
     first_epoch = 1
-    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    fingerprint = fold_fingerprint(spec.model, spec.train, fold, spec.class_names)
+    name = CHECKPOINT_NAME if member == 0 else f"member{member}-{CHECKPOINT_NAME}"
+    ckpt = Path(checkpoint_dir) / name if checkpoint_dir is not None else None
+    fingerprint = fold_fingerprint(spec.model, member_cfg, fold, spec.class_names)
     if ckpt is not None and ckpt.is_file():
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)
         if saved["fingerprint"] != fingerprint:
@@ -611,6 +655,8 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
         t0 = time.perf_counter()
         watched = run.watched
         entry: dict[str, Any] = {"epoch": epoch, **loop.train_epoch(epoch, watched is not None or epoch == cfg.epochs)}
+        if member:
+            entry["member"] = member
         stop = run.record(entry, loop.evaluate(watched) if watched is not None else None, loop.keep, t0)
         if ckpt is not None and cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or stop):
             _save_checkpoint(ckpt, {"fingerprint": fingerprint, "epoch": epoch, "model": loop.model.state_dict(),
@@ -624,7 +670,47 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
     if run.protocol.watch != "none":
         loop.model.load_state_dict(run.best["state"])
     final = loop.evaluate(run.test_set) if run.protocol.watch != "test" else None
-    return run.result(final, loop.state(), loop.device)
+    return run, loop, final
+
+
+def _mean_history(histories: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per epoch, the mean of every numeric figure over the members that reached it (early stopping may end members
+    at different epochs); `member` markers dropped."""
+    out = []
+    for i in range(max(len(h) for h in histories)):
+        entries = [h[i] for h in histories if len(h) > i]
+        keys = [k for k in entries[0] if k != "member" and all(isinstance(e.get(k), (int, float)) for e in entries)]
+        out.append({k: (entries[0][k] if k == "epoch" else float(np.mean([e[k] for e in entries]))) for k in keys})
+    return out
+
+
+def _ensemble_result(spec: FoldSpec, store: SampleStore, members: Sequence[_Member]) -> FoldResult:
+    """The FoldResult of a seed ensemble: test (and, with a validation set, validation) probabilities averaged over
+    the members at their kept epochs."""
+    probs = np.mean([m.test[0] for m in members], axis=0)
+    extra = {k: float(np.mean([m.test[1][k] for m in members])) for k in members[0].test[1]
+             if all(k in m.test[1] for m in members)}
+    first = members[0]
+    run = first.run
+    val_score = None
+    if first.val_probs is not None:
+        val_probs = np.mean([m.val_probs for m in members], axis=0)
+        val_score = classification_metrics(run.val_set.labels, val_probs.argmax(1), spec.num_classes,
+                                           spec.class_names)["uf1"]
+    test_metrics = classification_metrics(run.test_set.labels, probs.argmax(1), spec.num_classes, spec.class_names)
+    test_metrics.update(extra)
+    epochs = [m.run.selected_epoch for m in members]
+    result = FoldResult(
+        fold=spec.fold.name, predictions=_predictions(store, run.test_set, probs, spec.fold.name),
+        history=_mean_history([m.run.history for m in members]), selected_epoch=int(round(float(np.median(epochs)))),
+        val_score=val_score, state_dict=first.state, protocol=run.protocol.name, leaky=run.protocol.leaky,
+        wall_time=time.perf_counter() - run.start, device=first.device, test_metrics=test_metrics,
+        train_subjects=tuple(run.train_subjects), val_subjects=tuple(run.val_subjects),
+        test_subjects=tuple(spec.fold.test_subjects), class_names=tuple(spec.class_names),
+    )
+    log.info("fold %s (%s, ensemble of %d): epochs %s, test acc %.3f, %.1fs", spec.fold.name, run.protocol.name,
+             len(members), epochs, test_metrics["accuracy"], result.wall_time)
+    return result
 
 
 def train_final(model_cfg: ModelConfig, train_cfg: TrainConfig, store: SampleStore, subjects: Sequence[str],
