@@ -49,6 +49,7 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     # Parent: named with its settings hash (the experiment key's), resolved config, data version, git commit; pooled
     # metrics; evaluation artifacts.
     assert parent.info.run_name.endswith(f"[{parent.data.tags['mer.experiment_key'][-12:-4]}]"), parent.info.run_name
+    assert parent.info.run_name.count("fixed") == 1, parent.info.run_name  # the experiment name already says it
     assert parent.data.params["model.name"] == "ststnet"
     assert parent.data.params["data_version"].startswith(("dvc:", "files:"))
     assert parent.data.params["git_commit"]
