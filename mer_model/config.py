@@ -161,9 +161,9 @@ class TrainConfig(_Section):
     # steps). Steadies the snapshot `inner` keeps from the high learning-rate phase; `fixed` after an annealed schedule
     # is unchanged. 0 = off.
     ema_decay: float = Field(0.0, ge=0, lt=1)
-    # Seed ensemble (mer_model.training.trainer.train_fold): > 1 = every fold trains this many members, differing only
-    # in the seed of initialisation, batch order and augmentation (same training and validation subjects); each is
-    # trained and its epoch kept under the protocol, and the test subject is predicted with the mean of their class
+    # Seed ensemble (mer_model.training.trainer.train_fold): > 1 = every fold trains this many members, each as the
+    # single model of its own seed would be trained -- under `inner` with its own validation subjects drawn from the
+    # fold's training subjects and its own kept epoch -- and the test subject is predicted with the mean of their class
     # probabilities. Costs `ensemble` x the fold's training time. It cuts the variance of the larger networks (5-fold
     # subject CV on the MEGC2019 composite: README "How the settings were chosen"). 1 = one model.
     ensemble: int = Field(1, ge=1)

@@ -105,32 +105,34 @@ def test_same_seed_same_predictions(store: SampleStore) -> None:
 
 @pytest.mark.parametrize("protocol", ["fixed", "inner", "oracle"])
 def test_seed_ensemble_averages_its_members_probabilities(store: SampleStore, protocol: str) -> None:
-    """The members share the fold's subjects (the validation subjects too, drawn from train.seed) and differ in their
-    seed; the ensemble predicts the mean of their probabilities at their kept epochs."""
+    """Member m is the single model of seed `member_seed(seed, m)` (under `inner` with the validation subjects that
+    seed draws from the fold's training subjects); the ensemble predicts the mean of their probabilities at their
+    kept epochs."""
     seed, cols = 3, [f"prob_{k}" for k in range(3)]
-    spec = _spec(store, fold_no=1, protocol=protocol, epochs=3, seed=seed, ensemble=2)
+    spec = _spec(store, fold_no=1, protocol=protocol, epochs=3, seed=seed, ensemble=2, val_fraction=0.25)
     ensemble = train_fold(spec, store)
-    sets = trainer.fold_sets(spec, store)
-    members = [trainer._train_member(spec, store, sets, m, None, None) for m in range(2)]
-    runs = [run for run, _, _ in members]
-    probs = [run.best["probs"] if final is None else final[0] for run, _, final in members]
+    singles = [train_fold(_spec(store, fold_no=1, protocol=protocol, epochs=3, seed=trainer.member_seed(seed, m),
+                                val_fraction=0.25), store) for m in range(2)]
+    assert trainer.member_seed(seed, 0) == seed and trainer.member_seed(seed, 1) != seed
+    probs = [r.predictions[cols].to_numpy() for r in singles]
     assert not np.allclose(probs[0], probs[1])  # different seeds, different models
     mean = (probs[0] + probs[1]) / 2
     np.testing.assert_allclose(ensemble.predictions[cols].to_numpy(), mean, rtol=1e-6, atol=1e-7)
     assert (ensemble.predictions["pred"].to_numpy() == mean.argmax(1)).all()
-    assert ensemble.selected_epoch == round(np.median([r.selected_epoch for r in runs]))
+    assert ensemble.selected_epoch == round(np.median([r.selected_epoch for r in singles]))
     assert len(ensemble.history) == 3 and all("member" not in e for e in ensemble.history)
     np.testing.assert_allclose([e["train_loss"] for e in ensemble.history],
-                               [(a["train_loss"] + b["train_loss"]) / 2 for a, b in zip(*[r.history for r in runs])])
+                               [(a["train_loss"] + b["train_loss"]) / 2 for a, b in zip(*[r.history for r in singles])])
     assert ensemble.leaky is (protocol == "oracle")
-    assert ensemble.val_subjects == sets[1] and (ensemble.val_score is not None) is (protocol == "inner")
-    # Member 0 is the fold's single model; member 1 is the single model of its own seed.
-    single = train_fold(_spec(store, fold_no=1, protocol=protocol, epochs=3, seed=seed), store)
-    np.testing.assert_allclose(single.predictions[cols].to_numpy(), probs[0], rtol=1e-6, atol=1e-7)
-    if protocol != "inner":  # (under `inner` another seed would also draw other validation subjects)
-        other = train_fold(_spec(store, fold_no=1, protocol=protocol, epochs=3,
-                                 seed=trainer.member_seed(seed, 1)), store)
-        np.testing.assert_allclose(other.predictions[cols].to_numpy(), probs[1], rtol=1e-6, atol=1e-7)
+    test = set(spec.fold.test_subjects)
+    if protocol == "inner":
+        assert ensemble.val_score == pytest.approx(np.mean([r.val_score for r in singles]))
+        assert set(ensemble.val_subjects) == set(singles[0].val_subjects) | set(singles[1].val_subjects)
+        assert set(ensemble.train_subjects) == set(singles[0].train_subjects) | set(singles[1].train_subjects)
+        assert set(singles[0].val_subjects) != set(singles[1].val_subjects)  # each member its own split
+        assert not test & (set(ensemble.val_subjects) | set(ensemble.train_subjects))
+    else:
+        assert ensemble.val_score is None and ensemble.train_subjects == spec.fold.train_subjects
 
 
 def test_seed_ensemble_resumes_each_member_from_its_checkpoint(store: SampleStore, tmp_path: Path) -> None:

@@ -587,21 +587,22 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
     `train.checkpoint_every > 0` the state is saved every that many epochs, and an existing checkpoint of the same spec
     is resumed, so a retried fold continues where its worker died.
 
-    With `train.ensemble` K > 1 the fold trains K members one after another (`member_seed`; same training and
-    validation subjects), each under the protocol as a single model would be, and the test subject is predicted with
-    the mean of the members' class probabilities (Lakshminarayanan et al. 2017, "deep ensembles"). The result's
-    `history` is the members' per-epoch mean, `selected_epoch` the median of their kept epochs, `val_score` the
-    validation UF1 of the members' mean probabilities at their kept epochs; `state_dict` holds member 0's weights.
+    With `train.ensemble` K > 1 the fold trains K members one after another, member m as the single model of seed
+    `member_seed(train.seed, m)` would be trained: under `inner` each member draws its own validation subjects from
+    the fold's training subjects (so together the members train on all of them, as a cross-validation ensemble does),
+    keeps its own epoch, and the test subject is predicted with the mean of the members' class probabilities (deep
+    ensembles, Lakshminarayanan et al. 2017). The result's `history` is the members' per-epoch mean, `selected_epoch`
+    the median of their kept epochs, `val_score` the mean of their validation UF1s, `train_subjects` /
+    `val_subjects` the subjects any member trained / validated on, `state_dict` member 0's weights.
     """
-    sets = fold_sets(spec, store)  # configuration errors before a model is built
+    fold_sets(spec, store)  # configuration errors before a model is built
     if spec.train.ensemble == 1:
-        run, loop, final = _train_member(spec, store, sets, 0, callback, checkpoint_dir)
+        run, loop, final = _train_member(spec, store, 0, callback, checkpoint_dir)
         return run.result(final, loop.state(), loop.device)
     members = []
     for m in range(spec.train.ensemble):  # one member in memory at a time: only its predictions are kept
-        run, loop, final = _train_member(spec, store, sets, m, callback, checkpoint_dir)
-        val = loop.evaluate(run.val_set)[0] if run.protocol.watch == "val" else None
-        members.append(_Member(run, final or (run.best["probs"], run.best["extra"]), val,
+        run, loop, final = _train_member(spec, store, m, callback, checkpoint_dir)
+        members.append(_Member(run, final or (run.best["probs"], run.best["extra"]),
                                loop.state() if m == 0 else None, str(loop.device)))
         run.best["state"] = None
         del loop
@@ -611,11 +612,10 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
 @dataclass
 class _Member:
     """What a fold keeps of one ensemble member: its protocol run, its test (probabilities, extra figures) at the kept
-    epoch, its validation probabilities there (`inner`), and member 0's weights."""
+    epoch, and member 0's weights."""
 
     run: FoldRun
     test: tuple[np.ndarray, dict[str, Any]]
-    val_probs: np.ndarray | None
     state: dict[str, Tensor] | None
     device: str
 
@@ -626,18 +626,27 @@ def member_seed(seed: int, member: int) -> int:
     return seed if member == 0 else _derived_seed(seed, member, 3)
 
 
-def _train_member(spec: FoldSpec, store: SampleStore, sets: tuple, member: int, callback: Callback | None,
+def member_spec(spec: FoldSpec, member: int) -> FoldSpec:
+    """The single-model spec ensemble member `member` of `spec` is trained as (its seed: `member_seed`)."""
+    if member == 0:
+        return spec
+    train = spec.train.model_copy(update={"seed": member_seed(spec.train.seed, member)})
+    return FoldSpec(spec.model, train, spec.fold, spec.class_names, spec.num_classes)
+
+
+def _train_member(spec: FoldSpec, store: SampleStore, member: int, callback: Callback | None,
                   checkpoint_dir: str | Path | None) -> tuple[FoldRun, _Loop, tuple[np.ndarray, dict[str, Any]] | None]:
     """One model of a fold (ensemble member `member`): (its protocol run, its loop holding the kept weights, its
     test evaluation or None under `oracle`, whose run holds the kept epoch's test predictions)."""
+    spec = member_spec(spec, member)
     cfg, fold = spec.train, spec.fold
-    member_cfg = cfg if member == 0 else cfg.model_copy(update={"seed": member_seed(cfg.seed, member)})
-    loop = _Loop(spec.model, member_cfg, store, spec.num_classes, sets[2], cfg.epochs)
+    sets = fold_sets(spec, store)
+    loop = _Loop(spec.model, cfg, store, spec.num_classes, sets[2], cfg.epochs)
     run = FoldRun(spec, store, loop.inputs, loop.optional, callback, sets)
     first_epoch = 1
     name = CHECKPOINT_NAME if member == 0 else f"member{member}-{CHECKPOINT_NAME}"
     ckpt = Path(checkpoint_dir) / name if checkpoint_dir is not None else None
-    fingerprint = fold_fingerprint(spec.model, member_cfg, fold, spec.class_names)
+    fingerprint = fold_fingerprint(spec.model, cfg, fold, spec.class_names)
     if ckpt is not None and ckpt.is_file():
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)
         if saved["fingerprint"] != fingerprint:
@@ -685,27 +694,26 @@ def _mean_history(histories: Sequence[list[dict[str, Any]]]) -> list[dict[str, A
 
 
 def _ensemble_result(spec: FoldSpec, store: SampleStore, members: Sequence[_Member]) -> FoldResult:
-    """The FoldResult of a seed ensemble: test (and, with a validation set, validation) probabilities averaged over
-    the members at their kept epochs."""
+    """The FoldResult of a seed ensemble: the test probabilities averaged over the members at their kept epochs."""
     probs = np.mean([m.test[0] for m in members], axis=0)
     extra = {k: float(np.mean([m.test[1][k] for m in members])) for k in members[0].test[1]
              if all(k in m.test[1] for m in members)}
     first = members[0]
     run = first.run
-    val_score = None
-    if first.val_probs is not None:
-        val_probs = np.mean([m.val_probs for m in members], axis=0)
-        val_score = classification_metrics(run.val_set.labels, val_probs.argmax(1), spec.num_classes,
-                                           spec.class_names)["uf1"]
+    scores = [float(m.run.best["score"][0]) for m in members] if run.protocol.watch == "val" else None
     test_metrics = classification_metrics(run.test_set.labels, probs.argmax(1), spec.num_classes, spec.class_names)
     test_metrics.update(extra)
     epochs = [m.run.selected_epoch for m in members]
+
+    def union(attr: str) -> tuple[str, ...]:
+        return tuple(sorted({s for m in members for s in getattr(m.run, attr)}))
+
     result = FoldResult(
         fold=spec.fold.name, predictions=_predictions(store, run.test_set, probs, spec.fold.name),
         history=_mean_history([m.run.history for m in members]), selected_epoch=int(round(float(np.median(epochs)))),
-        val_score=val_score, state_dict=first.state, protocol=run.protocol.name, leaky=run.protocol.leaky,
-        wall_time=time.perf_counter() - run.start, device=first.device, test_metrics=test_metrics,
-        train_subjects=tuple(run.train_subjects), val_subjects=tuple(run.val_subjects),
+        val_score=float(np.mean(scores)) if scores else None, state_dict=first.state, protocol=run.protocol.name,
+        leaky=run.protocol.leaky, wall_time=time.perf_counter() - run.start, device=first.device,
+        test_metrics=test_metrics, train_subjects=union("train_subjects"), val_subjects=union("val_subjects"),
         test_subjects=tuple(spec.fold.test_subjects), class_names=tuple(spec.class_names),
     )
     log.info("fold %s (%s, ensemble of %d): epochs %s, test acc %.3f, %.1fs", spec.fold.name, run.protocol.name,

@@ -110,7 +110,8 @@ def trial_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
 
 def inner_score(summary: FoldSummary, metric: str) -> float:
     """The fold's validation `metric` at its selected epoch (protocols that watch validation subjects); for UF1 the
-    fold's `val_score`, which for a seed ensemble (train.ensemble) is the UF1 of the members' mean probabilities."""
+    fold's `val_score`, which for a seed ensemble (train.ensemble) is the mean of its members' validation UF1s at
+    their own kept epochs (the history holds the members' per-epoch mean)."""
     if metric == "uf1" and summary.val_score is not None:
         return float(summary.val_score)
     entry = summary.history[summary.selected_epoch - 1]
