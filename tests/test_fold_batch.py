@@ -138,6 +138,19 @@ def test_the_search_scores_a_seed_ensemble_by_its_mean_probabilities(store: Samp
     assert inner_score(summary, "uar") == pytest.approx(summary.history[summary.selected_epoch - 1]["val_uar"])
 
 
+def test_fold_task_logs_name_the_ensemble_member(caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from pipelines.engine.tasks import _epoch_logger
+
+    log = _epoch_logger(SimpleNamespace(fold=SimpleNamespace(name="s01"), key="k"), None, None)
+    with caplog.at_level("INFO", logger="pipelines.engine.tasks"):
+        log(3, {"epoch": 3, "train_loss": 0.5})
+        log(3, {"epoch": 3, "member": 2, "train_loss": 0.4})
+    assert [r.getMessage() for r in caplog.records] == ["fold s01 epoch 3: train_loss=0.5",
+                                                        "fold s01 epoch 3 (ensemble member 2): train_loss=0.4"]
+
+
 def test_a_fold_task_trains_its_unfinished_folds_as_one_group(store: SampleStore, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's fold task (called directly, without Ray): a stored fold is read back, the others are trained

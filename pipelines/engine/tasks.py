@@ -82,7 +82,8 @@ def _epoch_logger(job: FoldJob, storage: FoldStorage, ckpt_dir: str | None) -> C
     """Logs each epoch and pushes the fold's checkpoint (if it has one) to the fold storage."""
 
     def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
-        log.info("fold %s epoch %d: %s", job.fold.name, epoch,
+        member = f" (ensemble member {metrics['member']})" if metrics.get("member") else ""
+        log.info("fold %s epoch %d%s: %s", job.fold.name, epoch, member,
                  ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
         if ckpt_dir is not None:
             storage.push_checkpoint(job.key, ckpt_dir)
