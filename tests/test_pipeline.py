@@ -114,8 +114,19 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
 
 
 @pytest.mark.slow
+def test_parent_run_names_say_the_protocol_once_and_the_ensemble_size() -> None:
+    from pipelines.engine.driver import parent_run_name
+
+    assert parent_run_name("synthetic-ststnet-fixed", "fixed", False, "e889274d99") == "synthetic-ststnet-fixed [e889274d]"
+    assert parent_run_name("benchmark-megc2019-a-inner", "inner", True, "e889274d") == \
+        "benchmark-megc2019-a-inner (leaky) [e889274d]"
+    assert parent_run_name("mine", "oracle", True, "e889274d", ensemble=3) == \
+        "mine oracle (leaky) 3-seed ensemble [e889274d]"
+
+
 def test_annotated_au_model_is_tagged_leaky(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A model fed the annotated AUs is leaky under an honest protocol too: tags, run names, results, metrics.json."""
+    """A model fed the annotated AUs is leaky under an honest protocol too: tags, run names, results, metrics.json.
+    (Trained as a 2-seed ensemble, whose members' seeds and epochs the fold runs record.)"""
     from components.evaluate import evaluate
     from mer_model.config import load_params
     from pipelines.engine.driver import run_experiment
@@ -123,7 +134,7 @@ def test_annotated_au_model_is_tagged_leaky(tiny_root: Path, tmp_path: Path, mon
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
         "model.name": "cva_fpf", "model.config": "flow_small", "model.kwargs": {"au_mode": "annotated"},
-        "train.epochs": 1, "tune.final_model": False}))
+        "train.epochs": 1, "train.ensemble": 2, "tune.final_model": False}))
     summary = run_experiment(params)
     assert summary.protocol == "fixed" and summary.leaky is True
 
@@ -132,6 +143,9 @@ def test_annotated_au_model_is_tagged_leaky(tiny_root: Path, tmp_path: Path, mon
     assert len(runs["parent"]) == 1 and len(runs["fold"]) == 4
     assert all(r.data.tags["leaky"] == "true" and r.data.tags["protocol"] == "fixed" for r in every)
     assert all("fixed (leaky)" in r.info.run_name for r in every)
+    assert "2-seed ensemble" in runs["parent"][0].info.run_name
+    assert all(r.data.params["fold.member_seeds"].startswith(f"{params.train.seed},")
+               and r.data.params["fold.member_epochs"] == "1,1" for r in runs["fold"])
     assert json.loads((Path(params.tune.results) / "summary.json").read_text())["leaky"] is True
     folds = list(Path(params.tune.storage_path).glob("*/folds/*/result.json"))  # not Tune's own result.json
     assert len(folds) == 4 and all(json.loads(f.read_text())["leaky"] is True for f in folds)

@@ -120,6 +120,10 @@ def test_seed_ensemble_averages_its_members_probabilities(store: SampleStore, pr
     np.testing.assert_allclose(ensemble.predictions[cols].to_numpy(), mean, rtol=1e-6, atol=1e-7)
     assert (ensemble.predictions["pred"].to_numpy() == mean.argmax(1)).all()
     assert ensemble.selected_epoch == round(np.median([r.selected_epoch for r in singles]))
+    assert ensemble.member_epochs == tuple(r.selected_epoch for r in singles)
+    stored = ensemble.summary("key", ensemble.leaky, "loso")
+    assert stored.member_seeds == [seed, trainer.member_seed(seed, 1)]
+    assert stored.member_epochs == list(ensemble.member_epochs) and not singles[0].member_seeds
     assert len(ensemble.history) == 3 and all("member" not in e for e in ensemble.history)
     np.testing.assert_allclose([e["train_loss"] for e in ensemble.history],
                                [(a["train_loss"] + b["train_loss"]) / 2 for a, b in zip(*[r.history for r in singles])])

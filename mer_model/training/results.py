@@ -80,6 +80,10 @@ class FoldSummary(_Json):
     val_subjects: list[str] = field(default_factory=list)
     test_subjects: list[str] = field(default_factory=list)
     split: str = "loso"
+    # Seed ensemble (train.ensemble > 1): each member's seed and kept epoch (selected_epoch is their median); [] for one
+    # model.
+    member_seeds: list[int] = field(default_factory=list)
+    member_epochs: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -103,6 +107,8 @@ class FoldResult:
     val_subjects: tuple[str, ...] = ()
     test_subjects: tuple[str, ...] = ()
     class_names: tuple[str, ...] = ()
+    member_seeds: tuple[int, ...] = ()  # seed ensemble: each member's seed and kept epoch; () for one model
+    member_epochs: tuple[int, ...] = ()
 
     def summary(self, key: str, leaky: bool, split: str) -> FoldSummary:
         """The storable part; `leaky` is the platform's leak rule (protocol or model inputs), not only the
@@ -112,7 +118,8 @@ class FoldResult:
             val_score=self.val_score, history=_plain(self.history), test_metrics=_plain(self.test_metrics),
             class_names=list(self.class_names), wall_time=float(self.wall_time), device=self.device,
             train_subjects=list(self.train_subjects), val_subjects=list(self.val_subjects),
-            test_subjects=list(self.test_subjects), split=split)
+            test_subjects=list(self.test_subjects), split=split, member_seeds=[int(x) for x in self.member_seeds],
+            member_epochs=[int(x) for x in self.member_epochs])
 
 
 @dataclass

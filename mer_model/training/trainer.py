@@ -592,8 +592,9 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
     the fold's training subjects (so together the members train on all of them, as a cross-validation ensemble does),
     keeps its own epoch, and the test subject is predicted with the mean of the members' class probabilities (deep
     ensembles, Lakshminarayanan et al. 2017). The result's `history` is the members' per-epoch mean, `selected_epoch`
-    the median of their kept epochs, `val_score` the mean of their validation UF1s, `train_subjects` /
-    `val_subjects` the subjects any member trained / validated on, `state_dict` member 0's weights.
+    the median of their kept epochs (rounded; each member's seed and epoch: `member_seeds`, `member_epochs`),
+    `val_score` the mean of their validation UF1s, `train_subjects` / `val_subjects` the subjects any member trained /
+    validated on, `state_dict` member 0's weights.
     """
     fold_sets(spec, store)  # configuration errors before a model is built
     if spec.train.ensemble == 1:
@@ -715,6 +716,7 @@ def _ensemble_result(spec: FoldSpec, store: SampleStore, members: Sequence[_Memb
         leaky=run.protocol.leaky, wall_time=time.perf_counter() - run.start, device=first.device,
         test_metrics=test_metrics, train_subjects=union("train_subjects"), val_subjects=union("val_subjects"),
         test_subjects=tuple(spec.fold.test_subjects), class_names=tuple(spec.class_names),
+        member_seeds=tuple(member_seed(spec.train.seed, m) for m in range(len(members))), member_epochs=tuple(epochs),
     )
     log.info("fold %s (%s, ensemble of %d): epochs %s, test acc %.3f, %.1fs", spec.fold.name, run.protocol.name,
              len(members), epochs, test_metrics["accuracy"], result.wall_time)

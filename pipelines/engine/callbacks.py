@@ -117,7 +117,9 @@ class TrackingCallback(Callback):
             "fold.test_subjects": ",".join(summary.test_subjects),
             "fold.val_subjects": ",".join(summary.val_subjects),
             "fold.n_train_subjects": str(len(summary.train_subjects)),
-            "fold.device": summary.device})
+            "fold.device": summary.device,
+            **({"fold.member_seeds": ",".join(map(str, summary.member_seeds)),
+                "fold.member_epochs": ",".join(map(str, summary.member_epochs))} if summary.member_seeds else {})})
         self.tracker.log_metrics(run, [(name, value, int(entry["epoch"])) for entry in summary.history
                                        for name, value in entry.items()
                                        if name != "epoch" and isinstance(value, (int, float))])

@@ -73,11 +73,13 @@ def experiment_name(params: Params) -> str:
     return params.tune.experiment or f"{params.data.source}-{params.model.name}-{params.train.protocol}{split}"
 
 
-def parent_run_name(name: str, protocol: str, leaky: bool, settings: str) -> str:
-    """`<experiment> <protocol> [<settings hash>]`, the protocol left out where the experiment's name already has it
-    as a dash-separated part (the default names and `mer benchmark`'s do) -- only its leak marker stays."""
+def parent_run_name(name: str, protocol: str, leaky: bool, settings: str, ensemble: int = 1) -> str:
+    """`<experiment> <protocol> [<K>-seed ensemble] [<settings hash>]`, the protocol left out where the experiment's
+    name already has it as a dash-separated part (the default names and `mer benchmark`'s do) -- only its leak
+    marker stays."""
     label = ("(leaky)" if leaky else "") if protocol in name.split("-") else run_label(protocol, leaky)
-    return " ".join(part for part in (name, label, f"[{settings[:8]}]") if part)
+    members = f"{ensemble}-seed ensemble" if ensemble > 1 else ""
+    return " ".join(part for part in (name, label, members, f"[{settings[:8]}]") if part)
 
 
 def storage_root(params: Params) -> str:
@@ -147,7 +149,7 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
             # The settings hash in the name: two runs that differ in one setting are told apart in the MLflow UI's
             # run list, and a resumed run keeps its name.
             parent, created = tracker.open_run(
-                experiment_key, parent_run_name(name, protocol, leaky, settings),
+                experiment_key, parent_run_name(name, protocol, leaky, settings, params.train.ensemble),
                 {KIND_TAG: "parent", EXPERIMENT_KEY_TAG: experiment_key, "dataset": params.data.source,
                  "model": params.model.name, "split": params.train.split, "data_version": version,
                  **leak_tags(protocol, leaky)})
