@@ -117,7 +117,8 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
 def test_parent_run_names_say_the_protocol_once_and_the_ensemble_size() -> None:
     from pipelines.engine.driver import parent_run_name
 
-    assert parent_run_name("synthetic-ststnet-fixed", "fixed", False, "e889274d99") == "synthetic-ststnet-fixed [e889274d]"
+    assert parent_run_name("synthetic-ststnet-fixed", "fixed", False, "e889274d99") == \
+        "synthetic-ststnet-fixed [e889274d]"
     assert parent_run_name("benchmark-megc2019-a-inner", "inner", True, "e889274d") == \
         "benchmark-megc2019-a-inner (leaky) [e889274d]"
     assert parent_run_name("mine", "oracle", True, "e889274d", ensemble=3) == \
