@@ -596,13 +596,13 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
     `val_score` the mean of their validation UF1s, `train_subjects` / `val_subjects` the subjects any member trained /
     validated on, `state_dict` member 0's weights.
     """
-    fold_sets(spec, store)  # configuration errors before a model is built
+    sets = fold_sets(spec, store)  # configuration errors before a model is built; member 0's subjects
     if spec.train.ensemble == 1:
-        run, loop, final = _train_member(spec, store, 0, callback, checkpoint_dir)
+        run, loop, final = _train_member(spec, store, 0, callback, checkpoint_dir, sets)
         return run.result(final, loop.state(), loop.device)
     members = []
     for m in range(spec.train.ensemble):  # one member in memory at a time: only its predictions are kept
-        run, loop, final = _train_member(spec, store, m, callback, checkpoint_dir)
+        run, loop, final = _train_member(spec, store, m, callback, checkpoint_dir, sets if m == 0 else None)
         members.append(_Member(run, final or (run.best["probs"], run.best["extra"]),
                                loop.state() if m == 0 else None, str(loop.device)))
         run.best["state"] = None
@@ -636,12 +636,14 @@ def member_spec(spec: FoldSpec, member: int) -> FoldSpec:
 
 
 def _train_member(spec: FoldSpec, store: SampleStore, member: int, callback: Callback | None,
-                  checkpoint_dir: str | Path | None) -> tuple[FoldRun, _Loop, tuple[np.ndarray, dict[str, Any]] | None]:
-    """One model of a fold (ensemble member `member`): (its protocol run, its loop holding the kept weights, its
-    test evaluation or None under `oracle`, whose run holds the kept epoch's test predictions)."""
+                  checkpoint_dir: str | Path | None, sets: tuple | None = None
+                  ) -> tuple[FoldRun, _Loop, tuple[np.ndarray, dict[str, Any]] | None]:
+    """One model of a fold (ensemble member `member`, whose `fold_sets` the caller may have drawn already): (its
+    protocol run, its loop holding the kept weights, its test evaluation or None under `oracle`, whose run holds the
+    kept epoch's test predictions)."""
     spec = member_spec(spec, member)
     cfg, fold = spec.train, spec.fold
-    sets = fold_sets(spec, store)
+    sets = sets or fold_sets(spec, store)
     loop = _Loop(spec.model, cfg, store, spec.num_classes, sets[2], cfg.epochs)
     run = FoldRun(spec, store, loop.inputs, loop.optional, callback, sets)
     first_epoch = 1
