@@ -556,12 +556,17 @@ class FoldRun:
             return self.history[-1]["epoch"] if self.history else self.spec.train.epochs
         return self.best["epoch"]
 
+    def test_outputs(self, final: tuple[np.ndarray, dict[str, Any]] | None) -> tuple[np.ndarray, dict[str, Any]]:
+        """The fold's test (probabilities, extra figures): the kept epoch's (`oracle`), else `final`, the test set
+        evaluated with the selected weights."""
+        return (self.best["probs"], self.best["extra"]) if self.protocol.watch == "test" else final
+
     def result(self, final: tuple[np.ndarray, dict[str, Any]] | None, state: dict[str, Tensor],
                device: torch.device) -> FoldResult:
         """The FoldResult: test predictions = the kept epoch's (`oracle`) or `final` = the test set evaluated with
         the selected weights; `state` = those weights (CPU)."""
         spec = self.spec
-        probs, extra = (self.best["probs"], self.best["extra"]) if self.protocol.watch == "test" else final
+        probs, extra = self.test_outputs(final)
         test_metrics = classification_metrics(self.test_set.labels, probs.argmax(1), spec.num_classes,
                                                spec.class_names)
         test_metrics.update(extra)
@@ -603,7 +608,7 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
     members = []
     for m in range(spec.train.ensemble):  # one member in memory at a time: only its predictions are kept
         run, loop, final = _train_member(spec, store, m, callback, checkpoint_dir, sets if m == 0 else None)
-        members.append(_Member(run, final or (run.best["probs"], run.best["extra"]),
+        members.append(_Member(run, run.test_outputs(final),
                                loop.state() if m == 0 else None, str(loop.device)))
         run.best["state"] = None
         del loop
