@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipelines.benchmark import adapt_entry, order_protocols, parse_au_sheets, portable_path, with_models_inputs
+from pipelines.benchmark import (adapt_entry, order_protocols, parse_au_sheets, portable_path, run_params,
+                                 with_models_inputs)
 from pipelines.cli import main
 from components.tracking.base import git_commit
 from mer_model.config import BenchmarkModel, load_params
@@ -187,6 +188,29 @@ def test_recipe_searches_score_inner_validation_only_and_match_their_entry(recip
     assert search.tune.num_samples > 0 and search.tune.search_space
     assert search.train.protocol == "inner"
     assert (search.model.name, search.model.config) == (entry.name, entry.config)
+
+
+# What a recipe search may set differently from the benchmark run it chooses for: its split (subject_5fold instead of
+# LOSO) and where it runs. Everything else a trial trains with, from flip TTA to the weight average, must be what the
+# benchmark trains with, or the search tunes another trainer than the one the recipe is used in.
+SEARCH_ONLY_TRAIN_KEYS = {"split", "device", "amp"}
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "benchmarks" / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_recipe_search_trials_train_as_the_benchmark_run_does(recipe: Path) -> None:
+    """Every training setting a search does not search equals the benchmark run's (params.yaml `train` under the
+    entry's recipe): a search once ran without the flip TTA and weight average the benchmark evaluates with."""
+    search = load_params(recipe)
+    base = load_params(REPO / "params.yaml")
+    entry = base.benchmark.models[recipe.stem]
+    run = run_params(base, recipe.stem, entry, entry.kwargs, "inner", None, "megc2019")
+    searched = {key.split(".", 1)[1] for key in search.tune.search_space if key.startswith("train.")}
+    differs = {key: (getattr(search.train, key), value) for key, value in run.train.model_dump().items()
+               if key not in searched | SEARCH_ONLY_TRAIN_KEYS and getattr(search.train, key) != value}
+    assert not differs, f"{recipe.name}: train settings (search, benchmark) differ: {differs}"
+    fixed_kwargs = {key: value for key, value in entry.kwargs.items()
+                    if f"model.kwargs.{key}" not in search.tune.search_space}
+    assert search.model.kwargs == fixed_kwargs, f"{recipe.name}: model kwargs differ from the entry's unsearched ones"
 
 
 def test_a_runs_own_tables_do_not_mark_its_code_dirty(tmp_path: Path) -> None:
