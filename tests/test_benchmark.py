@@ -179,7 +179,11 @@ def test_results_md_marks_seed_ensembles_and_reads_tables_without_the_column() -
     assert "ensemble" not in markdown_table(pd.DataFrame([row]))  # a results.csv written before the column
 
 
-@pytest.mark.parametrize("recipe", sorted((REPO / "benchmarks" / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+# The committed recipe searches (benchmarks/recipes/<entry>.yaml), one per searched CPU entry of params.yaml.
+RECIPES = sorted((REPO / "benchmarks" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_searches_score_inner_validation_only_and_match_their_entry(recipe: Path) -> None:
     """The committed search behind each searched CPU entry is valid, searches (num_samples > 0) under `inner` (trials
     scored on validation subjects, never a test fold), and trains the model its params.yaml entry names."""
@@ -196,7 +200,7 @@ def test_recipe_searches_score_inner_validation_only_and_match_their_entry(recip
 SEARCH_ONLY_TRAIN_KEYS = {"split", "device", "amp"}
 
 
-@pytest.mark.parametrize("recipe", sorted((REPO / "benchmarks" / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_search_trials_train_as_the_benchmark_run_does(recipe: Path) -> None:
     """Every training setting a search does not search equals the benchmark run's (params.yaml `train` under the
     entry's recipe): a search once ran without the flip TTA and weight average the benchmark evaluates with."""
