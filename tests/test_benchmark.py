@@ -195,9 +195,12 @@ def test_recipe_searches_score_inner_validation_only_and_match_their_entry(recip
 
 
 # What a recipe search may set differently from the benchmark run it chooses for: its split (subject_5fold instead of
-# LOSO) and where it runs. Everything else a trial trains with, from flip TTA to the weight average, must be what the
-# benchmark trains with, or the search tunes another trainer than the one the recipe is used in.
-SEARCH_ONLY_TRAIN_KEYS = {"split", "device", "amp"}
+# LOSO), where it runs, how batches are assembled (`device_data`: equal to the reference path within interpolation
+# tolerance, tests/test_fold_batch.py) and the seed-ensemble size (each member trains exactly as the searched single
+# model; K is decided afterwards by a design check). Everything else a trial trains with, from flip TTA to the weight
+# average, must be what the benchmark trains with, or the search tunes another trainer than the one the recipe is used
+# in.
+SEARCH_ONLY_TRAIN_KEYS = {"split", "device", "amp", "device_data", "ensemble"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
