@@ -3,6 +3,11 @@
 One place defines every knob of the platform. DVC stages depend on sections of params.yaml (`params:` in dvc.yaml),
 so a training parameter never invalidates the preprocessing cache. Validation errors name the offending key
 (e.g. `params.yaml: train.protocol: Input should be 'fixed', 'inner' or 'oracle'`).
+
+Every numeric setting has the range in which it means something, checked at load: a count is not negative, a
+fraction lies in [0, 1], and sizes, epochs and rates have upper bounds far above any sensible value but below the
+absurd (`train.epochs: 1e12` would run without end; `train.lr: 1e30` only produces NaN). The bounds are generous on
+purpose: they catch typos and unit slips, not unusual choices.
 """
 
 from __future__ import annotations
@@ -54,15 +59,15 @@ class SynthConfig(_Section):
     """The embedded synthetic dataset (CASME II layout)."""
 
     out: str = "data/synthetic"
-    subjects: int = Field(8, ge=2)
-    clips_per_subject: int = Field(10, ge=1)
-    min_frames: int = Field(12, ge=10)
-    max_frames: int = Field(24, le=30)
-    image_size: int = Field(256, ge=128)
+    subjects: int = Field(8, ge=2, le=1000)
+    clips_per_subject: int = Field(10, ge=1, le=1000)
+    min_frames: int = Field(12, ge=10, le=30)
+    max_frames: int = Field(24, ge=10, le=30)
+    image_size: int = Field(256, ge=128, le=2048)
     # Source datasets the subjects are spread over (round robin): 1 = dataset `synthetic`; n > 1 = `synthetic1` ..
     # `syntheticN`, a composite-like set for the leave-one-dataset-out split.
-    datasets: int = Field(1, ge=1)
-    seed: int = 0
+    datasets: int = Field(1, ge=1, le=100)
+    seed: int = Field(0, ge=0)
 
 
 class DataConfig(_Section):
@@ -80,18 +85,18 @@ class DataConfig(_Section):
 class FlowConfig(_Section):
     """TV-L1 settings (cv2.optflow.DualTVL1OpticalFlow) and the 28x28 flow-map convention."""
 
-    tau: float = 0.25
-    lambda_: float = Field(0.15, alias="lambda")
-    theta: float = 0.3
-    nscales: int = 5
-    warps: int = 5
-    epsilon: float = 0.01
-    inner_iterations: int = 30
-    outer_iterations: int = 10
-    scale_step: float = 0.8
-    median_filtering: int = 5
-    size: int = Field(224, ge=32)  # side of the aligned grey crops the onset->apex flow is computed on
-    map_size: int = 28
+    tau: float = Field(0.25, gt=0, le=1)
+    lambda_: float = Field(0.15, alias="lambda", gt=0, le=100)
+    theta: float = Field(0.3, gt=0, le=1)
+    nscales: int = Field(5, ge=1, le=20)
+    warps: int = Field(5, ge=1, le=100)
+    epsilon: float = Field(0.01, gt=0, le=1)
+    inner_iterations: int = Field(30, ge=1, le=1000)
+    outer_iterations: int = Field(10, ge=1, le=1000)
+    scale_step: float = Field(0.8, gt=0, lt=1)
+    median_filtering: int = Field(5, ge=1, le=31)
+    size: int = Field(224, ge=32, le=2048)  # side of the aligned grey crops the onset->apex flow is computed on
+    map_size: int = Field(28, ge=4, le=1024)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -101,16 +106,16 @@ class PreprocessConfig(_Section):
 
     out: str = "data/preprocessed"
     detector: Literal["dlib", "annotation"] = "dlib"  # annotation = use landmarks saved with the dataset
-    detector_upsample: int = 1
-    margin: float = 0.15
-    face_size: int = 224
-    seq_frames: int = 8
-    seq_size: int = 128
+    detector_upsample: int = Field(1, ge=0, le=4)
+    margin: float = Field(0.15, ge=0, le=1)  # per side, a fraction of the landmarks' extent
+    face_size: int = Field(224, ge=16, le=2048)
+    seq_frames: int = Field(8, ge=2, le=256)
+    seq_size: int = Field(128, ge=16, le=2048)
     flow: FlowConfig = Field(default_factory=FlowConfig)
     # Which cache arrays to compute; [] = what `model` reads (its inputs and loss targets). Only what is missing is
     # computed: a later model reading another modality adds it to the same cache.
     modalities: list[Modality] = Field(default_factory=list)
-    num_workers: int = 0  # Ray CPUs to use; 0 = all available
+    num_workers: int = Field(0, ge=0, le=4096)  # Ray CPUs to use; 0 = all available
     ray_address: str | None = None  # None = local Ray; "auto" or ray://host:port for a cluster
 
 
@@ -127,10 +132,10 @@ class TrainConfig(_Section):
 
     protocol: Protocol = "fixed"
     split: SplitName = "loso"  # how the cache becomes folds: loso (one per subject) | lodo (one per dataset)
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=65_536)
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0, le=10)
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     # Learning-rate schedule over the epochs of a run, stepped once per epoch (mer_model.training.trainer.lr_factor):
@@ -142,14 +147,15 @@ class TrainConfig(_Section):
     # predictions collapse to one class while the training set is already fitted (docs/architecture.md).
     precise_bn: bool = True
     schedule: Literal["constant", "cosine", "exponential"] = "constant"
-    warmup_epochs: int = Field(0, ge=0)
+    warmup_epochs: int = Field(0, ge=0, le=10_000)
     lr_gamma: float = Field(0.987, gt=0, le=1)  # exponential only
     # Class-balanced cross-entropy (weights n / (K n_c) from the training fold). On by default: the field's metrics
     # (UF1, UAR) weight every class equally while MER classes are heavily imbalanced, so a balanced loss optimises the
     # quantity that is reported; set false to reproduce authors' plain-CE training.
     class_weights: bool = True
     val_fraction: float = Field(0.2, gt=0, lt=1)  # `inner`: share of TRAINING subjects held out for validation
-    patience: int = Field(0, ge=0)  # `inner`: early stopping patience in epochs (0 = select best epoch, no stop)
+    # `inner`: early stopping patience in epochs (0 = select best epoch, no stop)
+    patience: int = Field(0, ge=0, le=10_000)
     augment: bool = True
     # Test-time augmentation of every evaluation (validation, test, final model, `mer predict`; MERModel.tta): "flip"
     # averages the class probabilities of each sample and its mirror image -- the flip the training augmentation
@@ -166,8 +172,8 @@ class TrainConfig(_Section):
     # fold's training subjects and its own kept epoch -- and the test subject is predicted with the mean of their class
     # probabilities. Costs `ensemble` x the fold's training time. It cuts the variance of the larger networks (5-fold
     # subject CV on the MEGC2019 composite: README "How the settings were chosen"). 1 = one model.
-    ensemble: int = Field(1, ge=1)
-    checkpoint_every: int = Field(0, ge=0)  # epochs; 0 = no intermediate checkpoints
+    ensemble: int = Field(1, ge=1, le=100)
+    checkpoint_every: int = Field(0, ge=0, le=10_000)  # epochs; 0 = no intermediate checkpoints
     device: str = "auto"
     # Mixed precision on CUDA only (CPU runs stay float32): bfloat16 autocast where the GPU supports it, else float16
     # with a GradScaler (mer_model.models.checkpoint.autocast_dtype).
@@ -180,9 +186,9 @@ class TrainConfig(_Section):
     # within interpolation tolerance). auto = on CUDA when they fit `device_data_mb`; on = wherever they fit (CPU
     # too); off = the CPU reference path (per-sample OpenCV warps, collate, host-to-device copy).
     device_data: Literal["auto", "on", "off"] = "auto"
-    device_data_mb: float = Field(2048, ge=0)
-    num_workers: int = Field(0, ge=0)
-    seed: int = 0
+    device_data_mb: float = Field(2048, ge=0, le=1_000_000)
+    num_workers: int = Field(0, ge=0, le=256)
+    seed: int = Field(0, ge=0)
 
 
 class SearchParam(_Section):
@@ -216,25 +222,26 @@ class SearchParam(_Section):
 class TuneConfig(_Section):
     """Ray Tune: LOSO folds as Ray tasks, Optuna search scored on inner validation only."""
 
-    num_samples: int = Field(0, ge=0)  # search trials; 0 = no search, evaluate the configured hyperparameters
+    # search trials; 0 = no search, evaluate the configured hyperparameters
+    num_samples: int = Field(0, ge=0, le=100_000)
     search_space: dict[str, SearchParam] = Field(default_factory=dict)  # keys like "train.lr", "model.kwargs.dim"
-    search_folds: int = Field(3, ge=1)  # LOSO folds whose INNER validation score is a trial's objective
+    search_folds: int = Field(3, ge=1, le=100_000)  # LOSO folds whose INNER validation score is a trial's objective
     metric: str = "uf1"
-    max_concurrent_trials: int = Field(2, ge=1)
-    fold_cpus: float = Field(1, gt=0)
-    fold_gpus: float = Field(0, ge=0)  # fractional: several small folds share one GPU
+    max_concurrent_trials: int = Field(2, ge=1, le=10_000)
+    fold_cpus: float = Field(1, gt=0, le=1024)
+    fold_gpus: float = Field(0, ge=0, le=64)  # fractional: several small folds share one GPU
     # Fold tasks (groups of fold_group_size folds) one trial has in flight at once; 0 = no cap: every fold task is
     # submitted and Ray runs as many as the cluster holds at each moment (the pending ones are autoscaler demand).
-    folds_per_trial: int = Field(0, ge=0)
+    folds_per_trial: int = Field(0, ge=0, le=100_000)
     # Seconds the driver waits for a Ray node that can hold one fold (fold_cpus and fold_gpus on one node) before it
     # fails with one line; each node that joins meanwhile (an autoscaler bringing up workers) restarts the clock. On
     # a command's private local Ray (no address), which cannot grow, it fails at once.
-    fold_node_wait_s: float = Field(600, gt=0)
+    fold_node_wait_s: float = Field(600, gt=0, le=7 * 86_400)
     # Folds one Ray task trains: > 1 trains them as one stacked model with torch.func for models that declare
     # `fold_batching` (mer_model.training.fold_batch; e.g. 68 STSTNet folds on one GPU in one process), one after
     # another in the same process otherwise. Each fold is still stored under its own key.
-    fold_group_size: int = Field(1, ge=1)
-    max_retries: int = Field(2, ge=0)  # a fold whose worker died is retried by Ray
+    fold_group_size: int = Field(1, ge=1, le=10_000)
+    max_retries: int = Field(2, ge=0, le=100)  # a fold whose worker died is retried by Ray
     storage_path: str = "runs/tune"  # local dir or s3://bucket/prefix; experiment state survives the head node
     results: str = "runs/results"  # local: summary.json + pooled predictions of the chosen config (the DVC output)
     experiment: str | None = None  # None = derived from dataset x model x protocol
@@ -289,13 +296,13 @@ class BenchmarkConfig(_Section):
     # fold-averaged validation UF1 (protocols.retrain_epochs), chosen without looking at a test fold; false = the
     # model's configured epochs.
     fixed_epochs_from_inner: bool = True
-    cpus: int = Field(0, ge=0)  # local Ray CPUs; 0 = all (tune.ray_address set = use that cluster)
+    cpus: int = Field(0, ge=0, le=4096)  # local Ray CPUs; 0 = all (tune.ray_address set = use that cluster)
 
 
 class Params(_Section):
     """The whole of params.yaml."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)

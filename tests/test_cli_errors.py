@@ -92,6 +92,16 @@ CASES = {
     "search without a space": (["tune", "-S", "tune.num_samples=4"], "num_samples > 0 needs a non-empty search_space"),
     "no wait for a fold node": (["tune", "-S", "tune.fold_node_wait_s=0"],
                                 "tune.fold_node_wait_s: Input should be greater than 0"),
+    # Ranges that make no sense are refused at load, naming the key (before: 10**12 epochs ran without end, lr 1e30
+    # trained to NaN, a margin of 2 face widths and a billion CPUs per fold were accepted).
+    "endless epochs": (["tune", "-S", "train.epochs=1000000000000"],
+                       "train.epochs: Input should be less than or equal to 10000 (got 1000000000000"),
+    "absurd learning rate": (["tune", "-S", "train.lr=1e30"], "train.lr: Input should be less than or equal to 10"),
+    "fraction above 1": (["preprocess", "-S", "preprocess.margin=2"],
+                         "preprocess.margin: Input should be less than or equal to 1 (got 2"),
+    "negative count": (["tune", "-S", "tune.max_retries=-1"], "tune.max_retries: Input should be greater than or "
+                                                               "equal to 0"),
+    "absurd resources": (["tune", "-S", "tune.fold_cpus=1e9"], "tune.fold_cpus: Input should be less than or equal"),
     # An empty file is refused, not read as "every default" (`{}` says that): it is usually a failed write.
     "empty params file": (["tune", "--params", "empty.yaml"], "empty.yaml: empty parameters file"),
 }
@@ -170,3 +180,28 @@ def test_empty_mapping_is_every_default(project: Path) -> None:
 
     (project / "defaults.yaml").write_text("{}\n")
     assert load_params(project / "defaults.yaml") == Params()
+
+
+def test_every_numeric_setting_has_a_range() -> None:
+    """Each int/float setting of params.yaml declares a lower and an upper bound (seeds: a lower one), so that a
+    value that makes no sense is refused at load naming the key, not found out after hours of a run."""
+    from annotated_types import Ge, Gt, Le, Lt
+    from pydantic import BaseModel
+
+    from mer_model.config import Params
+
+    def numeric(model: type[BaseModel], prefix: str = "") -> list[tuple[str, list]]:
+        out = []
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{field.alias or name}"
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                out += numeric(field.annotation, f"{key}.")
+            elif field.annotation in (int, float):
+                out.append((key, field.metadata))
+        return out
+
+    fields = numeric(Params)
+    assert len(fields) > 50
+    unbounded = [k for k, meta in fields if not any(isinstance(m, (Ge, Gt)) for m in meta)
+                 or (not k.endswith("seed") and not any(isinstance(m, (Le, Lt)) for m in meta))]
+    assert not unbounded, f"numeric settings without a range: {unbounded}"
