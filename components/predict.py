@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from components.common import add_params_arguments, params_from_args
-from mer_model.errors import ConfigError, SampleError
+from mer_model.errors import ConfigError, NonFiniteError, SampleError
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,10 @@ def predict_clips(loaded: Any, clips: Sequence[str], onset: int | None = None, a
                 keys = default_key_frames(clip, loaded.preprocess, onset, apex, offset)
                 arrays = preprocess_clip(clip, keys, loaded.preprocess, aus)
                 probs = predict_proba(loaded.model, input_batch(arrays, loaded.model.inputs))[0]
-            except SampleError as err:
+            except (SampleError, NonFiniteError) as err:
                 log.error("%s", err)
-                results.append({"clip": Path(path).name, "path": str(path), "status": "failed", "error": str(err)})
+                message = str(err) if isinstance(err, SampleError) else f"clip {Path(path).name}: {err}"
+                results.append({"clip": Path(path).name, "path": str(path), "status": "failed", "error": message})
                 continue
         probabilities = {name: round(float(p), 6) for name, p in zip(loaded.class_names, probs)}
         results.append({

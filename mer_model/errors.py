@@ -31,6 +31,12 @@ class DataError(MerError):
         self.row = row
 
 
+class NonFiniteError(MerError):
+    """Numbers that became NaN or infinite where only finite ones mean anything: a training loss that diverged
+    (e.g. far too high a learning rate), weights or model outputs; the message names the fold, file or sample. What
+    holds them is never stored as a result."""
+
+
 class SampleError(MerError):
     """One sample (or one modality of it) cannot be processed; the run records it and continues with the others.
 

@@ -30,7 +30,7 @@ import torch
 
 from mer_model.batch_keys import BATCH_KEYS, example_array
 from mer_model.config import PreprocessConfig
-from mer_model.errors import DataError, SampleError
+from mer_model.errors import DataError, NonFiniteError, SampleError
 from mer_model.preprocess import face as facelib
 from mer_model.preprocess import MODALITIES, preprocess_sample
 from mer_model.preprocess.keyframes import APEX_SEARCH_SIZE, apex_by_motion
@@ -193,10 +193,16 @@ def input_batch(arrays: Mapping[str, np.ndarray], inputs: Sequence[str], batched
 @torch.no_grad()
 def predict_proba(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> np.ndarray:
     """Softmax class probabilities (B, C) float32 of a model in eval mode, on the model's device, with the test-time
-    augmentation it was trained with (`model.tta`, saved in its checkpoint)."""
+    augmentation it was trained with (`model.tta`, saved in its checkpoint). NonFiniteError when any sample's
+    outputs are NaN/inf: such numbers are no prediction, and argmax would still name a class."""
     model.eval()
     device = next(model.parameters()).device
     logits = tta_forward(model, {k: v.to(device) for k, v in batch.items()}, getattr(model, "tta", "none"))["logits"]
+    finite = torch.isfinite(logits.float()).all(dim=1)
+    if not bool(finite.all()):
+        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+        raise NonFiniteError(f"model output has NaN/inf values for {len(bad)} of {len(finite)} input(s) (first: "
+                             f"#{bad[0]}); no prediction")
     return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
 

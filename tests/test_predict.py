@@ -232,3 +232,93 @@ def test_champion_alias_follows_honest_models_only(tmp_path: Path, monkeypatch: 
     client = mlflow.tracking.MlflowClient(uri, registry_uri=uri)
     assert str(client.get_model_version_by_alias("alias-model", "champion").version) == "1"
 
+
+
+# ------------------------------------------------------------------------------------ damaged models (issue 30)
+
+
+def _flip_weight_bytes(path: Path, count: int = 64) -> None:
+    """Invert `count` bytes in the middle of the largest tensor stored in a torch zip checkpoint (what a bad disk
+    sector or a careless edit does; torch's reader checks no CRC)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    header = member.header_offset
+    name_len, extra_len = int.from_bytes(data[header + 26:header + 28], "little"), int.from_bytes(
+        data[header + 28:header + 30], "little")
+    start = header + 30 + name_len + extra_len + member.file_size // 2
+    data[start:start + count] = bytes(b ^ 0xFF for b in data[start:start + count])
+    path.write_bytes(bytes(data))
+
+
+def _model_dir(tmp_path: Path) -> Path:
+    """An MLflow model directory of this platform's pyfunc (what `mlflow artifacts download` of a logged model gives)."""
+    import mlflow
+
+    from components.tracking.pyfunc import CHECKPOINT_ARTIFACT, INFO_ARTIFACT, MerPyfuncModel, model_info
+
+    work = tmp_path / "parts"
+    checkpoint = _checkpoint(work / "model.pt")
+    info = work / "mer_model.json"
+    info.write_text(json.dumps(model_info(CLASSES, PreprocessConfig(), False), indent=2))
+    mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=MerPyfuncModel(), pip_requirements=[],
+                             artifacts={CHECKPOINT_ARTIFACT: str(checkpoint), INFO_ARTIFACT: str(info)})
+    return tmp_path / "model"
+
+
+def test_damaged_models_are_one_line_naming_the_file(tmp_path: Path, mer) -> None:  # noqa: ANN001
+    """Before: 64 flipped bytes changed the prediction and exited 0; NaN weights predicted a class from NaN
+    probabilities; an edited class count and a truncated mer_model.json were tracebacks. Now each is exit 2 with
+    one line naming the file, and no prediction."""
+    import torch as _torch
+
+    (tmp_path / "clip").mkdir()
+    cases = {}
+    flipped = _checkpoint(tmp_path / "flipped.pt")
+    _flip_weight_bytes(flipped)
+    cases["flipped"] = (flipped, "flipped.pt: content does not match the digest recorded when it was written")
+
+    model = create_model("htnet", "small", num_classes=len(CLASSES))
+    with _torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    nan = save_checkpoint(model, tmp_path / "nan.pt", {"class_names": CLASSES})  # a valid digest over NaN weights
+    cases["nan"] = (nan, "nan.pt: weight .* has NaN/inf values")
+
+    blob = _torch.load(_checkpoint(tmp_path / "classes.pt"), weights_only=True)
+    _torch.save({**blob, "num_classes": 5}, tmp_path / "classes.pt")
+    cases["class count"] = (tmp_path / "classes.pt", "classes.pt: content does not match the digest")
+    del blob["digest"]  # a checkpoint from before digests: the class count is still checked against the weights
+    _torch.save({**blob, "num_classes": 5}, tmp_path / "old.pt")
+    cases["class count, no digest"] = (tmp_path / "old.pt", r"old.pt: weights do not fit the htnet model it "
+                                                             r"describes \(5 classes\)")
+
+    directory = _model_dir(tmp_path / "mlflow")
+    info = directory / "artifacts" / "mer_model.json"
+    info.write_text(info.read_text()[:40])
+    cases["truncated mer_model.json"] = (directory, "artifacts/mer_model.json: model info is not valid JSON")
+
+    import re
+
+    for case, (path, expected) in cases.items():
+        result = mer("predict", "--model", str(path), "--params", str(REPO / "params.yaml"), str(tmp_path / "clip"),
+                     cwd=tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (case, result.stderr)
+        [line] = [x for x in result.stderr.splitlines() if ": error: " in x]
+        assert re.search(expected, line), (case, line)
+
+
+def test_non_finite_outputs_are_no_prediction(tmp_path: Path) -> None:
+    """Finite weights, an input holding inf: the outputs are NaN, and argmax would still have named a class."""
+    from mer_model.errors import NonFiniteError
+
+    model = create_model("htnet", "small", num_classes=len(CLASSES)).eval()
+    arrays = {k: v[None] for k, v in example_arrays(model.inputs, PreprocessConfig()).items()}
+    arrays = {k: np.repeat(v, 2, axis=0).astype(np.float32) for k, v in arrays.items()}
+    first = model.inputs[0]
+    arrays[first][1] = np.inf
+    with pytest.raises(NonFiniteError, match=r"model output has NaN/inf values for 1 of 2 input\(s\) \(first: #1\)"):
+        predict_proba(model, input_batch(arrays, model.inputs, batched=True))
+    assert np.isfinite(predict_proba(model, input_batch({k: v[:1] for k, v in arrays.items()}, model.inputs,
+                                                        batched=True))).all()

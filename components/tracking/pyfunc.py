@@ -35,6 +35,7 @@ from components.tracking.base import check_tracking_server, redact, tracking_uri
 from mer_model.config import Params, PreprocessConfig, set_dotted
 from mer_model.data.labels import get_class_set
 from mer_model.errors import ConfigError, DataError
+from mer_model.io import read_json
 from mer_model.inference import example_arrays, input_batch, predict_proba
 from mer_model.models import load_checkpoint, save_checkpoint
 from mer_model.training.protocols import reads_annotated_aus
@@ -56,9 +57,10 @@ class MerPyfuncModel(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context: Any) -> None:
-        info = json.loads(Path(context.artifacts[INFO_ARTIFACT]).read_text())
+        info = read_json(context.artifacts[INFO_ARTIFACT], "model info")
         self.model = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
-        self.class_names: list[str] = list(info["class_names"])
+        self.class_names: list[str] = _class_names(info.get("class_names"), self.model,
+                                                   context.artifacts[INFO_ARTIFACT])
         self.preprocess = PreprocessConfig.model_validate(info["preprocess"])
         self.leaky = bool(info.get("leaky", False))
 
@@ -70,6 +72,14 @@ class MerPyfuncModel(mlflow.pyfunc.PythonModel):
                             f"got {type(model_input).__name__}")
         batch = input_batch(model_input, self.model.inputs, batched=True)
         return pd.DataFrame(predict_proba(self.model, batch), columns=self.class_names)
+
+
+def _class_names(names: Any, model: Any, source: str) -> list[str]:
+    """The model's class names, one per output class; DataError naming `source` when they do not fit the model."""
+    if not isinstance(names, list) or len(names) != model.num_classes:
+        count = len(names) if isinstance(names, list) else "no list of"
+        raise DataError(f"{count} class names for a model with {model.num_classes} classes", file=source)
+    return [str(n) for n in names]
 
 
 def _requirements() -> list[str]:
@@ -152,7 +162,8 @@ def load_for_inference(uri: str, params: Params) -> LoadedModel:
 def _from_checkpoint(path: Path, params: Params) -> LoadedModel:
     model = load_checkpoint(path)
     meta = getattr(model, "checkpoint_meta", {}) or {}
-    names = meta.get("class_names") or [str(c) for c in range(model.num_classes)]
+    names = _class_names(meta["class_names"], model, str(path)) if "class_names" in meta else [
+        str(c) for c in range(model.num_classes)]
     if "preprocess" in meta:
         preprocess = PreprocessConfig.model_validate(meta["preprocess"])
     else:
