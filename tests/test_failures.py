@@ -4,6 +4,7 @@ checked on the tracked driver runs of test_resume.py.)"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +16,8 @@ from mer_model.data.schema import make_table
 from mer_model.errors import ConfigError
 from tests.test_preprocess import write_clip
 from tests.test_preprocess_stage import CHEAP
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _record(subject: str, folder: Path) -> dict[str, object]:
@@ -143,3 +146,60 @@ def test_sigterm_inside_a_store_write_is_delivered_again_outside_it(tmp_path: Pa
         signal.signal(signal.SIGTERM, previous)
     assert raised.value.code == 143 and tracker.terminated
     assert tracker.client.get_run(run).info.status == "KILLED"
+
+
+def test_truncated_or_edited_results_are_refused_naming_the_file(tmp_path: Path, mer) -> None:  # noqa: ANN001
+    """Before: `mer evaluate` on a predictions.csv cut to half its rows exited 0 with metrics over 36 of 72 samples.
+    summary.json now records each results file's rows and SHA-256; a mismatch is one line naming the file, exit 2,
+    and nothing is written."""
+    from test_report import CLASSES, _predictions
+
+    from mer_model.training.results import ExperimentSummary, FoldSummary, Results, read_results, write_results
+
+    results = tmp_path / "results"
+    predictions = _predictions()
+    folds = [FoldSummary(key=f"k{s}", fold=s, protocol="fixed", leaky=False, selected_epoch=1, val_score=None,
+                         history=[], test_metrics={}, class_names=CLASSES, wall_time=1.0, device="cpu")
+             for s in predictions["subject"].unique()]
+    write_results(results, Results(ExperimentSummary(experiment="x", protocol="fixed", leaky=False,
+                                                     class_names=CLASSES, folds=len(folds)), predictions, folds))
+    recorded = json.loads((results / "summary.json").read_text())["files"]
+    assert recorded["predictions.csv"]["rows"] == len(predictions) == 36 and recorded["folds.json"]["rows"] == 9
+    args = ["evaluate", "--params", str(REPO / "params.yaml"), "-S", f"tune.results={results}", "-S",
+            "tracking.backend=none", "-S", f"evaluate.metrics={tmp_path / 'metrics.json'}", "-S",
+            f"evaluate.plots={tmp_path / 'plots'}", "-S", f"evaluate.report={tmp_path / 'reports'}"]
+    assert len(read_results(results).predictions) == 36  # as written: accepted
+
+    lines = (results / "predictions.csv").read_text().splitlines(keepends=True)
+    (results / "predictions.csv").write_text("".join(lines[:19]))  # the header and 18 of the 36 rows
+    result = mer(*args, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = [x for x in result.stderr.splitlines() if ": error: " in x]
+    assert f"{results / 'predictions.csv'}: does not match summary.json (written with 36 rows" in line, line
+    assert not (tmp_path / "metrics.json").exists()
+
+    (results / "predictions.csv").write_text("".join(lines))
+    (results / "folds.json").write_text((results / "folds.json").read_text().replace('"fixed"', '"oracle"', 1))
+    [line] = [x for x in mer(*args, cwd=tmp_path).stderr.splitlines() if ": error: " in x]
+    assert f"{results / 'folds.json'}: does not match summary.json" in line, line
+
+
+def test_a_stored_fold_whose_predictions_changed_is_trained_again(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A finished fold's predictions.csv cut short is not pooled: the fold counts as unfinished (and is trained
+    again), with a warning naming the file."""
+    from test_report import CLASSES, _predictions
+
+    from mer_model.training.results import FoldSummary
+    from pipelines.engine.storage import FoldStorage
+
+    storage = FoldStorage(str(tmp_path / "folds"))
+    summary = FoldSummary(key="k1", fold="casme2/s1", protocol="fixed", leaky=False, selected_epoch=1,
+                          val_score=None, history=[], test_metrics={}, class_names=CLASSES, wall_time=1.0,
+                          device="cpu")
+    storage.save(summary, _predictions())
+    assert len(storage.load("k1")[1]) == 36
+    csv = tmp_path / "folds" / "k1" / "predictions.csv"
+    csv.write_text("".join(csv.read_text().splitlines(keepends=True)[:10]))
+    assert storage.summary("k1") is None and storage.load("k1") is None
+    assert f"{csv}: does not match the digest in its result.json" in caplog.text

@@ -9,10 +9,15 @@ These are the contracts between stages. The tune stage writes an experiment into
 
 `evaluate`, `report`, `register` and `benchmark` read only these files (`read_results`), so the DVC `evaluate` stage
 depends on nothing DVC does not track. A missing or malformed file is a DataError naming it.
+
+A truncated or edited predictions.csv still parses, and metrics over half the samples look like a result; so
+summary.json records each data file's rows and SHA-256 (`files`), and `read_results` refuses a file that no longer
+matches them (DataError naming it).
 """
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -23,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from mer_model.errors import DataError
+from mer_model.io import digest
 
 SUMMARY_FILE = "summary.json"
 PREDICTIONS_FILE = "predictions.csv"
@@ -84,6 +90,9 @@ class FoldSummary(_Json):
     # model.
     member_seeds: list[int] = field(default_factory=list)
     member_epochs: list[int] = field(default_factory=list)
+    # SHA-256 of the predictions.csv stored beside it (the engine's fold storage checks it when reading the fold
+    # back); "" where not recorded.
+    predictions_sha256: str = ""
 
 
 @dataclass
@@ -135,7 +144,9 @@ class ExperimentSummary(_Json):
     experiment_key: str = ""
     chosen: dict[str, Any] = field(default_factory=dict)  # hyperparameters chosen by the inner-validation search
     data_version: str = ""
-    folds: int = 0
+    folds: int = 0  # pooled (finished) folds
+    # {"fold", "error"} of each fold that failed (e.g. its loss became non-finite): counted, never pooled
+    failed_folds: list[dict[str, str]] = field(default_factory=list)
     model: dict[str, Any] = field(default_factory=dict)  # name, config, kwargs
     # The `train` section every evaluated fold ran with (the chosen values applied, `protocol` the evaluation's), and
     # the search that chose them (num_samples, search_folds, metric, search_space): without MLflow, these files alone
@@ -145,6 +156,9 @@ class ExperimentSummary(_Json):
     tracking_experiment: str | None = None
     parent_run_id: str | None = None
     model_uri: str | None = None
+    # {file name: {"rows", "sha256"}} of predictions.csv and folds.json as written with this summary (`read_results`
+    # checks them); empty in summaries written before it was recorded.
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -162,19 +176,37 @@ class Results:
 
 
 def write_results(directory: str | Path, results: Results) -> Path:
-    """Write the three files of `tune.results` (summary last: its presence marks a complete directory)."""
+    """Write the three files of `tune.results` (summary last: its presence marks a complete directory, and it records
+    the other two files' rows and SHA-256 in `files`)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    results.predictions.to_csv(out / PREDICTIONS_FILE, index=False)
-    _write_json(out / FOLDS_FILE, [f.to_json() for f in results.folds])
-    _write_json(out / SUMMARY_FILE, results.summary.to_json())
+    data = {PREDICTIONS_FILE: (results.predictions.to_csv(index=False).encode(), len(results.predictions)),
+            FOLDS_FILE: ((json.dumps([f.to_json() for f in results.folds], indent=2) + "\n").encode(),
+                         len(results.folds))}
+    for name, (payload, _) in data.items():
+        _write(out / name, payload)
+    results.summary.files = {name: {"rows": rows, "sha256": digest(payload)} for name, (payload, rows) in data.items()}
+    _write(out / SUMMARY_FILE, (json.dumps(results.summary.to_json(), indent=2) + "\n").encode())
     return out
 
 
-def _write_json(path: Path, data: Any) -> None:
+def _write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def _verified(path: Path, summary: ExperimentSummary) -> bytes:
+    """The bytes of a results file, checked against the rows and SHA-256 its summary recorded (when it did)."""
+    if not path.is_file():
+        raise DataError("missing; run `mer tune` first", file=str(path))
+    data = path.read_bytes()
+    recorded = summary.files.get(path.name)
+    if recorded is not None and digest(data) != recorded.get("sha256"):
+        raise DataError(f"does not match {SUMMARY_FILE} (written with {recorded.get('rows')} rows and SHA-256 "
+                        f"{str(recorded.get('sha256'))[:12]}...): truncated or edited; run `mer tune` again",
+                        file=str(path))
+    return data
 
 
 def _read_json(path: Path) -> Any:
@@ -196,10 +228,9 @@ def read_results(directory: str | Path) -> Results:
     directory = Path(directory)
     summary = read_summary(directory)
     predictions_path = directory / PREDICTIONS_FILE
-    if not predictions_path.is_file():
-        raise DataError("missing; run `mer tune` first", file=str(predictions_path))
-    predictions = pd.read_csv(predictions_path, keep_default_na=False)
+    predictions = pd.read_csv(io.BytesIO(_verified(predictions_path, summary)), keep_default_na=False)
     folds_path = directory / FOLDS_FILE
+    _verified(folds_path, summary)
     folds = [FoldSummary.from_json(f, str(folds_path)) for f in _read_json(folds_path)]
     return Results(summary, predictions, folds)
 
