@@ -203,3 +203,67 @@ def test_a_stored_fold_whose_predictions_changed_is_trained_again(tmp_path: Path
     csv.write_text("".join(csv.read_text().splitlines(keepends=True)[:10]))
     assert storage.summary("k1") is None and storage.load("k1") is None
     assert f"{csv}: does not match the digest in its result.json" in caplog.text
+
+
+def _poison_entry(cache: Path, sample_id: str, modality: str, arrays: dict | None = None,
+                  truncate: bool = False) -> Path:
+    """Replace one cache entry: NaN arrays recorded with a matching size and SHA-256 (what a buggy writer or a
+    hand edit leaves: only the values tell), or the file cut short (the record left as it was)."""
+    import numpy as np
+
+    from mer_model.io import digest
+    from mer_model.preprocess.cache import encode_npz, entry_file
+
+    path = cache / entry_file(sample_id, modality)
+    if truncate:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        return path
+    data = encode_npz(arrays or {modality: np.full((3, 28, 28), np.nan, np.float32)})
+    path.write_bytes(data)
+    entries = pd.read_csv(cache / "modalities.csv", dtype=str, keep_default_na=False)
+    row = (entries["sample_id"] == sample_id) & (entries["modality"] == modality)
+    entries.loc[row, ["bytes", "sha256"]] = [str(len(data)), digest(data)]
+    entries.to_csv(cache / "modalities.csv", index=False)
+    return path
+
+
+def test_a_nan_cache_entry_is_recomputed_not_reused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before: `mer preprocess` kept a NaN entry (with a matching digest) as "reused". Now the values are checked
+    too, and the entry is recomputed with a warning naming its file."""
+    from mer_model.preprocess import Cache, process_row
+
+    root = tmp_path / "data"
+    write_clip(root / "sub01" / "EP01")
+    table = make_table([_record("sub01", root / "sub01" / "EP01")])
+    params = parse_params({"preprocess": {**CHEAP, "out": str(tmp_path / "cache")}})
+    modalities = ("flow28", "aus")
+    cache = Cache(params.preprocess.out)
+    todo = cache.plan(table, params.preprocess, modalities)
+    cache.write(process_row(table.iloc[0].to_dict(), params.preprocess, root, todo["synthetic/sub01/EP01"]))
+    cache.finish(table, params.preprocess, modalities, {})
+    assert Cache(params.preprocess.out).plan(table, params.preprocess, modalities) == {}  # intact: reused
+    path = _poison_entry(tmp_path / "cache", "synthetic/sub01/EP01", "flow28")
+    assert Cache(params.preprocess.out).plan(table, params.preprocess, modalities) == {
+        "synthetic/sub01/EP01": ("flow28",)}
+    assert f"{path}: 'flow28' has NaN/inf values; recomputing the entry" in caplog.text
+
+
+@pytest.mark.parametrize("fault", ["truncated npz", "NaN entry"])
+def test_a_bad_cache_entry_stops_mer_tune_before_ray(tmp_path: Path, fault: str, mer) -> None:  # noqa: ANN001
+    """Before: the file was named, but only after Ray started, in ~240 lines of three Ray tracebacks (rc 1). Now
+    `mer tune`'s preflight reads every entry the model reads: one line naming the file, exit 2, and neither Tune
+    state nor results are written."""
+    from test_training_data import write_cache
+
+    cache = write_cache(tmp_path / "cache", subjects=2, per_subject=2)
+    path = _poison_entry(cache, "synthetic/s01/clip1", "flow28", truncate=fault == "truncated npz")
+    result = mer("tune", "--params", str(REPO / "params.yaml"), "-S", f"preprocess.out={cache}", "-S",
+                 "model.name=ststnet", "-S", "model.config=small", "-S", "tracking.backend=none", "-S",
+                 f"tune.storage_path={tmp_path / 'tune'}", "-S", f"tune.results={tmp_path / 'results'}",
+                 cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    [line] = [x for x in result.stderr.splitlines() if ": error: " in x]
+    expected = ("cache entry changed since it was written" if fault == "truncated npz"
+                else "'flow28' has NaN/inf values in its cache entry")
+    assert line.startswith(f"mer tune: error: {path}: sample synthetic/s01/clip1: {expected}"), line
+    assert not any((tmp_path / "tune").rglob("*.*")) and not any((tmp_path / "results").rglob("*"))

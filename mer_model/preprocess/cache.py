@@ -11,7 +11,8 @@ Why per modality: preprocessing dominates an experiment's cost, so a run compute
 model reads) and missing, a later model adds only its own modalities, and a sample is dropped only for a modality
 that is read. An entry is reused while its `input_hash` (the parameters that shape it, the library versions, the
 annotation row: `modalities.input_hashes`) is unchanged and its file still has the size and SHA-256 recorded when it
-was written; anything else (a changed parameter, a truncated or edited file) is recomputed. Files are written
+was written and decodes to finite arrays; anything else (a changed parameter, a truncated or edited file, NaN/inf
+values however they got there) is recomputed, with a warning naming the file. Files are written
 atomically (`mer_model.io`), so an interrupted run loses nothing it had finished.
 
 While results arrive, modalities.csv is rewritten every few seconds (`Cache.flush_every`), so an interrupted run loses
@@ -96,6 +97,27 @@ def encode_npz(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
+def decode_npz(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of one entry's npz bytes (ValueError/OSError/zipfile errors for a file that is no npz)."""
+    with np.load(io.BytesIO(data)) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def nonfinite(arrays: Mapping[str, np.ndarray]) -> list[str]:
+    """Names of the floating-point arrays holding NaN or inf."""
+    return [k for k, a in arrays.items() if a.dtype.kind in "fc" and not np.isfinite(a).all()]
+
+
+def entry_problem(data: bytes) -> str | None:
+    """Why an entry's bytes cannot be used ("not a readable npz", "'flow28' has NaN/inf values"), or None."""
+    try:
+        arrays = decode_npz(data)
+    except Exception as err:  # noqa: BLE001 - zipfile, pickle and format errors alike mean a corrupt file
+        return f"not a readable npz ({type(err).__name__})"
+    bad = nonfinite(arrays)
+    return f"{', '.join(repr(k) for k in bad)} has NaN/inf values" if bad else None
+
+
 def failed_result(sample_id: str, modalities: Sequence[str], error: str, reason: str) -> SampleResult:
     """Every requested modality failed the same way (e.g. the worker died)."""
     return SampleResult(sample_id, {m: EntryResult("failed", reason, error) for m in modalities})
@@ -164,14 +186,22 @@ class Cache:
         self._samples: dict[str, dict[str, str]] = {}  # sample id -> face, estimated
 
     def _valid(self, entry: Mapping[str, str], full: bool) -> bool:
-        """The entry's file exists with its recorded size (full: and SHA-256)."""
+        """The entry's file exists with its recorded size (full: and SHA-256, and it decodes to finite arrays)."""
         path = self.root / entry["file"]
         try:
             if not entry["file"] or path.stat().st_size != int(entry["bytes"]):
                 return False
-            return not full or digest(path.read_bytes()) == entry["sha256"]
+            if not full:
+                return True
+            data = path.read_bytes()
+            if digest(data) != entry["sha256"]:
+                return False
         except (OSError, ValueError):
             return False
+        problem = entry_problem(data)
+        if problem:
+            log.warning("%s: %s; recomputing the entry", path, problem)
+        return problem is None
 
     def plan(self, table: pd.DataFrame, cfg: PreprocessConfig, modalities: Sequence[str]) -> dict[str, tuple[str, ...]]:
         """{sample id: modalities to compute} for the samples with anything to compute. An asked-for entry is reused

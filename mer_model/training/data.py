@@ -12,7 +12,6 @@ reference path (used when the data does not fit, and on the CPU by default).
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch.utils.data import Dataset
 from mer_model.batch_keys import BATCH_KEYS
 from mer_model.errors import DataError
 from mer_model.io import digest, read_json
-from mer_model.preprocess.cache import ENTRY_COLUMNS, coverage, require_index
+from mer_model.preprocess.cache import ENTRY_COLUMNS, coverage, decode_npz, nonfinite, require_index
 from mer_model.preprocess.modalities import COMPANIONS, check_modalities, stored_keys
 from mer_model.training import augment as aug_lib
 
@@ -173,11 +172,15 @@ class SampleStore:
         if len(data) != size or digest(data) != sha256:
             raise DataError(f"sample {sample_id}: cache entry changed since it was written (size/hash differ); "
                             "run `mer preprocess` to recompute it", file=str(path))
-        with np.load(io.BytesIO(data)) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-        for key, array in arrays.items():
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
-                raise DataError(f"sample {sample_id}: '{key}' has NaN/inf values", file=str(path))
+        try:
+            arrays = decode_npz(data)
+        except Exception as err:  # noqa: BLE001 - zipfile, pickle and format errors alike mean a corrupt file
+            raise DataError(f"sample {sample_id}: cache entry is not a readable npz ({type(err).__name__}); run "
+                            "`mer preprocess` to recompute it", file=str(path)) from None
+        bad = nonfinite(arrays)
+        if bad:
+            raise DataError(f"sample {sample_id}: {', '.join(repr(k) for k in bad)} has NaN/inf values in its cache "
+                            "entry; run `mer preprocess` to recompute it", file=str(path))
         return arrays
 
     def arrays(self, sample_id: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
@@ -186,6 +189,16 @@ class SampleStore:
         for modality in dict.fromkeys(_MODALITY_OF.get(k, k) for k in missing):
             self._cache.update({(sample_id, k): v for k, v in self._load(sample_id, modality).items()})
         return {k: self._cache[(sample_id, k)] for k in keys}
+
+    def verify(self, sample_ids: Sequence[str], keys: Sequence[str]) -> None:
+        """Read every entry holding `keys` of `sample_ids` once, as training would (size, SHA-256, npz, finite
+        values), without keeping the arrays: a truncated, edited or NaN entry is a DataError naming its file before
+        any work starts, not in a fold task after a cluster started."""
+        modalities = list(dict.fromkeys(_MODALITY_OF.get(k, k) for k in keys))
+        for sid in sample_ids:
+            for modality in modalities:
+                if (sid, modality) in self._entries:
+                    self._load(sid, modality)
 
     def check_inputs(self, sample_ids: Sequence[str], inputs: Sequence[str]) -> None:
         """Fail before training, with one line, if a sample lacks an array the model reads."""

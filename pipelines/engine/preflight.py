@@ -7,6 +7,8 @@ driver, and `run_experiment` calls it first too, for every other entry point.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from components.common import check_output_dir
 from mer_model.config import Params
 from mer_model.errors import ConfigError
@@ -14,9 +16,11 @@ from mer_model.preprocess.cache import require_index
 
 
 def check_experiment(params: Params) -> tuple[str, ...]:
-    """Output locations writable, the preprocessed cache present, the model known; returns the batch keys the model
-    reads. Raises a MerError naming the key or file. Only the model check imports torch (the model registry, with
-    timm: seconds on a busy machine), so it comes last."""
+    """Output locations writable, the preprocessed cache present, the model known, and every cache entry the model
+    reads intact (size, SHA-256, a readable npz, finite values: `SampleStore.verify`); returns the batch keys the
+    model reads. Raises a MerError naming the key or file, so a truncated or NaN entry is one line before Ray starts,
+    not three Ray tracebacks from fold tasks. Only the model and cache checks import torch (the model registry, with
+    timm: seconds on a busy machine), so they come last."""
     cfg = params.tune
     check_output_dir(cfg.results, "tune.results")
     if "://" not in cfg.storage_path:
@@ -26,7 +30,29 @@ def check_experiment(params: Params) -> tuple[str, ...]:
     require_index(params.preprocess.out)
     from mer_model.models import model_inputs  # torch
 
-    return model_inputs(params.model.name, params.model.config, **params.model.kwargs)
+    inputs = model_inputs(params.model.name, params.model.config, **params.model.kwargs)
+    check_cache(params.preprocess.out, inputs)
+    return inputs
+
+
+_VERIFIED: set[tuple[str, str, tuple[str, ...]]] = set()  # caches verified in this process (`mer tune` checks twice)
+
+
+def check_cache(cache_dir: str, inputs: tuple[str, ...]) -> None:
+    """Every usable sample has the arrays the model reads and their entries are intact (DataError naming the file)."""
+    from mer_model.io import digest
+    from mer_model.training.data import SampleStore  # torch
+
+    root = Path(cache_dir).resolve()
+    entries = root / "modalities.csv"
+    key = (str(root), digest(entries.read_bytes()) if entries.is_file() else "", tuple(inputs))
+    if key in _VERIFIED:
+        return
+    store = SampleStore.open(root)
+    ids = list(store.index["sample_id"])
+    store.check_inputs(ids, inputs)
+    store.verify(ids, inputs)
+    _VERIFIED.add(key)
 
 
 def check_s3_credentials(uri: str, key: str) -> None:
