@@ -21,7 +21,7 @@ import torch
 from test_training_data import CLASSES, write_cache
 
 from mer_model.config import ModelConfig, TrainConfig
-from mer_model.errors import ConfigError
+from mer_model.errors import ConfigError, NonFiniteError
 from mer_model.models.registry import get_entry, list_models
 from mer_model.training.data import SampleStore
 from mer_model.training import fold_batch
@@ -115,8 +115,8 @@ def test_group_falls_back_to_a_loop_and_rejects_mixed_configurations(store: Samp
     mixed = [specs[0], _specs(folds[1:], lr=0.5)[0]]
     with pytest.raises(ConfigError, match="a group trains one configuration"):
         train_fold_group(mixed, store)
-    with pytest.raises(FloatingPointError, match=r"fold .* epoch 1: training loss is not finite"):
-        train_fold_group(_specs(folds, lr=1e38, optimizer="sgd", epochs=2), store)
+    with pytest.raises(NonFiniteError, match=r"^fold \S+: loss became non-finite at epoch \d+ \(.*=nan"):
+        train_fold_group(_specs(folds, lr=10, optimizer="sgd", epochs=10), store)  # plain SGD at lr 10 diverges
 
 
 def test_a_seed_ensemble_group_trains_fold_by_fold(store: SampleStore) -> None:
@@ -200,3 +200,40 @@ def test_device_resident_data_trains_like_the_cpu_reference_path(store: SampleSt
     np.testing.assert_allclose(alone.predictions[PROBS].to_numpy(), want.predictions[PROBS].to_numpy(), atol=1e-3)
     tiny = _specs(loso_folds(store.index)[:1], device_data="on", device_data_mb=1e-3)[0]  # does not fit
     assert np.array_equal(train_fold(tiny, store).predictions[PROBS].to_numpy(), want.predictions[PROBS].to_numpy())
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_a_fold_whose_outputs_become_non_finite_fails_alone(tmp_path: Path, group: int,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """One sample holds an extreme (finite) flow value, 3e37: the three folds that train on it finish; the fold that
+    tests on it gets NaN probabilities (before: stored as finished and pooled, argmax naming a class). It now fails,
+    named, is recorded as failed and never stored as finished, while the others complete -- also when the four
+    were a stacked group (trained again fold by fold)."""
+    from test_failures import _poison_entry
+    from test_training_data import write_cache
+
+    from pipelines.engine import tasks
+    from pipelines.engine.callbacks import failed_folds, stored_folds
+
+    root = write_cache(tmp_path / "cache", subjects=4, per_subject=2)
+    sid = "synthetic/s01/clip1"
+    flow = SampleStore.open(root).arrays(sid, ("flow28",))["flow28"].copy()
+    flow[0, 14, 14] = 3e37
+    _poison_entry(root, sid, "flow28", {"flow28": flow})
+    store = SampleStore.open(root)
+    spec = _specs(loso_folds(store.index), epochs=1)[0]
+    jobs = [tasks.FoldJob(key=f"key{i}", fold=fold, model=spec.model.model_dump(mode="json"),
+                          train=spec.train.model_dump(mode="json"), leaky=False, cache_dir=str(root),
+                          storage=str(tmp_path / "folds")) for i, fold in enumerate(loso_folds(store.index))]
+    outcomes = [o for i in range(0, 4, group) for o in tasks.run_folds(jobs[i:i + group])]
+    failed = [o for o in outcomes if isinstance(o, tasks.FoldFailure)]
+    assert [f.fold for f in failed] == ["synthetic/s01"] and len(outcomes) == 4
+    assert failed[0].error == ("fold synthetic/s01: outputs became non-finite on the test set (epoch 1) (1 of 2 "
+                               "samples)")
+    keys = [j.key for j in jobs]
+    summaries, predictions = stored_folds(str(tmp_path / "folds"), keys)
+    assert [s.fold for s in summaries] == ["synthetic/s00", "synthetic/s02", "synthetic/s03"]
+    assert len(predictions) == 6 and np.isfinite(predictions[PROBS].to_numpy()).all()
+    assert failed_folds(str(tmp_path / "folds"), keys) == [{"fold": "synthetic/s01", "error": failed[0].error}]
+    assert not (tmp_path / "folds" / "key1" / "result.json").exists()
+    assert "fold synthetic/s01: outputs became non-finite" in caplog.text

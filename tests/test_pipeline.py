@@ -257,3 +257,46 @@ def test_flip_tta_without_augmentation_is_warned_about() -> None:
     [line] = warnings(tta="flip", augment=False)
     assert line.startswith("train.tta: flip with train.augment false")
     assert warnings(tta="flip", augment=True) == [] and warnings(tta="none", augment=False) == []
+
+
+@pytest.mark.slow
+def test_a_failed_fold_is_named_counted_and_never_pooled(tiny_root: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """One sample of a copy of the tiny cache holds an extreme flow value (3e37, finite): the fold testing on it
+    gets NaN probabilities. Before, such folds were stored FINISHED and pooled. Now that fold's run ends FAILED
+    with its reason, summary.json counts it under failed_folds, the pooled predictions hold only the other folds',
+    and the run completes."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+    from test_failures import _poison_entry
+
+    from mer_model.config import load_params
+    from mer_model.training.data import SampleStore
+    from pipelines.engine.driver import run_experiment
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cache = shutil.copytree(tiny_data(tmp_path) / "preprocessed", tmp_path / "cache")
+    store = SampleStore.open(cache)
+    sid, subject = store.index.iloc[0][["sample_id", "subject"]]
+    flow = store.arrays(sid, ("flow28",))["flow28"].copy()
+    flow[0, 14, 14] = 3e37
+    _poison_entry(cache, sid, "flow28", {"flow28": flow})
+    params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
+        "preprocess.out": str(cache), "train.epochs": 1, "tune.final_model": False}))
+    summary = run_experiment(params)
+    error = f"fold {subject}: outputs became non-finite on the test set (epoch 1) (1 of 3 samples)"
+    assert summary.folds == 3 and summary.failed_folds == [{"fold": subject, "error": error}]
+    written = json.loads((Path(params.tune.results) / "summary.json").read_text())
+    assert written["failed_folds"] == summary.failed_folds and written["folds"] == 3
+    predictions = pd.read_csv(Path(params.tune.results) / "predictions.csv")
+    assert subject not in set(predictions["subject"]) and len(predictions) == 9
+    assert np.isfinite(predictions.filter(like="prob_").to_numpy()).all()
+    runs = runs_by_kind(tmp_path)
+    status = {r.data.tags["fold"]: r.info.status for r in runs["fold"]}
+    assert status.pop(subject) == "FAILED" and set(status.values()) == {"FINISHED"} and len(status) == 3
+    [failed] = [r for r in runs["fold"] if r.info.status == "FAILED"]
+    assert failed.data.tags["error"] == error
+    (parent,) = runs["parent"]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["failed_folds"] == 1

@@ -16,7 +16,7 @@ import torch
 from test_training_data import CLASSES, write_cache
 
 from mer_model.config import ModelConfig, TrainConfig
-from mer_model.errors import ConfigError
+from mer_model.errors import ConfigError, NonFiniteError
 from mer_model.training import trainer
 from mer_model.training.data import SampleStore
 from mer_model.training.folds import loso_folds
@@ -355,7 +355,7 @@ def test_non_finite_loss_is_one_clear_error_per_epoch(store: SampleStore, monkey
         return model
 
     monkeypatch.setattr(trainer, "build_model", poisoned)
-    with pytest.raises(FloatingPointError, match=r"epoch 1: training loss is not finite \(.*train_loss=nan"):
+    with pytest.raises(NonFiniteError, match=r"^fold \S+: loss became non-finite at epoch 1 \(.*train_loss=nan"):
         train_fold(_spec(store, epochs=2), store)
 
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from mer_model.config import ModelConfig, TrainConfig
-from mer_model.errors import ConfigError
+from mer_model.errors import ConfigError, NonFiniteError
 from mer_model.training.augment import tta_forward
 from mer_model.training.data import DeviceArrays, SampleDataset, SampleStore
 from mer_model.training.folds import Fold, fold_fingerprint, inner_split
@@ -222,7 +222,7 @@ def accumulate(sums: dict[str, Tensor], parts: dict[str, Tensor], n: int | Tenso
 def read_epoch(sums: dict[str, Tensor], seen: int, epoch: int, folds: Sequence[str] = ()) -> list[dict[str, float]]:
     """The epoch's sample-weighted means, read from the device in ONE transfer: one dict for scalar sums, one per
     fold (named by `folds`) for a fold group's (F,) sums. A non-finite training loss (or part) is a
-    FloatingPointError naming the epoch (and the fold)."""
+    NonFiniteError naming the epoch (and the fold)."""
     names = list(sums)
     if not names:
         return [{} for _ in folds] or [{}]
@@ -233,9 +233,9 @@ def read_epoch(sums: dict[str, Tensor], seen: int, epoch: int, folds: Sequence[s
         means = dict(zip(names, row, strict=True))
         bad = [k for k, v in means.items() if not math.isfinite(v)]
         if bad:
-            where = f"fold {folds[i]} " if folds else ""
-            raise FloatingPointError(f"{where}epoch {epoch}: training loss is not finite "
-                                     f"({', '.join(f'{k}={means[k]}' for k in bad)})")
+            where = f"fold {folds[i]}: " if folds else ""
+            raise NonFiniteError(f"{where}loss became non-finite at epoch {epoch} "
+                                 f"({', '.join(f'{k}={means[k]}' for k in bad)})")
         out.append(means)
     return out
 
@@ -460,11 +460,34 @@ def _score(dataset: SampleDataset, probs: np.ndarray, extra: dict[str, Any], num
     return out
 
 
+def check_finite(probs: np.ndarray, who: str, when: str) -> None:
+    """NonFiniteError ("fold casme2/sub03: outputs became non-finite at epoch 2 (val set)") when any class
+    probability is NaN/inf: argmax would still name a class, and such a fold must fail, not be pooled."""
+    if not np.isfinite(probs).all():
+        rows = int((~np.isfinite(probs)).any(axis=1).sum())
+        raise NonFiniteError(f"{who}: outputs became non-finite {when} ({rows} of {len(probs)} samples)")
+
+
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)  # a worker killed mid-write leaves the previous checkpoint intact
+
+
+def _resume_state(path: Path, fold: str) -> dict[str, Any] | None:
+    """A fold's resumable state, or None (with a warning: the fold starts again from epoch 1) when the file is
+    unreadable or its weights are not finite -- derived state, never worth a failed fold."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        weights = saved["model"].values()
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is only lost time
+        log.warning("fold %s: %s is unreadable (%s); training from epoch 1", fold, path, type(err).__name__)
+        return None
+    if not all(bool(torch.isfinite(w).all()) for w in weights if w.is_floating_point()):
+        log.warning("fold %s: %s holds NaN/inf weights; training from epoch 1", fold, path)
+        return None
+    return saved
 
 
 def _predictions(store: SampleStore, dataset: SampleDataset, probs: np.ndarray, fold: str) -> pd.DataFrame:
@@ -531,6 +554,8 @@ class FoldRun:
         copies the current weights when this epoch becomes the kept one. Returns True when the fold stops early."""
         spec = self.spec
         if evaluated is not None:
+            check_finite(evaluated[0], f"fold {spec.fold.name}", f"at epoch {entry['epoch']} ({self.protocol.watch} "
+                         "set)")
             entry.update(_score(self.watched, *evaluated, spec.num_classes, spec.class_names, self.protocol.watch))
         score = self.protocol.score(entry)
         best = self.best
@@ -567,6 +592,7 @@ class FoldRun:
         the selected weights; `state` = those weights (CPU)."""
         spec = self.spec
         probs, extra = self.test_outputs(final)
+        check_finite(probs, f"fold {spec.fold.name}", f"on the test set (epoch {self.selected_epoch})")
         test_metrics = classification_metrics(self.test_set.labels, probs.argmax(1), spec.num_classes,
                                                spec.class_names)
         test_metrics.update(extra)
@@ -655,8 +681,8 @@ def _train_member(spec: FoldSpec, store: SampleStore, member: int, callback: Cal
     name = CHECKPOINT_NAME if member == 0 else f"member{member}-{CHECKPOINT_NAME}"
     ckpt = Path(checkpoint_dir) / name if checkpoint_dir is not None else None
     fingerprint = fold_fingerprint(spec.model, cfg, fold, spec.class_names)
-    if ckpt is not None and ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    saved = _resume_state(ckpt, fold.name) if ckpt is not None and ckpt.is_file() else None
+    if saved is not None:
         if saved["fingerprint"] != fingerprint:
             raise ConfigError(f"{ckpt}: checkpoint of a different configuration; use another checkpoint_dir")
         loop.model.load_state_dict(saved["model"])
@@ -671,7 +697,12 @@ def _train_member(spec: FoldSpec, store: SampleStore, member: int, callback: Cal
     for epoch in range(first_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         watched = run.watched
-        entry: dict[str, Any] = {"epoch": epoch, **loop.train_epoch(epoch, watched is not None or epoch == cfg.epochs)}
+        try:
+            entry: dict[str, Any] = {"epoch": epoch,
+                                     **loop.train_epoch(epoch, watched is not None or epoch == cfg.epochs)}
+        except NonFiniteError as err:
+            member_name = f" (ensemble member {member})" if member else ""
+            raise NonFiniteError(f"fold {fold.name}{member_name}: {err}") from None
         if member:
             entry["member"] = member
         stop = run.record(entry, loop.evaluate(watched) if watched is not None else None, loop.keep, t0)
@@ -704,6 +735,7 @@ def _mean_history(histories: Sequence[list[dict[str, Any]]]) -> list[dict[str, A
 def _ensemble_result(spec: FoldSpec, store: SampleStore, members: Sequence[_Member]) -> FoldResult:
     """The FoldResult of a seed ensemble: the test probabilities averaged over the members at their kept epochs."""
     probs = np.mean([m.test[0] for m in members], axis=0)
+    check_finite(probs, f"fold {spec.fold.name}", "on the test set (ensemble mean)")
     extra = {k: float(np.mean([m.test[1][k] for m in members])) for k in members[0].test[1]
              if all(k in m.test[1] for m in members)}
     first = members[0]
@@ -733,14 +765,22 @@ def _ensemble_result(spec: FoldSpec, store: SampleStore, members: Sequence[_Memb
 def train_final(model_cfg: ModelConfig, train_cfg: TrainConfig, store: SampleStore, subjects: Sequence[str],
                 epochs: int) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Train on all `subjects` for a fixed number of epochs (chosen beforehand, e.g. from the folds' selected epochs)
-    without any evaluation; returns the model in eval mode on the CPU and the per-epoch history."""
+    without any evaluation; returns the model in eval mode on the CPU and the per-epoch history. NonFiniteError
+    ("final model: ...") when the loss or the weights become NaN/inf."""
     if epochs < 1:
         raise ConfigError(f"final model: epochs must be at least 1, got {epochs}")
     ids = store.sample_ids(subjects)
     if not ids:
         raise ConfigError(f"final model: no samples for subjects {list(subjects)[:3]}...")
     loop = _Loop(model_cfg, train_cfg, store, store.num_classes, ids, epochs)
-    history = [{"epoch": e, **loop.train_epoch(e, final=e == epochs)} for e in range(1, epochs + 1)]
+    try:
+        history = [{"epoch": e, **loop.train_epoch(e, final=e == epochs)} for e in range(1, epochs + 1)]
+    except NonFiniteError as err:
+        raise NonFiniteError(f"final model: {err}") from None
+    bad = [k for k, v in loop.model.state_dict().items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NonFiniteError(f"final model: weights became non-finite ({', '.join(bad[:3])})")
     return loop.model.cpu().eval(), history
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -95,10 +96,21 @@ class TrackingCallback(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         run = self._trial_run(trial)
-        if self.ctx.phase == "search" and OBJECTIVE in result:
+        if self.ctx.phase == "search" and OBJECTIVE in result and not math.isnan(result[OBJECTIVE]):
             self.tracker.log_metrics(run, [(OBJECTIVE, result[OBJECTIVE], int(result["folds_done"]))])
-        if result.get("fold_key"):
+        if result.get("fold_failed"):
+            self._log_failed_fold(run, self._trial_key(trial), result["fold"], result["fold_key"],
+                                  result["fold_failed"])
+        elif result.get("fold_key"):
             self._log_fold(run, self._trial_key(trial), result["fold"], result["fold_key"], trial.config)
+
+    def _log_failed_fold(self, trial_run: str, trial_key: str, fold: str, key: str, error: str) -> None:
+        """A fold that failed (FoldFailure): its run ends FAILED with the reason as a tag, and nothing is pooled."""
+        run, _ = self.tracker.open_run(
+            f"{trial_key}/fold/{fold}", f"fold {fold} (failed)",
+            {KIND_TAG: "fold", EXPERIMENT_KEY_TAG: self.info.experiment_key, "fold": fold, "phase": self.ctx.phase,
+             "fold_key": key, "error": error[:4000]}, parent=trial_run)
+        self.tracker.end_run(run, "FAILED")
 
     def _log_fold(self, trial_run: str, trial_key: str, fold: str, key: str, config: dict[str, Any]) -> None:
         run_key = f"{trial_key}/fold/{fold}"
@@ -136,12 +148,18 @@ class TrackingCallback(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run = self._trial_run(trial)
         resolved, _ = self.ctx.resolved(trial.config)
-        summaries, predictions = stored_folds(self.ctx.storage, [j.key for j in fold_jobs(self.ctx, resolved)])
+        keys = [j.key for j in fold_jobs(self.ctx, resolved)]
+        summaries, predictions = stored_folds(self.ctx.storage, keys)
+        failed = failed_folds(self.ctx.storage, keys)
+        self.tracker.log_metrics(run, [("failed_folds", len(failed), 0)])
+        if not summaries:  # every fold failed: nothing to pool
+            self.tracker.end_run(run, "FAILED")
+            return
         leaky = is_leaky(self.ctx.protocol, resolved.model)
         log_pooled(self.tracker, run, predictions, summaries[0].class_names,
                    f"{trial.trial_id} ({run_label(self.ctx.protocol, leaky)})", leaky)
         last = trial.last_result or {}
-        if OBJECTIVE in last:
+        if OBJECTIVE in last and not math.isnan(last[OBJECTIVE]):
             self.tracker.log_metrics(run, [(OBJECTIVE, last[OBJECTIVE], 0)])
         self.tracker.end_run(run, "FINISHED")
 
@@ -150,12 +168,19 @@ class TrackingCallback(Callback):
 
 
 def stored_folds(storage: str, keys: list[str]) -> tuple[list[FoldSummary], pd.DataFrame]:
-    """The summaries and pooled test predictions of the finished folds among `keys` (in order)."""
+    """The summaries and pooled test predictions of the finished folds among `keys` (in order); ([], an empty
+    frame) when none finished."""
     fold_storage = FoldStorage(storage)
     loaded = [s for s in (fold_storage.load(k) for k in keys) if s is not None]
     if not loaded:
-        raise RuntimeError("no finished fold to pool")
+        return [], pd.DataFrame()
     return [s for s, _ in loaded], pd.concat([p for _, p in loaded], ignore_index=True)
+
+
+def failed_folds(storage: str, keys: list[str]) -> list[dict[str, str]]:
+    """{"fold", "error"} of each fold among `keys` that failed (FoldFailure) and has not finished since."""
+    fold_storage = FoldStorage(storage)
+    return [f for f in (fold_storage.failure(k) for k in keys) if f is not None]
 
 
 class FoldProgress(Callback):
@@ -187,6 +212,8 @@ class FoldProgress(Callback):
         bar = self._bar()
         self.done += 1
         bar.update(1)
+        if result.get("fold_failed"):
+            log.warning("%s: fold %s FAILED (not pooled): %s", self.phase, result.get("fold"), result["fold_failed"])
         if bar.disable:
             assert self.start is not None
             elapsed = time.monotonic() - self.start

@@ -5,7 +5,8 @@
    validation score (validation subjects drawn from each fold's training subjects). No test fold is ever looked at.
 2. Evaluation: the chosen configuration (or params.yaml's, without a search) on every fold of `train.split` (loso |
    lodo) under `train.protocol` (fixed | inner | oracle; leaky ones tagged); -> `tune.results` (summary.json,
-   predictions.csv, folds.json: mer_model.training.results).
+   predictions.csv, folds.json: mer_model.training.results). A fold that failed (its numbers became NaN/inf) is
+   named, counted in summary.json's `failed_folds` and never pooled; the other folds complete.
 3. Final model (`tune.final_model`, with a tracker that stores models): trained on all subjects for the epoch count
    the evaluation supports (`retrain_epochs`: the best epoch of the fold-averaged validation UF1 under `inner`),
    logged as this platform's pyfunc (servable with `mlflow models serve`); `mer register` puts it in the model
@@ -42,11 +43,20 @@ from components.tracking import (
     make_tracker,
 )
 from mer_model.config import Params, PreprocessConfig
+from mer_model.errors import NonFiniteError
 from mer_model.training.data import SampleStore
 from mer_model.training.protocols import is_leaky, retrain_epochs, run_label
 from mer_model.training.results import ExperimentSummary, Results, write_results
 from mer_model.training.splits import make_folds
-from pipelines.engine.callbacks import FoldProgress, RunInfo, TrackingCallback, leak_tags, log_pooled, stored_folds
+from pipelines.engine.callbacks import (
+    FoldProgress,
+    RunInfo,
+    TrackingCallback,
+    failed_folds,
+    leak_tags,
+    log_pooled,
+    stored_folds,
+)
 from pipelines.engine.preflight import check_experiment, setting_warnings
 from pipelines.engine.storage import FoldStorage, experiment_lock
 from pipelines.engine.tasks import run_final
@@ -118,13 +128,12 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
     """Search, evaluate and train the final model; writes `tune.results` and returns its summary. `source` names
     the entry point in the tracker."""
     cfg = params.tune
-    inputs = check_experiment(params)  # outputs, cache, model: fail now, not after the whole run
+    check_experiment(params)  # outputs, cache entries, model: fail now, not after the whole run
     for warning in setting_warnings(params):
         log.warning("%s", warning)
     leaky = is_leaky(params.train.protocol, params.model)
     cache_dir = str(Path(params.preprocess.out).resolve())
-    store = SampleStore.open(cache_dir)
-    store.check_inputs(list(store.index["sample_id"]), inputs)  # here, not in every fold task once Ray runs
+    store = SampleStore.open(cache_dir)  # its entries were checked by check_experiment, before Ray starts
     folds = make_folds(params.train.split, store.index)
     version = data_version(cache_dir)
     name = experiment_name(params)
@@ -177,7 +186,11 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
                 grid = _run_phase("search", ctx, space, cfg.num_samples, concurrent, tune_root,
                                   [TrackingCallback(tracker, info, ctx),
                                    FoldProgress("search", cfg.num_samples * len(ctx.folds))], params.seed)
-                best = grid.get_best_result(metric=OBJECTIVE, mode="max")
+                try:
+                    best = grid.get_best_result(metric=OBJECTIVE, mode="max")  # NaN objectives (failed folds) skipped
+                except RuntimeError:
+                    raise NonFiniteError(f"search: none of the {cfg.num_samples} trials has an objective: every "
+                                         "configuration had a fold that failed (see the log)") from None
                 chosen = {k: best.config[k] for k in sorted(cfg.search_space)}
                 tracker.log_params(parent, {f"chosen.{k}": json.dumps(v) for k, v in chosen.items()})
                 best_inner = float(best.metrics[OBJECTIVE])
@@ -194,6 +207,14 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
             _run_phase("evaluate", ctx, dict(chosen), 1, 1, tune_root,
                        [TrackingCallback(tracker, info, ctx), FoldProgress("evaluate", len(folds))], params.seed)
             summaries, predictions = stored_folds(fold_store, keys)
+            failed = failed_folds(fold_store, keys)
+            if failed:  # reported and counted, never pooled
+                log.warning("evaluate: %d of %d folds failed and are not pooled: %s", len(failed), len(keys),
+                            "; ".join(f["error"] for f in failed))
+                tracker.log_metrics(parent, [("failed_folds", len(failed), 0)])
+            if not summaries:
+                raise NonFiniteError(f"evaluate: every one of the {len(keys)} folds failed, nothing to pool (first: "
+                                     f"{failed[0]['error'] if failed else 'no fold stored'})")
             class_names = summaries[0].class_names
             leaky = is_leaky(protocol, resolved.model)
             metrics = log_pooled(tracker, parent, predictions, class_names, f"{name} ({run_label(protocol, leaky)})",
@@ -210,7 +231,7 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
             summary = ExperimentSummary(
                 experiment=name, experiment_key=experiment_key, protocol=protocol, split=params.train.split,
                 leaky=leaky, class_names=list(class_names), chosen=chosen, metrics=metrics, data_version=version,
-                folds=len(summaries), model=resolved.model.model_dump(mode="json"),
+                folds=len(summaries), failed_folds=failed, model=resolved.model.model_dump(mode="json"),
                 train=resolved.train.model_dump(mode="json"),
                 search={"num_samples": cfg.num_samples, "search_folds": cfg.search_folds, "metric": cfg.metric,
                         "search_space": {k: v.model_dump(mode="json", exclude_none=True)

@@ -1,7 +1,9 @@
 """Finished folds under `<root>/<fold key>/`: `result.json` (a FoldSummary) and `predictions.csv`; result.json is
 written last, so its presence means the fold is complete. `root` is a local directory or a pyarrow URI such as
 s3://bucket/prefix, so a restarted driver on another node, a restored trial, or another trial with the same
-configuration reads a fold back instead of training it again. A fold's checkpoint lives beside it
+configuration reads a fold back instead of training it again. result.json records the SHA-256 of predictions.csv: a
+fold whose predictions no longer match (truncated, edited) counts as not finished, with a warning, and is trained
+again rather than pooled. A fold's checkpoint lives beside it
 (`checkpoint/last.pt`) so that a retried task continues where its worker died."""
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import fcntl
 import io
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -20,9 +23,13 @@ import pandas as pd
 from pyarrow import fs as pafs
 
 from mer_model.errors import ServiceError
+from mer_model.io import digest
 from mer_model.training.results import CHECKPOINT_NAME, FoldSummary
 
+log = logging.getLogger(__name__)
+
 RESULT_FILE = "result.json"
+FAILED_FILE = "failed.json"  # a fold that failed with a reason (NonFiniteError): reported, never pooled
 PREDICTIONS_FILE = "predictions.csv"
 CHECKPOINT_DIR = "checkpoint"
 
@@ -52,20 +59,51 @@ class FoldStorage:
         with self.fs.open_input_stream(path) as src:
             return src.read()
 
+    def _finished(self, key: str) -> tuple[FoldSummary, bytes] | None:
+        """(summary, predictions.csv bytes) of a finished fold whose predictions match the digest its summary
+        recorded, or None."""
+        raw = self._read(self._path(key, RESULT_FILE))
+        if raw is None:
+            return None
+        summary = FoldSummary.from_json(json.loads(raw), self._path(key, RESULT_FILE))
+        csv = self._read(self._path(key, PREDICTIONS_FILE))
+        if csv is None:
+            return None
+        if summary.predictions_sha256 and digest(csv) != summary.predictions_sha256:
+            log.warning("%s: does not match the digest in its %s (truncated or edited): fold %s is trained again",
+                        self._path(key, PREDICTIONS_FILE), RESULT_FILE, summary.fold)
+            return None
+        return summary, csv
+
     def summary(self, key: str) -> FoldSummary | None:
         """The stored summary of a finished fold, or None."""
-        raw = self._read(self._path(key, RESULT_FILE))
-        return None if raw is None else FoldSummary.from_json(json.loads(raw), self._path(key, RESULT_FILE))
+        found = self._finished(key)
+        return None if found is None else found[0]
 
     def load(self, key: str) -> tuple[FoldSummary, pd.DataFrame] | None:
         """The summary and test predictions of a finished fold, or None."""
-        summary = self.summary(key)
-        csv = None if summary is None else self._read(self._path(key, PREDICTIONS_FILE))
-        return None if csv is None else (summary, pd.read_csv(io.BytesIO(csv), keep_default_na=False))
+        found = self._finished(key)
+        return None if found is None else (found[0], pd.read_csv(io.BytesIO(found[1]), keep_default_na=False))
 
     def save(self, summary: FoldSummary, predictions: pd.DataFrame) -> None:
-        self._write(self._path(summary.key, PREDICTIONS_FILE), predictions.to_csv(index=False).encode())
+        """Store a finished fold: predictions first, then result.json (recording their SHA-256), whose presence marks
+        the fold finished."""
+        csv = predictions.to_csv(index=False).encode()
+        summary.predictions_sha256 = digest(csv)
+        self._write(self._path(summary.key, PREDICTIONS_FILE), csv)
         self._write(self._path(summary.key, RESULT_FILE), json.dumps(summary.to_json()).encode())
+
+    def save_failure(self, key: str, fold: str, error: str) -> None:
+        """Record why a fold failed (`failed.json`); it stays unfinished (no result.json) and is tried again by a
+        later run."""
+        self._write(self._path(key, FAILED_FILE), json.dumps({"fold": fold, "error": error}).encode())
+
+    def failure(self, key: str) -> dict[str, str] | None:
+        """{"fold", "error"} of a fold that failed and has not finished since, or None."""
+        if self._read(self._path(key, RESULT_FILE)) is not None:
+            return None
+        raw = self._read(self._path(key, FAILED_FILE))
+        return None if raw is None else {k: str(v) for k, v in json.loads(raw).items()}
 
     def checkpoint_dir(self, key: str) -> str:
         """A local directory for train_fold's checkpoint: the storage itself when local, else a scratch directory

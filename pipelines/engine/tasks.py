@@ -3,6 +3,11 @@ configuration) and returns one stored FoldSummary per fold, each under its own k
 stored is read back, not trained. The folds left are trained as one stacked model (mer_model.training.fold_batch)
 when there are several and the model declares `fold_batching`, else one after another, each stored as it finishes.
 
+A fold whose numbers become NaN/inf (NonFiniteError: a diverged loss, non-finite outputs) fails alone: it is returned
+as a `FoldFailure` naming it and recorded beside the fold storage (`failed.json`), never stored as finished, while the
+task goes on with its other folds (a stacked group that diverges is trained again fold by fold, so only the folds
+that diverge fail).
+
 A fold declares its resources (`tune.fold_cpus`, fractional `tune.fold_gpus`, so small folds share a GPU) and is
 retried by Ray when its worker dies (`tune.max_retries`); its checkpoint makes the retry continue instead of
 restarting.
@@ -19,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from mer_model.config import ModelConfig, TrainConfig
+from mer_model.errors import NonFiniteError
 from mer_model.training.folds import Fold
 from mer_model.training.results import FoldSummary
 from pipelines.engine.storage import FoldStorage
@@ -48,6 +54,15 @@ class FoldJob:
     cache_dir: str
     storage: str
     torch_threads: int = 1
+
+
+@dataclass(frozen=True)
+class FoldFailure:
+    """A fold that failed for a reason the user must see (`error`, one line naming the fold); never pooled."""
+
+    key: str
+    fold: str
+    error: str
 
 
 _STORES: dict[str, SampleStore] = {}
@@ -109,6 +124,16 @@ def _train(job: FoldJob, storage: FoldStorage) -> FoldSummary:
     return _store(job, storage, result)
 
 
+def _train_or_fail(job: FoldJob) -> FoldSummary | FoldFailure:
+    storage = FoldStorage(job.storage)
+    try:
+        return _train(job, storage)
+    except NonFiniteError as err:
+        log.error("%s: the fold failed and is not pooled", err)
+        storage.save_failure(job.key, job.fold.name, str(err))
+        return FoldFailure(job.key, job.fold.name, str(err))
+
+
 def _train_batched(jobs: Sequence[FoldJob]) -> list[FoldSummary]:
     """The folds of `jobs` as one stacked model; each result stored under its own key."""
     from mer_model.training.fold_batch import train_fold_group
@@ -121,19 +146,23 @@ def _train_batched(jobs: Sequence[FoldJob]) -> list[FoldSummary]:
     return [_store(job, storage, result) for job, storage, result in zip(jobs, storages, results, strict=True)]
 
 
-def run_folds(jobs: Sequence[FoldJob]) -> list[FoldSummary]:
+def run_folds(jobs: Sequence[FoldJob]) -> list[FoldSummary | FoldFailure]:
     """Train the folds of `jobs` (one configuration) whose results are not stored yet; returns every job's stored
-    summary, in order."""
+    summary, or its FoldFailure, in order."""
     from mer_model.training.fold_batch import batchable
 
-    done = {job.key: FoldStorage(job.storage).summary(job.key) for job in jobs}
+    done: dict[str, FoldSummary | FoldFailure | None] = {
+        job.key: FoldStorage(job.storage).summary(job.key) for job in jobs}
     todo = [job for job in jobs if done[job.key] is None]
     if len(todo) > 1 and batchable(_spec(todo[0], open_store(todo[0].cache_dir))):
-        done.update({job.key: s for job, s in zip(todo, _train_batched(todo), strict=True)})
-    else:
-        for job in todo:
-            done[job.key] = _train(job, FoldStorage(job.storage))
-    return [done[job.key] for job in jobs]
+        try:
+            done.update({job.key: s for job, s in zip(todo, _train_batched(todo), strict=True)})
+            todo = []
+        except NonFiniteError as err:
+            log.warning("%s; training the group's %d folds one by one", err, len(todo))
+    for job in todo:
+        done[job.key] = _train_or_fail(job)
+    return [outcome for outcome in (done[job.key] for job in jobs) if outcome is not None]
 
 
 def fold_task(cpus: float, gpus: float, retries: int, strategy: Any = "DEFAULT") -> Any:

@@ -25,7 +25,7 @@ from mer_model.errors import ConfigError
 from mer_model.training.folds import Fold, fold_fingerprint
 from mer_model.training.protocols import is_leaky
 from mer_model.training.results import FoldSummary
-from pipelines.engine.tasks import FoldJob, fold_task
+from pipelines.engine.tasks import FoldFailure, FoldJob, fold_task
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,9 @@ def trial_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     when set, the next submitted as one finishes), report each fold as it finishes.
 
     Search phase: the reported `objective` is the mean INNER validation score (`val_<tune.metric>` at the selected
-    epoch) of the folds finished so far -- never a test-fold number. Evaluate phase: the fold only; pooled test
-    metrics are computed once, when the phase's folds are all done (TrackingCallback.on_trial_complete and the
+    epoch) of the folds finished so far -- never a test-fold number; NaN once a fold of the configuration failed
+    (FoldFailure: it diverged), so the search never chooses it (Tune's best result skips NaN). Evaluate phase: the
+    fold only (a failed one with `fold_failed` = its error); pooled test metrics are computed once, when the phase's folds are all done (TrackingCallback.on_trial_complete and the
     driver), not over all folds again after every fold.
     """
     params, _ = ctx.resolved(config)
@@ -91,20 +92,24 @@ def trial_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     cap = ctx.folds_per_trial or len(queue)
     pending: dict[Any, list[FoldJob]] = {}
     scores: list[float] = []
-    done = 0
+    done = failed = 0
     while queue or pending:
         while queue and len(pending) < cap:
             group = queue.pop(0)
             pending[task.remote(group)] = group
         ready, _ = ray.wait(list(pending), num_returns=1)
         group = pending.pop(ready[0])
-        for job, summary in zip(group, ray.get(ready[0]), strict=True):
+        for job, outcome in zip(group, ray.get(ready[0]), strict=True):
             done += 1
             report: dict[str, Any] = {"fold": job.fold.name, "fold_key": job.key, "folds_done": done,
                                       "folds_total": len(jobs)}
+            if isinstance(outcome, FoldFailure):
+                failed += 1
+                report["fold_failed"] = outcome.error
+            elif ctx.phase == "search":
+                scores.append(inner_score(outcome, ctx.metric))
             if ctx.phase == "search":
-                scores.append(inner_score(summary, ctx.metric))
-                report[OBJECTIVE] = float(np.mean(scores))
+                report[OBJECTIVE] = float(np.mean(scores)) if scores and not failed else float("nan")
             tune.report(report)
 
 
