@@ -254,7 +254,7 @@ def _flip_weight_bytes(path: Path, count: int = 64) -> None:
 
 
 def _model_dir(tmp_path: Path) -> Path:
-    """An MLflow model directory of this platform's pyfunc (what `mlflow artifacts download` of a logged model gives)."""
+    """An MLflow model directory of this platform's pyfunc (what downloading a logged model's artifacts gives)."""
     import mlflow
 
     from components.tracking.pyfunc import CHECKPOINT_ARTIFACT, INFO_ARTIFACT, MerPyfuncModel, model_info

@@ -79,8 +79,9 @@ def trial_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     Search phase: the reported `objective` is the mean INNER validation score (`val_<tune.metric>` at the selected
     epoch) of the folds finished so far -- never a test-fold number; NaN once a fold of the configuration failed
     (FoldFailure: it diverged), so the search never chooses it (Tune's best result skips NaN). Evaluate phase: the
-    fold only (a failed one with `fold_failed` = its error); pooled test metrics are computed once, when the phase's folds are all done (TrackingCallback.on_trial_complete and the
-    driver), not over all folds again after every fold.
+    fold only (a failed one with `fold_failed` = its error); pooled test metrics are computed once, when the
+    phase's folds are all done (TrackingCallback.on_trial_complete and the driver), not over all folds again after
+    every fold.
     """
     params, _ = ctx.resolved(config)
     jobs = fold_jobs(ctx, params)
