@@ -34,7 +34,7 @@ from mer_model.errors import DataError, NonFiniteError, SampleError
 from mer_model.preprocess import face as facelib
 from mer_model.preprocess import MODALITIES, preprocess_sample
 from mer_model.preprocess.keyframes import APEX_SEARCH_SIZE, apex_by_motion
-from mer_model.preprocess.sample import read_image
+from mer_model.preprocess.sample import check_frames, read_image
 from mer_model.training.augment import tta_forward
 from mer_model.training.data import to_tensor
 
@@ -103,7 +103,10 @@ def _folder_clip(path: Path, clip_id: str) -> Clip:
 
 
 def _video_clip(path: Path, clip_id: str, work_dir: Path) -> Clip:
+    """Decode every frame; a decoder that stops before the frame count the container declares (a truncated or
+    corrupt file: OpenCV just reports the end) is a SampleError, not a shorter clip."""
     capture = cv2.VideoCapture(str(path))
+    declared = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
     frames_dir = work_dir / "frames"
     frames_dir.mkdir(parents=True, exist_ok=True)
     count = 0
@@ -119,6 +122,9 @@ def _video_clip(path: Path, clip_id: str, work_dir: Path) -> Clip:
         capture.release()
     if count == 0:
         raise SampleError(clip_id, f"{path}: not a folder of frames and not a video OpenCV can decode")
+    if count < declared:
+        raise SampleError(clip_id, f"{path}: the decoder stopped after {count} of the {declared} frames the video "
+                          "declares (truncated or corrupt file)", reason="truncated video")
     log.info("%s: decoded %d video frames", path, count)
     return Clip(clip_id, frames_dir, "{:06d}.png", tuple(range(1, count + 1)), "video")
 
@@ -149,11 +155,12 @@ def default_key_frames(clip: Clip, cfg: PreprocessConfig, onset: int | None = No
 def max_motion_frame(clip: Clip, onset: int, offset: int, cfg: PreprocessConfig, size: int) -> int:
     """The frame in onset..offset with the largest mean TV-L1 flow magnitude from the onset (aligned grey face)."""
     def grey(number: int) -> np.ndarray:
-        return cv2.cvtColor(read_image(clip.frame(number), clip.clip_id), cv2.COLOR_BGR2GRAY)
+        return cv2.cvtColor(read_image(clip.frame(number), clip.clip_id, bits), cv2.COLOR_BGR2GRAY)
 
     candidates = [n for n in clip.numbers if onset < n <= offset]
     if not candidates:
         return onset
+    bits = check_frames([clip.frame(onset)] + [clip.frame(n) for n in candidates], clip.clip_id)
     onset_grey = grey(onset)
     box = facelib.detect_face(onset_grey, cfg.detector_upsample)
     if box is None:

@@ -322,3 +322,33 @@ def test_non_finite_outputs_are_no_prediction(tmp_path: Path) -> None:
         predict_proba(model, input_batch(arrays, model.inputs, batched=True))
     assert np.isfinite(predict_proba(model, input_batch({k: v[:1] for k, v in arrays.items()}, model.inputs,
                                                         batched=True))).all()
+
+
+def test_a_truncated_video_or_a_mixed_folder_is_refused_naming_the_clip(tmp_path: Path) -> None:
+    """Before: a truncated AVI decoded 14 of its 24 frames and the clip was predicted "ok"; a folder with one frame
+    carrying an EXIF orientation tag was decoded with that frame rotated. Both are now a SampleError naming the
+    clip (mer predict reports it failed and goes on with the others)."""
+    from PIL import Image
+
+    from mer_model.inference import default_key_frames
+
+    rng = np.random.default_rng(0)
+    writer = cv2.VideoWriter(str(tmp_path / "whole.avi"), cv2.VideoWriter_fourcc(*"FFV1"), 30, (64, 48))
+    for _ in range(24):
+        writer.write(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    data = (tmp_path / "whole.avi").read_bytes()
+    (tmp_path / "cut.avi").write_bytes(data[: int(len(data) * 0.6)])
+    assert open_clip(tmp_path / "whole.avi", tmp_path / "w1").numbers == tuple(range(1, 25))
+    with pytest.raises(SampleError, match=r"cut.avi: the decoder stopped after \d+ of the 24 frames the video "
+                                          r"declares \(truncated or corrupt file\)") as err:
+        open_clip(tmp_path / "cut.avi", tmp_path / "w2")
+    assert err.value.sample_id == "cut.avi" and err.value.reason == "truncated video"
+
+    folder = _frames(tmp_path / "mixed", [f"img{n}.jpg" for n in range(1, 5)])
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "img3.jpg", exif=exif)
+    with pytest.raises(SampleError, match=r"^sample mixed: frames decode differently inside the clip: .*img3.jpg has "
+                                          r"EXIF orientation 8, onset frame .*img1.jpg has 1"):
+        default_key_frames(open_clip(folder, tmp_path), PreprocessConfig())

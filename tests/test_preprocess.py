@@ -230,7 +230,8 @@ def test_only_the_requested_modalities_are_computed(clip: Path, monkeypatch: pyt
     flows, reads = [], []
     real_flow, real_read = sample_module.compute_flow, sample_module.read_image
     monkeypatch.setattr(sample_module, "compute_flow", lambda *a: flows.append(a[1].shape) or real_flow(*a))
-    monkeypatch.setattr(sample_module, "read_image", lambda path, sid: reads.append(path.name) or real_read(path, sid))
+    monkeypatch.setattr(sample_module, "read_image",
+                        lambda path, sid, bits=None: reads.append(path.name) or real_read(path, sid, bits))
     result = process_row(make_row("s/sub01/EP01", clip), CHEAP, Path("."), ("flow28", "aus"))
     assert set(result.entries) == {"flow28", "aus"} and failures(result) == {}
     assert flows == [(64, 64)] and sorted(reads) == ["img10.jpg", "img12.jpg"]

@@ -246,3 +246,73 @@ def test_fpf_runs_on_the_composites_apex_crops(tmp_path: Path) -> None:
         for sid in ("casme2/sub01/EP02_01f", "casme2/sub02/EP03_02", "samm/006/006_1_2", "smic/s01/s01_ne_01")}
     with pytest.raises(DataError, match="no sample with every modality of flow28\\+points5"):
         SampleStore.open(tmp_path / "bare-cache", keys=model_modalities("htnet", "small"))
+
+
+# ------------------------------------------------------------------------------- how frames decode (issue 30)
+
+
+def _save_with_orientation(image_bgr: np.ndarray, path: Path, orientation: int) -> None:
+    """A JPEG written by Pillow carrying an EXIF orientation tag (what cameras and photo tools write)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(image_bgr[..., ::-1]).save(path, exif=exif, quality=100)
+
+
+def _flow_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a[:2].ravel(), b[:2].ravel())[0, 1])
+
+
+def test_frames_that_decode_differently_are_refused_and_a_consistent_clip_is_decoded_alike(tmp_path: Path) -> None:
+    """Before: one frame carrying an EXIF orientation tag was rotated by the decoder and its flow was computed
+    against the others as if it were motion (correlation with the true flow 0.06). A clip whose frames disagree
+    (orientation, bit depth) is now refused naming the first frame that differs; a clip whose frames all carry the
+    same tag is decoded the same way for every frame (orientation applied), giving the untagged clip's flow."""
+    shifts = [0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    mixed = tmp_path / "mixed"
+    write_motion_clip(mixed, shifts)
+    _save_with_orientation(cv2.imread(str(mixed / "img12.jpg")), mixed / "img12.jpg", 6)  # the apex only
+    out = preprocess_sample(make_row("s/sub01/mixed", mixed), CHEAP, Path("."), FRAME_MODALITIES)
+    assert outcome(out, "failed") == set(FRAME_MODALITIES)
+    assert out.modalities["flow28"].reason == "frame decoding differs"
+    assert out.modalities["flow28"].error == (
+        f"sample s/sub01/mixed: frames decode differently inside the clip: {mixed / 'img12.jpg'} has EXIF "
+        f"orientation 6, onset frame {mixed / 'img10.jpg'} has 1 (1 = as stored)")
+
+    # Every frame stored a quarter turn counter-clockwise and tagged to be turned back (6 = rotate 90 degrees
+    # clockwise), against the same frames stored upright (tag 1), both written by Pillow.
+    upright, tagged = tmp_path / "upright", tmp_path / "tagged"
+    write_motion_clip(tagged, [0, 1, 2, 3, 4, 5])
+    upright.mkdir()
+    for frame in sorted(tagged.glob("*.jpg")):
+        image = cv2.imread(str(frame))
+        _save_with_orientation(image, upright / frame.name, 1)
+        _save_with_orientation(np.ascontiguousarray(np.rot90(image)), frame, 6)
+    flows = [preprocess_sample(make_row(f"s/sub01/{d.name}", d), CHEAP, Path("."), ("flow28",)).arrays()["flow28"]
+             for d in (upright, tagged)]
+    assert _flow_correlation(*flows) > 0.9
+
+
+def test_twelve_bit_values_in_sixteen_bit_pngs_are_scaled_to_their_range(tmp_path: Path) -> None:
+    """Before: 16-bit PNG frames holding 12-bit values (0..4095) were shifted down by 8 bits to 0..15, near black,
+    and their flow correlated with the true one at 0.18-0.85. One scale for the whole clip now maps the clip's bit
+    range to 0..255, so the flow is the 8-bit clip's; an 8-bit frame among them is refused."""
+    shifts = [0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    eight, deep = tmp_path / "eight", tmp_path / "deep"
+    write_motion_clip(eight, shifts)
+    deep.mkdir()
+    for frame in sorted(eight.glob("*.jpg")):
+        image = cv2.imread(str(frame))
+        cv2.imwrite(str(eight / f"{frame.stem}.png"), image)
+        cv2.imwrite(str(deep / f"{frame.stem}.png"), np.rint(image.astype(np.float64) * 4095 / 255).astype(np.uint16))
+    row = {"frame_template": "img{}.png"}
+    reference = preprocess_sample(make_row("s/sub01/eight", eight, **row), CHEAP, Path("."), ("flow28",))
+    got = preprocess_sample(make_row("s/sub01/deep", deep, **row), CHEAP, Path("."), ("flow28",))
+    np.testing.assert_allclose(got.arrays()["flow28"], reference.arrays()["flow28"], atol=0.02)
+
+    cv2.imwrite(str(deep / "img13.png"), cv2.imread(str(eight / "img13.png")))  # one 8-bit frame among them
+    out = preprocess_sample(make_row("s/sub01/deep", deep, **row), CHEAP, Path("."), ("flow28",))
+    assert out.modalities["flow28"].error == (
+        f"sample s/sub01/deep: frames decode differently inside the clip: {deep / 'img13.png'} is 8-bit, onset "
+        f"frame {deep / 'img10.png'} is 16-bit")

@@ -14,7 +14,10 @@ Frame-based rows (frames_dir set):
    apex is estimated from the flow magnitude (`keyframes`, as `mer predict` does). What was estimated is returned
    (`SampleOutput.estimated`) and recorded in the index. The apex ON the onset frame is refused (zero motion).
 2. Every frame present in onset..offset must have the onset frame's size (mixed raw and cropped frames would show
-   up as motion): the first one that differs is named.
+   up as motion) and decode the same way: the same EXIF orientation (OpenCV applies it, so one tagged frame in a
+   clip would be rotated against the others) and the same sample depth. The first one that differs is named
+   (`check_frames`). 16-bit frames are scaled to 0-255 by the bits the clip's values use (12-bit values in 16-bit
+   PNGs come out full range, not near black), one scale for every frame of the clip.
 3. Face on the ONSET frame: dlib's frontal detector (largest face) and the 68-point shape predictor inside its box.
    When no face is found, the landmarks saved with the dataset (`landmarks_path`) are used instead; without them the
    sample fails naming the onset file. `detector: annotation` uses the saved landmarks directly.
@@ -103,8 +106,10 @@ def resolve(path: str, root: Path) -> Path:
     return root / candidate
 
 
-def read_image(path: Path, sample_id: str) -> np.ndarray:
-    """BGR uint8 image; missing, unreadable or truncated files raise SampleError naming the file.
+def read_image(path: Path, sample_id: str, bits: int | None = None) -> np.ndarray:
+    """BGR uint8 image (EXIF orientation applied); missing, unreadable or truncated files raise SampleError naming
+    the file. A 16-bit image is scaled from `bits` significant bits to 0-255 (`check_frames` gives the clip's; None:
+    this image's own maximum).
 
     A truncated JPEG decodes without error in OpenCV (libjpeg pads it with grey and only warns), so JPEGs must also
     end with the end-of-image marker (a few padding bytes after it are tolerated).
@@ -117,10 +122,78 @@ def read_image(path: Path, sample_id: str) -> np.ndarray:
         raise SampleError(sample_id, f"cannot read {path}: {err.strerror}", reason="unreadable file") from None
     if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-16:]:
         raise SampleError(sample_id, f"corrupt image (truncated JPEG): {path}", reason="corrupt image")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
     if image is None:
         raise SampleError(sample_id, f"corrupt or unsupported image: {path}", reason="corrupt image")
+    if image.dtype == np.uint16:
+        top = 2 ** (bits or max(8, int(image.max()).bit_length())) - 1
+        image = np.clip(np.rint(image.astype(np.float32) * (255.0 / top)), 0, 255).astype(np.uint8)
     return image
+
+
+EXIF_ORIENTATION = 0x0112
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class FrameFormat:
+    """What decides how a frame file decodes, from its header: stored size (width, height), EXIF orientation (1 =
+    as stored) and bits per sample in the file (8 or 16)."""
+
+    size: tuple[int, int]
+    orientation: int
+    depth: int
+
+
+def frame_format(path: Path) -> FrameFormat | None:
+    """The frame's header facts, or None when the header cannot be read (the file then fails where it is decoded,
+    with the precise reason)."""
+    try:
+        with Image.open(path) as image:
+            size, mode = image.size, image.mode
+            orientation = int(image.getexif().get(EXIF_ORIENTATION, 1) or 1)
+        with path.open("rb") as handle:
+            head = handle.read(26)
+    except (OSError, ValueError):
+        return None
+    if head[:8] == _PNG and head[12:16] == b"IHDR":  # PIL opens 16-bit colour PNGs as 8-bit RGB: ask the header
+        depth = 16 if head[24] == 16 else 8
+    else:
+        depth = 16 if mode.startswith("I;16") or mode == "I" else 8
+    return FrameFormat(size, orientation, depth)
+
+
+def check_frames(paths: Sequence[Path], sample_id: str) -> int | None:
+    """Every frame of `paths` (the first is the clip's onset frame) has the onset frame's size, EXIF orientation and
+    sample depth, else SampleError naming the first that differs ("frame size changes" / "frame decoding differs").
+    Returns the significant bits of a 16-bit clip (the bit length of its largest value, at least 8) for
+    `read_image`, None for an 8-bit one. Headers only, but for 16-bit clips, whose frames are all decoded once."""
+    first = frame_format(paths[0]) if paths else None
+    if first is None:
+        return None
+    for path in paths[1:]:
+        other = frame_format(path)
+        if other is None:
+            continue
+        if other.size != first.size:
+            raise SampleError(sample_id, f"frame size changes inside the clip: {path} is {other.size[0]}x"
+                              f"{other.size[1]}, onset frame {paths[0]} is {first.size[0]}x{first.size[1]}",
+                              reason="frame size changes")
+        if other.orientation != first.orientation:
+            raise SampleError(sample_id, f"frames decode differently inside the clip: {path} has EXIF orientation "
+                              f"{other.orientation}, onset frame {paths[0]} has {first.orientation} (1 = as stored)",
+                              reason="frame decoding differs")
+        if other.depth != first.depth:
+            raise SampleError(sample_id, f"frames decode differently inside the clip: {path} is {other.depth}-bit, "
+                              f"onset frame {paths[0]} is {first.depth}-bit", reason="frame decoding differs")
+    if first.depth == 8:
+        return None
+    top = 0
+    for path in paths:
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if image is not None:
+            top = max(top, int(image.max()))
+    return max(8, top.bit_length())
 
 
 def sampled_frames(onset: int, offset: int, count: int) -> np.ndarray:
@@ -208,6 +281,7 @@ class _FrameSample(_Steps):
         self.template = str(row["frame_template"])
         self.landmarks_path = resolve(str(row["landmarks_path"]), root) if row.get("landmarks_path") else None
         self.face_source = ""
+        self.bits: int | None = None  # significant bits of a 16-bit clip (sizes_checked)
 
     def error(self, message: str, reason: str) -> SampleError:
         return SampleError(self.sample_id, message, reason=reason)
@@ -267,34 +341,20 @@ class _FrameSample(_Steps):
         return {}
 
     def sizes_checked(self) -> None:
-        """Every frame present in onset..offset (..apex without an offset) has the onset frame's size; reads image
-        headers only. A frame whose header cannot be read is left to fail where it is read (only the modalities
-        that read it are lost)."""
-        def step() -> None:
+        """Every frame present in onset..offset (..apex without an offset) has the onset frame's size and decodes the
+        same way (`check_frames`: headers only, 16-bit clips excepted); sets the clip's bit scale. A frame whose
+        header cannot be read is left to fail where it is read (only the modalities that read it are lost)."""
+        def step() -> int | None:
             onset, offset, _ = self.bounds()
             end = offset if offset is not None else _int_or_none(self.row["apex"])
-            size = self._size(onset)
-            if size is None:  # decoding says precisely what is wrong (missing, truncated, not an image)
-                height, width = self.image_unchecked(onset).shape[:2]
-                size = (width, height)
-            for number in self.present():
-                if onset < number <= (end if end is not None else onset):
-                    other = self._size(number)
-                    if other is not None and other != size:
-                        raise self.error(f"frame size changes inside the clip: {self.path(number)} is "
-                                         f"{other[0]}x{other[1]}, onset frame {self.path(onset)} is "
-                                         f"{size[0]}x{size[1]}", "frame size changes")
-        self.once("sizes", step)
-
-    def _size(self, number: int) -> tuple[int, int] | None:
-        try:
-            with Image.open(self.path(number)) as image:
-                return image.size
-        except OSError:
-            return None
+            if frame_format(self.path(onset)) is None:  # decoding says precisely what is wrong
+                self.image_unchecked(onset)
+            numbers = [n for n in self.present() if onset < n <= (end if end is not None else onset)]
+            return check_frames([self.path(onset)] + [self.path(n) for n in numbers], self.sample_id)
+        self.bits = self.once("sizes", step)
 
     def image_unchecked(self, number: int) -> np.ndarray:
-        return self.once(f"image{number}", lambda: read_image(self.path(number), self.sample_id))
+        return self.once(f"image{number}", lambda: read_image(self.path(number), self.sample_id, self.bits))
 
     def image(self, number: int) -> np.ndarray:
         """BGR frame `number` (the clip's frame sizes are checked first)."""
