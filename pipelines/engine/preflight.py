@@ -12,6 +12,7 @@ from pathlib import Path
 from components.common import check_output_dir
 from mer_model.config import Params
 from mer_model.errors import ConfigError
+from mer_model.io import digest
 from mer_model.preprocess.cache import require_index
 
 
@@ -40,7 +41,6 @@ _VERIFIED: set[tuple[str, str, tuple[str, ...]]] = set()  # caches verified in t
 
 def check_cache(cache_dir: str, inputs: tuple[str, ...]) -> None:
     """Every usable sample has the arrays the model reads and their entries are intact (DataError naming the file)."""
-    from mer_model.io import digest
     from mer_model.training.data import SampleStore  # torch
 
     root = Path(cache_dir).resolve()
