@@ -185,6 +185,20 @@ def test_checkpoint_resume_continues_exactly(store: SampleStore, tmp_path: Path,
         train_fold(other, store, checkpoint_dir=tmp_path / "ckpt")
 
 
+def test_a_damaged_resume_checkpoint_restarts_the_fold(store: SampleStore, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A fold's resume checkpoint cut short (a worker killed on a full disk, a bad copy from S3): the fold trains
+    from epoch 1 with a warning naming the file, instead of a traceback in the fold task; it is only lost time."""
+    spec = _spec(store, epochs=2, checkpoint_every=1)
+    ckpt = tmp_path / "ckpt" / trainer.CHECKPOINT_NAME
+    train_fold(spec, store, checkpoint_dir=ckpt.parent)
+    ckpt.write_bytes(ckpt.read_bytes()[:200])
+    epochs_run: list[int] = []
+    train_fold(spec, store, callback=lambda e, m: epochs_run.append(e), checkpoint_dir=ckpt.parent)
+    assert epochs_run == [1, 2]
+    assert f"{ckpt} is unreadable" in caplog.text and "training from epoch 1" in caplog.text
+
+
 def test_weight_average_is_evaluated_without_changing_the_training_path(store: SampleStore) -> None:
     """train.ema_decay: after every optimiser step the average follows timm's warm-up EMA of the trained weights; an
     evaluated epoch leaves the model holding that average, and the next epoch trains on from the trained weights, so
