@@ -1,5 +1,5 @@
 """The engine's Ray tasks. A fold task takes a LIST of fold jobs (a group of `tune.fold_group_size` folds of one
-configuration) and returns one stored FoldSummary per fold, each under its own key. A fold whose result is already
+configuration) and returns one stored FoldSummary (or FoldFailure) per fold, each under its own key. A fold whose result is already
 stored is read back, not trained. The folds left are trained as one stacked model (mer_model.training.fold_batch)
 when there are several and the model declares `fold_batching`, else one after another, each stored as it finishes.
 
@@ -162,7 +162,7 @@ def run_folds(jobs: Sequence[FoldJob]) -> list[FoldSummary | FoldFailure]:
             log.warning("%s; training the group's %d folds one by one", err, len(todo))
     for job in todo:
         done[job.key] = _train_or_fail(job)
-    return [outcome for outcome in (done[job.key] for job in jobs) if outcome is not None]
+    return [done[job.key] for job in jobs]  # type: ignore[misc]  # every job is stored, read back or failed
 
 
 def fold_task(cpus: float, gpus: float, retries: int, strategy: Any = "DEFAULT") -> Any:
