@@ -1,7 +1,8 @@
 """The engine's Ray tasks. A fold task takes a LIST of fold jobs (a group of `tune.fold_group_size` folds of one
 configuration) and returns one stored FoldSummary (or FoldFailure) per fold, each under its own key. A fold whose
-result is already stored is read back, not trained. The folds left are trained as one stacked model (mer_model.training.fold_batch)
-when there are several and the model declares `fold_batching`, else one after another, each stored as it finishes.
+result is already stored is read back, not trained. The folds left are trained as one stacked model
+(mer_model.training.fold_batch) when there are several and the model declares `fold_batching`, else one after
+another, each stored as it finishes.
 
 A fold whose numbers become NaN/inf (NonFiniteError: a diverged loss, non-finite outputs) fails alone: it is returned
 as a `FoldFailure` naming it and recorded beside the fold storage (`failed.json`), never stored as finished, while the
