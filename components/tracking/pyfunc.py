@@ -37,6 +37,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import get_model_info, infer_signature
 
+import mer_model
 from components.tracking.base import check_tracking_server, redact, tracking_uri
 from mer_model.config import Params, PreprocessConfig, set_dotted
 from mer_model.data.labels import get_class_set
@@ -78,8 +79,6 @@ def _requirements() -> list[str]:
 
 def _library_copy(tmp: Path) -> Path:
     """The `mer_model` package without byte code, for the model's code/ folder."""
-    import mer_model
-
     return Path(shutil.copytree(Path(mer_model.__file__).parent, tmp / "mer_model",
                                 ignore=shutil.ignore_patterns("__pycache__", "*.pyc")))
 
