@@ -84,6 +84,13 @@ class FoldSummary(_Json):
     # model.
     member_seeds: list[int] = field(default_factory=list)
     member_epochs: list[int] = field(default_factory=list)
+    # When the fold's training ended (Unix seconds; it started `wall_time` earlier): the tracked fold run, created
+    # after the fold finished, carries these as its start and end. None in results stored before it was recorded.
+    finished_at: float | None = None
+
+    @property
+    def started_at(self) -> float | None:
+        return None if self.finished_at is None else self.finished_at - self.wall_time
 
 
 @dataclass
