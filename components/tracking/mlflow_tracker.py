@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import FrameType
@@ -242,7 +243,10 @@ class MlflowTracker(Tracker):
         S3ArtifactDatasetSource for s3://, ...), profile = its size and the full data version."""
         _, _, digest = dataset.version.partition(":")
         location = dataset.source if "://" in dataset.source else str(Path(dataset.source).resolve())
-        source = resolve_dataset_source(location)
+        with warnings.catch_warnings():
+            # MLflow 3.17 registers LocalArtifactDatasetSource twice and warns that a path is ambiguous between them.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
+            source = resolve_dataset_source(location)
         profile = {"num_samples": dataset.samples, "num_subjects": dataset.subjects, "data_version": dataset.version}
         entity = Dataset(name=dataset.name, digest=digest[:8] or dataset.version[:8],
                          source_type=source._get_source_type(), source=source.to_json(),
