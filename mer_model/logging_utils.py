@@ -7,12 +7,19 @@ went) and every other library only its warnings; `--verbose` shows every library
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 # The platform's top-level packages (and `mer`, the CLI's logger).
 PLATFORM_LOGGERS = ("mer", "mer_model", "components", "pipelines", "benchmarks", "__main__")
 
 
 def setup_logging(verbose: bool = False) -> None:
+    # MLflow configures its own logger at INFO when it is imported (often after this call): its level is an
+    # environment variable, which the processes this one starts (Ray workers, DVC stages) inherit too.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    if not sys.stderr.isatty():  # MLflow's download bars would be redrawn into a log file as one long line
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -196,8 +196,8 @@ def _job_step(step: str, key: str, params_file: str, overrides: dict[str, Any], 
     job_id = submission_id(key, raw, step)
     status = jobs.status(job_id)
     if status in ("PENDING", "RUNNING", "SUCCEEDED"):
-        log.info("kfp step tune: Ray job %s is %s already (an earlier attempt of this step): not submitted again",
-                 job_id, status)
+        log.info("kfp step %s: Ray job %s is %s already (an earlier attempt of this step): not submitted again",
+                 step, job_id, status)
     else:
         if status is None:  # a first attempt: a fresh directory, as for the other steps
             shutil.rmtree(workdir, ignore_errors=True)
