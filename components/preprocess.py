@@ -54,7 +54,7 @@ def run_parallel(work: Sequence[tuple[dict[str, Any], tuple[str, ...]]], cfg: Pr
         cfg_ref = ray.put(cfg)
         pending = {task.remote(row, cfg_ref, root, modalities): (str(row["sample_id"]), modalities)
                    for row, modalities in work}
-        interactive, total, done = sys.stderr.isatty(), len(pending), 0
+        interactive, total, finished = sys.stderr.isatty(), len(pending), 0
         start = last = time.monotonic()
         with tqdm(total=len(pending), desc="preprocess", unit="clip", disable=not interactive) as bar:
             while pending:
@@ -67,11 +67,11 @@ def run_parallel(work: Sequence[tuple[dict[str, Any], tuple[str, ...]]], cfg: Pr
                     result = failed_result(sample_id, modalities, line, "worker failed")
                 cache.write(result)
                 bar.update(1)
-                done += 1
+                finished += 1
                 now = time.monotonic()
                 if not interactive and (now - last >= PROGRESS_EVERY_S or not pending):
                     last = now
-                    log.info("preprocess: %d/%d clips done, elapsed %s", done, total,
+                    log.info("preprocess: %d/%d clips done, elapsed %s", finished, total,
                              tqdm.format_interval(now - start))
     finally:
         if started:
