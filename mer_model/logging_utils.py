@@ -18,6 +18,9 @@ def setup_logging(verbose: bool = False) -> None:
     # MLflow configures its own logger at INFO when it is imported (often after this call): its level is an
     # environment variable, which the processes this one starts (Ray workers, DVC stages) inherit too.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    # Ray prints a worker's line once with "[repeated Nx across cluster]" and a long hint when lines of several
+    # workers differ only in their numbers (e.g. two folds' progress): each fold's line as written instead.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not sys.stderr.isatty():  # MLflow's download bars would be redrawn into a log file as one long line
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(

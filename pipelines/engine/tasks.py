@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from mer_model.config import ModelConfig, TrainConfig
-from mer_model.logging_utils import setup_logging
+from mer_model.logging_utils import PLATFORM_LOGGERS, setup_logging
 from mer_model.training.folds import Fold
 from mer_model.training.results import FoldSummary
 from pipelines.engine.storage import FoldStorage
@@ -83,11 +83,14 @@ def _spec(job: FoldJob, store: SampleStore) -> FoldSpec:
 
 
 def _worker_logging() -> None:
-    """The platform's INFO lines of this worker reach the driver's console (Ray forwards a worker's stderr); other
-    libraries' only from WARNING. Once per worker process."""
+    """This module's epoch progress lines reach the driver's console (Ray forwards a worker's stderr); everything
+    else only from WARNING (the driver already says when a fold is done). Once per worker process."""
     global _LOGGING_SET
     if not _LOGGING_SET:
         setup_logging(verbose=False)
+        for name in PLATFORM_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        log.setLevel(logging.INFO)
         _LOGGING_SET = True
 
 
