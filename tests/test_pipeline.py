@@ -267,3 +267,23 @@ def test_flip_tta_without_augmentation_is_warned_about() -> None:
     [line] = warnings(tta="flip", augment=False)
     assert line.startswith("train.tta: flip with train.augment false")
     assert warnings(tta="flip", augment=True) == [] and warnings(tta="none", augment=False) == []
+
+
+def test_a_long_fold_logs_epoch_progress_at_a_bounded_rate(monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Inside a fold (a Ray worker, forwarded to the driver's console): "fold X: epoch e/E" at most every
+    EPOCH_PROGRESS_S seconds, so a long fold is not silent and a short one adds no line."""
+    from mer_model.training.folds import Fold
+    from pipelines.engine import tasks
+
+    clock = iter([0.0, 10.0, 31.0, 40.0, 62.0])  # the logger's start, then one reading per epoch
+    monkeypatch.setattr(tasks.time, "monotonic", lambda: next(clock))
+    job = tasks.FoldJob(key="k", fold=Fold("sub01", ("sub02",), ("sub01",)), model={}, train={"epochs": 4},
+                        leaky=False, cache_dir="", storage="")
+    caplog.set_level(logging.INFO, logger="pipelines.engine.tasks")
+    on_epoch = tasks._epoch_logger(job, None, None)  # noqa: SLF001 - no storage: no checkpoint to push
+    for epoch in range(1, 5):
+        on_epoch(epoch, {"epoch": epoch, "train_loss": 1.0 / epoch})
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert lines == ["fold sub01: epoch 2/4, train_loss 0.5, 00:31 elapsed",
+                     "fold sub01: epoch 4/4, train_loss 0.25, 01:02 elapsed"], lines
