@@ -1,6 +1,6 @@
 """`mer predict`: class probabilities for new clips (folders of frames or video files) from a trained model.
 
-    mer predict --model models:/mer-model/1 path/to/clip_frames/ video.mp4 [--onset N --apex N] [--json]
+    mer predict --model models:/mer-model@champion path/to/clip_frames/ video.mp4 [--onset N --apex N] [--json]
 
 Each clip goes through the preprocessing of training (`mer_model.inference`) with the preprocessing parameters the
 model was trained with. A clip that cannot be used (missing, empty folder, corrupt frame, undecodable video, no face)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,15 @@ from components.ray_session import connect_ray
 
 log = logging.getLogger(__name__)
 
+PROGRESS_EVERY_S = 30.0  # without a terminal: a progress line at most this often
+
 
 def run_parallel(work: Sequence[tuple[dict[str, Any], tuple[str, ...]]], cfg: PreprocessConfig, root: Path,
                  cache: Cache) -> None:
     """Process (row, modalities) pairs as Ray tasks, writing each finished sample as it arrives, with a done/total
-    progress bar. A task whose worker process dies (e.g. a native crash) is retried once by Ray, then recorded as
-    failed."""
+    progress bar on a terminal (elsewhere, e.g. under `dvc repro` into a log, a line every PROGRESS_EVERY_S seconds
+    and one at the end: a redrawn bar is one unreadable line there). A task whose worker process dies (e.g. a native
+    crash) is retried once by Ray, then recorded as failed."""
     import ray
     from tqdm import tqdm
 
@@ -49,7 +54,9 @@ def run_parallel(work: Sequence[tuple[dict[str, Any], tuple[str, ...]]], cfg: Pr
         cfg_ref = ray.put(cfg)
         pending = {task.remote(row, cfg_ref, root, modalities): (str(row["sample_id"]), modalities)
                    for row, modalities in work}
-        with tqdm(total=len(pending), desc="preprocess", unit="clip") as bar:
+        interactive, total, finished = sys.stderr.isatty(), len(pending), 0
+        start = last = time.monotonic()
+        with tqdm(total=len(pending), desc="preprocess", unit="clip", disable=not interactive) as bar:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 sample_id, modalities = pending.pop(done[0])
@@ -60,6 +67,12 @@ def run_parallel(work: Sequence[tuple[dict[str, Any], tuple[str, ...]]], cfg: Pr
                     result = failed_result(sample_id, modalities, line, "worker failed")
                 cache.write(result)
                 bar.update(1)
+                finished += 1
+                now = time.monotonic()
+                if not interactive and (now - last >= PROGRESS_EVERY_S or not pending):
+                    last = now
+                    log.info("preprocess: %d/%d clips done, elapsed %s", finished, total,
+                             tqdm.format_interval(now - start))
     finally:
         if started:
             ray.shutdown()

@@ -220,3 +220,12 @@ def example_arrays(inputs: Sequence[str], cfg: PreprocessConfig) -> dict[str, np
     if unknown:
         raise DataError(f"no cache array named {', '.join(unknown)}")
     return {k: example_array(k, cfg) for k in inputs}
+
+
+def class_names_for(names: Any, model: torch.nn.Module, source: str) -> list[str]:
+    """The model's class names, one per output class (a logged model's info); DataError naming `source` when they
+    are missing or do not fit the model's class count (an edited info file must not relabel predictions)."""
+    if not isinstance(names, list) or len(names) != model.num_classes:
+        count = len(names) if isinstance(names, list) else "no list of"
+        raise DataError(f"{count} class names for a model with {model.num_classes} classes", file=source)
+    return [str(n) for n in names]

@@ -1,14 +1,33 @@
-"""One logging setup for every entry point (`--verbose` switches to DEBUG)."""
+"""One logging setup for every entry point: quiet by default, informative with `--verbose`.
+
+By default the platform's own loggers (its packages below) say what they do at INFO (progress, results, where files
+went) and every other library only its warnings; `--verbose` shows every library's INFO and the platform's DEBUG.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
+
+# The platform's top-level packages (and `mer`, the CLI's logger).
+PLATFORM_LOGGERS = ("mer", "mer_model", "components", "pipelines", "benchmarks", "__main__")
 
 
 def setup_logging(verbose: bool = False) -> None:
+    # MLflow configures its own logger at INFO when it is imported (often after this call): its level is an
+    # environment variable, which the processes this one starts (Ray workers, DVC stages) inherit too.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    # Ray prints a worker's line once with "[repeated Nx across cluster]" and a long hint when lines of several
+    # workers differ only in their numbers (e.g. two folds' progress): each fold's line as written instead.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not sys.stderr.isatty():  # MLflow's download bars would be redrawn into a log file as one long line
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         force=True,
     )
+    for name in PLATFORM_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)

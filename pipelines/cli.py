@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
+from importlib import metadata
 
 from components import evaluate, ingest, predict, preprocess, register, report, synth
 from mer_model.errors import MerError
@@ -21,12 +23,37 @@ COMMANDS = [synth, ingest, preprocess, loso, evaluate, register, report, predict
 log = logging.getLogger("mer")
 
 
+def _version() -> str:
+    try:
+        return metadata.version("mer-platform")
+    except metadata.PackageNotFoundError:  # a checkout run without `make install`
+        return "unknown (not installed)"
+
+
+def _description(module: object, summary: str | None) -> str:
+    """What `mer COMMAND --help` says above the options: the one-line help of `mer --help`, then the first paragraph
+    of the command module's docstring (the same text a reader of the code gets)."""
+    doc = (getattr(module, "__doc__", None) or "").strip().split("\n\n")[0]
+    parts = [(summary or "").strip(), " ".join(doc.split())]
+    return "\n\n".join(textwrap.fill(part, 100) for part in parts if part)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mer", description="Micro-expression recognition experiment platform")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="informative output: every component's INFO and DEBUG lines (default: the platform's own "
+                             "progress and results, warnings of other libraries only)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
+        before = set(sub.choices)
         module.register(sub)
+        helps = {action.dest: action.help for action in sub._choices_actions}
+        for name in set(sub.choices) - before:
+            command = sub.choices[name]
+            if not command.description:
+                command.description = _description(module, helps.get(name))
+                command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 

@@ -1,10 +1,15 @@
 """What a Kubeflow step does inside its pod: run the step's function (the one `mer <step>` runs) in a fresh working
 directory whose inputs are the upstream steps' artifacts, then move the step's outputs into its output artifact.
 
-Given a Ray job server (`ray_dashboard`), the tune step instead submits the LOSO driver as a Ray job
-(pipelines/ray_jobs.py) that runs in the same working directory on the cluster's head: the directory must then be
-on storage the head sees at the same path (a shared volume; the step's temp dir, TMPDIR), and the inputs are copied
-into it rather than linked to the pod's artifact paths.
+Given a Ray job server (`ray_dashboard`), the preprocess and tune steps instead submit their command (`mer
+preprocess`, the LOSO driver) as a Ray job (pipelines/ray_jobs.py) that runs in the same working directory on the
+cluster's head: the directory is then on the shared volume the pipeline mounts (`shared_dir`, which the Ray pods
+mount at the same path), and the inputs are copied into it rather than linked to the pod's artifact paths.
+
+The working directory is `<shared_dir>/mer-kfp-<key>`: for ingest and preprocess (cached by KFP) the key is
+`data_key`, a digest of the parameters and the data version, the same in both steps and in every run of the same
+data, so absolute paths ingest records (frame folders) resolve in preprocess, a cached ingest's too; for tune,
+evaluate and register it is the pipeline run's id.
 
 Kept apart from pipelines/kfp_pipeline.py (the pipeline DEFINITION) because KFP's executor loads kfp in a runtime-only
 mode in which the compiler cannot be imported; this module imports nothing from kfp.
@@ -12,6 +17,7 @@ mode in which the compiler cannot be imported; this module imports nothing from 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +39,10 @@ from mer_model.config import Params, load_params
 from mer_model.errors import ServiceError
 from pipelines.ray_jobs import DASHBOARD_KEY, DEFAULT_TIMEOUT_S, RayJobs, submission_id
 
+# The command each step runs as a Ray job, in its working directory on the cluster's head.
+JOB_COMMANDS = {"preprocess": "python -m pipelines.cli preprocess --params params.yaml",
+                "tune": "python -m pipelines.loso --params params.yaml"}
+
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +57,13 @@ def resolve_params(params_file: str, overrides: dict[str, Any], ray_address: str
     cluster = {"preprocess.ray_address": ray_address, "tune.ray_address": ray_address} if ray_address else {}
     params = load_params(path, {**overrides, **cluster})  # the one loader: an empty or broken file is one line
     return params.model_dump(mode="json", by_alias=True), params
+
+
+def data_key(params_file: str, overrides: dict[str, Any], data_version: str) -> str:
+    """The cached steps' key: the resolved parameters and the data version, digested (what makes their output)."""
+    raw, _ = resolve_params(params_file, overrides, "")
+    text = json.dumps({"params": raw, "data_version": data_version}, sort_keys=True, default=str)
+    return "data-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def step_outputs(step: str, params: Params) -> list[str]:
@@ -121,18 +138,20 @@ STEPS: dict[str, Callable[[Params], Any]] = {
 }
 
 
-def run_step(step: str, run_id: str, params_file: str, overrides: dict[str, Any], tracking_uri: str,
+def run_step(step: str, key: str, params_file: str, overrides: dict[str, Any], tracking_uri: str,
              ray_address: str, inputs: list[str], output: str, ray_dashboard: str = "",
-             ray_job_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """Run the step's function (and `synthesize` before a synthetic ingest) in a fresh working directory; the tune
-    step with `ray_dashboard` runs it as a Ray job there (`_tune_job`).
-
-    The directory's path is the same in every step of a run (`<tmp>/mer-kfp-<run id>`), so absolute paths a
-    component records (e.g. the frame directories in annotations.csv) still resolve downstream, through the links.
+             ray_job_timeout_s: float = DEFAULT_TIMEOUT_S, shared_dir: str = "") -> None:
+    """Run the step's function (and `synthesize` before a synthetic ingest) in a fresh working directory
+    `<shared_dir>/mer-kfp-<key>` (`key`: the run id, or `data_key` for the cached steps; `shared_dir` empty: the
+    temp dir); the preprocess and tune steps with `ray_dashboard` run their command as a Ray job there (`_job_step`).
     """
-    workdir = Path(tempfile.gettempdir()) / f"mer-kfp-{run_id}"
-    if step == "tune" and ray_dashboard:
-        _tune_job(run_id, params_file, overrides, tracking_uri, inputs, output, workdir, ray_dashboard,
+    base = Path(shared_dir) if shared_dir else Path(tempfile.gettempdir())
+    if shared_dir and not base.is_dir():
+        raise ServiceError(f"shared_dir: {shared_dir} is not mounted in this step's pod (the pipeline's "
+                           "shared_volume)")
+    workdir = base / f"mer-kfp-{key}"
+    if step in JOB_COMMANDS and ray_dashboard:
+        _job_step(step, key, params_file, overrides, tracking_uri, inputs, output, workdir, ray_dashboard,
                   ray_job_timeout_s)
         return
     raw, params = resolve_params(params_file, overrides, ray_address)
@@ -157,26 +176,28 @@ def run_step(step: str, run_id: str, params_file: str, overrides: dict[str, Any]
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _tune_job(run_id: str, params_file: str, overrides: dict[str, Any], tracking_uri: str, inputs: list[str],
+def _job_step(step: str, key: str, params_file: str, overrides: dict[str, Any], tracking_uri: str, inputs: list[str],
               output: str, workdir: Path, ray_dashboard: str, timeout_s: float) -> None:
-    """The tune step on a cluster: `python -m pipelines.loso` in `workdir` as the Ray job of this run and experiment
-    (pipelines/ray_jobs.py), then its outputs copied into the output artifact.
+    """The preprocess or tune step on a cluster: its JOB_COMMANDS entry in `workdir` as the Ray job of this key and
+    experiment (pipelines/ray_jobs.py), then its outputs copied into the output artifact.
 
-    A retry of the step (same run id, same parameters) submits nothing new: it attaches to the job while it runs,
+    A retry of the step (same key, same parameters) submits nothing new: it attaches to the job while it runs,
     takes its outputs when it SUCCEEDED, and resubmits it in the same directory after FAILED or STOPPED (finished
-    folds are read back, not trained again). The working directory keeps the outputs for such a retry (the copied
-    inputs are removed); the inputs and the job's own state are the only things written to the shared storage.
+    folds and preprocessed clips are read back, not computed again). The working directory keeps the outputs for
+    such a retry (the copied inputs are removed); the inputs and the job's own state are the only things written to
+    the shared storage.
     """
     jobs = RayJobs(ray_dashboard)  # first: an unreachable job server is one line naming `ray_dashboard`
     raw, params = resolve_params(params_file, overrides, "")
-    # Inside the job the driver joins the job's own cluster (RAY_ADDRESS); an address in the parameters (e.g. a
+    # Inside the job the command joins the job's own cluster (RAY_ADDRESS); an address in the parameters (e.g. a
     # ray:// one) would make it a Ray Client of that cluster instead.
     raw["tune"]["ray_address"] = None
-    job_id = submission_id(run_id, raw)
+    raw["preprocess"]["ray_address"] = None
+    job_id = submission_id(key, raw, step)
     status = jobs.status(job_id)
     if status in ("PENDING", "RUNNING", "SUCCEEDED"):
-        log.info("kfp step tune: Ray job %s is %s already (an earlier attempt of this step): not submitted again",
-                 job_id, status)
+        log.info("kfp step %s: Ray job %s is %s already (an earlier attempt of this step): not submitted again",
+                 step, job_id, status)
     else:
         if status is None:  # a first attempt: a fresh directory, as for the other steps
             shutil.rmtree(workdir, ignore_errors=True)
@@ -185,14 +206,14 @@ def _tune_job(run_id: str, params_file: str, overrides: dict[str, Any], tracking
         copied = _copy_inputs(inputs, workdir)
         (workdir / COPIED_FILE).write_text(json.dumps(copied))
         env = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}
-        entrypoint = f"cd {shlex.quote(str(workdir))} && python -m pipelines.loso --params params.yaml"
+        entrypoint = f"cd {shlex.quote(str(workdir))} && {JOB_COMMANDS[step]}"
         jobs.submit(job_id, entrypoint, env)
     jobs.wait(job_id, timeout_s)
-    if not (workdir / params.tune.results).exists():
-        raise ServiceError(f"{DASHBOARD_KEY}: Ray job {job_id} SUCCEEDED but {workdir / params.tune.results} is "
-                           "missing here: the step's temp dir (TMPDIR) must be storage the Ray head shares at the "
-                           "same path")
-    _collect_outputs(step_outputs("tune", params), workdir, output, keep=True)
+    expected = workdir / step_outputs(step, params)[0]
+    if not expected.exists():
+        raise ServiceError(f"{DASHBOARD_KEY}: Ray job {job_id} SUCCEEDED but {expected} is missing here: the "
+                           "working directory (shared_dir) must be storage the Ray head shares at the same path")
+    _collect_outputs(step_outputs(step, params), workdir, output, keep=True)
     copied_file = workdir / COPIED_FILE
     for rel in json.loads(copied_file.read_text()) if copied_file.exists() else []:
         target = workdir / rel

@@ -1,5 +1,6 @@
-"""The LOSO driver as a Ray job on a cluster (Ray Jobs SDK, `ray.job_submission.JobSubmissionClient`): what the
-Kubeflow tune step does when it is given the cluster's job server (`ray_dashboard`, http://host:8265).
+"""The LOSO driver (and `mer preprocess`) as a Ray job on a cluster (Ray Jobs SDK,
+`ray.job_submission.JobSubmissionClient`): what the Kubeflow tune and preprocess steps do when they are given the
+cluster's job server (`ray_dashboard`, http://host:8265).
 
 Ray's docs advise against driving Ray Tune through Ray Client: the driver would run in the step's pod and lose the
 experiment when the pod or its connection goes. As a job the driver runs on the head next to the GCS, and the step
@@ -40,11 +41,12 @@ def check_dashboard(address: str, key: str = DASHBOARD_KEY) -> None:
     check_ray_address(address, key)
 
 
-def submission_id(run_id: str, experiment: dict[str, Any]) -> str:
-    """The job's id: the pipeline run and a digest of the resolved parameters, so the same run retried gets the same
-    id and another experiment in the same run (different parameters) another one."""
+def submission_id(run_id: str, experiment: dict[str, Any], step: str = "tune") -> str:
+    """The job's id: the step, the pipeline run (or the cached steps' data key) and a digest of the resolved
+    parameters, so the same run retried gets the same id and another experiment in the same run (different
+    parameters) another one."""
     digest = hashlib.sha256(json.dumps(experiment, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return f"mer-tune-{run_id}-{digest}"
+    return f"mer-{step}-{run_id}-{digest}"
 
 
 class RayJobs:

@@ -205,3 +205,21 @@ def test_every_numeric_setting_has_a_range() -> None:
     unbounded = [k for k, meta in fields if not any(isinstance(m, (Ge, Gt)) for m in meta)
                  or (not k.endswith("seed") and not any(isinstance(m, (Le, Lt)) for m in meta))]
     assert not unbounded, f"numeric settings without a range: {unbounded}"
+
+
+def test_every_subcommand_describes_itself_and_mer_has_a_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """`mer COMMAND --help` starts with what the command does (not only its usage line); `mer --version` prints the
+    installed version."""
+    from importlib import metadata
+
+    from pipelines.cli import build_parser, main
+
+    commands = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them there
+    assert {"synth", "ingest", "preprocess", "tune", "evaluate", "register", "report", "predict", "benchmark"} <= set(
+        commands)
+    for name, command in commands.items():
+        assert command.description and len(command.description.split()) >= 5, name
+        assert " ".join(command.description.split()[:8]) in " ".join(command.format_help().split()), name
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"mer {metadata.version('mer-platform')}"

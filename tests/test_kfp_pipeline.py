@@ -37,30 +37,61 @@ def test_compiled_pipeline_is_current(tmp_path: Path) -> None:
 
 
 def test_compiled_pipeline_is_a_valid_pipeline_spec() -> None:
+    """The spec as Kubeflow runs it: the five steps in order; only the deterministic steps cached, keyed by data
+    version and parameters (no per-run input); every step with CPU and memory requests and the shared volume the Ray
+    pods also mount (infra/kuberay/raycluster.yaml); preprocess and tune able to submit Ray jobs."""
     from google.protobuf import json_format
     from kfp.pipeline_spec import pipeline_spec_pb2
 
-    from pipelines.kfp_pipeline import DEFAULT_IMAGE
+    from pipelines.kfp_pipeline import DEFAULT_IMAGE, SHARED_MOUNT, SHARED_SUBPATH, SHARED_VOLUME
 
-    (doc,) = list(yaml.safe_load_all(COMPILED.read_text()))
+    doc, platform = list(yaml.safe_load_all(COMPILED.read_text()))
     spec = json_format.ParseDict(doc, pipeline_spec_pb2.PipelineSpec())  # unknown fields raise
+    json_format.ParseDict(platform, pipeline_spec_pb2.PlatformSpec())
     tasks = spec.root.dag.tasks
     assert sorted(tasks) == sorted(STEPS)
     for before, after in zip(STEPS, STEPS[1:]):
         assert before in tasks[after].dependent_tasks
     executors = doc["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {DEFAULT_IMAGE}
-    assert set(spec.root.input_definitions.parameters) == {"params_file", "overrides", "tracking_uri", "ray_address",
-                                                           "ray_dashboard", "ray_job_timeout_s"}
-    assert set(tasks["tune"].inputs.parameters) >= {"ray_dashboard", "ray_job_timeout_s"}
+    assert set(spec.root.input_definitions.parameters) == {
+        "params_file", "overrides", "data_version", "tracking_uri", "ray_address", "ray_dashboard",
+        "ray_job_timeout_s", "shared_volume", "shared_dir"}
+    cached = {name for name, task in tasks.items() if task.caching_options.enable_cache}
+    assert cached == {"ingest", "preprocess"}
+    for name in cached:  # a per-run input would make every run a cache miss
+        assert "run_id" not in tasks[name].inputs.parameters and "data_version" in tasks[name].inputs.parameters
+    for name in ("tune", "evaluate", "register"):
+        run_id = tasks[name].inputs.parameters["run_id"].runtime_value.constant.string_value
+        assert run_id == "{{$.pipeline_job_uuid}}"
+    for name in ("preprocess", "tune"):
+        assert set(tasks[name].inputs.parameters) >= {"ray_dashboard", "ray_job_timeout_s"}
+    for name, task in tasks.items():
+        resources = executors[task.component_ref.name.replace("comp-", "exec-")]["container"]["resources"]
+        assert resources["cpuRequest"] > 0 and resources["memoryRequest"] > 0, name
+    kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert len(kubernetes) == len(STEPS)
+    for executor in kubernetes.values():
+        (mount,) = executor["pvcMount"]
+        assert (mount["mountPath"], mount["subPath"]) == (SHARED_MOUNT, SHARED_SUBPATH)
+        assert mount["pvcNameParameter"]["componentInputParameter"] == "shared_volume"
+    assert doc["root"]["inputDefinitions"]["parameters"]["shared_volume"]["defaultValue"] == SHARED_VOLUME
+    assert doc["root"]["inputDefinitions"]["parameters"]["shared_dir"]["defaultValue"] == SHARED_MOUNT
+    # The RayCluster's pods mount the same claim and subPath at the same path, so a Ray job sees the step's files.
+    cluster = yaml.safe_load((REPO / "infra" / "kuberay" / "raycluster.yaml").read_text())
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in head["volumes"]
+              if "persistentVolumeClaim" in v}
+    mounts = {(claims.get(m["name"]), m["mountPath"], m.get("subPath")) for m in head["containers"][0]["volumeMounts"]}
+    assert (SHARED_VOLUME, SHARED_MOUNT, SHARED_SUBPATH) in mounts
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_pipeline_runs_locally_against_the_tracking_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           session_ray: LocalRay, tracking_stack: TrackingStack) -> None:
-    """The whole chain (synth + ingest, preprocess, tune, evaluate, register) as KFP's local runner runs it, on the
-    session's Ray (the steps' `ray_address`), logging to `mlflow server` with PostgreSQL and S3 with NO S3
+    """The whole chain (synth + ingest, preprocess, tune, evaluate, register) as KFP's local runner runs it, with
+    preprocess and tune submitted as Ray jobs to the session's Ray head (the steps' `ray_dashboard`), logging to `mlflow server` with PostgreSQL and S3 with NO S3
     credentials on the client side (the server proxies artifacts, as in infra/k8s/mlflow.yaml). Then the runs are
     read from PostgreSQL and the final model from the bucket, and run as `mlflow models serve` would run it."""
     import boto3
@@ -69,6 +100,7 @@ def test_pipeline_runs_locally_against_the_tracking_stack(tmp_path: Path, monkey
     import torch
     from kfp import local
     from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobSubmissionClient
 
     from mer_model.inference import example_arrays
     from pipelines.kfp_pipeline import mer_pipeline
@@ -81,8 +113,16 @@ def test_pipeline_runs_locally_against_the_tracking_stack(tmp_path: Path, monkey
     root = tmp_path / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                workspace_root=str(tmp_path / "workspace"))
+    shared = tmp_path / "shared"  # the shared volume of a cluster: here this machine's disk, seen by the Ray head
+    shared.mkdir()
     mer_pipeline(params_file=str(params), overrides={"tune.final_model": True}, tracking_uri=tracking_stack.uri,
-                 ray_address=session_ray.address)
+                 ray_dashboard=session_ray.dashboard, ray_job_timeout_s=600, shared_dir=str(shared))
+    # preprocess and tune ran as Ray jobs on the session's head (Jobs SDK, not Ray Client), each once.
+    jobs = JobSubmissionClient(session_ray.dashboard).list_jobs()
+    for step in ("preprocess", "tune"):
+        (job,) = [j for j in jobs if (j.submission_id or "").startswith(f"mer-{step}-")
+                  and f"{shared}" in (j.entrypoint or "")]
+        assert job.status.value == "SUCCEEDED", (step, job.message)
 
     (metrics_file,) = root.rglob("evaluation/metrics.json")
     metrics = json.loads(metrics_file.read_text())
@@ -123,7 +163,7 @@ def test_pipeline_runs_locally_against_the_tracking_stack(tmp_path: Path, monkey
         target.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file(tracking_stack.bucket, key, str(target))
     flavors = yaml.safe_load((downloaded / "MLmodel").read_text())["flavors"]
-    assert flavors["python_function"]["loader_module"] == "mlflow.pyfunc.model" and "pytorch" not in flavors
+    assert flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "pytorch" not in flavors
 
     served = mlflow.pyfunc.load_model(str(downloaded))
     model = served.unwrap_python_model().model
@@ -216,10 +256,11 @@ def test_tune_step_runs_the_driver_as_a_ray_job(tiny_root: Path, session_ray: Lo
     (job,) = submitted("job-test")
     assert job.status.value == "SUCCEEDED" and job.entrypoint.endswith("python -m pipelines.loso --params params.yaml")
     copied_log = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"[{job.submission_id}]")]
-    # Progress without a terminal (the job's log): one line per finished fold, done/total with an ETA.
+    # Progress without a terminal (the job's log): 0/N when the phase starts, then one line per finished fold,
+    # done/total with an ETA.
     progress = [line for line in copied_log if "folds done" in line]
-    assert len(progress) == 4 and "evaluate: 4/4 folds done" in progress[-1] and "ETA 00:00" in progress[-1], (
-        copied_log[-20:])
+    assert len(progress) == 5 and "evaluate: 0/4 folds done" in progress[0], copied_log[-20:]
+    assert "evaluate: 4/4 folds done" in progress[-1] and "ETA 00:00" in progress[-1], copied_log[-20:]
     tuned = tmp_path / "tuned"
     assert json.loads((tuned / "paths.json").read_text()) == ["runs/results", "runs/tune"]
     summary = json.loads((tuned / "runs" / "results" / "summary.json").read_text())

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import mlflow_client, runs_by_kind, tiny_data, tiny_params
 
+
 @pytest.mark.slow
 def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,6 +71,10 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
         assert trial.data.metrics["objective"] == pytest.approx(mean_val)
         history = client.get_metric_history(folds[0].info.run_id, "train_loss")
         assert sorted(m.step for m in history) == [1, 2]  # per-epoch metrics
+    # Fold runs are created after their fold finished, yet carry the fold's real start and end (its training time).
+    for fold in runs["fold"]:
+        duration_s = (fold.info.end_time - fold.info.start_time) / 1000
+        assert duration_s == pytest.approx(fold.data.metrics["wall_time_s"], abs=0.01), fold.info.run_name
 
     (chosen,) = [r for r in trials.values() if r.data.tags["phase"] == "evaluate"]
     chosen_folds = [r for r in runs["fold"] if r.data.tags["mlflow.parentRunId"] == chosen.info.run_id]
@@ -82,13 +87,14 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     version = client.get_model_version(params.tracking.registered_model, "1")
     assert version.tags["leaky"] == "false"
     # The registered final model is the servable pyfunc, and `mer predict` loads it as such.
+    import mlflow.data
     from mlflow.models import get_model_info
 
     from components.tracking.pyfunc import load_for_inference
 
     registered = f"models:/{params.tracking.registered_model}/1"
     flavors = get_model_info(registered).flavors
-    assert flavors["python_function"]["loader_module"] == "mlflow.pyfunc.model" and "pytorch" not in flavors
+    assert flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "pytorch" not in flavors
     loaded = load_for_inference(registered, params)
     assert loaded.source == "mlflow pyfunc" and loaded.class_names == summary.class_names and not loaded.leaky
     # What the MLflow UI shows: a model-training experiment (not the GenAI traces overview), the run's dataset with
@@ -97,6 +103,9 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     (data_input,) = client.get_run(parent.info.run_id).inputs.dataset_inputs
     assert data_input.dataset.name == params.data.source
     assert data_input.dataset.digest in parent.data.params["data_version"]
+    source = mlflow.data.get_source(data_input)  # a source type MLflow resolves, pointing at the cache
+    assert Path(source.uri) == Path(params.preprocess.out).resolve()
+    assert json.loads(data_input.dataset.profile)["data_version"] == parent.data.params["data_version"]
     assert parent.data.tags["mlflow.source.name"] and parent.data.tags["mlflow.source.git.commit"]
     assert get_model_info(registered).saved_input_example_info is not None
     assert str(client.get_model_version_by_alias(params.tracking.registered_model, "champion").version) == "1"
@@ -159,13 +168,15 @@ def test_fold_progress_counts_folds_and_estimates_the_rest(caplog: pytest.LogCap
 
     caplog.set_level(logging.INFO, logger="pipelines.engine.callbacks")
     progress = FoldProgress("search", 6, interactive=False)
+    progress.setup(stop=None, num_samples=1, total_num_samples=1)  # Tune calls it when the phase starts
     progress.on_trial_result(0, [], None, {"objective": 0.5})  # not a fold result: not counted
     for n in range(1, 3):
         progress.on_trial_result(n, [], None, {"fold_key": f"k{n}", "fold": f"s{n}"})
     progress.on_experiment_end([])
     lines = [r.getMessage() for r in caplog.records]
-    assert [line.split(" (")[0] for line in lines] == ["search: 1/6 folds done", "search: 2/6 folds done"]
-    assert all("elapsed" in line and "ETA" in line for line in lines)
+    assert [line.split(" (")[0] for line in lines] == [
+        "search: 0/6 folds done", "search: 1/6 folds done", "search: 2/6 folds done"]  # shown from the start
+    assert all("elapsed" in line and "ETA" in line for line in lines[1:])
     assert progress.done == 2
 
 
@@ -300,3 +311,23 @@ def test_a_failed_fold_is_named_counted_and_never_pooled(tiny_root: Path, tmp_pa
     assert failed.data.tags["error"] == error
     (parent,) = runs["parent"]
     assert parent.info.status == "FINISHED" and parent.data.metrics["failed_folds"] == 1
+
+
+def test_a_long_fold_logs_epoch_progress_at_a_bounded_rate(monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Inside a fold (a Ray worker, forwarded to the driver's console): "fold X: epoch e/E" at most every
+    EPOCH_PROGRESS_S seconds, so a long fold is not silent and a short one adds no line."""
+    from mer_model.training.folds import Fold
+    from pipelines.engine import tasks
+
+    clock = iter([0.0, 10.0, 31.0, 40.0, 62.0])  # the logger's start, then one reading per epoch
+    monkeypatch.setattr(tasks.time, "monotonic", lambda: next(clock))
+    job = tasks.FoldJob(key="k", fold=Fold("sub01", ("sub02",), ("sub01",)), model={}, train={"epochs": 4},
+                        leaky=False, cache_dir="", storage="")
+    caplog.set_level(logging.INFO, logger="pipelines.engine.tasks")
+    on_epoch = tasks._epoch_logger(job, None, None)  # noqa: SLF001 - no storage: no checkpoint to push
+    for epoch in range(1, 5):
+        on_epoch(epoch, {"epoch": epoch, "train_loss": 1.0 / epoch})
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert lines == ["fold sub01: epoch 2/4, train_loss 0.5, 00:31 elapsed",
+                     "fold sub01: epoch 4/4, train_loss 0.25, 01:02 elapsed"], lines

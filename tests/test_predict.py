@@ -4,7 +4,10 @@ MLflow model URIs, and `mlflow models serve` answering one request."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,10 +132,25 @@ def test_given_key_frames_are_used_and_checked(casme2_clip_dir: Path, tmp_path: 
     assert bad["status"] == "failed" and "--apex 42: no such frame" in bad["error"]
 
 
+def fresh_environment(requirements: Path, where: Path) -> Path:
+    """A new virtual environment holding `requirements` and nothing else (no checkout of this project), built by uv
+    from its local cache only (`--offline`: warm after `make install`); returns its bin folder."""
+    import time
+
+    start = time.monotonic()
+    uv = [str(VENV_BIN / "uv"), "--offline", "--quiet"]
+    subprocess.run([*uv, "venv", "--python", sys.executable, str(where)], check=True, timeout=120)
+    subprocess.run([*uv, "pip", "install", "--python", str(where / "bin" / "python"), "-r", str(requirements)],
+                   check=True, timeout=600)
+    logging.getLogger(__name__).info("fresh environment from %s in %.1f s", requirements.name, time.monotonic() - start)
+    return where / "bin"
+
+
 @pytest.mark.slow
-def test_pyfunc_registry_uris_and_mlflow_serve(tmp_path: Path) -> None:
+def test_pyfunc_registry_uris_and_mlflow_serve(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """log_pyfunc_model -> registered version; models:/ and runs:/ URIs load it for `mer predict`; `mlflow models
-    serve` answers an {"inputs": ...} request with the same probabilities as the model itself."""
+    serve`, run from a fresh environment built from the logged model's requirements.txt alone (not this project's
+    venv, nor its checkout), answers an {"inputs": ...} request with the same probabilities as the model itself."""
     import mlflow
 
     from components.tracking.pyfunc import load_for_inference, log_pyfunc_model
@@ -142,8 +160,13 @@ def test_pyfunc_registry_uris_and_mlflow_serve(tmp_path: Path) -> None:
     mlflow.set_registry_uri(uri)
     mlflow.set_experiment("predict-test")
     model = create_model("htnet", "small", num_classes=3).eval()
-    with mlflow.start_run() as run:
+    with mlflow.start_run() as run, caplog.at_level(logging.WARNING):
         info = log_pyfunc_model(model, CLASSES, PreprocessConfig(), name="model", registered_model_name="mer-model")
+    assert not [r for r in caplog.records if "pickle" in r.getMessage().lower()]  # models from code, no pickle
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "downloaded")))
+    assert (local / "code" / "mer_model" / "models" / "__init__.py").is_file()
+    requirements = (local / "requirements.txt").read_text().split()
+    assert any(r.startswith("torch==") for r in requirements) and not any("mer" in r for r in requirements)
     arrays = {k: np.random.default_rng(0).random((2, *v.shape)).astype(np.float32)
               for k, v in example_arrays(model.inputs, PreprocessConfig()).items()}
     expected = predict_proba(model, input_batch(arrays, model.inputs, batched=True))
@@ -155,13 +178,19 @@ def test_pyfunc_registry_uris_and_mlflow_serve(tmp_path: Path) -> None:
         np.testing.assert_allclose(predict_proba(loaded.model, input_batch(arrays, model.inputs, batched=True)),
                                    expected, atol=1e-6)
 
+    fresh = fresh_environment(local / "requirements.txt", tmp_path / "fresh-env")
+    away = tmp_path / "elsewhere"  # a working directory outside the checkout: nothing of the project on sys.path
+    away.mkdir()
+    probe = subprocess.run([str(fresh / "python"), "-c", "import mer_model"], cwd=away, capture_output=True,
+                           timeout=60)
+    assert probe.returncode != 0, "the fresh environment must not see this project"
     port = free_port()
     log = tmp_path / "serve.log"
-    # mlflow starts `uvicorn` by name: the venv's bin must be on PATH even when pytest runs as .venv/bin/python.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1",
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = _spawn([str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/mer-model/1", "-h", LOOPBACK,
-                   "-p", str(port), "--env-manager", "local", "-w", "1"], log, env=env)
+    # mlflow starts `uvicorn` by name: the fresh environment's bin first on PATH.
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "MLFLOW_TRACKING_URI": uri,
+           "OMP_NUM_THREADS": "1", "PATH": f"{fresh}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = _spawn([str(fresh / "mlflow"), "models", "serve", "-m", "models:/mer-model/1", "-h", LOOPBACK,
+                   "-p", str(port), "--env-manager", "local", "-w", "1"], log, env=env, cwd=away)
     base = f"http://{LOOPBACK}:{port}"
     try:
         wait_until(lambda: urllib.request.urlopen(f"{base}/ping", timeout=2).status == 200, 240,

@@ -95,8 +95,10 @@ class Tracker(ABC):
         """Mark runs of `experiment_key` left RUNNING by a killed driver FAILED; returns how many."""
 
     @abstractmethod
-    def open_run(self, key: str, name: str, tags: Mapping[str, str], parent: str | None = None) -> tuple[str, bool]:
-        """(run id, created): the run keyed `key`, re-opened if it exists, else a new one (child of `parent`)."""
+    def open_run(self, key: str, name: str, tags: Mapping[str, str], parent: str | None = None,
+                 start_time: float | None = None) -> tuple[str, bool]:
+        """(run id, created): the run keyed `key`, re-opened if it exists, else a new one (child of `parent`).
+        `start_time` (Unix seconds): when the work the run records began, for a run created after it (a fold)."""
 
     @abstractmethod
     def is_finished(self, key: str) -> bool:
@@ -125,8 +127,8 @@ class Tracker(ABC):
     def set_tag(self, run: str, name: str, value: str) -> None: ...
 
     @abstractmethod
-    def end_run(self, run: str, status: str = "FINISHED") -> None:
-        """End a run: FINISHED, FAILED or KILLED."""
+    def end_run(self, run: str, status: str = "FINISHED", end_time: float | None = None) -> None:
+        """End a run: FINISHED, FAILED or KILLED; `end_time` (Unix seconds) when its work ended, default now."""
 
     @abstractmethod
     def end_all(self, status: str) -> None:
@@ -174,7 +176,8 @@ class NullTracker(Tracker):
     def fail_stale_runs(self, experiment_key: str) -> int:
         return 0
 
-    def open_run(self, key: str, name: str, tags: Mapping[str, str], parent: str | None = None) -> tuple[str, bool]:
+    def open_run(self, key: str, name: str, tags: Mapping[str, str], parent: str | None = None,
+                 start_time: float | None = None) -> tuple[str, bool]:
         return f"none:{key}", True
 
     def is_finished(self, key: str) -> bool:
@@ -198,7 +201,7 @@ class NullTracker(Tracker):
     def set_tag(self, run: str, name: str, value: str) -> None:
         pass
 
-    def end_run(self, run: str, status: str = "FINISHED") -> None:
+    def end_run(self, run: str, status: str = "FINISHED", end_time: float | None = None) -> None:
         pass
 
     def end_all(self, status: str) -> None:

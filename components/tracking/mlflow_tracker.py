@@ -15,11 +15,13 @@ its source (entry point and git commit); the final model is a pyfunc with an inp
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import FrameType
@@ -27,6 +29,7 @@ from typing import Any, ClassVar
 
 import mlflow
 import pandas as pd
+from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import (
@@ -154,7 +157,8 @@ class MlflowTracker(Tracker):
             log.warning("marked %d stale RUNNING MLflow run(s) of %s as FAILED", len(runs), experiment_key)
         return len(runs)
 
-    def open_run(self, key: str, name: str, tags: Mapping[str, str], parent: str | None = None) -> tuple[str, bool]:
+    def open_run(self, key: str, name: str, tags: Mapping[str, str], parent: str | None = None,
+                 start_time: float | None = None) -> tuple[str, bool]:
         existing = self._find(key)
         if existing is not None:
             run_id, created = existing.info.run_id, False
@@ -165,7 +169,9 @@ class MlflowTracker(Tracker):
                         MLFLOW_GIT_COMMIT: self.commit, **tags}
             if parent:
                 all_tags[MLFLOW_PARENT_RUN_ID] = parent
-            run_id, created = self.client.create_run(self._experiment(), tags=all_tags, run_name=name).info.run_id, True
+            started = None if start_time is None else int(start_time * 1000)
+            run = self.client.create_run(self._experiment(), start_time=started, tags=all_tags, run_name=name)
+            run_id, created = run.info.run_id, True
         with self._open_lock:
             self._open[run_id] = self.uri
         return run_id, created
@@ -174,10 +180,10 @@ class MlflowTracker(Tracker):
         found = self._find(key)
         return found is not None and found.info.status == "FINISHED"
 
-    def end_run(self, run: str, status: str = "FINISHED") -> None:
+    def end_run(self, run: str, status: str = "FINISHED", end_time: float | None = None) -> None:
         with self._open_lock:
             self._open.pop(run, None)
-        self.client.set_terminated(run, status=status)
+        self.client.set_terminated(run, status=status, end_time=None if end_time is None else int(end_time * 1000))
 
     def end_all(self, status: str) -> None:
         with self._open_lock:
@@ -232,13 +238,19 @@ class MlflowTracker(Tracker):
                 self.client.log_artifact(run, str(path), artifact_path)
 
     def log_dataset(self, run: str, dataset: DatasetInfo) -> None:
-        """An MLflow dataset input: name = data.source, digest = the DVC version's hash, source = where the cache is
-        and the full version, profile = its size."""
-        kind, _, digest = dataset.version.partition(":")
+        """An MLflow dataset input: name = data.source, digest = the DVC version's hash, source = where the cache is,
+        as a source type MLflow resolves (`mlflow.data.get_source`: LocalArtifactDatasetSource for a path,
+        S3ArtifactDatasetSource for s3://, ...), profile = its size and the full data version."""
+        _, _, digest = dataset.version.partition(":")
+        location = dataset.source if "://" in dataset.source else str(Path(dataset.source).resolve())
+        with warnings.catch_warnings():
+            # MLflow 3.17 registers LocalArtifactDatasetSource twice and warns that a path is ambiguous between them.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
+            source = resolve_dataset_source(location)
+        profile = {"num_samples": dataset.samples, "num_subjects": dataset.subjects, "data_version": dataset.version}
         entity = Dataset(name=dataset.name, digest=digest[:8] or dataset.version[:8],
-                         source_type="dvc" if kind == "dvc" else "local",
-                         source=f'{{"uri": "{dataset.source}", "data_version": "{dataset.version}"}}',
-                         profile=f'{{"num_samples": {dataset.samples}, "num_subjects": {dataset.subjects}}}')
+                         source_type=source._get_source_type(), source=source.to_json(),
+                         profile=json.dumps(profile))
         self.client.log_inputs(run, [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
 
     def get_tag(self, run: str, name: str) -> str | None:

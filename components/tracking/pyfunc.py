@@ -12,12 +12,18 @@ and its signature names one float32 tensor per model input, batched, in the cach
 arrays such as `apex224` keep their 0-255 values): a request to `mlflow models serve` is
 `{"inputs": {"flow28": [[...]], "points5": [[...]]}}` and the answer is one row of class probabilities per sample,
 columns = class names.
+
+The model is logged as "models from code" (components/tracking/served_model.py, MLflow's documented way for a custom
+pyfunc: no pickled class) with the `mer_model` library in its code/ folder and the distributions that code imports,
+pinned, as its requirements: it loads in a fresh environment built from its requirements.txt alone
+(tests/test_pipeline.py builds one with uv from the local cache and predicts there).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,65 +37,51 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import get_model_info, infer_signature
 
+import mer_model
 from components.tracking.base import check_tracking_server, redact, tracking_uri
 from mer_model.config import Params, PreprocessConfig, set_dotted
 from mer_model.data.labels import get_class_set
-from mer_model.errors import ConfigError, DataError
-from mer_model.io import read_json
-from mer_model.inference import example_arrays, input_batch, predict_proba
+from mer_model.errors import ConfigError
+from mer_model.inference import class_names_for, example_arrays
 from mer_model.models import load_checkpoint, save_checkpoint
 from mer_model.training.protocols import reads_annotated_aus
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_ARTIFACT = "checkpoint"
+# The model's code (MLflow models-from-code; the class MLflow instantiates) and the library it needs, logged with it.
+SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
+CHECKPOINT_ARTIFACT = "checkpoint"  # the artifact names served_model.py reads
 INFO_ARTIFACT = "info"
-# Installed distributions the served model needs besides this repository's packages (recorded with their versions).
-REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "pandas", "opencv-contrib-python-headless", "dlib",
-                "face-recognition-models", "pydantic", "pyyaml", "scikit-learn", "mlflow")
+SERVED_CLASS = "MerPyfuncModel"
+# MLflow's loaders of a custom pyfunc: models from code (what log_pyfunc_model writes), a pickled PythonModel (older).
+PYFUNC_LOADERS = ("mlflow.pyfunc.loaders.code_model", "mlflow.pyfunc.model")
+# The modules the served code imports (mer_model and its loading path), as installed distributions with their
+# versions: the model's requirements.txt, the only packages a serving environment needs.
+SERVED_MODULES = ("mlflow", "torch", "torchvision", "timm", "numpy", "pandas", "cv2", "PIL", "yaml", "pydantic",
+                  "openpyxl", "sklearn", "scipy", "dlib", "face_recognition_models")
 
 
-class MerPyfuncModel(mlflow.pyfunc.PythonModel):
-    """Loads the checkpoint and its info; `predict` maps a dict of batched cache arrays to class probabilities."""
+def _providers(module: str) -> list[str]:
+    """The installed distributions providing top-level `module`: their top_level.txt, else their file lists (dlib-bin
+    declares only `_dlib_pybind11` there but installs `dlib/` too)."""
+    declared = metadata.packages_distributions().get(module)
+    if declared:
+        return list(declared)
+    return [dist.metadata["Name"] for dist in metadata.distributions()
+            if any(str(f).split("/")[0] == module for f in dist.files or ())]
 
-    # predict's input is a dict of tensors, which MLflow's type-hint schemas cannot express; the logged signature
-    # (TensorSpecs per input) validates requests instead.
-    _skip_type_hint_validation = True
-
-    def load_context(self, context: Any) -> None:
-        info = read_json(context.artifacts[INFO_ARTIFACT], "model info")
-        self.model = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
-        self.class_names: list[str] = _class_names(info.get("class_names"), self.model,
-                                                   context.artifacts[INFO_ARTIFACT])
-        self.preprocess = PreprocessConfig.model_validate(info["preprocess"])
-        self.leaky = bool(info.get("leaky", False))
-
-    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:  # noqa: ANN001
-        """`model_input`: {input name: array (B, ...)}, what a `{"inputs": {...}}` request becomes. (Left unannotated
-        on purpose: MLflow reads predict's type hint as a schema and supports no dict-of-tensors hint.)"""
-        if not isinstance(model_input, Mapping):
-            raise DataError(f"model input must map input names ({', '.join(self.model.inputs)}) to arrays, "
-                            f"got {type(model_input).__name__}")
-        batch = input_batch(model_input, self.model.inputs, batched=True)
-        return pd.DataFrame(predict_proba(self.model, batch), columns=self.class_names)
-
-
-def _class_names(names: Any, model: Any, source: str) -> list[str]:
-    """The model's class names, one per output class; DataError naming `source` when they do not fit the model."""
-    if not isinstance(names, list) or len(names) != model.num_classes:
-        count = len(names) if isinstance(names, list) else "no list of"
-        raise DataError(f"{count} class names for a model with {model.num_classes} classes", file=source)
-    return [str(n) for n in names]
 
 
 def _requirements() -> list[str]:
-    found = []
-    for name in REQUIREMENTS:
-        try:
-            found.append(f"{name}=={metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            continue
-    return found
+    """`name==version` of the distributions providing SERVED_MODULES in this environment (e.g. cv2 ->
+    opencv-contrib-python-headless, dlib -> dlib-bin), sorted; a module not installed here is left out."""
+    return sorted({f"{dist}=={metadata.version(dist)}" for module in SERVED_MODULES for dist in _providers(module)})
+
+
+def _library_copy(tmp: Path) -> Path:
+    """The `mer_model` package without byte code, for the model's code/ folder."""
+    return Path(shutil.copytree(Path(mer_model.__file__).parent, tmp / "mer_model",
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc")))
 
 
 def model_info(class_names: Sequence[str], preprocess: PreprocessConfig, leaky: bool) -> dict[str, Any]:
@@ -115,7 +107,8 @@ def log_pyfunc_model(model: Any, class_names: Sequence[str], preprocess: Preproc
                                      columns=list(class_names))
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=MerPyfuncModel(),
+            python_model=str(SERVED_MODEL_CODE),
+            code_paths=[str(_library_copy(Path(tmp)))],
             artifacts={CHECKPOINT_ARTIFACT: str(checkpoint), INFO_ARTIFACT: str(info_path)},
             signature=infer_signature(example, probabilities),
             input_example=example,
@@ -140,8 +133,9 @@ _MLFLOW_SCHEMES = ("models:/", "runs:/", "file:", "s3://", "gs://", "wasbs://", 
 
 
 def load_for_inference(uri: str, params: Params) -> LoadedModel:
-    """`uri`: a checkpoint file (`save_checkpoint`), an MLflow model directory, or an MLflow URI (`models:/NAME/1`,
-    `runs:/RUN_ID/model`, ...; resolved against the configured tracking server). Anything else is a ConfigError."""
+    """`uri`: a checkpoint file (`save_checkpoint`), an MLflow model directory, or an MLflow URI
+    (`models:/NAME@champion`, `models:/NAME/1`, `runs:/RUN_ID/model`, ...; resolved against the configured tracking
+    server). Anything else is a ConfigError."""
     path = Path(uri).expanduser()
     if path.is_file():
         return _from_checkpoint(path, params)
@@ -162,7 +156,7 @@ def load_for_inference(uri: str, params: Params) -> LoadedModel:
 def _from_checkpoint(path: Path, params: Params) -> LoadedModel:
     model = load_checkpoint(path)
     meta = getattr(model, "checkpoint_meta", {}) or {}
-    names = _class_names(meta["class_names"], model, str(path)) if "class_names" in meta else [
+    names = class_names_for(meta["class_names"], model, str(path)) if "class_names" in meta else [
         str(c) for c in range(model.num_classes)]
     if "preprocess" in meta:
         preprocess = PreprocessConfig.model_validate(meta["preprocess"])
@@ -176,9 +170,10 @@ def _from_checkpoint(path: Path, params: Params) -> LoadedModel:
 def _from_mlflow(uri: str, params: Params) -> LoadedModel:
     info = get_model_info(uri)
     pyfunc_flavor = info.flavors.get("python_function", {})
-    if "pytorch" not in info.flavors and pyfunc_flavor.get("loader_module") == "mlflow.pyfunc.model":
+    if "pytorch" not in info.flavors and pyfunc_flavor.get("loader_module") in PYFUNC_LOADERS:
         wrapper = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-        if not isinstance(wrapper, MerPyfuncModel):
+        # Compared by name: MLflow runs the model's own copy of served_model.py, so the class is not this checkout's.
+        if type(wrapper).__name__ != SERVED_CLASS or not hasattr(wrapper, "class_names"):
             raise ConfigError(f"--model {uri}: a pyfunc model, but not one logged by log_pyfunc_model")
         return LoadedModel(wrapper.model, wrapper.class_names, wrapper.preprocess, wrapper.leaky, "mlflow pyfunc")
     if "pytorch" in info.flavors:

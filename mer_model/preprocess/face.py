@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -30,7 +31,12 @@ MOUTH_RIGHT = 54
 def dlib_models() -> tuple[object, object]:
     """dlib's HOG face detector and the 68-point shape predictor of face-recognition-models, loaded once per process."""
     import dlib
-    import face_recognition_models
+
+    with warnings.catch_warnings():
+        # face-recognition-models 0.3 finds its files through setuptools' deprecated pkg_resources: a warning about
+        # that package, not the user's data, printed by every process (Ray worker) that loads the predictor.
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated as an API", category=UserWarning)
+        import face_recognition_models
 
     return dlib.get_frontal_face_detector(), dlib.shape_predictor(face_recognition_models.pose_predictor_model_location())
 

@@ -93,6 +93,13 @@ class FoldSummary(_Json):
     # SHA-256 of the predictions.csv stored beside it (the engine's fold storage checks it when reading the fold
     # back); "" where not recorded.
     predictions_sha256: str = ""
+    # When the fold's training ended (Unix seconds; it started `wall_time` earlier): the tracked fold run, created
+    # after the fold finished, carries these as its start and end. None in results stored before it was recorded.
+    finished_at: float | None = None
+
+    @property
+    def started_at(self) -> float | None:
+        return None if self.finished_at is None else self.finished_at - self.wall_time
 
 
 @dataclass

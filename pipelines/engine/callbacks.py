@@ -124,7 +124,7 @@ class TrackingCallback(Callback):
             run_key, f"fold {fold} ({run_label(summary.protocol, summary.leaky)})",
             {KIND_TAG: "fold", EXPERIMENT_KEY_TAG: self.info.experiment_key, "fold": fold, "phase": self.ctx.phase,
              "fold_key": key, **leak_tags(summary.protocol, summary.leaky)},
-            parent=trial_run)
+            parent=trial_run, start_time=summary.started_at)
         self.tracker.log_params_of(run, resolved, self.info.base_params | {
             "fold.test_subjects": ",".join(summary.test_subjects),
             "fold.val_subjects": ",".join(summary.val_subjects),
@@ -143,7 +143,7 @@ class TrackingCallback(Callback):
             predictions.to_csv(paths[0], index=False)
             pd.DataFrame(summary.history).to_csv(paths[1], index=False)
             self.tracker.log_files(run, paths)
-        self.tracker.end_run(run, "FINISHED")
+        self.tracker.end_run(run, "FINISHED", end_time=summary.finished_at)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run = self._trial_run(trial)
@@ -186,7 +186,8 @@ def failed_folds(storage: str, keys: list[str]) -> list[dict[str, str]]:
 class FoldProgress(Callback):
     """Folds done/total and an ETA for one phase (Tune itself runs with verbose=0): a tqdm bar on a terminal;
     elsewhere (`dvc repro`, `ray job` logs, files) one log line per finished fold, since a redrawn bar turns into one
-    unreadable line there. Folds read back from storage count as done at once."""
+    unreadable line there. Shown from the start (0/N when the phase starts), so a long first fold is not silence
+    (the fold tasks themselves log epoch progress, tasks.py). Folds read back from storage count as done at once."""
 
     def __init__(self, phase: str, total: int, interactive: bool | None = None) -> None:
         self.phase = phase
@@ -205,6 +206,13 @@ class FoldProgress(Callback):
             self.bar = tqdm(total=self.total, desc=self.phase, unit="fold", disable=not tty, dynamic_ncols=True)
             self.start = self.start or time.monotonic()  # None after a restore: count from the first fold
         return self.bar
+
+    def setup(self, **info: Any) -> None:
+        bar = self._bar()
+        if bar.disable:
+            log.info("%s: 0/%d folds done", self.phase, self.total)
+        else:
+            bar.refresh()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if not result.get("fold_key"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,9 @@ def _run_phase(phase: str, ctx: TrialContext, space: dict[str, Any], num_samples
         run_config = tune.RunConfig(name=phase, storage_path=tune_root, verbose=0, callbacks=callbacks,
                                     failure_config=tune.FailureConfig(max_failures=1))
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+    # Tune's legacy output engine prints nothing at verbose=0; the new one still prints a banner and a TensorBoard
+    # hint pointing into a temporary directory gone after the run. FoldProgress says what the user needs.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error is not None]
     if errors:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ import ray
 
 from mer_model.config import ModelConfig, TrainConfig
 from mer_model.errors import NonFiniteError
+from mer_model.logging_utils import PLATFORM_LOGGERS, setup_logging
 from mer_model.training.folds import Fold
 from mer_model.training.results import FoldSummary
 from pipelines.engine.storage import FoldStorage
@@ -68,6 +70,8 @@ class FoldFailure:
 
 _STORES: dict[str, SampleStore] = {}
 _STORES_LOCK = threading.Lock()
+_LOGGING_SET = False
+EPOCH_PROGRESS_S = 30.0  # a fold's epoch progress line at most this often
 
 
 def open_store(cache_dir: str) -> SampleStore:
@@ -94,21 +98,50 @@ def _spec(job: FoldJob, store: SampleStore) -> FoldSpec:
                     class_names=store.class_names)
 
 
+def _worker_logging() -> None:
+    """This module's epoch progress lines reach the driver's console (Ray forwards a worker's stderr); everything
+    else only from WARNING (the driver already says when a fold is done). Once per worker process."""
+    global _LOGGING_SET
+    if not _LOGGING_SET:
+        setup_logging(verbose=False)
+        for name in PLATFORM_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        log.setLevel(logging.INFO)
+        _LOGGING_SET = True
+
+
 def _epoch_logger(job: FoldJob, storage: FoldStorage, ckpt_dir: str | None) -> Callback:
-    """Logs each epoch and pushes the fold's checkpoint (if it has one) to the fold storage."""
+    """Logs each epoch (DEBUG) and, at most every EPOCH_PROGRESS_S seconds, a progress line "fold X: epoch e/E"
+    (INFO: a long fold is not silent, a short one adds no noise); pushes the fold's checkpoint (if it has one) to the
+    fold storage."""
+    start = last = time.monotonic()
+    total = int(job.train.get("epochs", 0))
 
     def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
+        nonlocal last
         member = f" (ensemble member {metrics['member']})" if metrics.get("member") else ""
-        log.info("fold %s epoch %d%s: %s", job.fold.name, epoch, member,
-                 ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+        log.debug("fold %s epoch %d%s: %s", job.fold.name, epoch, member,
+                  ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+        now = time.monotonic()
+        if now - last >= EPOCH_PROGRESS_S:
+            last = now
+            loss = metrics.get("train_loss")
+            log.info("fold %s: epoch %d/%d%s, train_loss %s, %s elapsed", job.fold.name, epoch, total, member,
+                     f"{loss:.4g}" if isinstance(loss, float) else "?", _interval(now - start))
         if ckpt_dir is not None:
             storage.push_checkpoint(job.key, ckpt_dir)
 
     return on_epoch
 
 
+def _interval(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes:02d}:{secs:02d}" if minutes < 60 else f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
 def _store(job: FoldJob, storage: FoldStorage, result: FoldResult) -> FoldSummary:
     summary = result.summary(job.key, job.leaky, TrainConfig(**job.train).split)
+    summary.finished_at = time.time()
     storage.save(summary, result.predictions)
     return summary
 
@@ -117,6 +150,7 @@ def _train(job: FoldJob, storage: FoldStorage) -> FoldSummary:
     from mer_model.training.trainer import train_fold
 
     _set_threads(job.torch_threads)
+    _worker_logging()
     store = open_store(job.cache_dir)
     ckpt_dir = storage.checkpoint_dir(job.key)
     storage.pull_checkpoint(job.key, ckpt_dir)
@@ -142,6 +176,7 @@ def _train_batched(jobs: Sequence[FoldJob]) -> list[FoldSummary]:
     _set_threads(jobs[0].torch_threads)
     store = open_store(jobs[0].cache_dir)
     storages = [FoldStorage(job.storage) for job in jobs]
+    _worker_logging()
     callbacks = [_epoch_logger(job, storage, None) for job, storage in zip(jobs, storages, strict=True)]
     results = train_fold_group([_spec(job, store) for job in jobs], store, callbacks, batched=True)
     return [_store(job, storage, result) for job, storage, result in zip(jobs, storages, results, strict=True)]
