@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mer_model.config import IntervalConfig
+from mer_model.training.stats import metric_intervals
+
 # The metric names of every model, stage and report (metrics.json, MLflow, tables): pooled over the folds.
 METRICS = ("uf1", "uar", "accuracy", "weighted_f1")
 SCALARS = ("n", *METRICS)  # with the sample count
@@ -80,15 +83,19 @@ def pooled_metrics(predictions: pd.DataFrame, class_names: Sequence[str]) -> dic
     }
 
 
-def flat_metrics(predictions: pd.DataFrame, class_names: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+def flat_metrics(predictions: pd.DataFrame, class_names: Sequence[str], intervals: IntervalConfig | None = None
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """({"uf1": .., "n": .., "casme2/uf1": .., ...}, the full pooled_metrics result): the numbers every stage logs.
     Per-dataset entries (`<dataset>/<metric>`) appear only when the predictions mix datasets (a composite; under the
-    leave-one-dataset-out split, one entry per held-out dataset)."""
+    leave-one-dataset-out split, one entry per held-out dataset). With `intervals`, the subject-bootstrap bounds
+    of UF1, UAR and accuracy beside them (`uf1_ci_low`, `uf1_ci_high`, `casme2/uf1_ci_low`, ...: stats.py)."""
     pooled = pooled_metrics(predictions, class_names)
     flat = {k: pooled["overall"][k] for k in SCALARS}
     if len(pooled["per_dataset"]) > 1:
         for dataset, values in pooled["per_dataset"].items():
             flat.update({f"{dataset}/{k}": values[k] for k in SCALARS})
+    if intervals is not None:
+        flat.update(metric_intervals(predictions, class_names, intervals))
     return flat, pooled
 
 
