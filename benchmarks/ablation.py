@@ -54,7 +54,8 @@ def ablation_params(params_path: Path, work: Path) -> Path:
         entry["train"] = {**entry.get("train", {}), "split": "subject_5fold"}
         entry["label"] = label
         models[key] = entry
-    params["benchmark"].update(models=models, default_models=[], work=str(work / "work"))
+    params["benchmark"].update(models=models, default_models=[], work=str(work / "work"),
+                               baseline=[next(iter(VARIANTS))])  # each variant's paired difference to the base
     work.mkdir(parents=True, exist_ok=True)
     path = work / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))

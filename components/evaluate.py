@@ -4,7 +4,9 @@ the HTML experiment report (`mer report`'s, written by the same function) under 
 It reads only `tune.results` (mer_model.training.results), so the DVC stage depends on nothing DVC does not track.
 The evaluation files come from `mer_model.reporting.artifacts`, the function the engine uses for what it logs to the
 tracker, so a number in metrics.json and the same number in the MLflow UI come from one computation. Metric names are
-the same for every model (mer_model.training.metrics.METRICS; per dataset `<dataset>/uf1`, ...).
+the same for every model (mer_model.training.metrics.METRICS; per dataset `<dataset>/uf1`, ...), each of UF1, UAR
+and accuracy with its subject-bootstrap interval (`uf1_ci_low`, `uf1_ci_high`, ...; `evaluate.intervals`, the seed
+fixed, so they equal summary.json's and the MLflow parent run's).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def evaluate(params: Params) -> dict[str, Any]:
     written."""
     results = read_results(params.tune.results)
     summary = results.summary
-    flat, pooled = flat_metrics(results.predictions, summary.class_names)
+    flat, pooled = flat_metrics(results.predictions, summary.class_names, params.evaluate.intervals)
     metrics = {"protocol": summary.protocol, "split": summary.split, "leaky": summary.leaky, **flat,
                "per_class_recall": pooled["overall"]["per_class_recall"]}
     metrics_path = Path(params.evaluate.metrics)

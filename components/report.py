@@ -2,25 +2,31 @@
 
     mer report                                # tune.results -> <evaluate.report>/<experiment>/report.html
     mer report --compare [--experiment mer]   # finished parent runs of the tracker -> <evaluate.report>/compare.html
+    mer report --compare --runs A B [C ...]   # those runs only, each paired with A over the same samples
 
 The experiment report reads only the tune stage's outputs (`tune.results`: pooled predictions, the experiment summary
 and every fold's history for the learning curves), writes HTML + PNGs, and attaches them to the experiment's parent
 run in the tracker under `report/`. The comparison reads every finished parent run of a tracked experiment (tags
-`model`, `dataset`, `protocol`, `leaky`; pooled metrics).
+`model`, `dataset`, `protocol`, `split`, the stored `leaky` verdict; the settings that trained it; pooled metrics with
+their intervals), one row per set of comparable runs (mer_model.reporting.compare); `--runs` adds paired differences
+from the runs' logged predictions.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+
+import pandas as pd
 
 from components.common import add_params_arguments, check_output_dir, params_from_args
 from components.tracking import make_tracker
 from mer_model.config import Params
 from mer_model.errors import ConfigError
-from mer_model.reporting import comparison_table, write_comparison_report, write_experiment_report
-from mer_model.training.protocols import is_leaky, run_label
+from mer_model.reporting import comparison_table, paired_table, write_comparison_report, write_experiment_report
+from mer_model.training.protocols import run_label
 from mer_model.training.results import read_results
 
 log = logging.getLogger(__name__)
@@ -32,7 +38,7 @@ def experiment_report(params: Params, out: str | None = None) -> Path:
     results = read_results(params.tune.results)
     summary = results.summary
     out_dir = check_output_dir(parent / summary.experiment, "evaluate.report")
-    leaky = summary.leaky or is_leaky(summary.protocol, params.model)
+    leaky = summary.leaky  # the verdict stored with the result, never one from the current params.yaml
     details = {"experiment": summary.experiment, "protocol": summary.protocol, "split": summary.split,
                "folds": summary.folds, "data_version": summary.data_version, "parent_run_id": summary.parent_run_id,
                "model_uri": summary.model_uri}
@@ -40,7 +46,8 @@ def experiment_report(params: Params, out: str | None = None) -> Path:
     details |= {f"chosen {k}": v for k, v in summary.chosen.items()}
     path = write_experiment_report(results.predictions, results.history(), {**details, **summary.metrics},
                                    summary.class_names, out_dir, leaky,
-                                   title=f"{summary.experiment}: {run_label(summary.protocol, leaky)}")
+                                   title=f"{summary.experiment}: {run_label(summary.protocol, leaky)}",
+                                   intervals=params.evaluate.intervals)
     if summary.parent_run_id and params.tracking.backend != "none":
         tracker = make_tracker(params.tracking, "mer report")
         tracker.check()
@@ -49,23 +56,43 @@ def experiment_report(params: Params, out: str | None = None) -> Path:
     return path
 
 
-def compare_report(params: Params, experiment: str | None = None, out: str | None = None) -> Path:
-    """Comparison across the finished experiments of tracked experiment `experiment` (default tracking.experiment)."""
+def compare_report(params: Params, experiment: str | None = None, out: str | None = None,
+                   run_ids: Sequence[str] = ()) -> Path:
+    """Comparison across the finished experiments of tracked experiment `experiment` (default tracking.experiment):
+    one row per set of comparable runs. With `run_ids` (full ids or unique prefixes), only those runs, and the paired
+    differences of each to the first (DataError, exit 2, when two of them are not over the same samples)."""
     name = experiment or params.tracking.experiment
     out_dir = check_output_dir(Path(out or params.evaluate.report), "evaluate.report")
-    runs = make_tracker(params.tracking, "mer report").finished_experiments(name)
+    tracker = make_tracker(params.tracking, "mer report")
+    runs = tracker.finished_experiments(name)
+    paired = None
+    if run_ids:
+        chosen = [_find_run(runs, run_id, name) for run_id in run_ids]
+        runs = runs.loc[chosen].reset_index(drop=True)
+        predictions = {r: tracker.run_predictions(r) for r in runs["run_id"]}
+        paired = paired_table(runs, predictions, params.evaluate.intervals)
     table = comparison_table(runs)
     log.info("compare: %d finished experiment(s) of %r -> %d row(s)", len(runs), name, len(table))
-    return write_comparison_report(table, out_dir, f"experiment {name}: models x protocols")
+    return write_comparison_report(table, out_dir, f"experiment {name}: models x protocols", paired)
+
+
+def _find_run(runs: pd.DataFrame, run_id: str, experiment: str) -> int:
+    """Index of the finished parent run `run_id` (or a unique prefix of it); ConfigError naming it otherwise."""
+    hits = runs.index[runs["run_id"].astype(str).str.startswith(run_id)] if not runs.empty else []
+    if len(hits) != 1:
+        what = "no" if len(hits) == 0 else f"{len(hits)}"
+        raise ConfigError(f"--runs {run_id}: {what} finished parent run(s) of experiment {experiment!r} match")
+    return int(hits[0])
 
 
 def _run(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     if args.compare:
-        path = compare_report(params, args.experiment, args.out)
+        path = compare_report(params, args.experiment, args.out, args.runs or ())
     else:
-        if args.experiment:
-            raise ConfigError("--experiment: only with --compare (the single report reads tune.results)")
+        if args.experiment or args.runs:
+            raise ConfigError(f"{'--experiment' if args.experiment else '--runs'}: only with --compare (the single "
+                              "report reads tune.results)")
         path = experiment_report(params, args.out)
     log.info("wrote %s", path)
     return 0
@@ -76,6 +103,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--compare", action="store_true",
                         help="table of every finished experiment (models x protocols), leaky rows marked")
     parser.add_argument("--experiment", help="tracked experiment to compare (default: tracking.experiment)")
+    parser.add_argument("--runs", nargs="+", metavar="RUN_ID",
+                        help="with --compare: only these parent runs, each paired with the first over the same "
+                             "samples (difference, subject-bootstrap interval, permutation p-value)")
     parser.add_argument("--out", help="output directory (default: evaluate.report)")
     add_params_arguments(parser)
     parser.set_defaults(func=_run)

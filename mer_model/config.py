@@ -308,6 +308,9 @@ class BenchmarkConfig(_Section):
     # model's configured epochs.
     fixed_epochs_from_inner: bool = True
     cpus: int = Field(0, ge=0, le=4096)  # local Ray CPUs; 0 = all (tune.ray_address set = use that cluster)
+    # The row every honest row is compared with (paired difference over the same samples, per protocol): the first of
+    # these entries the table has; [] = no comparison.
+    baseline: list[str] = Field(default_factory=list)
 
 
 class Params(_Section):

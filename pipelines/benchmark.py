@@ -10,7 +10,10 @@ the settings and collects one row per run from the driver's typed results; the t
 `mer_model.reporting.benchmark`. Models come from `params.benchmark.models` (recipes set a priori or chosen by
 `mer tune` on inner validation subjects, never tuned on a test fold). What the data cannot feed is switched off and
 said so: FPF without apex face crops, AUs without a coding sheet.
-Rows are flagged `leaky` when the protocol is `oracle` (test-fold epoch selection) or the model reads annotated AUs.
+Rows are flagged `leaky` when the protocol is `oracle` (test-fold epoch selection) or the model reads annotated AUs
+(the verdict stored with each run's result). Every row carries subject-bootstrap intervals, and every honest row its
+paired difference to the baseline row of its protocol (`benchmark.baseline`; interval + permutation p-value,
+"not distinguishable" where the interval crosses zero).
 
 Outputs under `--out` (default `<benchmark.out>/<collection>`): results.csv (one row per model x protocol, merged with
 rows of earlier invocations), results.md (honest protocols first, the reproduction check, notes) and results.png.
@@ -26,7 +29,7 @@ import platform
 import shlex
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +41,13 @@ from components.ingest import ingest
 from components.preprocess import preprocess
 from components.ray_session import connect_ray
 from components.tracking import git_commit
-from mer_model.config import BenchmarkModel, Params, with_overrides
+from mer_model.config import BenchmarkModel, IntervalConfig, Params, with_overrides
 from mer_model.errors import ConfigError, DataError
 from mer_model.reporting.benchmark import DATASETS, SCORES, write_outputs
 from mer_model.training.metrics import pooled_metrics
-from mer_model.training.protocols import leak_reasons, list_protocols, retrain_epochs
-from mer_model.training.results import ExperimentSummary, FoldSummary, read_results
+from mer_model.training.protocols import list_protocols, retrain_epochs
+from mer_model.training.results import ExperimentSummary, FoldSummary, Results, read_results
+from mer_model.training.stats import PAIRED_METRICS, metric_intervals, paired_columns, paired_difference
 from mer_model.preprocess.modalities import MODALITIES, model_modalities
 
 log = logging.getLogger(__name__)
@@ -86,6 +90,11 @@ def with_models_inputs(base: Params, keys: Sequence[str]) -> Params:
                           "benchmark models' inputs")
 
 
+def results_dir(base: Params, key: str, protocol: str, collection: str) -> Path:
+    """Where the run of entry `key` under `protocol` leaves its results (tune.results)."""
+    return Path(base.benchmark.work) / collection / "results" / f"{key}-{protocol}"
+
+
 def run_params(base: Params, key: str, entry: BenchmarkModel, kwargs: Mapping[str, Any], protocol: str,
                epochs: int | None, collection: str) -> Params:
     """Params of one run: the entry's model and recipe, the protocol, its own experiment and results dir."""
@@ -96,7 +105,7 @@ def run_params(base: Params, key: str, entry: BenchmarkModel, kwargs: Mapping[st
         **({"train.epochs": epochs} if epochs is not None else {}),
         "train.protocol": protocol,
         "tune.experiment": f"benchmark-{collection}-{key}-{protocol}",
-        "tune.results": str(work / "results" / f"{key}-{protocol}"),
+        "tune.results": str(results_dir(base, key, protocol, collection)),
     }, f"benchmark.models.{key}")
 
 
@@ -174,13 +183,16 @@ def run_one(params: Params) -> tuple[ExperimentSummary, pd.DataFrame, list[FoldS
 def result_row(key: str, entry: BenchmarkModel, params: Params, parameters: int, au_mode: str,
                notes: Sequence[str], predictions: pd.DataFrame, folds: Sequence[FoldSummary], wall: float,
                summary: ExperimentSummary, command: str = "") -> dict[str, Any]:
-    """One row of results.csv: the run's settings, pooled scores overall and per dataset, and where it came from."""
+    """One row of results.csv: the run's settings, pooled scores overall and per dataset with their subject-bootstrap
+    intervals (`uf1_ci_low`, `casme2_uf1_ci_high`, ...), and where it came from. The leak verdict is the one stored
+    with the run's result."""
     pooled = pooled_metrics(predictions, summary.class_names)
+    bounds = metric_intervals(predictions, summary.class_names, params.evaluate.intervals)
     protocol = params.train.protocol
     row: dict[str, Any] = {
         "model": key, "label": entry.label or key, "network": f"{entry.name}/{entry.config}",
         "parameters": parameters, "protocol": protocol, "split": params.train.split, "leaky": summary.leaky,
-        "leak": "; ".join(leak_reasons(protocol, params.model)),
+        "leak": "; ".join(summary.leak_reasons),
         "au": au_mode, "epochs": params.train.epochs,
         "selected_epoch_median": statistics.median(f.selected_epoch for f in folds) if folds else None,
         "inner_val_uf1": (float(np.mean([f.val_score for f in folds if f.val_score is not None]))
@@ -189,9 +201,13 @@ def result_row(key: str, entry: BenchmarkModel, params: Params, parameters: int,
         "datasets": "+".join(sorted(predictions["dataset"].unique())),
     }
     row.update({k: pooled["overall"][k] for k in SCORES})
+    row.update({f"{k}_ci_{end}": bounds.get(f"{k}_ci_{end}") for k in SCORES for end in ("low", "high")})
+    single = predictions["dataset"].nunique() == 1  # then the dataset's interval is the overall one
     for dataset in DATASETS:
         values = pooled["per_dataset"].get(dataset)
         row.update({f"{dataset}_{k}": (values[k] if values else None) for k in SCORES})
+        row.update({f"{dataset}_{k}_ci_{end}": bounds.get(f"{k}_ci_{end}" if single else f"{dataset}/{k}_ci_{end}")
+                    if values else None for k in SCORES for end in ("low", "high")})
         row[f"{dataset}_n"] = values["n"] if values else 0
     devices = sorted({f.device for f in folds})
     row.update({
@@ -281,6 +297,8 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
             log.info("benchmark: %s %s: UF1 %.4f UAR %.4f acc %.4f (%.0f s)", key, protocol, row["uf1"], row["uar"],
                      row["accuracy"], wall)
     table = merge_rows(out / "results.csv", pd.DataFrame(rows), list(base.benchmark.models))
+    table = baseline_differences(table, lambda key, protocol: results_dir(base, key, protocol, collection),
+                                 base.benchmark.baseline, base.evaluate.intervals)
     settings = {
         "collection": collection, "root": portable_path(str(root), f"<{collection} root>"), "samples": len(store.index),
         "subjects": len(store.subjects()), "per_dataset": caps["per_dataset"], "apex_crops": caps["faces"],
@@ -296,6 +314,48 @@ def environment() -> dict[str, Any]:
 
     return {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
             "torch": torch.__version__, "cuda": torch.cuda.is_available(), "git_commit": git_commit(REPO)}
+
+
+def baseline_differences(table: pd.DataFrame, where: Callable[[str, str], Path], baseline: Sequence[str],
+                         intervals: IntervalConfig) -> pd.DataFrame:
+    """`table` with each honest row's paired difference to the baseline row of its protocol (the first entry of
+    `baseline` the table has under that protocol): `baseline` and `diff_uf1`, `diff_uf1_ci_low|high`, `diff_uf1_p`,
+    `diff_uf1_verdict` (and UAR), from the two runs' pooled predictions (`where(model, protocol)` = their results
+    directory). Rows whose results are not on this machine keep the values of the invocation that ran them; a row
+    over other samples than its baseline gets no difference and a note saying what differs."""
+    table = table.copy()
+    columns = list(paired_columns({m: dict.fromkeys(("diff", "ci_low", "ci_high", "p")) for m in PAIRED_METRICS}))
+    for column in ["baseline", *columns]:
+        if column not in table:
+            table[column] = None
+        table[column] = table[column].astype(object)
+    keys = list(table["model"])
+
+    def load(model: str, protocol: str) -> Results | None:
+        directory = where(model, protocol)
+        return read_results(directory) if (directory / "summary.json").is_file() else None
+
+    for protocol in dict.fromkeys(table["protocol"]):
+        reference = next((b for b in baseline if b in keys and ((table["model"] == b) & (table["protocol"] == protocol)
+                                                                 & ~table["leaky"].astype(bool)).any()), None)
+        ref = load(reference, protocol) if reference else None
+        for i in table.index[(table["protocol"] == protocol) & ~table["leaky"].astype(bool)]:
+            model = table.at[i, "model"]
+            run = load(model, protocol) if ref is not None and model != reference else None
+            if run is None:
+                continue
+            try:
+                result = paired_difference(run.predictions, ref.predictions, run.summary.class_names, intervals,
+                                           names=(f"{model} {protocol}", f"{reference} {protocol}"))
+            except DataError as err:
+                log.warning("benchmark: no difference to the baseline: %s", err)
+                table.at[i, "notes"] = "; ".join(n for n in (str(table.at[i, "notes"] or ""), f"no difference to "
+                                                             f"the baseline: {err}") if n and n != "nan")
+                continue
+            table.at[i, "baseline"] = reference
+            for column, value in paired_columns(result).items():
+                table.at[i, column] = value
+    return table
 
 
 def merge_rows(path: Path, rows: pd.DataFrame, model_order: Sequence[str] = ()) -> pd.DataFrame:

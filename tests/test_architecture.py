@@ -23,7 +23,7 @@ CLI = "pipelines.cli"
 LAYERS = {"mer_model": 0, "components": 1, "pipelines": 2}
 # Third-party packages slow or heavy enough to import on first use only (each takes seconds on the CI machine).
 HEAVY = {"torch", "torchvision", "ray", "mlflow", "kfp", "dlib", "cv2", "timm", "sklearn", "matplotlib", "boto3",
-         "pyarrow", "optuna", "tqdm", "openpyxl", "skimage", "face_recognition_models"}
+         "pyarrow", "optuna", "tqdm", "openpyxl", "skimage", "face_recognition_models", "scipy"}
 NOT_IN_LIBRARY = {"ray", "mlflow", "dvc", "kfp", "components", "pipelines"}
 
 

@@ -127,6 +127,10 @@ class Tracker(ABC):
     def set_tag(self, run: str, name: str, value: str) -> None: ...
 
     @abstractmethod
+    def rename_run(self, run: str, name: str) -> None:
+        """Give the run another display name (the parent's leak marker, known only after a search)."""
+
+    @abstractmethod
     def end_run(self, run: str, status: str = "FINISHED", end_time: float | None = None) -> None:
         """End a run: FINISHED, FAILED or KILLED; `end_time` (Unix seconds) when its work ended, default now."""
 
@@ -150,8 +154,14 @@ class Tracker(ABC):
 
     @abstractmethod
     def finished_experiments(self, experiment: str) -> pd.DataFrame:
-        """One row per finished parent run of `experiment`: run_id, model, dataset, protocol, leaky, start_time,
-        and its pooled metrics (ConfigError naming `--experiment` when there is no such experiment)."""
+        """One row per finished parent run of `experiment`: run_id, model, dataset, protocol, leaky (the stored
+        verdict), start_time, split, data_version, settings (`comparable_settings`) and its pooled metrics
+        (ConfigError naming `--experiment` when there is no such experiment)."""
+
+    @abstractmethod
+    def run_predictions(self, run: str) -> pd.DataFrame:
+        """The pooled test predictions a finished parent run logged (predictions.csv); DataError naming the run
+        when it has none."""
 
     def log_params_of(self, run: str, params: Params, extra: Mapping[str, Any] | None = None) -> None:
         """The full resolved configuration, flattened (credentials left out), plus `extra`."""
@@ -200,6 +210,12 @@ class NullTracker(Tracker):
 
     def set_tag(self, run: str, name: str, value: str) -> None:
         pass
+
+    def rename_run(self, run: str, name: str) -> None:
+        pass
+
+    def run_predictions(self, run: str) -> pd.DataFrame:
+        raise ConfigError("tracking.backend none: no tracked runs to compare; set tracking.backend: mlflow")
 
     def end_run(self, run: str, status: str = "FINISHED", end_time: float | None = None) -> None:
         pass
@@ -301,6 +317,23 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 def run_params(params: Params, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The parameters logged on every run: the full resolved config, flattened, plus `extra`."""
     return flatten(params.model_dump(mode="json", by_alias=True)) | flatten(dict(extra or {}))
+
+
+# Settings that do not change a run's numbers (where and how fast it ran): left out of what makes runs comparable.
+OPERATIONAL = frozenset({"train.device", "train.num_workers", "train.checkpoint_every", "train.device_data",
+                         "train.device_data_mb", "train.protocol", "train.split"})
+
+
+def comparable_settings(logged: Mapping[str, str]) -> dict[str, str]:
+    """The `model.*` and `train.*` settings that trained a parent run's result, from its logged params: params.yaml's
+    values (what the parent logs) with a search's `chosen.<key>` applied, in `flatten`'s text form; operational
+    settings (OPERATIONAL) and the protocol and split (compared on their own) left out."""
+    settings = {k: v for k, v in logged.items() if k.startswith(("model.", "train.")) and k not in OPERATIONAL}
+    for key, value in logged.items():
+        if key.startswith("chosen."):
+            decoded = json.loads(value)
+            settings[key[len("chosen."):]] = decoded if isinstance(decoded, str) else json.dumps(decoded, default=str)
+    return dict(sorted(settings.items()))
 
 
 def config_hash(tree: Any, length: int = 12) -> str:

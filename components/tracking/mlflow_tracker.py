@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 import warnings
@@ -31,6 +32,7 @@ import mlflow
 import pandas as pd
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import (
     MLFLOW_DATASET_CONTEXT,
@@ -51,13 +53,13 @@ from components.tracking.base import (
     Tracker,
     artifact_location,
     check_tracking_server,
+    comparable_settings,
     redact,
     tracking_uri,
 )
 from components.tracking.pyfunc import log_pyfunc_model
 from mer_model.config import TrackingConfig
-from mer_model.errors import ConfigError
-from mer_model.training.protocols import reads_annotated_aus
+from mer_model.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +261,17 @@ class MlflowTracker(Tracker):
     def set_tag(self, run: str, name: str, value: str) -> None:
         self.client.set_tag(run, name, value)
 
+    def rename_run(self, run: str, name: str) -> None:
+        self.client.update_run(run, name=name)
+
+    def run_predictions(self, run: str) -> pd.DataFrame:
+        with tempfile.TemporaryDirectory(prefix="mer-predictions-") as tmp:
+            try:
+                path = self.client.download_artifacts(run, "predictions.csv", tmp)
+            except (MlflowException, OSError) as err:
+                raise DataError(f"run {run}: no pooled predictions.csv artifact ({type(err).__name__})") from None
+            return pd.read_csv(path, keep_default_na=False)
+
     # ---------------------------------------------------------------------------------------------------- models
 
     def log_model(self, run: str, model: Any, class_names: list[str], preprocess: Any, leaky: bool,
@@ -298,16 +311,13 @@ class MlflowTracker(Tracker):
         rows = []
         for run in runs:
             tags, logged = run.data.tags, run.data.params
-            kwargs = {k[len("model.kwargs."):]: v for k, v in logged.items() if k.startswith("model.kwargs.")}
-            model = {"name": logged.get("model.name", tags.get("model", "?")),
-                     "config": logged.get("model.config", "paper"), "kwargs": kwargs}
-            try:
-                annotated = reads_annotated_aus(model)
-            except ConfigError:
-                annotated = model["kwargs"].get("au_mode") == "annotated"
-            rows.append({"run_id": run.info.run_id, "model": tags.get("model", model["name"]),
+            # The leak verdict stored with the result (tag set by the driver from the configuration that trained
+            # it), never one recomputed from logged params: a parent logs params.yaml's values, not a search's choice.
+            rows.append({"run_id": run.info.run_id, "model": tags.get("model", logged.get("model.name", "?")),
                          "dataset": tags.get("dataset", "?"), "protocol": tags.get("protocol", "?"),
-                         "leaky": tags.get("leaky") == "true" or annotated, "start_time": run.info.start_time,
-                         **run.data.metrics})
+                         "leaky": tags.get("leaky") == "true", "start_time": run.info.start_time,
+                         "split": tags.get("split", logged.get("train.split", "loso")),
+                         "data_version": tags.get("data_version", logged.get("data_version", "")),
+                         "settings": comparable_settings(logged), **run.data.metrics})
         return pd.DataFrame(rows)
 

@@ -15,6 +15,7 @@ import pandas as pd
 
 from mer_model.reporting import plots
 from mer_model.training.metrics import METRICS
+from mer_model.training.stats import format_difference, format_interval
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,36 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
     return format(value, spec) if isinstance(value, (float, np.floating)) else str(value)
 
 
+def _value(row: Mapping[str, Any], key: str) -> Any:
+    value = row.get(key)
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
+
+
+def _scored(row: Mapping[str, Any], key: str) -> str:
+    """A score with its 95% interval where the row has one (rows of tables that predate intervals: the score)."""
+    value = _value(row, key)
+    if value is None:
+        return "–"
+    if _value(row, f"{key}_ci_low") is None:
+        return _fmt(value)
+    return format_interval(float(value), float(row[f"{key}_ci_low"]), float(row[f"{key}_ci_high"]))
+
+
+def _difference(row: Mapping[str, Any], metric: str) -> str:
+    if _value(row, f"diff_{metric}") is None:
+        return "–"
+    return format_difference(*(_value(row, f"diff_{metric}{s}") for s in ("", "_ci_low", "_ci_high", "_p")))
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     datasets = [d for d in DATASETS if f"{d}_uf1" in table and table[f"{d}_uf1"].notna().any()]
-    head = ["model", "protocol", "UF1", "UAR", "acc"] + [f"{d} UF1 / UAR / acc" for d in datasets]
+    differences = "diff_uf1" in table and table["diff_uf1"].notna().any()
+    head = ["model", "protocol", "UF1 [95% CI]", "UAR [95% CI]", "acc [95% CI]"]
+    head += [f"{d} UF1 [95% CI] / UAR / acc" for d in datasets]
+    if differences:
+        base = next(b for b in table["baseline"] if isinstance(b, str) and b)
+        label = table.loc[table["model"] == base, "label"]
+        head += [f"Δ UF1 vs {label.iloc[0] if len(label) else base} [95% CI], p", "Δ UAR [95% CI], p"]
     head += ["n / subj.", "coverage", "epochs", "AUs", "wall s", "fold s", "device"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.to_dict("records"):
@@ -45,8 +73,10 @@ def markdown_table(table: pd.DataFrame) -> str:
         members = r.get("ensemble")
         if isinstance(members, (int, float)) and members > 1:  # NaN for rows of tables that predate the column
             epochs += f", {int(members)}-seed ensemble"
-        cells = [r["label"], protocol] + [_fmt(r[k]) for k in SCORES]
-        cells += [" / ".join(_fmt(r[f"{d}_{k}"]) for k in SCORES) for d in datasets]
+        cells = [r["label"], protocol] + [_scored(r, k) for k in SCORES]
+        cells += [" / ".join([_scored(r, f"{d}_uf1"), *(_fmt(r[f"{d}_{k}"]) for k in SCORES[1:])]) for d in datasets]
+        if differences:
+            cells += [_difference(r, "uf1"), _difference(r, "uar")]
         cells += [f"{r['n_samples']} / {r['n_subjects']}", _fmt(r.get("coverage")), epochs, r["au"],
                   _fmt(r["wall_s"], ".0f"), _fmt(r.get("fold_s"), ".0f"), r["device"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -115,6 +145,11 @@ def write_outputs(table: pd.DataFrame, out: Path, settings: Mapping[str, Any]) -
         "## Honest protocols (fixed, inner)",
         "",
         markdown_table(honest) if not honest.empty else "_none run_",
+        "",
+        "Scores with a 95% interval from a bootstrap over subjects (subjects resampled with replacement, the pooled "
+        "metric recomputed). Δ: each honest row minus the baseline row of its protocol over the same samples, with a "
+        "paired subject-bootstrap interval and the p-value of a permutation test swapping the two runs' predictions "
+        "within subjects; \"not distinguishable\" where the interval includes zero.",
         "",
         f"Honest reference numbers from the literature (fixed epochs): {baselines}.",
         "",

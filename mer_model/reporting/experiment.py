@@ -15,7 +15,9 @@ from typing import Any
 import pandas as pd
 
 from mer_model.reporting import html, plots
+from mer_model.config import IntervalConfig
 from mer_model.training.metrics import LABELS, SCALARS, pooled_metrics
+from mer_model.training.stats import INTERVAL_METRICS, metric_intervals
 
 log = logging.getLogger(__name__)
 
@@ -24,40 +26,56 @@ LEAKY_TEXT = ("LEAKY RESULT: test labels influenced these numbers (oracle epoch 
               "performance on unseen subjects.")
 
 
-def _scores_table(pooled: Mapping[str, Any]) -> pd.DataFrame:
-    rows = [{"set": "pooled (all folds)", **{k: pooled["overall"][k] for k in SCALARS}}]
+def _scores_table(pooled: Mapping[str, Any], bounds: Mapping[str, float]) -> pd.DataFrame:
+    """Scores pooled and per dataset; with `bounds` (stats.metric_intervals) a 95% CI column after each metric that
+    has one."""
+    scopes = [("pooled (all folds)", "", pooled["overall"])]
     if len(pooled["per_dataset"]) > 1:
-        rows += [{"set": name, **{k: values[k] for k in SCALARS}} for name, values in pooled["per_dataset"].items()]
+        scopes += [(name, f"{name}/", values) for name, values in pooled["per_dataset"].items()]
+    rows = []
+    for name, prefix, values in scopes:
+        row: dict[str, Any] = {"set": name}
+        for k in SCALARS:
+            row[LABELS[k]] = values[k]
+            if bounds and k in INTERVAL_METRICS:
+                low, high = bounds.get(f"{prefix}{k}_ci_low"), bounds.get(f"{prefix}{k}_ci_high")
+                known = low is not None and high is not None
+                row[f"{LABELS[k]} 95% CI"] = f"[{low:.3f}, {high:.3f}]" if known else None
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
 def _details(metrics: Mapping[str, Any], computed: pd.DataFrame) -> pd.DataFrame:
     """Entries of the caller's metrics that the scores table does not already show (protocol, experiment, ...)."""
-    shown = set(SCALARS) | {f"{d}/{k}" for d in computed["set"] for k in SCALARS}
+    shown = {f"{p}{k}{suffix}" for p in ("", *(f"{d}/" for d in computed["set"])) for k in SCALARS
+             for suffix in ("", "_ci_low", "_ci_high")}
     rows = [{"key": k, "value": v} for k, v in metrics.items()
             if k not in shown and not isinstance(v, (Mapping, list, tuple))]
     return pd.DataFrame(rows, columns=["key", "value"])
 
 
 def write_experiment_report(predictions: pd.DataFrame, history: pd.DataFrame | None, metrics: Mapping[str, Any],
-                            class_names: Sequence[str], out_dir: str | Path, leaky: bool, title: str = "") -> Path:
+                            class_names: Sequence[str], out_dir: str | Path, leaky: bool, title: str = "",
+                            intervals: IntervalConfig | None = None) -> Path:
     """Write `out_dir/report.html` and its PNGs; returns the HTML path.
 
     `predictions`: pooled test predictions (sample_id, subject, dataset, fold, label, pred, ...); `history`: one row
     per fold and epoch (`fold`, `epoch`, `train_loss`, `val_*`/`test_*`), or None; `metrics`: the run's metrics
-    and descriptors (protocol, experiment, ...), shown where not recomputed here."""
+    and descriptors (protocol, experiment, ...), shown where not recomputed here; `intervals`: the subject-bootstrap
+    intervals to show beside UF1, UAR and accuracy (recomputed like the numbers; None = none)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = list(class_names)
     pooled = pooled_metrics(predictions, names)
     title = title or str(metrics.get("experiment", "experiment report"))
-    scores = _scores_table(pooled)
+    scores = _scores_table(pooled, metric_intervals(predictions, names, intervals) if intervals else {})
     sections = []
     if leaky:
         sections.append(f'<p class="banner">{html.escape(LEAKY_TEXT)}</p>')
-    sections += ["<h2>Metrics</h2>", html.table(scores.rename(columns=LABELS), leaky_rows=[leaky] * len(scores)),
+    sections += ["<h2>Metrics</h2>", html.table(scores, leaky_rows=[leaky] * len(scores)),
                  '<p class="note">UF1 = macro F1 over classes, UAR = mean per-class recall, on test predictions '
-                 "pooled over all evaluation folds (the split is named under Run).</p>"]
+                 "pooled over all evaluation folds (the split is named under Run); 95% CI: percentile interval of a "
+                 "bootstrap over subjects (subjects resampled with replacement, the pooled metric recomputed).</p>"]
     recall = pooled["overall"]["per_class_recall"]
     sections += ["<h3>Recall per class</h3>",
                  html.table(pd.DataFrame([{"class": c, "recall": recall[c],

@@ -172,6 +172,14 @@ def leak_reasons(protocol: str, model: Any) -> list[str]:
     return reasons + (["annotated AUs as input"] if reads_annotated_aus(model) else [])
 
 
+def result_verdict(folds: Sequence["FoldSummary"]) -> bool:
+    """The leak verdict of a pooled result: leaky when any of its folds was stored leaky. Each fold's verdict was
+    decided once, by `is_leaky` on the configuration that trained it (after a search, the chosen one), and every
+    output of the result (summary, metrics.json, reports, tables, tags, the champion alias) reads this, never the
+    current params.yaml."""
+    return any(f.leaky for f in folds)
+
+
 def run_label(protocol: str, leaky: bool) -> str:
     """The protocol as run names, titles and tables show it, e.g. "oracle (leaky)"."""
     return f"{protocol} (leaky)" if leaky else protocol

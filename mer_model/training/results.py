@@ -144,7 +144,7 @@ class ExperimentSummary(_Json):
 
     experiment: str
     protocol: str
-    leaky: bool
+    leaky: bool  # the stored leak verdict (protocols.result_verdict of the folds); outputs read it
     class_names: list[str]
     metrics: dict[str, float | None] = field(default_factory=dict)  # metrics.flat_metrics of the pooled predictions
     split: str = "loso"
@@ -166,6 +166,7 @@ class ExperimentSummary(_Json):
     # {file name: {"rows", "sha256"}} of predictions.csv and folds.json as written with this summary (`read_results`
     # checks them); empty in summaries written before it was recorded.
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    leak_reasons: list[str] = field(default_factory=list)  # why `leaky` (protocols.leak_reasons), [] when honest
 
 
 @dataclass

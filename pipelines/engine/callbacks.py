@@ -26,7 +26,8 @@ from tqdm import tqdm
 from components.tracking import EXPERIMENT_KEY_TAG, KIND_TAG, Tracker
 from mer_model.reporting.artifacts import write_artifacts
 from mer_model.training.metrics import METRICS, flat_metrics
-from mer_model.training.protocols import is_leaky, run_label
+from mer_model.config import IntervalConfig
+from mer_model.training.protocols import is_leaky, result_verdict, run_label
 from mer_model.training.results import FoldSummary
 from pipelines.engine.storage import FoldStorage
 from pipelines.engine.trial import OBJECTIVE, TrialContext, fold_jobs
@@ -49,9 +50,11 @@ def leak_tags(protocol: str, leaky: bool) -> dict[str, str]:
 
 
 def log_pooled(tracker: Tracker, run: str, predictions: pd.DataFrame, class_names: list[str],
-               title: str, leaky: bool) -> dict[str, Any]:
-    """Pooled metrics and the evaluation artifacts of a run (mer_model.reporting.artifacts); returns the metrics."""
-    flat, _ = flat_metrics(predictions, class_names)
+               title: str, leaky: bool, intervals: IntervalConfig | None = None) -> dict[str, Any]:
+    """Pooled metrics and the evaluation artifacts of a run (mer_model.reporting.artifacts); returns the metrics.
+    With `intervals`, the subject-bootstrap bounds too (`uf1_ci_low`, ...: the parent run's, for the MLflow UI's
+    compare view; search trials go without)."""
+    flat, _ = flat_metrics(predictions, class_names, intervals)
     tracker.log_metrics(run, [(k, v, 0) for k, v in flat.items()])
     with tempfile.TemporaryDirectory(prefix="mer-artifacts-") as tmp:
         paths = write_artifacts(predictions, class_names, Path(tmp), title=title, leaky=leaky)
@@ -76,12 +79,13 @@ class TrackingCallback(Callback):
         if trial.trial_id in self.trial_runs:
             return self.trial_runs[trial.trial_id]
         resolved, overrides = self.ctx.resolved(trial.config)
-        label = run_label(self.ctx.protocol, is_leaky(self.ctx.protocol, resolved.model))
+        leaky = is_leaky(self.ctx.protocol, resolved.model)  # this trial's configuration: what its folds store
+        label = run_label(self.ctx.protocol, leaky)
         name = f"search trial {trial.trial_id} ({label})" if self.ctx.phase == "search" else f"evaluation {label}"
         run, created = self.tracker.open_run(
             self._trial_key(trial), name,
             {KIND_TAG: "trial", EXPERIMENT_KEY_TAG: self.info.experiment_key, "phase": self.ctx.phase,
-             **leak_tags(self.ctx.protocol, is_leaky(self.ctx.protocol, resolved.model))},
+             **leak_tags(self.ctx.protocol, leaky)},
             parent=self.info.parent_id)
         if created:
             self.tracker.log_params_of(run, resolved, self.info.base_params | {
@@ -155,7 +159,7 @@ class TrackingCallback(Callback):
         if not summaries:  # every fold failed: nothing to pool
             self.tracker.end_run(run, "FAILED")
             return
-        leaky = is_leaky(self.ctx.protocol, resolved.model)
+        leaky = result_verdict(summaries)
         log_pooled(self.tracker, run, predictions, summaries[0].class_names,
                    f"{trial.trial_id} ({run_label(self.ctx.protocol, leaky)})", leaky)
         last = trial.last_result or {}

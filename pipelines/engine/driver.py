@@ -46,7 +46,7 @@ from components.tracking import (
 from mer_model.config import Params, PreprocessConfig
 from mer_model.errors import NonFiniteError
 from mer_model.training.data import SampleStore
-from mer_model.training.protocols import is_leaky, retrain_epochs, run_label
+from mer_model.training.protocols import is_leaky, leak_reasons, result_verdict, retrain_epochs, run_label
 from mer_model.training.results import ExperimentSummary, Results, write_results
 from mer_model.training.splits import make_folds
 from pipelines.engine.callbacks import (
@@ -93,6 +93,15 @@ def parent_run_name(name: str, protocol: str, leaky: bool, settings: str, ensemb
     return " ".join(part for part in (name, label, members, f"[{settings[:8]}]") if part)
 
 
+def mark_verdict(tracker: Tracker, parent: str, name: str, protocol: str, leaky: bool, settings: str,
+                 ensemble: int) -> None:
+    """The leak verdict of the configuration that trains the result, on the parent run: `protocol`/`leaky` tags and
+    the run name's marker (the run is opened before a search that may change the verdict)."""
+    for tag, value in leak_tags(protocol, leaky).items():
+        tracker.set_tag(parent, tag, value)
+    tracker.rename_run(parent, parent_run_name(name, protocol, leaky, settings, ensemble))
+
+
 def storage_root(params: Params) -> str:
     """`tune.storage_path/<experiment>` as an absolute local path or a URI (s3://...)."""
     path = params.tune.storage_path
@@ -135,7 +144,6 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
     check_experiment(params)  # outputs, cache entries, model: fail now, not after the whole run
     for warning in setting_warnings(params):
         log.warning("%s", warning)
-    leaky = is_leaky(params.train.protocol, params.model)
     cache_dir = str(Path(params.preprocess.out).resolve())
     store = SampleStore.open(cache_dir)  # its entries were checked by check_experiment, before Ray starts
     folds = make_folds(params.train.split, store.index)
@@ -160,12 +168,12 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
         try:
             base = {"data_version": version, "git_commit": git_commit(REPO), "experiment": name}
             # The settings hash in the name: two runs that differ in one setting are told apart in the MLflow UI's
-            # run list, and a resumed run keeps its name.
+            # run list, and a resumed run keeps its name. The leak verdict (tags, name) is set once the configuration
+            # that trains the result is known, after the search (mark_verdict).
             parent, created = tracker.open_run(
-                experiment_key, parent_run_name(name, protocol, leaky, settings, params.train.ensemble),
+                experiment_key, parent_run_name(name, protocol, False, settings, params.train.ensemble),
                 {KIND_TAG: "parent", EXPERIMENT_KEY_TAG: experiment_key, "dataset": params.data.source,
-                 "model": params.model.name, "split": params.train.split, "data_version": version,
-                 **leak_tags(protocol, leaky)})
+                 "model": params.model.name, "split": params.train.split, "data_version": version})
             if created:
                 tracker.log_params_of(parent, params, base)
                 with tempfile.TemporaryDirectory(prefix="mer-config-") as tmp:
@@ -203,6 +211,9 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
 
             ctx = TrialContext(phase="evaluate", protocol=protocol, folds=folds, **common)
             resolved = trial_params(ctx.params, chosen, protocol)
+            # The verdict of the configuration the evaluation folds train with (what fold_jobs stores with each fold).
+            leaky = is_leaky(protocol, resolved.model)
+            mark_verdict(tracker, parent, name, protocol, leaky, settings, params.train.ensemble)
             keys = [j.key for j in fold_jobs(ctx, resolved)]
             reused = sum(FoldStorage(fold_store).summary(k) is not None for k in keys)
             if reused:  # said, not left to be inferred from the speed
@@ -220,9 +231,12 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
                 raise NonFiniteError(f"evaluate: every one of the {len(keys)} folds failed, nothing to pool (first: "
                                      f"{failed[0]['error'] if failed else 'no fold stored'})")
             class_names = summaries[0].class_names
-            leaky = is_leaky(protocol, resolved.model)
+            stored = result_verdict(summaries)  # what the result's folds were stored with: every output reads it
+            if stored != leaky:
+                leaky = stored
+                mark_verdict(tracker, parent, name, protocol, leaky, settings, params.train.ensemble)
             metrics = log_pooled(tracker, parent, predictions, class_names, f"{name} ({run_label(protocol, leaky)})",
-                                 leaky)
+                                 leaky, params.evaluate.intervals)
 
             model_uri = None
             if cfg.final_model and tracker.stores_models:
@@ -234,7 +248,8 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
 
             summary = ExperimentSummary(
                 experiment=name, experiment_key=experiment_key, protocol=protocol, split=params.train.split,
-                leaky=leaky, class_names=list(class_names), chosen=chosen, metrics=metrics, data_version=version,
+                leaky=leaky, leak_reasons=leak_reasons(protocol, resolved.model) if leaky else [],
+                class_names=list(class_names), chosen=chosen, metrics=metrics, data_version=version,
                 folds=len(summaries), failed_folds=failed, model=resolved.model.model_dump(mode="json"),
                 train=resolved.train.model_dump(mode="json"),
                 search={"num_samples": cfg.num_samples, "search_folds": cfg.search_folds, "metric": cfg.metric,
