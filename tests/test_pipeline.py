@@ -134,33 +134,49 @@ def test_parent_run_names_say_the_protocol_once_and_the_ensemble_size() -> None:
         "mine oracle (leaky) 3-seed ensemble [e889274d]"
 
 
-def test_annotated_au_model_is_tagged_leaky(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A model fed the annotated AUs is leaky under an honest protocol too: tags, run names, results, metrics.json.
-    (Trained as a 2-seed ensemble, whose members' seeds and epochs the fold runs record.)"""
+def test_a_search_that_chooses_annotated_aus_marks_every_output_leaky(tiny_root: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 29, one leak verdict: params.yaml's model is honest (AUs predicted), the search space has annotated AUs
+    as input and chooses them. The verdict of the configuration that trained each result marks every output leaky:
+    the parent's tags and name (opened before the search), search trials and their folds, the evaluation, stored
+    folds, summary.json with its reason, metrics.json, the report, the comparison. A model fed the annotated AUs is
+    leaky under an honest protocol too. (Trained as a 2-seed ensemble, whose members' seeds and epochs the fold runs
+    record.)"""
     from components.evaluate import evaluate
+    from components.tracking import make_tracker
     from mer_model.config import load_params
     from pipelines.engine.driver import run_experiment
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
-        "model.name": "cva_fpf", "model.config": "flow_small", "model.kwargs": {"au_mode": "annotated"},
+        "model.name": "cva_fpf", "model.config": "flow_small", "model.kwargs": {"au_mode": "predicted"},
+        "tune.num_samples": 1, "tune.search_space": {"model.kwargs.au_mode": {"type": "choice",
+                                                                              "values": ["annotated"]}},
         "train.epochs": 1, "train.ensemble": 2, "tune.final_model": False}))
     summary = run_experiment(params)
+    assert summary.chosen == {"model.kwargs.au_mode": "annotated"}
     assert summary.protocol == "fixed" and summary.leaky is True
+    assert summary.leak_reasons == ["annotated AUs as input"]
 
     runs = runs_by_kind(tmp_path)
     every = [r for kind in runs.values() for r in kind]
-    assert len(runs["parent"]) == 1 and len(runs["fold"]) == 4
-    assert all(r.data.tags["leaky"] == "true" and r.data.tags["protocol"] == "fixed" for r in every)
-    assert all("fixed (leaky)" in r.info.run_name for r in every)
+    assert len(runs["parent"]) == 1 and len(runs["trial"]) == 2 and len(runs["fold"]) == 4 + 2
+    assert all(r.data.tags["leaky"] == "true" for r in every)
+    evaluated = [r for r in every if r.data.tags.get("phase") != "search"]
+    assert all(r.data.tags["protocol"] == "fixed" and "(leaky)" in r.info.run_name for r in evaluated)
+    assert all("inner (leaky)" in r.info.run_name for r in every if r.data.tags.get("phase") == "search")
     assert "2-seed ensemble" in runs["parent"][0].info.run_name
+    eval_folds = [r for r in runs["fold"] if r.data.tags["phase"] == "evaluate"]
     assert all(r.data.params["fold.member_seeds"].startswith(f"{params.train.seed},")
-               and r.data.params["fold.member_epochs"] == "1,1" for r in runs["fold"])
+               and r.data.params["fold.member_epochs"] == "1,1" for r in eval_folds)
     assert json.loads((Path(params.tune.results) / "summary.json").read_text())["leaky"] is True
     folds = list(Path(params.tune.storage_path).glob("*/folds/*/result.json"))  # not Tune's own result.json
-    assert len(folds) == 4 and all(json.loads(f.read_text())["leaky"] is True for f in folds)
-    assert evaluate(params)["leaky"] is True
-    assert json.loads(Path(params.evaluate.metrics).read_text())["leaky"] is True
+    assert len(folds) == 6 and all(json.loads(f.read_text())["leaky"] is True for f in folds)
+    metrics = evaluate(params)
+    assert metrics["leaky"] is True and json.loads(Path(params.evaluate.metrics).read_text())["leaky"] is True
+    assert metrics["uf1_ci_low"] <= metrics["uf1"] <= metrics["uf1_ci_high"]
+    assert "LEAKY RESULT" in (Path(params.evaluate.report) / summary.experiment / "report.html").read_text()
+    assert make_tracker(params.tracking).finished_experiments("mer")["leaky"].tolist() == [True]
 
 
 def test_fold_progress_counts_folds_and_estimates_the_rest(caplog: pytest.LogCaptureFixture) -> None:
