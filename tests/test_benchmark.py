@@ -69,6 +69,12 @@ def test_benchmark_command_end_to_end(tiny_composite: Path, annotations_dir: Pat
     assert (table["leaky"].astype(bool) == expected_leaky).all()
     au_rows = table[table["model"] == "cva-fpf-flow-au"]
     assert (au_rows["au"] == "annotated").all()
+    # Leak reasons as stored with each run's result.
+    assert (au_rows["leak"].str.contains("annotated AUs as input")).all()
+    assert (table.loc[table["protocol"] == "oracle", "leak"].str.contains("oracle epoch selection")).all()
+    # Subject-bootstrap intervals of every score, overall and per dataset.
+    for score in ("uf1", "uar", "accuracy", "casme2_uf1", "smic_uar"):
+        assert ((table[f"{score}_ci_low"] <= table[score]) & (table[score] <= table[f"{score}_ci_high"])).all()
     assert au_rows["notes"].str.contains("FPF disabled").all() and au_rows["notes"].str.contains("smic uncoded").all()
     assert table["device"].eq("cpu").all() and (table["wall_s"] > 0).all() and (table["fold_s"] > 0).all()
     assert (table["coverage"] == f"{n}/{n}").all() and (table["split"] == "loso").all()
@@ -177,6 +183,48 @@ def test_results_md_marks_seed_ensembles_and_reads_tables_without_the_column() -
     lines = markdown_table(pd.DataFrame([{**row, "ensemble": 3}, {**row, "ensemble": 1}])).splitlines()[2:]
     assert "30 (sel. 12), 3-seed ensemble" in lines[0] and "ensemble" not in lines[1]
     assert "ensemble" not in markdown_table(pd.DataFrame([row]))  # a results.csv written before the column
+
+
+def _results(directory: Path, predictions: pd.DataFrame) -> None:
+    from mer_model.training.results import ExperimentSummary, Results, write_results
+
+    write_results(directory, Results(ExperimentSummary(experiment="x", protocol="inner", leaky=False,
+                                                       class_names=["a", "b", "c"]), predictions, []))
+
+
+def test_honest_rows_get_their_paired_difference_to_the_baseline(tmp_path: Path) -> None:
+    """Each honest row's difference to the baseline row of its protocol, with interval, p-value and the verdict; a
+    leaky row and the baseline itself get none; a row over other samples is said in its notes, not compared."""
+    import numpy as np
+
+    from mer_model.config import IntervalConfig
+    from pipelines.benchmark import baseline_differences
+
+    rng = np.random.default_rng(0)
+    subjects = np.repeat([f"casme2/s{i}" for i in range(20)], 8)
+    label = rng.integers(0, 3, len(subjects))
+    base = pd.DataFrame({"sample_id": [f"x{i}" for i in range(len(label))], "subject": subjects,
+                         "dataset": "casme2", "label": label,
+                         "pred": np.where(rng.random(len(label)) < 0.5, label, rng.integers(0, 3, len(label)))})
+    runs = {"base": base, "good": base.assign(pred=np.where(rng.random(len(label)) < 0.9, label, base["pred"])),
+            "same": base.assign(pred=np.where(rng.random(len(label)) < 0.5, label, rng.integers(0, 3, len(label)))),
+            "leaky": base.assign(pred=label), "other": base.iloc[8:]}
+    for name, predictions in runs.items():
+        _results(tmp_path / name, predictions)
+    table = pd.DataFrame({"model": list(runs), "label": [n.upper() for n in runs], "protocol": "inner",
+                          "leaky": [False, False, False, True, False], "notes": ""})
+    out = baseline_differences(table, lambda model, protocol: tmp_path / model, ["absent", "base"],
+                               IntervalConfig(resamples=500)).set_index("model")
+    assert out.loc["good", "baseline"] == "base" and out.loc["good", "diff_uf1_ci_low"] > 0
+    assert out.loc["good", "diff_uf1_verdict"] == "better" and out.loc["good", "diff_uf1_p"] < 0.01
+    assert out.loc["same", "diff_uf1_verdict"] == "not distinguishable"
+    assert out[["diff_uf1"]].loc[["base", "leaky", "other"]].isna().all().all()
+    assert "no difference to the baseline: not comparable: different samples" in out.loc["other", "notes"]
+    lines = markdown_table(out.reset_index().assign(
+        uf1=0.5, uar=0.5, accuracy=0.5, n_samples=1, n_subjects=1, epochs=1, selected_epoch_median=1, au="none",
+        wall_s=1.0, fold_s=1.0, device="cpu")).splitlines()
+    assert "Δ UF1 vs BASE [95% CI], p" in lines[0]
+    assert "not distinguishable" in next(line for line in lines if line.startswith("| SAME"))
 
 
 # The committed recipe searches (benchmarks/recipes/<entry>.yaml), one per searched CPU entry of params.yaml.
