@@ -166,6 +166,9 @@ def test_a_search_that_chooses_annotated_aus_marks_every_output_leaky(tiny_root:
     assert all(r.data.tags["protocol"] == "fixed" and "(leaky)" in r.info.run_name for r in evaluated)
     assert all("inner (leaky)" in r.info.run_name for r in every if r.data.tags.get("phase") == "search")
     assert "2-seed ensemble" in runs["parent"][0].info.run_name
+    # The parent carries the pooled metrics' subject-bootstrap intervals (the MLflow compare view shows them).
+    logged = runs["parent"][0].data.metrics
+    assert logged["uf1_ci_low"] == pytest.approx(summary.metrics["uf1_ci_low"]) and "accuracy_ci_high" in logged
     eval_folds = [r for r in runs["fold"] if r.data.tags["phase"] == "evaluate"]
     assert all(r.data.params["fold.member_seeds"].startswith(f"{params.train.seed},")
                and r.data.params["fold.member_epochs"] == "1,1" for r in eval_folds)
@@ -175,6 +178,7 @@ def test_a_search_that_chooses_annotated_aus_marks_every_output_leaky(tiny_root:
     metrics = evaluate(params)
     assert metrics["leaky"] is True and json.loads(Path(params.evaluate.metrics).read_text())["leaky"] is True
     assert metrics["uf1_ci_low"] <= metrics["uf1"] <= metrics["uf1_ci_high"]
+    assert {k: metrics[k] for k in summary.metrics} == pytest.approx(summary.metrics)  # one computation, fixed seed
     assert "LEAKY RESULT" in (Path(params.evaluate.report) / summary.experiment / "report.html").read_text()
     assert make_tracker(params.tracking).finished_experiments("mer")["leaky"].tolist() == [True]
 
