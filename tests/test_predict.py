@@ -286,13 +286,14 @@ def _model_dir(tmp_path: Path) -> Path:
     """An MLflow model directory of this platform's pyfunc (what downloading a logged model's artifacts gives)."""
     import mlflow
 
-    from components.tracking.pyfunc import CHECKPOINT_ARTIFACT, INFO_ARTIFACT, MerPyfuncModel, model_info
+    from components.tracking.pyfunc import CHECKPOINT_ARTIFACT, INFO_ARTIFACT, SERVED_MODEL_CODE, model_info
 
     work = tmp_path / "parts"
     checkpoint = _checkpoint(work / "model.pt")
     info = work / "mer_model.json"
     info.write_text(json.dumps(model_info(CLASSES, PreprocessConfig(), False), indent=2))
-    mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=MerPyfuncModel(), pip_requirements=[],
+    # The served model's code as log_pyfunc_model logs it (models from code; mer_model is importable here).
+    mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=str(SERVED_MODEL_CODE), pip_requirements=[],
                              artifacts={CHECKPOINT_ARTIFACT: str(checkpoint), INFO_ARTIFACT: str(info)})
     return tmp_path / "model"
 
