@@ -293,6 +293,7 @@ def _model_dir(tmp_path: Path) -> Path:
     checkpoint = _checkpoint(work / "model.pt")
     info = work / "mer_model.json"
     info.write_text(json.dumps(model_info(CLASSES, PreprocessConfig(), False), indent=2))
+    # The served model's code as log_pyfunc_model logs it (models from code; mer_model is importable here).
     mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=str(SERVED_MODEL_CODE), pip_requirements=[],
                              artifacts={CHECKPOINT_ARTIFACT: str(checkpoint), INFO_ARTIFACT: str(info)})
     return tmp_path / "model"

@@ -71,7 +71,6 @@ def _providers(module: str) -> list[str]:
             if any(str(f).split("/")[0] == module for f in dist.files or ())]
 
 
-
 def _requirements() -> list[str]:
     """`name==version` of the distributions providing SERVED_MODULES in this environment (e.g. cv2 ->
     opencv-contrib-python-headless, dlib -> dlib-bin), sorted; a module not installed here is left out."""
