@@ -204,7 +204,8 @@ def test_device_resident_data_trains_like_the_cpu_reference_path(store: SampleSt
 
 @pytest.mark.parametrize("group", [1, 4])
 def test_a_fold_whose_outputs_become_non_finite_fails_alone(tmp_path: Path, group: int,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+                                                            caplog: pytest.LogCaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """One sample holds an extreme (finite) flow value, 3e37: the three folds that train on it finish; the fold that
     tests on it gets NaN probabilities (before: stored as finished and pooled, argmax naming a class). It now fails,
     named, is recorded as failed and never stored as finished, while the others complete -- also when the four
@@ -215,6 +216,7 @@ def test_a_fold_whose_outputs_become_non_finite_fails_alone(tmp_path: Path, grou
     from pipelines.engine import tasks
     from pipelines.engine.callbacks import failed_folds, stored_folds
 
+    monkeypatch.setattr(tasks, "_LOGGING_SET", True)  # a Ray worker's logging set-up would replace pytest's capture
     root = write_cache(tmp_path / "cache", subjects=4, per_subject=2)
     sid = "synthetic/s01/clip1"
     flow = SampleStore.open(root).arrays(sid, ("flow28",))["flow28"].copy()
