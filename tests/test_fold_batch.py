@@ -143,12 +143,13 @@ def test_fold_task_logs_name_the_ensemble_member(caplog: pytest.LogCaptureFixtur
 
     from pipelines.engine.tasks import _epoch_logger
 
-    log = _epoch_logger(SimpleNamespace(fold=SimpleNamespace(name="s01"), key="k"), None, None)
-    with caplog.at_level("INFO", logger="pipelines.engine.tasks"):
+    job = SimpleNamespace(fold=SimpleNamespace(name="s01"), key="k", train={"epochs": 3})
+    log = _epoch_logger(job, None, None)
+    with caplog.at_level("DEBUG", logger="pipelines.engine.tasks"):
         log(3, {"epoch": 3, "train_loss": 0.5})
         log(3, {"epoch": 3, "member": 2, "train_loss": 0.4})
-    assert [r.getMessage() for r in caplog.records] == ["fold s01 epoch 3: train_loss=0.5",
-                                                        "fold s01 epoch 3 (ensemble member 2): train_loss=0.4"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "DEBUG"] == [
+        "fold s01 epoch 3: train_loss=0.5", "fold s01 epoch 3 (ensemble member 2): train_loss=0.4"]
 
 
 def test_a_fold_task_trains_its_unfinished_folds_as_one_group(store: SampleStore, tmp_path: Path,

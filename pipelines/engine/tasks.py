@@ -100,9 +100,10 @@ def _spec(job: FoldJob, store: SampleStore) -> FoldSpec:
 
 def _worker_logging() -> None:
     """This module's epoch progress lines reach the driver's console (Ray forwards a worker's stderr); everything
-    else only from WARNING (the driver already says when a fold is done). Once per worker process."""
+    else only from WARNING (the driver already says when a fold is done). Once per worker process; never in the
+    driver's own process (a fold run there, as in tests, keeps the caller's logging)."""
     global _LOGGING_SET
-    if not _LOGGING_SET:
+    if not _LOGGING_SET and ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None:
         setup_logging(verbose=False)
         for name in PLATFORM_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
