@@ -302,3 +302,22 @@ def test_detector_annotation_uses_saved_landmarks(clip: Path, tmp_path: Path) ->
     assert out.face == "annotation"
     expected = facelib.alignment_from_landmarks(landmarks, cfg.margin).points(landmarks, 64)
     np.testing.assert_allclose(out.arrays()["landmarks68"][0], expected, atol=1e-4)
+
+
+def test_composite_points5_without_the_landmarks_file_dlib_else_the_template(composite_dir: Path) -> None:
+    """No `points5` in the table (landmarks5_28px.csv absent): dlib on the apex crop where it finds the face, the
+    template points of an aligned crop where it does not (sub13's crops); each recorded as estimated, so preprocessing
+    counts them. The template sits where dlib puts the points of a crop it reads (within 1.5 px of the 28 px map)."""
+    crops = composite_dir / "datasets" / "combined_datasets_whole"
+    flow = sorted((composite_dir / "datasets" / "STSNet_whole_norm_u_v_os").glob("*.png"))[0]
+    found = make_row("casme2/sub01/EP02_01f", onset=None, apex=None, offset=None, flow_path=str(flow),
+                     apex_path=str(crops / "sub01_EP02_01f.jpg"))
+    missed = make_row("casme2/sub13/EP09_10", onset=None, apex=None, offset=None, flow_path=str(flow),
+                      apex_path=str(crops / "sub13_EP09_10.jpg"))
+    cfg = PreprocessConfig()
+    dlib_out, template_out = (preprocess_sample(row, cfg, Path("."), ("points5",)) for row in (found, missed))
+    assert dlib_out.modalities["points5"].status == "ok" and dlib_out.estimated == "points5=dlib"
+    assert template_out.modalities["points5"].status == "ok" and template_out.estimated == "points5=template"
+    template = template_out.arrays(["points5"])["points5"]
+    np.testing.assert_allclose(template, facelib.template_points5(28))
+    assert np.abs(dlib_out.arrays(["points5"])["points5"] - template).max() < 1.5

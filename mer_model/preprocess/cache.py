@@ -320,7 +320,10 @@ class Cache:
         ok = index["status"] == "ok"
         estimated: Counter[str] = Counter()
         for text in index["estimated"]:
-            estimated.update(part.split("=")[0] for part in text.split(";") if part)
+            # key frames by name (`apex=23` -> apex); a value that is a source, not a number, by both
+            # (`points5=template`), so each source is counted
+            estimated.update(part if not part.partition("=")[2].isdigit() else part.partition("=")[0]
+                             for part in text.split(";") if part)
         per_modality = {}
         for m in modalities:
             statuses = Counter(self._entries[(sid, m)]["status"] for sid in ids)

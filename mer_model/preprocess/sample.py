@@ -5,7 +5,7 @@ Pure and single-threaded (the caller parallelises over samples). Only the reques
 the work they share (reading frames, the face, the alignment, the key frames) is done once per sample and only when
 a requested modality needs it, so asking for `flow28` never pays for the 128 px sequence flows. Every problem is a
 `SampleError` naming the sample and the file, recorded against each modality it affects; the others still succeed
-(a face the detector misses on a composite's apex crop costs `points5` and nothing else).
+(a face the detector misses on a composite's apex crop gets the template points, said and counted).
 
 Frame-based rows (frames_dir set):
 
@@ -29,7 +29,8 @@ Frame-based rows (frames_dir set):
    or the map degenerate, flow.py); TV-L1 between consecutive sampled 128 px frames -> `flows128`.
 
 Composite rows (flow_path set, no frames): the PNG -> `flow28` (a grey or flat map is refused); `points5` from the
-table, else detected on the apex crop; `apex224` = the distributed apex crop resized to `face_size` (the distribution
+table, else detected with dlib on the apex crop, else (no face found) the template points of an aligned crop
+(`face.TEMPLATE_POINTS5`), the last two recorded as estimated (`points5=dlib` / `points5=template`); `apex224` = the distributed apex crop resized to `face_size` (the distribution
 has no onset crops, so `onset224` and the sequence modalities are unavailable).
 
 Every array of every modality is checked for NaN/inf before it is returned.
@@ -491,6 +492,11 @@ class _CompositeSample(_Steps):
         self.flow_path = resolve(str(row["flow_path"]), root)
         self.apex_path = resolve(str(row["apex_path"]), root) if row.get("apex_path") else None
         self.face_source = "composite"
+        self.points_source = ""  # where computed points5 came from: dlib on the apex crop, or the template
+
+    def estimated(self) -> dict[str, Any]:
+        """What preprocessing estimated rather than read: the five points, when not from the table."""
+        return {"points5": self.points_source} if self.points_source else {}
 
     def apex_crop(self) -> np.ndarray:
         if self.apex_path is None:
@@ -506,8 +512,11 @@ def _composite_points5(s: _CompositeSample) -> dict[str, np.ndarray]:
         raise SampleError(s.sample_id, "composite row has neither points5 nor an apex crop", reason="unavailable")
     grey = cv2.cvtColor(s.apex_crop(), cv2.COLOR_BGR2GRAY)
     box = facelib.detect_face(grey, s.cfg.detector_upsample)
-    if box is None:
-        raise SampleError(s.sample_id, f"no points5 in the table and no face found in {s.apex_path}", reason="no face")
+    if box is None:  # the crop is an aligned face: its points are where the template puts them
+        s.points_source = "template"
+        log.debug("%s: no face found in %s; points5 from the template", s.sample_id, s.apex_path)
+        return {"points5": facelib.template_points5(s.cfg.flow.map_size)}
+    s.points_source = "dlib"
     scale = s.cfg.flow.map_size / np.array([grey.shape[1], grey.shape[0]], dtype=np.float32)
     points = (facelib.points5(facelib.predict_landmarks(grey, box)) + 0.5) * scale - 0.5
     return {"points5": points.astype(np.float32)}
@@ -563,6 +572,6 @@ def preprocess_sample(row: Mapping[str, Any], cfg: PreprocessConfig, root: Path,
             outcomes[modality] = ModalityOutcome(status, reason=err.reason, error=str(err))
         else:
             outcomes[modality] = ModalityOutcome("ok", arrays)
-    estimated = sample.estimated() if isinstance(sample, _FrameSample) else {}
+    estimated = sample.estimated()
     return SampleOutput(sample.sample_id, outcomes, sample.face_source,
                         ";".join(f"{k}={v}" for k, v in sorted(estimated.items())))
