@@ -9,7 +9,8 @@ tracked parent/trial/fold runs) once per (model, protocol): this module is a loo
 the settings and collects one row per run from the driver's typed results; the tables and the chart are rendered by
 `mer_model.reporting.benchmark`. Models come from `params.benchmark.models` (recipes set a priori or chosen by
 `mer tune` on inner validation subjects, never tuned on a test fold). What the data cannot feed is switched off and
-said so: FPF without apex face crops, AUs without a coding sheet.
+said so: FPF without apex face crops, AUs without a coding sheet; what the collection has is read from its ingested
+annotation table (`data_capabilities`), so the crops of an entry's `faces` variant are preprocessed on the first run.
 Rows are flagged `leaky` when the protocol is `oracle` (test-fold epoch selection) or the model reads annotated AUs
 (the verdict stored with each run's result). Every row carries subject-bootstrap intervals, and every honest row its
 paired difference to the baseline row of its protocol (`benchmark.baseline`; interval + permutation p-value,
@@ -44,7 +45,8 @@ from components.tracking import git_commit
 from mer_model.config import BenchmarkModel, IntervalConfig, Params, with_overrides
 from mer_model.errors import ConfigError, DataError
 from mer_model.reporting.benchmark import DATASETS, SCORES, write_outputs
-from mer_model.training.metrics import pooled_metrics
+from mer_model.data import read_table
+from mer_model.training.metrics import OPTIONAL_METRICS, defined, mean_defined, pooled_metrics
 from mer_model.training.protocols import list_protocols, retrain_epochs
 from mer_model.training.results import ExperimentSummary, FoldSummary, Results, read_results
 from mer_model.training.stats import PAIRED_METRICS, metric_intervals, paired_columns, paired_difference
@@ -77,15 +79,16 @@ def base_params(params: Params, collection: str, root: Path, au_sheets: Mapping[
     }, "benchmark settings")
 
 
-def with_models_inputs(base: Params, keys: Sequence[str]) -> Params:
+def with_models_inputs(base: Params, keys: Sequence[str],
+                       kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> Params:
     """`base` with `preprocess.modalities` = what the benchmarked models read together (plus any set explicitly):
     the collection is preprocessed once for all of them, so a model reading more than the default model (HTNet's
-    `points5`, MOL's 128 px sequences) finds its inputs. Face crops for an entry's `faces` variant are not added:
-    whether the collection has them is known only after preprocessing (set them in preprocess.modalities)."""
+    `points5`, MOL's 128 px sequences) finds its inputs. `kwargs`: each entry's model kwargs as adapted to the data
+    (`adapt_entry`: with its `faces` variant where the collection has apex crops), default the entry's own."""
     needed = set(base.preprocess.modalities)
     for key in keys:
         entry = base.benchmark.models[key]
-        needed.update(model_modalities(entry.name, entry.config, **entry.kwargs))
+        needed.update(model_modalities(entry.name, entry.config, **(kwargs or {}).get(key, entry.kwargs)))
     return with_overrides(base, {"preprocess.modalities": [m for m in MODALITIES if m in needed]},
                           "benchmark models' inputs")
 
@@ -126,16 +129,18 @@ def parse_au_sheets(items: Sequence[str]) -> dict[str, str]:
 # What the preprocessed data can feed
 
 
-def data_capabilities(store: Any) -> dict[str, Any]:
-    """Which optional inputs the cache holds: apex face crops for every sample, AU coding per source dataset."""
-    ids = store.index["sample_id"].tolist()
-    has_faces = all("apex224" in store.keys(sid) for sid in ids)
-    coded: dict[str, int] = {}
-    for sid, dataset in zip(ids, store.index["dataset"], strict=True):
-        if "aus" in store.keys(sid) and store.arrays(sid, ["aus"])["aus"].any():
-            coded[dataset] = coded.get(dataset, 0) + 1
-    counts = store.index["dataset"].value_counts().to_dict()
-    return {"faces": has_faces, "au_coded": coded, "per_dataset": {str(k): int(v) for k, v in counts.items()}}
+def data_capabilities(table: pd.DataFrame) -> dict[str, Any]:
+    """Which optional inputs the COLLECTION has, from its ingested annotation table (what the loader found on disk,
+    known before anything is preprocessed, so an entry's `faces` variant is chosen, and its crops preprocessed, on
+    the first run): `faces` = every sample has an apex face crop (`apex_path`, e.g. the composite's
+    datasets/combined_datasets_whole), `apex_crops` = how many do; `au_coded` = samples with an AU coding per
+    source dataset (`au_coded`: a joined coding sheet); `per_dataset` = samples per source dataset."""
+    crops = table["apex_path"].astype(str).str.len() > 0
+    coded = table.loc[table["au_coded"].astype(bool), "dataset"].value_counts()
+    counts = table["dataset"].value_counts()
+    return {"faces": bool(len(table)) and bool(crops.all()), "apex_crops": int(crops.sum()),
+            "au_coded": {str(k): int(v) for k, v in sorted(coded.items())},
+            "per_dataset": {str(k): int(v) for k, v in counts.items()}}
 
 
 def adapt_entry(key: str, entry: BenchmarkModel, caps: Mapping[str, Any]) -> tuple[dict[str, Any], str, list[str]]:
@@ -147,9 +152,13 @@ def adapt_entry(key: str, entry: BenchmarkModel, caps: Mapping[str, Any]) -> tup
     if entry.faces:
         if caps["faces"]:
             kwargs.update(entry.faces)
+            notes.append(f"FPF on the apex face crops ({', '.join(f'{k}={v}' for k, v in entry.faces.items())})")
         else:
-            notes.append("FPF disabled: no apex face crops in this data (position branch off)")
-            log.warning("%s: the data has no apex face crops; running with FPF disabled", key)
+            partly = caps.get("apex_crops", 0)
+            notes.append("FPF disabled: " + (f"apex face crops for only {partly} of {sum(caps['per_dataset'].values())}"
+                                             " samples" if partly else "no apex face crops in this data")
+                         + " (position branch off)")
+            log.warning("%s: the data has no apex face crop for every sample; running with FPF disabled", key)
     au_mode = str(resolve_kwargs(entry.name, entry.config, **kwargs).get("au_mode", "none"))
     coded = caps["au_coded"]
     if au_mode != "none" and not coded:
@@ -199,7 +208,13 @@ def result_row(key: str, entry: BenchmarkModel, params: Params, parameters: int,
                           if protocol == "inner" and folds else None),
         "n_samples": int(len(predictions)), "n_subjects": int(predictions["subject"].nunique()),
         "datasets": "+".join(sorted(predictions["dataset"].unique())),
+        # folds the row covers of those it ran: a failed fold is named in the notes, the others are kept
+        "folds": f"{len(folds)}/{len(folds) + len(summary.failed_folds)}",
+        # optional per-fold figures, mean over the folds that define them (absent where none does, never 0)
+        **{k: mean_defined([f.test_metrics.get(k) for f in folds]) for k in OPTIONAL_METRICS},
+        "au_f1_folds": sum(defined(f.test_metrics.get("au_f1")) for f in folds),
     }
+    notes = [*notes, *(f"failed, not pooled: {f['error']}" for f in summary.failed_folds)]
     row.update({k: pooled["overall"][k] for k in SCORES})
     row.update({f"{k}_ci_{end}": bounds.get(f"{k}_ci_{end}") for k in SCORES for end in ("low", "high")})
     single = predictions["dataset"].nunique() == 1  # then the dataset's interval is the overall one
@@ -222,6 +237,19 @@ def result_row(key: str, entry: BenchmarkModel, params: Params, parameters: int,
         "mlflow_run": summary.parent_run_id or "", "notes": "; ".join(notes), "command": command,
     })
     return row
+
+
+def preprocessing_notes(manifest: Mapping[str, Any], reads: Sequence[str]) -> list[str]:
+    """What preprocessing estimated for the modalities a model reads, counted (the composite's five points: dlib on
+    the apex crop, or the template points where it finds no face), for the row's notes."""
+    if "points5" not in reads:
+        return []
+    sources = {k.split("=", 1)[1]: v for k, v in manifest["counts"].get("estimated", {}).items()
+               if k.startswith("points5=")}
+    if not sources:
+        return []
+    said = {"dlib": "dlib on the apex crop", "template": "template points (no face found; aligned crop)"}
+    return ["points5: " + ", ".join(f"{said.get(k, k)} {v}" for k, v in sorted(sources.items()))]
 
 
 def parameter_count(name: str, config: str, kwargs: Mapping[str, Any], num_classes: int) -> int:
@@ -262,21 +290,26 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
 
     base = base_params(params, collection, root, au_sheets or {})
     keys = select_models(base, models)
-    base = with_models_inputs(base, keys)
     chosen = order_protocols(protocols or base.benchmark.protocols, base.benchmark.fixed_epochs_from_inner)
     out = out or Path(base.benchmark.out) / collection
     connect_ray(base.tune.ray_address, base.benchmark.cpus)
     ingest(base)
-    preprocess(base)
+    caps = data_capabilities(read_table(base.data.ingested))  # what the collection has, before preprocessing
+    adapted = {key: adapt_entry(key, base.benchmark.models[key], caps) for key in keys}
+    base = with_models_inputs(base, keys, {key: a[0] for key, a in adapted.items()})
+    manifest = preprocess(base)
     store = SampleStore.open(base.preprocess.out)
-    caps = data_capabilities(store)
-    coverage = store.coverage()  # samples of the collection the models train and are scored on
-    log.info("benchmark %s: %d samples, %d subjects %s; apex crops: %s; AU coding: %s", collection, len(store.index),
-             len(store.subjects()), caps["per_dataset"], caps["faces"], caps["au_coded"] or "none")
+    log.info("benchmark %s: %d samples, %d subjects %s; apex crops: %s (%d samples); AU coding: %s", collection,
+             len(store.index), len(store.subjects()), caps["per_dataset"], caps["faces"], caps["apex_crops"],
+             caps["au_coded"] or "none")
     rows: list[dict[str, Any]] = []
     for key in keys:
         entry = base.benchmark.models[key]
-        kwargs, au_mode, notes = adapt_entry(key, entry, caps)
+        kwargs, au_mode, notes = adapted[key]
+        reads = model_modalities(entry.name, entry.config, **kwargs)
+        # samples this model trains and is scored on, of all the collection's (failed ones included)
+        coverage = SampleStore.open(base.preprocess.out, keys=reads).coverage()
+        notes = notes + preprocessing_notes(manifest, reads)
         parameters = parameter_count(entry.name, entry.config, kwargs, store.num_classes)
         inner_epoch: int | None = None
         for protocol in chosen:
@@ -302,6 +335,7 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
     settings = {
         "collection": collection, "root": portable_path(str(root), f"<{collection} root>"), "samples": len(store.index),
         "subjects": len(store.subjects()), "per_dataset": caps["per_dataset"], "apex_crops": caps["faces"],
+        "apex_crop_samples": caps["apex_crops"],
         "au_coded": caps["au_coded"], **environment(),
         "au_sheets": {k: portable_path(v, f"<{k} sheet>") for k, v in base.data.au_sheets.items()},
     }

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipelines.benchmark import (adapt_entry, order_protocols, parse_au_sheets, portable_path, run_params,
+from pipelines.benchmark import (adapt_entry, data_capabilities, order_protocols, parse_au_sheets, portable_path, run_params,
                                  with_models_inputs)
 from pipelines.cli import main
 from components.tracking.base import git_commit
@@ -40,6 +40,85 @@ def tiny_composite(composite_dir: Path, tmp_path: Path) -> Path:
     points = pd.read_csv(composite_dir / "landmarks5_28px.csv", dtype=str, keep_default_na=False)
     points[points["imagename"].isin(set(table["imagename"]))].to_csv(root / "landmarks5_28px.csv", index=False)
     return root
+
+
+# The full-shape composite: three "datasets" like the real one (CASME II coded by its sheet, SMIC without AU coding,
+# a SAMM part coded by a SAMM sheet with one subject whose coded AUs are all outside the AU list, i.e. zero vectors),
+# apex crops for every sample, no landmarks file (five points by dlib, or the template where it finds no face:
+# casme2/sub13 and one of smic/s19), a one-sample subject and one-class subjects (casme2/sub08, casme2/sub13).
+FULL_SHAPE = {("casme2", "sub13"), ("casme2", "sub08"), ("smic", "s05"), ("smic", "s19")}
+# SAMM rows of the shared SAMM sheet (subject, clip) -> the composite's label; their maps and crops are borrowed from
+# CASME II samples (the shared part has no SAMM files): only the shape of the data matters here.
+SAMM_ROWS = {("006", "006_1_2"): 0, ("006", "006_3_5"): 2, ("007", "007_6_2"): 1, ("007", "007_5_3"): 2}
+SILENT_SAMM_SUBJECT = 7  # coded, but with AU 45 only (not in AU_LIST): a test subject on whom no coded AU occurs
+CROPS = Path("datasets") / "combined_datasets_whole"
+
+
+@pytest.fixture()
+def full_shape_composite(composite_dir: Path, annotations_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(root, SAMM sheet) of a composite shaped like the full MEGC2019 one, built from the shared part in tmp."""
+    root = tmp_path / "full-shape"
+    for folder in (FLOWS, CROPS):
+        (root / folder).mkdir(parents=True)
+    table = pd.read_csv(composite_dir / CSV, dtype=str, keep_default_na=False)
+    donors = table[table["dataset"] == "casme2"].iloc[:len(SAMM_ROWS)]
+    table = table[[(d, s) in FULL_SHAPE for d, s in zip(table["dataset"], table["sub"], strict=True)]]
+    samm = [{"dataset": "samm", "sub": sub, "filename_o": clip, "label": str(label), "apex": "",
+             "imagename": f"{sub}_{clip}.jpg", "sub_filename": ""} for (sub, clip), label in SAMM_ROWS.items()]
+    for row, donor in zip(samm, donors.itertuples(), strict=True):
+        shutil.copy(composite_dir / FLOWS / f"{donor.sub}_{donor.filename_o} .png",
+                    root / FLOWS / f"{row['sub']}_{row['filename_o']} .png")
+        shutil.copy(composite_dir / CROPS / donor.imagename, root / CROPS / row["imagename"])
+    for row in table.itertuples():
+        shutil.copy(composite_dir / FLOWS / f"{row.sub}_{row.filename_o} .png", root / FLOWS)
+        shutil.copy(composite_dir / CROPS / row.imagename, root / CROPS)
+    pd.concat([table, pd.DataFrame(samm)], ignore_index=True).to_csv(root / CSV, index=False)
+    sheet = pd.read_excel(annotations_dir / "SAMM.xlsx", dtype={"Subject": str})
+    sheet = sheet[[(f"{int(s):03d}", c) in SAMM_ROWS for s, c in zip(sheet["Subject"], sheet["Filename"],
+                                                                     strict=True)]].copy()
+    sheet.loc[sheet["Subject"].astype(int) == SILENT_SAMM_SUBJECT, "Action Units"] = "45"
+    sheet.to_excel(tmp_path / "SAMM.xlsx", index=False)
+    return root, tmp_path / "SAMM.xlsx"
+
+
+CPU_ENTRIES = [key for key in load_params(REPO / "params.yaml").benchmark.models if key.endswith("-cpu")]
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_every_cpu_entry_runs_over_the_full_shape_composite(full_shape_composite: tuple[Path, Path],
+                                                            annotations_dir: Path, tmp_path: Path) -> None:
+    """Every `*-cpu` entry of params.yaml completes over the full-shape composite (one epoch, `inner`): FPF runs on
+    the apex crops on the first run with no extra setting, because the collection has them (said in the notes and in
+    results.md); the main system's two-seed ensemble survives folds without an AU F1 (SMIC, the silent SAMM
+    subject), which stay absent; HTNet covers every sample without the landmarks file, the template points counted."""
+    root, samm_sheet = full_shape_composite
+    out = tmp_path / "results"
+    argv = [
+        "benchmark", "megc2019", "--root", str(root), "--models", *CPU_ENTRIES, "--protocol", "inner",
+        "--epochs", "1", "--out", str(out), "--au-sheets",
+        f"casme2={annotations_dir / 'CASME2-coding-20140508.xlsx'}", f"samm={samm_sheet}",
+        "--params", str(REPO / "params.yaml"), "-S", f"benchmark.work={tmp_path / 'work'}",
+        "-S", "tracking.backend=none", "-S", "benchmark.cpus=2", "-S", "tune.fold_group_size=3",
+    ]
+    assert main(argv) == 0
+    table = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""]).set_index("model")
+    n = len(pd.read_csv(root / CSV))
+    assert sorted(table.index) == sorted(CPU_ENTRIES) and (table["protocol"] == "inner").all()
+    assert (table["folds"] == "6/6").all() and (table["n_samples"] == n).all()
+    assert (table["coverage"] == f"{n}/{n}").all()  # HTNet included: no sample lost to the face detector
+    assert table["datasets"].eq("casme2+samm+smic").all()
+    for key in ("cva-fpf-flow-cpu", "cva-fpf-flow-au-cpu"):
+        assert '"position": "fpf"' in table.loc[key, "model_kwargs"] and "FPF on the apex face crops" in table.loc[
+            key, "notes"]
+    main_system = table.loc["cva-fpf-flow-cpu"]
+    assert main_system["ensemble"] == 2 and main_system["au"] == "predicted"
+    # AU F1 defined on the CASME II folds and the SAMM subject who shows AUs only; never a zero for the others.
+    assert main_system["au_f1_folds"] == 3 and 0 <= main_system["au_f1"] <= 1
+    assert "smic uncoded" in main_system["notes"]
+    points = table.loc["htnet-cpu", "notes"]
+    assert "points5: dlib on the apex crop" in points and "template points (no face found; aligned crop) 3" in points
+    markdown = (out / "results.md").read_text()
+    assert f"Apex face crops in the data: yes ({n} of {n} samples)" in markdown
 
 
 @pytest.mark.usefixtures("local_ray")  # the session's Ray (tests/conftest.py), not one of its own
@@ -140,13 +219,32 @@ def test_recorded_command_reads_path_arguments_from_the_working_directory(tmp_pa
 def test_adapt_entry_switches_off_what_the_data_lacks() -> None:
     entry = BenchmarkModel(name="cva_fpf", config="flow_small", kwargs={"au_mode": "predicted"},
                            faces={"position": "fpf", "position_frames": ["apex224"]})
-    bare = {"faces": False, "au_coded": {}, "per_dataset": {"smic": 3}}
+    bare = {"faces": False, "apex_crops": 0, "au_coded": {}, "per_dataset": {"smic": 3}}
     kwargs, au_mode, notes = adapt_entry("cva", entry, bare)
     assert kwargs == {"au_mode": "none"} and au_mode == "none"
-    assert any("FPF disabled" in n for n in notes) and any("AUs disabled" in n for n in notes)
-    full = {"faces": True, "au_coded": {"casme2": 2}, "per_dataset": {"casme2": 2}}
+    assert any("FPF disabled: no apex face crops" in n for n in notes) and any("AUs disabled" in n for n in notes)
+    partly = {**bare, "apex_crops": 2}
+    assert any("apex face crops for only 2 of 3 samples" in n for n in adapt_entry("cva", entry, partly)[2])
+    full = {"faces": True, "apex_crops": 2, "au_coded": {"casme2": 2}, "per_dataset": {"casme2": 2}}
     kwargs, au_mode, notes = adapt_entry("cva", entry, full)
     assert kwargs["position"] == "fpf" and au_mode == "predicted" and not any("disabled" in n for n in notes)
+    assert any("FPF on the apex face crops" in n for n in notes)
+
+
+def test_capabilities_come_from_the_ingested_table_before_preprocessing() -> None:
+    """Crops and AU coding are properties of the collection: read from the annotation table the loader wrote (an
+    empty cache, or one preprocessed for other models, cannot hide them), so the `faces` variant's inputs are
+    preprocessed on the first run."""
+    table = pd.DataFrame({"dataset": ["casme2", "casme2", "smic"], "apex_path": ["a.jpg", "b.jpg", "c.jpg"],
+                          "au_coded": [True, True, False]})
+    caps = data_capabilities(table)
+    assert caps == {"faces": True, "apex_crops": 3, "au_coded": {"casme2": 2},
+                    "per_dataset": {"casme2": 2, "smic": 1}}
+    assert data_capabilities(table.assign(apex_path=["a.jpg", "", ""]))["faces"] is False
+    base = load_params(REPO / "params.yaml")
+    entry = base.benchmark.models["cva-fpf-flow-cpu"]
+    kwargs = {"cva-fpf-flow-cpu": adapt_entry("cva-fpf-flow-cpu", entry, caps)[0]}
+    assert "apex224" in with_models_inputs(base, ["cva-fpf-flow-cpu"], kwargs).preprocess.modalities
 
 
 def test_the_collection_is_preprocessed_for_every_benchmarked_model() -> None:

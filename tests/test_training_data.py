@@ -34,11 +34,13 @@ IMAGE_MODALITIES = ("onset224", "apex224", "frames128", "landmarks68", "flows128
 
 
 def write_cache(root: Path, subjects: int = 4, per_subject: int = 6, seed: int = 0, images: bool = False,
-                failed: int = 0, uncoded: tuple[int, ...] = ()) -> Path:
+                failed: int = 0, uncoded: tuple[int, ...] = (), silent: tuple[int, ...] = (),
+                one_class: tuple[int, ...] = ()) -> Path:
     """A cache of `subjects` x `per_subject` samples (labels cycle over 3 classes) with flow28, points5, aus, and
     optionally onset224/apex224/frames128/flows128/landmarks68 (small random content), written through the
     library's own cache writer; `failed` samples of subject `bad` failed every modality; subjects in `uncoded`
-    have no AU coding (`au_coded` 0)."""
+    have no AU coding (`au_coded` 0), subjects in `silent` are coded but show no AU (all-zero vectors), subjects in
+    `one_class` have every sample in class 0."""
     from mer_model.config import PreprocessConfig
     from mer_model.data.schema import make_table
     from mer_model.preprocess.cache import Cache, EntryResult, SampleResult, encode_npz, failed_result
@@ -48,11 +50,11 @@ def write_cache(root: Path, subjects: int = 4, per_subject: int = 6, seed: int =
     records, results = [], []
     for s in range(subjects):
         for k in range(per_subject):
-            label = (k + s) % 3
+            label = 0 if s in one_class else (k + s) % 3
             arrays = {
                 "flow28": signal_flow28(label, rng),
                 "points5": np.array([[9, 10], [19, 10], [14, 15], [10, 20], [18, 20]], dtype=np.float32),
-                "aus": (rng.random(N_AUS) < 0.2).astype(np.uint8),
+                "aus": (rng.random(N_AUS) < 0.2).astype(np.uint8) * (s not in silent),
             }
             if images:
                 arrays["onset224"] = rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)

@@ -110,7 +110,7 @@ class Tracker(ABC):
 
     @abstractmethod
     def log_metrics(self, run: str, rows: Iterable[tuple[str, float | None, int]]) -> None:
-        """Log (name, value, step) rows; None values (an undefined F1) are skipped."""
+        """Log (name, value, step) rows; None and NaN values (an undefined F1: absent, never 0) are skipped."""
 
     @abstractmethod
     def log_files(self, run: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:

@@ -60,6 +60,7 @@ from components.tracking.base import (
 from components.tracking.pyfunc import log_pyfunc_model
 from mer_model.config import TrackingConfig
 from mer_model.errors import ConfigError, DataError
+from mer_model.training.metrics import defined
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ class MlflowTracker(Tracker):
 
     def log_metrics(self, run: str, rows: Iterable[tuple[str, float | None, int]]) -> None:
         now = int(time.time() * 1000)
-        todo = [Metric(k, float(v), now, int(step)) for k, v, step in rows if v is not None]
+        todo = [Metric(k, float(v), now, int(step)) for k, v, step in rows if defined(v)]  # absent: not logged
         for start in range(0, len(todo), _BATCH_METRICS):
             self.client.log_batch(run, metrics=todo[start:start + _BATCH_METRICS])
 

@@ -168,8 +168,10 @@ def write_outputs(table: pd.DataFrame, out: Path, settings: Mapping[str, Any]) -
         "## Notes",
         "",
         *[f"- {n}" for n in notes],
-        f"- Apex face crops in the data: {'yes' if settings['apex_crops'] else 'no'}; AU coding joined for: "
-        f"{', '.join(f'{k} ({v} samples)' for k, v in settings['au_coded'].items()) or 'none'}.",
+        f"- Apex face crops in the data: {'yes' if settings['apex_crops'] else 'no'}"
+        + (f" ({settings['apex_crop_samples']} of {settings['samples']} samples)"
+           if settings.get("apex_crop_samples") else "") + "; AU coding joined for: "
+        + f"{', '.join(f'{k} ({v} samples)' for k, v in settings['au_coded'].items()) or 'none'}.",
         "",
     ]
     paths["md"].write_text("\n".join(text))

@@ -72,7 +72,7 @@ def per_subject_bars(per_subject: Mapping[str, Mapping[str, Any]], path: Path, m
     """One horizontal bar per LOSO test subject (its fold's `metric`), coloured by dataset, with the sample count."""
     plt = pyplot()
     subjects = sorted(per_subject)
-    values = [float(per_subject[s].get(metric) or 0.0) for s in subjects]
+    values = [_value(per_subject[s].get(metric)) for s in subjects]  # undefined: no bar (NaN), never 0
     datasets = [s.split("/", 1)[0] if "/" in s else "" for s in subjects]
     palette = plt.get_cmap("tab10")
     colours = {d: palette(i % 10) for i, d in enumerate(dict.fromkeys(datasets))}
@@ -85,7 +85,7 @@ def per_subject_bars(per_subject: Mapping[str, Mapping[str, Any]], path: Path, m
     ax.set_xlim(0, 1.0)
     ax.set_xlabel(f"{metric} on the subject's test fold")
     ax.set_ylabel("test subject (LOSO fold), n = test samples")
-    mean = float(np.mean(values)) if values else 0.0
+    mean = float(np.nanmean(values)) if any(np.isfinite(values)) else float("nan")
     line = ax.axvline(mean, color="black", linestyle="--", linewidth=1)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()] if len(colours) > 1 else []
     ax.legend(handles + [line], [*(list(colours) if handles else []), f"mean over subjects {mean:.2f}"],
@@ -103,9 +103,9 @@ def per_dataset_bars(per_dataset: Mapping[str, Mapping[str, Any]], path: Path,
     width = 0.8 / len(metrics)
     fig, ax = plt.subplots(figsize=(2.0 + 1.3 * len(names), 4.0))
     for i, metric in enumerate(metrics):
-        values = [float(per_dataset[n].get(metric) or 0.0) for n in names]
+        values = [_value(per_dataset[n].get(metric)) for n in names]
         bars = ax.bar(x + (i - (len(metrics) - 1) / 2) * width, values, width, label=_label(metric))
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.bar_label(bars, labels=[f"{v:.2f}" if np.isfinite(v) else "–" for v in values], fontsize=8)
     ax.set_xticks(x, [f"{n}\n(n={per_dataset[n].get('n', '?')})" for n in names])
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("score (pooled over the dataset's LOSO folds)")
@@ -113,6 +113,11 @@ def per_dataset_bars(per_dataset: Mapping[str, Mapping[str, Any]], path: Path,
     ax.legend(ncols=len(metrics), loc="upper center", fontsize=8)
     ax.set_title("per-dataset breakdown")
     return _save(fig, path, leaky)
+
+
+def _value(value: Any) -> float:
+    """A score to plot: NaN (drawn as nothing) where it is undefined, never 0."""
+    return float(value) if value is not None else float("nan")
 
 
 def learning_curves(history: pd.DataFrame, path: Path, leaky: bool = False) -> Path:

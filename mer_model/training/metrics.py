@@ -23,6 +23,10 @@ from mer_model.training.stats import metric_intervals
 METRICS = ("uf1", "uar", "accuracy", "weighted_f1")
 SCALARS = ("n", *METRICS)  # with the sample count
 LABELS = {"uf1": "UF1", "uar": "UAR", "accuracy": "accuracy", "weighted_f1": "weighted F1", "n": "samples"}
+# Per-fold figures a fold may not have: an AU F1 where no coded AU occurs on the test subject (or the dataset has no AU
+# coding), flow / landmark errors where the model predicts none. Absent (None or missing) is never a zero: every
+# aggregation averages the folds that define it (`mean_defined`) and says how many those are.
+OPTIONAL_METRICS = ("au_f1", "flow_epe", "landmark_nme")
 
 # 68-point (iBUG/dlib) indices of the two eyes; their centres define the inter-ocular distance.
 _EYE_A = slice(36, 42)
@@ -97,6 +101,23 @@ def flat_metrics(predictions: pd.DataFrame, class_names: Sequence[str], interval
     if intervals is not None:
         flat.update(metric_intervals(predictions, class_names, intervals))
     return flat, pooled
+
+
+def defined(value: Any) -> bool:
+    """`value` is a number that exists: not None, not NaN/inf (an optional metric's absence, however written)."""
+    if value is None or isinstance(value, bool):
+        return False
+    try:
+        return bool(np.isfinite(float(value)))
+    except (TypeError, ValueError):
+        return False
+
+
+def mean_defined(values: Sequence[Any]) -> float | None:
+    """Mean of the defined entries of `values` (`defined`), None when there is none: how an optional metric is
+    aggregated over ensemble members, folds or runs, never turning an absent value into 0."""
+    kept = [float(v) for v in values if defined(v)]
+    return float(np.mean(kept)) if kept else None
 
 
 def au_f1(

@@ -22,7 +22,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from mer_model.errors import ConfigError, NonFiniteError
 from mer_model.training.augment import tta_forward
 from mer_model.training.data import DeviceArrays, SampleDataset, SampleStore
 from mer_model.training.folds import Fold, fold_fingerprint, inner_split
-from mer_model.training.metrics import au_f1, classification_metrics, flow_epe, landmark_nme
+from mer_model.training.metrics import au_f1, classification_metrics, flow_epe, landmark_nme, mean_defined
 from mer_model.training.protocols import get_protocol
 from mer_model.training.results import CHECKPOINT_NAME, FoldResult
 
@@ -444,7 +444,9 @@ class EvalAccumulator:
         samples."""
         extra: dict[str, Any] = {"loss": float(self.loss_sum) / max(size, 1)}
         if self.au_true and sum(len(t) for t in self.au_true):  # a SMIC-only test fold has no AU ground truth
-            extra["au_f1"] = au_f1(np.concatenate(self.au_true), np.concatenate(self.au_pred))["au_f1"]
+            scores = au_f1(np.concatenate(self.au_true), np.concatenate(self.au_pred))
+            if scores["au_f1"] is not None:  # None: no coded AU occurs on these samples, so the F1 is absent
+                extra["au_f1"], extra["per_au_f1"] = scores["au_f1"], scores["per_au_f1"]
         if self.epe_n:
             extra["flow_epe"] = self.epe_sum / self.epe_n
         if self.nme_n:
@@ -456,7 +458,7 @@ def _score(dataset: SampleDataset, probs: np.ndarray, extra: dict[str, Any], num
            class_names: Sequence[str], prefix: str) -> dict[str, Any]:
     m = classification_metrics(dataset.labels, probs.argmax(1), num_classes, class_names)
     out = {f"{prefix}_uf1": m["uf1"], f"{prefix}_uar": m["uar"], f"{prefix}_accuracy": m["accuracy"]}
-    out.update({f"{prefix}_{k}": v for k, v in extra.items()})
+    out.update({f"{prefix}_{k}": v for k, v in extra.items() if not isinstance(v, Mapping)})  # per-AU: test only
     return out
 
 
@@ -732,12 +734,29 @@ def _mean_history(histories: Sequence[list[dict[str, Any]]]) -> list[dict[str, A
     return out
 
 
+def _mean_extra(extras: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The members' extra test figures combined: each the mean over the members that define it (a figure may be
+    None or missing: an AU F1 where no coded AU occurs), absent where none does, never 0; `per_au_f1` per AU
+    likewise. Members share the test subject, so they normally agree on which figures exist; this does not rely on
+    it."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for e in extras for k in e):
+        values = [e.get(key) for e in extras]
+        if key == "per_au_f1":
+            aus = dict.fromkeys(a for v in values if isinstance(v, Mapping) for a in v)
+            merged = {a: mean_defined([v.get(a) for v in values if isinstance(v, Mapping)]) for a in aus}
+            if any(x is not None for x in merged.values()):
+                out[key] = {a: x for a, x in merged.items() if x is not None}
+        elif (mean := mean_defined(values)) is not None:
+            out[key] = mean
+    return out
+
+
 def _ensemble_result(spec: FoldSpec, store: SampleStore, members: Sequence[_Member]) -> FoldResult:
     """The FoldResult of a seed ensemble: the test probabilities averaged over the members at their kept epochs."""
     probs = np.mean([m.test[0] for m in members], axis=0)
     check_finite(probs, f"fold {spec.fold.name}", "on the test set (ensemble mean)")
-    extra = {k: float(np.mean([m.test[1][k] for m in members])) for k in members[0].test[1]
-             if all(k in m.test[1] for m in members)}
+    extra = _mean_extra([m.test[1] for m in members])
     first = members[0]
     run = first.run
     scores = [float(m.run.best["score"][0]) for m in members] if run.protocol.watch == "val" else None

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from components.tracking import EXPERIMENT_KEY_TAG, KIND_TAG, Tracker
 from mer_model.reporting.artifacts import write_artifacts
-from mer_model.training.metrics import METRICS, flat_metrics
+from mer_model.training.metrics import METRICS, OPTIONAL_METRICS, flat_metrics
 from mer_model.config import IntervalConfig
 from mer_model.training.protocols import is_leaky, result_verdict, run_label
 from mer_model.training.results import FoldSummary
@@ -139,7 +139,11 @@ class TrackingCallback(Callback):
         self.tracker.log_metrics(run, [(name, value, int(entry["epoch"])) for entry in summary.history
                                        for name, value in entry.items()
                                        if name != "epoch" and isinstance(value, (int, float))])
-        self.tracker.log_metrics(run, [(k, summary.test_metrics.get(k), 0) for k in (*METRICS, "n")] + [
+        # Optional figures (an AU F1 where no coded AU occurs, a class absent from the test subject) are None and
+        # not logged: absent, never 0.
+        recall = summary.test_metrics.get("per_class_recall") or {}
+        self.tracker.log_metrics(run, [(k, summary.test_metrics.get(k), 0) for k in (*METRICS, "n", *OPTIONAL_METRICS)]
+                                 + [(f"recall_{c}", v, 0) for c, v in recall.items()] + [
             ("selected_epoch", summary.selected_epoch, 0), ("wall_time_s", summary.wall_time, 0),
             ("val_score", summary.val_score, 0)])
         with tempfile.TemporaryDirectory(prefix="mer-fold-") as tmp:

@@ -168,6 +168,28 @@ def _train_or_fail(job: FoldJob) -> FoldSummary | FoldFailure:
         log.error("%s: the fold failed and is not pooled", err)
         storage.save_failure(job.key, job.fold.name, str(err))
         return FoldFailure(job.key, job.fold.name, str(err))
+    except Exception as err:  # noqa: BLE001 - any other error fails this fold alone, in one line; the others go on
+        return fail_fold(job, err)
+
+
+def failure_line(fold: str, err: BaseException) -> str:
+    """One line naming the fold and why it failed: the exception raised in training (for a failed Ray task, the
+    task's own exception, not Ray's wrapper with the remote traceback)."""
+    inner = getattr(err, "cause", None) if isinstance(err, ray.exceptions.RayTaskError) else None
+    inner = inner if isinstance(inner, BaseException) else err
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    text = (lines[-1] if isinstance(inner, ray.exceptions.RayError) else lines[0]) if lines else ""
+    return f"fold {fold}: {type(inner).__name__}" + (f": {text[:400]}" if text else "")
+
+
+def fail_fold(job: FoldJob, err: BaseException) -> FoldFailure:
+    """Record `job`'s fold as failed by `err` (failed.json beside its storage, one log line): never pooled, the other
+    folds kept, tried again by a later run."""
+    line = failure_line(job.fold.name, err)
+    log.error("%s (the fold is not pooled)", line)
+    log.debug("fold %s failed", job.fold.name, exc_info=err)
+    FoldStorage(job.storage).save_failure(job.key, job.fold.name, line)
+    return FoldFailure(job.key, job.fold.name, line)
 
 
 def _train_batched(jobs: Sequence[FoldJob]) -> list[FoldSummary]:

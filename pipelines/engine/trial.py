@@ -25,7 +25,8 @@ from mer_model.errors import ConfigError
 from mer_model.training.folds import Fold, fold_fingerprint
 from mer_model.training.protocols import is_leaky
 from mer_model.training.results import FoldSummary
-from pipelines.engine.tasks import FoldFailure, FoldJob, fold_task
+from pipelines.engine.storage import FoldStorage
+from pipelines.engine.tasks import FoldFailure, FoldJob, fail_fold, fold_task
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def trial_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
             pending[task.remote(group)] = group
         ready, _ = ray.wait(list(pending), num_returns=1)
         group = pending.pop(ready[0])
-        for job, outcome in zip(group, ray.get(ready[0]), strict=True):
+        for job, outcome in zip(group, group_outcomes(group, ready[0]), strict=True):
             done += 1
             report: dict[str, Any] = {"fold": job.fold.name, "fold_key": job.key, "folds_done": done,
                                       "folds_total": len(jobs)}
@@ -112,6 +113,16 @@ def trial_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
             if ctx.phase == "search":
                 report[OBJECTIVE] = float(np.mean(scores)) if scores and not failed else float("nan")
             tune.report(report)
+
+
+def group_outcomes(group: list[FoldJob], ref: Any) -> list[FoldSummary | FoldFailure]:
+    """The fold task's outcome per job. A task that itself failed (its worker died after `tune.max_retries`, an error
+    outside a fold's own training) fails the folds of its group it had not stored, each in one line, instead of
+    failing the trial and with it every other fold."""
+    try:
+        return list(ray.get(ref))
+    except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as err:
+        return [FoldStorage(job.storage).summary(job.key) or fail_fold(job, err) for job in group]
 
 
 def inner_score(summary: FoldSummary, metric: str) -> float:
