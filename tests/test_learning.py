@@ -4,7 +4,8 @@ A network that cannot overfit 24 samples in a few dozen steps has a bug (a satur
 statistics that lag the weights, a head that never sees its input), not a budget problem: the MEGC2019 rows of
 MMNet and CVA+FPF+AU sat at chance for exactly such reasons. Parametrised over the registry, so a new model or a new
 `*small*` configuration is covered without editing this file. Flow-only models train on real composite maps
-(8 CASME II samples per class, ../shared); models that need face frames on the synthetic set. One recipe for all.
+(8 CASME II samples per class, ../shared), the position variants (FPF, PC) on those maps plus the real apex crops;
+models that need face frames on the synthetic set. One recipe for all.
 """
 
 from __future__ import annotations
@@ -21,10 +22,18 @@ from mer_model.training.trainer import fit_check
 
 from conftest import tiny_params
 
-CASES = [pytest.param(name, config, id=f"{name}-{config}")
+CASES = [pytest.param(name, config, {}, id=f"{name}-{config}")
          for name in list_models() for config in list_configs(name) if "small" in config]
-# Cache arrays the composite provides (no face frames): a model reading only these trains on real maps.
-COMPOSITE_KEYS = {"flow28", "points5", "aus"}
+# The position variants on real faces: the flow map + the composite's real apex crop (the benchmark's `faces` variant),
+# FPF (the main system's Swin focaliser, CPU scale: embed dim 16, depths 1-1-1, the crop at the config's 64 px) and
+# PC (MMNet's position calibration; the main system's PC ablation).
+APEX = {"position_frames": ["apex224"]}
+CASES += [pytest.param("cva_fpf", "flow_small", {"position": "fpf", **APEX}, id="cva_fpf-flow_small-fpf-apex"),
+          pytest.param("cva_fpf", "flow_small", {"position": "pc", **APEX}, id="cva_fpf-flow_small-pc-apex"),
+          pytest.param("mmnet", "flow_small", {"position": "pc", **APEX}, id="mmnet-flow_small-pc-apex")]
+# Cache arrays the composite provides (no face frames; the apex crop at the tiny set's face_size, 64 px): a model
+# reading only these trains on real maps and faces.
+COMPOSITE_KEYS = {"flow28", "points5", "aus", "apex224"}
 PER_CLASS = 8
 EPOCHS = 16  # 3 steps per epoch at batch 8: 48 steps
 RECIPE = TrainConfig(epochs=EPOCHS, lr=1e-3, batch_size=8, optimizer="adamw", weight_decay=0.0, augment=False,
@@ -75,15 +84,15 @@ def synthetic_subset(tmp_path_factory: pytest.TempPathFactory, local_ray: None) 
     return store, list(store.index["sample_id"])
 
 
-@pytest.mark.parametrize(("name", "config"), CASES)
-def test_small_configuration_fits_its_training_samples(name: str, config: str, request: pytest.FixtureRequest
-                                                       ) -> None:
-    inputs, targets = model_io(name, config)
+@pytest.mark.parametrize(("name", "config", "kwargs"), CASES)
+def test_small_configuration_fits_its_training_samples(name: str, config: str, kwargs: dict,
+                                                       request: pytest.FixtureRequest) -> None:
+    inputs, targets = model_io(name, config, **kwargs)
     reads = set(inputs) | set(targets) - {"label"}
     store, ids = request.getfixturevalue("composite_subset" if reads <= COMPOSITE_KEYS else "synthetic_subset")
-    history = fit_check(ModelConfig(name=name, config=config), RECIPE, store, ids, EPOCHS)
+    history = fit_check(ModelConfig(name=name, config=config, kwargs=kwargs), RECIPE, store, ids, EPOCHS)
     last = history[-1]
-    assert last["fit_uf1"] >= FIT_UF1, f"{name}/{config} fits only to train UF1 {last['fit_uf1']:.2f}: {last}"
+    assert last["fit_uf1"] >= FIT_UF1, f"{name}/{config} {kwargs} fits only to train UF1 {last['fit_uf1']:.2f}: {last}"
     assert np.isfinite(last["fit_loss"])
     if "flows128" in targets:  # MOL's auxiliary tasks are scored, not just trained
         assert np.isfinite(last["fit_flow_epe"]) and np.isfinite(last["fit_landmark_nme"]), last
