@@ -14,6 +14,7 @@ from mer_model.config import PreprocessConfig, SynthConfig
 from mer_model.data.synthetic import iter_clips
 from mer_model.errors import DataError, SampleError
 from mer_model.inference import default_key_frames, open_clip
+from mer_model.preprocess import face as facelib
 from mer_model.preprocess.sample import preprocess_sample
 from tests.test_preprocess import CHEAP, astronaut_face, make_row
 
@@ -107,8 +108,6 @@ def test_frame_size_changing_inside_the_clip_is_refused_naming_the_frame(tmp_pat
 
 def test_non_finite_values_are_refused(tmp_path: Path) -> None:
     """NaN in the dataset's saved landmarks reaches only landmarks68 (and points5): refused there, by name."""
-    from mer_model.preprocess import face as facelib
-
     folder = tmp_path / "clip"
     write_motion_clip(folder, [0, 0.3, 0.6, 0.9, 1.2, 1.5])
     grey = cv2.cvtColor(astronaut_face(), cv2.COLOR_BGR2GRAY)
@@ -164,7 +163,7 @@ def _synthetic_apex_crops(count: int) -> list[np.ndarray]:
     return crops[:count]
 
 
-def test_composite_apex_crops_become_apex224_and_a_missed_face_costs_points5_only(tmp_path: Path) -> None:
+def test_composite_apex_crops_become_apex224_and_a_missed_face_gets_the_template_points(tmp_path: Path) -> None:
     crop = _synthetic_apex_crops(1)[0]
     flow = write_png(tmp_path / "flow .png",
                      np.dstack([np.random.default_rng(k).integers(0, 256, (28, 28), dtype=np.uint8) for k in range(3)]))
@@ -182,9 +181,10 @@ def test_composite_apex_crops_become_apex224_and_a_missed_face_costs_points5_onl
 
     missed = preprocess_sample(make_row("casme2/sub01/b", onset=None, apex=None, offset=None, flow_path=str(flow),
                                         apex_path=str(blank)), cfg, Path("."), ("flow28", "points5", "apex224"))
-    assert outcome(missed) == {"flow28", "apex224"}
-    assert missed.modalities["points5"].error == (f"sample casme2/sub01/b: no points5 in the table and no face found "
-                                                  f"in {blank}")
+    # No face found on the crop: the template points of an aligned crop, said as estimated (counted by the stage).
+    assert outcome(missed) == {"flow28", "points5", "apex224"} and missed.estimated == "points5=template"
+    np.testing.assert_array_equal(missed.arrays()["points5"], facelib.template_points5(cfg.flow.map_size))
+    assert good.estimated == "points5=dlib"
 
 
 # ------------------------------------------------------------------ a tiny composite through cache and store
