@@ -165,9 +165,9 @@ def test_the_tracker_logs_only_defined_figures(folds: dict, path: str, scenario:
     result = folds[path, scenario]
     FoldStorage(str(tmp_path)).save(result.summary("key", False, "loso"), result.predictions)
     tracker = RecordingTracker()
-    callback = TrackingCallback(tracker, SimpleNamespace(experiment_key="x", base_params={}),  # type: ignore[arg-type]
-                                SimpleNamespace(storage=str(tmp_path), phase="evaluate", resolved=lambda c: (load_params(
-                                    REPO / "params.yaml"), {})))
+    params = load_params(REPO / "params.yaml")
+    ctx = SimpleNamespace(storage=str(tmp_path), phase="evaluate", resolved=lambda config: (params, {}))
+    callback = TrackingCallback(tracker, SimpleNamespace(experiment_key="x", base_params={}), ctx)  # type: ignore
     callback._log_fold("trial", "trial-key", result.fold, "key", {})
     logged = dict((name, value) for name, value, _ in tracker.rows)
     assert "recall_negative" in logged and "uf1" in logged
