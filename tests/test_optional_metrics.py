@@ -225,6 +225,7 @@ def test_results_csv_row_averages_defined_figures_and_counts_the_folds(folds: di
                    "au_coded": {}, "git_commit": "x", "torch": "x", "cuda": False, "host": "h", "cpu": "c"})
     table = pd.read_csv(tmp_path / "results.csv", keep_default_na=False)
     assert table.loc[0, "flow_epe"] == "" and table.loc[0, "landmark_nme"] == ""
+    assert f"{len(predictions)} / 3 (3/4 folds)" in (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.usefixtures("local_ray")

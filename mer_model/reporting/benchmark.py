@@ -77,7 +77,9 @@ def markdown_table(table: pd.DataFrame) -> str:
         cells += [" / ".join([_scored(r, f"{d}_uf1"), *(_fmt(r[f"{d}_{k}"]) for k in SCORES[1:])]) for d in datasets]
         if differences:
             cells += [_difference(r, "uf1"), _difference(r, "uar")]
-        cells += [f"{r['n_samples']} / {r['n_subjects']}", _fmt(r.get("coverage")), epochs, r["au"],
+        folds = str(r.get("folds") or "")  # "pooled/run"; absent in tables that predate the column
+        partial = f" ({folds} folds)" if "/" in folds and len(set(folds.split("/"))) > 1 else ""
+        cells += [f"{r['n_samples']} / {r['n_subjects']}{partial}", _fmt(r.get("coverage")), epochs, r["au"],
                   _fmt(r["wall_s"], ".0f"), _fmt(r.get("fold_s"), ".0f"), r["device"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
