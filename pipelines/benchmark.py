@@ -299,6 +299,7 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
     base = with_models_inputs(base, keys, {key: a[0] for key, a in adapted.items()})
     manifest = preprocess(base)
     store = SampleStore.open(base.preprocess.out)
+    coverage = store.coverage()  # samples of the collection the models train and are scored on (the engine's store)
     log.info("benchmark %s: %d samples, %d subjects %s; apex crops: %s (%d samples); AU coding: %s", collection,
              len(store.index), len(store.subjects()), caps["per_dataset"], caps["faces"], caps["apex_crops"],
              caps["au_coded"] or "none")
@@ -306,10 +307,7 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
     for key in keys:
         entry = base.benchmark.models[key]
         kwargs, au_mode, notes = adapted[key]
-        reads = model_modalities(entry.name, entry.config, **kwargs)
-        # samples this model trains and is scored on, of all the collection's (failed ones included)
-        coverage = SampleStore.open(base.preprocess.out, keys=reads).coverage()
-        notes = notes + preprocessing_notes(manifest, reads)
+        notes = notes + preprocessing_notes(manifest, model_modalities(entry.name, entry.config, **kwargs))
         parameters = parameter_count(entry.name, entry.config, kwargs, store.num_classes)
         inner_epoch: int | None = None
         for protocol in chosen:
