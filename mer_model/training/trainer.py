@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -35,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from mer_model.config import ModelConfig, TrainConfig
 from mer_model.errors import ConfigError, NonFiniteError
+from mer_model.io import write_with
 from mer_model.training.augment import tta_forward
 from mer_model.training.data import DeviceArrays, SampleDataset, SampleStore
 from mer_model.training.folds import Fold, fold_fingerprint, inner_split
@@ -469,10 +469,7 @@ def check_finite(probs: np.ndarray, who: str, when: str) -> None:
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # a worker killed mid-write leaves the previous checkpoint intact
+    write_with(path, lambda out: torch.save(payload, out))  # a worker killed mid-write leaves the previous one
 
 
 def _resume_state(path: Path, fold: str) -> dict[str, Any] | None:
