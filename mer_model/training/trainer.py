@@ -689,7 +689,9 @@ def _train_member(spec: FoldSpec, store: SampleStore, member: int, callback: Cal
         loop.average.load_state_dict(saved["average"])
         run.history, run.best, run.bad_epochs = saved["history"], saved["best"], saved["bad_epochs"]
         first_epoch = saved["epoch"] + 1
-        log.info("fold %s: resuming from %s after epoch %d", fold.name, ckpt, saved["epoch"])
+        # A warning, so that it reaches the driver's log from a Ray worker (whose info lines are not forwarded).
+        log.warning("fold %s%s resumed from epoch %d (%s)", fold.name, f" member {member}" if member else "",
+                    saved["epoch"], ckpt)
 
     for epoch in range(first_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
