@@ -60,7 +60,7 @@ class StorageError(MerError):
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 # What SQLite says when its file cannot grow (SQLITE_FULL), through sqlite3 / SQLAlchemy / MLflow without an errno.
-_SQLITE_FULL = "database or disk is full"
+SQLITE_FULL = "database or disk is full"
 
 
 def causes(err: BaseException) -> Iterator[BaseException]:
@@ -89,6 +89,6 @@ def user_error(err: BaseException) -> MerError | None:
             where = f"{current.filename}: " if current.filename else ""
             return StorageError(f"{where}no space left on device ({current.strerror}); free space and run again")
     for current in causes(err):
-        if _SQLITE_FULL in str(current):
-            return StorageError(f"tracking store: {_SQLITE_FULL}; free space on its disk and run again")
+        if SQLITE_FULL in str(current):
+            return StorageError(f"tracking store: {SQLITE_FULL}; free space on its disk and run again")
     return None

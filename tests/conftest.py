@@ -305,7 +305,10 @@ def fill_disk_when(path: Path, ready: Callable[[], bool], timeout: float = 600) 
     after its up-front free-space check passed."""
     def run() -> None:
         deadline = time.monotonic() + timeout
-        while not ready() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if ready():
+                    break
             time.sleep(0.02)
         fill_disk(path)
 

@@ -174,7 +174,7 @@ def test_one_ctrl_c_stops_the_search_and_the_final_model_like_sigterm(tiny_root:
     on, trained the final model and exited 0 with a summary that said 4 trials after 2 ran). The next start reuses
     the folds finished before each interrupt and records the trials that ran."""
     params = tiny_params(tmp_path, tiny_data(tmp_path), **{
-        "train.epochs": 40, "tune.folds_per_trial": 1, "tune.max_concurrent_trials": 1, "tune.num_samples": 2,
+        "train.epochs": 20, "tune.folds_per_trial": 1, "tune.max_concurrent_trials": 1, "tune.num_samples": 2,
         "tune.search_folds": 2, "tune.search_space": {"train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}}})
     storage, summary = tmp_path / "runs" / "tune", tmp_path / "runs" / "results" / "summary.json"
 

@@ -30,7 +30,6 @@ from typing import Any, ClassVar
 
 import mlflow
 import pandas as pd
-from requests.exceptions import RequestException
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
@@ -42,6 +41,7 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_SOURCE_NAME,
     MLFLOW_SOURCE_TYPE,
 )
+from requests.exceptions import RequestException
 
 from components.tracking.base import (
     CHAMPION_ALIAS,
@@ -59,8 +59,17 @@ from components.tracking.base import (
 )
 from components.tracking.pyfunc import log_pyfunc_model
 from mer_model.config import TrackingConfig
-from mer_model.errors import ConfigError, DataError, MerError, ServiceError, StorageError
+from mer_model.errors import (
+    FULL_DISK,
+    SQLITE_FULL,
+    ConfigError,
+    DataError,
+    MerError,
+    ServiceError,
+    StorageError,
+)
 from mer_model.io import atomic_write
+from mer_model.logging_utils import one_line_user_errors
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +115,6 @@ def store_lock(uri: str, timeout: float = STORE_LOCK_S) -> Iterator[None]:
 # Space kept free beside an SQLite store (`<database>.reserve`) and given up when its disk is full, so that the runs
 # of a process that fails for that very reason can still be ended FAILED / KILLED instead of staying RUNNING.
 RESERVE_BYTES = 1 << 20
-DISK_FULL = "database or disk is full"  # SQLite's SQLITE_FULL, as sqlite3 / SQLAlchemy / MLflow relay it
 
 
 def _reserve(uri: str) -> Path | None:
@@ -147,8 +155,11 @@ def _translated(method: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except (MlflowException, OSError, RequestException) as err:
             where = f"tracking store {redact(self.uri)}"
-            if DISK_FULL in str(err):
-                raise StorageError(f"{where}: {DISK_FULL}; free space on its disk and run again") from err
+            if SQLITE_FULL in str(err):
+                raise StorageError(f"{where}: its disk is full ({SQLITE_FULL}); free space and run again") from err
+            if isinstance(err, OSError) and err.errno in FULL_DISK:
+                raise StorageError(f"{where}: its disk is full ({err.filename or ''}: {err.strerror}); free space "
+                                   "and run again") from err
             raise ServiceError(f"{where}: {method.__name__} failed: {redact(_first_line(err))}") from err
 
     return call
@@ -171,6 +182,7 @@ class MlflowTracker(Tracker):
         self.commit = commit
         self.experiment_id: str | None = None
         self._client: MlflowClient | None = None
+        one_line_user_errors("mlflow.store.db.utils")  # it logs each database error it raises with a traceback
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None}
@@ -284,7 +296,7 @@ class MlflowTracker(Tracker):
                     MlflowClient(tracking_uri=uri).set_terminated(run, status=status)
                     break
                 except Exception as err:  # noqa: BLE001 - best effort while the process is going down
-                    if DISK_FULL in str(err) and release_reserve(uri):
+                    if SQLITE_FULL in str(err) and release_reserve(uri):
                         continue  # the store's disk is full: the reserve's space lets the runs be ended
                     if attempt == 4:  # one line: the error that ended the process is the one to read
                         log.warning("could not end MLflow run %s as %s: %s", run, status, _first_line(err))
