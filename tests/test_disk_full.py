@@ -29,8 +29,9 @@ def _error_line(stderr: str) -> str:
 
 
 def _half_written(root: Path) -> list[Path]:
-    """Temporary files of interrupted atomic writes (`mer_model.io.atomic_write`), and empty outputs."""
-    return [p for p in root.rglob("*") if p.is_file() and (
+    """Temporary files of interrupted atomic writes (`mer_model.io.atomic_write`), and empty outputs of the platform
+    (Ray Tune's own trial logs under <experiment>/<phase>/ are Tune's: it writes them in place)."""
+    return [p for p in root.rglob("*") if p.is_file() and not {"search", "evaluate"} & set(p.parts) and (
         p.name.endswith(".tmp") or (p.suffix in (".csv", ".json", ".npz", ".pt") and p.stat().st_size == 0))]
 
 
