@@ -44,6 +44,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
 
 def ablation_params(params_path: Path, work: Path) -> Path:
     """params.yaml with benchmark.models replaced by the variants of BASE_ENTRY, written under `work`."""
+    from mer_model.io import atomic_write
+
     params = yaml.safe_load(params_path.read_text())
     base = params["benchmark"]["models"][BASE_ENTRY]
     models = {}
@@ -58,7 +60,7 @@ def ablation_params(params_path: Path, work: Path) -> Path:
                                baseline=[next(iter(VARIANTS))])  # each variant's paired difference to the base
     work.mkdir(parents=True, exist_ok=True)
     path = work / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    atomic_write(path, yaml.safe_dump(params, sort_keys=False))
     return path
 
 
@@ -72,6 +74,7 @@ def main() -> int:
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="extra params override")
     args = parser.parse_args()
 
+    from mer_model.io import atomic_write
     from pipelines.benchmark import portable_path
     from pipelines.cli import main as mer
 
@@ -92,7 +95,7 @@ def main() -> int:
         lines += [f"* {VARIANTS[k][0]} (`{k}`): needs face crops; {portable_path(args.root, '<megc2019 root>')} has no {FACE_CROPS} (the distributed "
                   "composite part ships 28x28 flow maps only), so the position branch has nothing to read."
                   for k in skipped]
-        results.write_text(results.read_text() + "\n".join(lines) + "\n")
+        atomic_write(results, results.read_text() + "\n".join(lines) + "\n")
     print(results.read_text())
     return 0
 

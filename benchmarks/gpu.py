@@ -22,7 +22,6 @@ bf16 + channels-last >= 2x the float32 step.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import sys
@@ -262,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from mer_model.config import load_params
+    from mer_model.io import atomic_write, write_json
     from mer_model.models import list_models
     from mer_model.training.data import SampleStore
 
@@ -301,8 +301,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                    1 if smoke else args.htnet_epochs, "small" if smoke else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "gpu.md").write_text(markdown(report))
+    write_json(out / "gpu.json", report)
+    atomic_write(out / "gpu.md", markdown(report))
     print(markdown(report))
     return report
 

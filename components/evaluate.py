@@ -12,14 +12,14 @@ fixed, so they equal summary.json's and the MLflow parent run's).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from components.common import add_params_arguments, params_from_args
-from components.report import experiment_report
+from components.report import experiment_report, tracked_run
 from mer_model.config import Params
+from mer_model.io import write_json
 from mer_model.reporting.artifacts import write_artifacts
 from mer_model.training.metrics import flat_metrics
 from mer_model.training.protocols import run_label
@@ -33,18 +33,17 @@ def evaluate(params: Params) -> dict[str, Any]:
     written."""
     results = read_results(params.tune.results)
     summary = results.summary
+    tracker = tracked_run(params, summary)  # the run the report goes to exists: checked before anything is written
     flat, pooled = flat_metrics(results.predictions, summary.class_names, params.evaluate.intervals)
     metrics = {"protocol": summary.protocol, "split": summary.split, "leaky": summary.leaky, **flat,
                "per_class_recall": pooled["overall"]["per_class_recall"]}
-    metrics_path = Path(params.evaluate.metrics)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics_path = write_json(params.evaluate.metrics, metrics)
     write_artifacts(results.predictions, summary.class_names, Path(params.evaluate.plots),
                     title=f"{summary.experiment}: {run_label(summary.protocol, summary.leaky)}",
                     leaky=summary.leaky, with_predictions=False)
     log.info("%s: UF1 %.4f, UAR %.4f, accuracy %.4f over %d samples (%s)", metrics_path, flat["uf1"], flat["uar"],
              flat["accuracy"], flat["n"], run_label(summary.protocol, summary.leaky))
-    log.info("report: %s", experiment_report(params))
+    log.info("report: %s", experiment_report(params, results=results, tracker=tracker))
     return metrics
 
 

@@ -9,7 +9,6 @@ interruption does not create a second version of the same model. The version car
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from components.common import add_params_arguments, params_from_args
 from components.tracking import make_tracker, redact, tracking_uri
 from mer_model.config import Params
 from mer_model.errors import ConfigError
+from mer_model.io import write_json
 from mer_model.training.results import read_summary
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,7 @@ def register_final_model(params: Params) -> dict[str, Any]:
             "model_uri": summary.model_uri, "run_id": summary.parent_run_id, "protocol": summary.protocol,
             "split": summary.split, "leaky": summary.leaky, "metrics": summary.metrics,
             "tracking_uri": redact(tracking_uri(params.tracking))}
-    out = Path(params.tracking.registered_info)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(info, indent=2) + "\n")
+    write_json(params.tracking.registered_info, info)
     return info
 
 

@@ -22,20 +22,39 @@ from pathlib import Path
 import pandas as pd
 
 from components.common import add_params_arguments, check_output_dir, params_from_args
-from components.tracking import make_tracker
+from components.tracking import Tracker, make_tracker, redact, tracking_uri
 from mer_model.config import Params
 from mer_model.errors import ConfigError
 from mer_model.reporting import comparison_table, paired_table, write_comparison_report, write_experiment_report
 from mer_model.training.protocols import run_label
-from mer_model.training.results import read_results
+from mer_model.training.results import ExperimentSummary, Results, read_results
 
 log = logging.getLogger(__name__)
 
 
-def experiment_report(params: Params, out: str | None = None) -> Path:
-    """Report of the experiment in `tune.results`; returns the HTML path."""
+def tracked_run(params: Params, summary: ExperimentSummary) -> Tracker | None:
+    """The tracker holding the experiment's parent run, which the report is attached to, or None when untracked;
+    checked BEFORE anything is written, so a run missing from the store (another tracking.uri, a reset store) is one
+    line and leaves no metrics.json or report behind that the tracker would not have."""
+    if not summary.parent_run_id or params.tracking.backend == "none":
+        return None
+    tracker = make_tracker(params.tracking, "mer report")
+    tracker.check()
+    if not tracker.run_exists(summary.parent_run_id):
+        raise ConfigError(f"tracking.uri: {redact(tracking_uri(params.tracking))}: no run {summary.parent_run_id} "
+                          f"(the parent run of {params.tune.results}/summary.json): point tracking.uri at the store "
+                          "`mer tune` logged to, or run `mer tune` again")
+    return tracker
+
+
+def experiment_report(params: Params, out: str | None = None, results: Results | None = None,
+                      tracker: Tracker | None = None) -> Path:
+    """Report of the experiment in `tune.results` (`results`, when the caller read them and checked `tracker` with
+    `tracked_run`); returns the HTML path."""
     parent = check_output_dir(Path(out or params.evaluate.report), "evaluate.report")  # before any work
-    results = read_results(params.tune.results)
+    if results is None:
+        results = read_results(params.tune.results)
+        tracker = tracked_run(params, results.summary)
     summary = results.summary
     out_dir = check_output_dir(parent / summary.experiment, "evaluate.report")
     leaky = summary.leaky  # the verdict stored with the result, never one from the current params.yaml
@@ -48,9 +67,7 @@ def experiment_report(params: Params, out: str | None = None) -> Path:
                                    summary.class_names, out_dir, leaky,
                                    title=f"{summary.experiment}: {run_label(summary.protocol, leaky)}",
                                    intervals=params.evaluate.intervals)
-    if summary.parent_run_id and params.tracking.backend != "none":
-        tracker = make_tracker(params.tracking, "mer report")
-        tracker.check()
+    if tracker is not None and summary.parent_run_id:
         tracker.log_files(summary.parent_run_id, [out_dir], "report")
         log.info("report attached to run %s under report/", summary.parent_run_id)
     return path

@@ -11,15 +11,17 @@ recorded when they were written).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pandas as pd
 
-from mer_model.errors import DataError
+from mer_model.errors import FULL_DISK, DataError, StorageError
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
@@ -34,15 +36,25 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in FULL_DISK:
+            raise StorageError(f"{path}: no space left on device; nothing was written (the previous file, if any, "
+                               "is intact): free space and run again") from None
         raise
     return path
 
 
-def write_json(path: str | Path, value: Any) -> Path:
-    """`value` as indented JSON (one trailing newline), written atomically."""
-    return atomic_write(path, json.dumps(value, indent=2) + "\n")
+def write_with(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """What `write` puts into a binary buffer (torch.save, a figure's savefig, np.savez), written atomically."""
+    buffer = io.BytesIO()
+    write(buffer)
+    return atomic_write(path, buffer.getvalue())
+
+
+def write_json(path: str | Path, value: Any, **dumps: Any) -> Path:
+    """`value` as indented JSON (one trailing newline), written atomically; `dumps`: more json.dumps options."""
+    return atomic_write(path, json.dumps(value, indent=2, **dumps) + "\n")
 
 
 def write_csv(path: str | Path, frame: pd.DataFrame) -> Path:

@@ -10,6 +10,8 @@ import logging
 import os
 import sys
 
+from mer_model.errors import user_error
+
 # The platform's top-level packages (and `mer`, the CLI's logger).
 PLATFORM_LOGGERS = ("mer", "mer_model", "components", "pipelines", "benchmarks", "__main__")
 
@@ -31,3 +33,24 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for name in PLATFORM_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+class OneLineUserErrors(logging.Filter):
+    """Ray Tune and MLflow's database store log a failure they then raise with a traceback. Where it is a user error
+    (a full disk, a dead service: `mer_model.errors.user_error`), the command ends with that error in one line, so
+    the record is cut to one line too; a bug keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        found = user_error(error) if error is not None else None
+        if found is not None:
+            record.msg, record.args = f"{record.getMessage().splitlines()[0]}: {found}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def one_line_user_errors(*loggers: str) -> None:
+    """Install `OneLineUserErrors` on the named loggers (once each)."""
+    for name in loggers:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OneLineUserErrors) for f in logger.filters):
+            logger.addFilter(OneLineUserErrors())

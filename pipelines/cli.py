@@ -14,7 +14,7 @@ import textwrap
 from importlib import metadata
 
 from components import evaluate, ingest, predict, preprocess, register, report, synth
-from mer_model.errors import MerError
+from mer_model.errors import user_error
 from mer_model.logging_utils import setup_logging
 from pipelines import benchmark, loso
 
@@ -63,12 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except MerError as err:
-        print(f"mer {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"mer {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a user error raised inside Ray, Tune or MLflow is still one line
+        found = user_error(err)
+        if found is None:
+            raise
+        print(f"mer {args.command}: error: {found}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

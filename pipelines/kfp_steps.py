@@ -37,6 +37,7 @@ from components.register import register_final_model
 from components.synth import synthesize
 from mer_model.config import Params, load_params
 from mer_model.errors import ServiceError
+from mer_model.io import atomic_write, write_json
 from pipelines.ray_jobs import DASHBOARD_KEY, DEFAULT_TIMEOUT_S, RayJobs, submission_id
 
 # The command each step runs as a Ray job, in its working directory on the cluster's head.
@@ -124,7 +125,7 @@ def _collect_outputs(paths: list[str], workdir: Path, output: str, keep: bool = 
             shutil.copytree(workdir / rel, out / rel, dirs_exist_ok=True)
         else:
             shutil.copy2(workdir / rel, out / rel)
-    (out / PATHS_FILE).write_text(json.dumps(present))
+    write_json(out / PATHS_FILE, present)
 
 
 def _tune(params: Params) -> Any:
@@ -161,7 +162,7 @@ def run_step(step: str, key: str, params_file: str, overrides: dict[str, Any], t
     workdir.mkdir(parents=True)
     cwd = Path.cwd()
     try:
-        (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        atomic_write(workdir / "params.yaml", yaml.safe_dump(raw, sort_keys=False))
         _link_inputs(inputs, workdir)
         os.chdir(workdir)
         local = load_params("params.yaml")  # relative paths resolve in the working directory, as for `mer <step>`
@@ -202,9 +203,9 @@ def _job_step(step: str, key: str, params_file: str, overrides: dict[str, Any], 
         if status is None:  # a first attempt: a fresh directory, as for the other steps
             shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        atomic_write(workdir / "params.yaml", yaml.safe_dump(raw, sort_keys=False))
         copied = _copy_inputs(inputs, workdir)
-        (workdir / COPIED_FILE).write_text(json.dumps(copied))
+        write_json(workdir / COPIED_FILE, copied)
         env = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}
         entrypoint = f"cd {shlex.quote(str(workdir))} && {JOB_COMMANDS[step]}"
         jobs.submit(job_id, entrypoint, env)

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from components.common import add_params_arguments, params_from_args
-from mer_model.errors import MerError
+from mer_model.errors import user_error
 from mer_model.logging_utils import setup_logging
 from pipelines.engine.preflight import check_experiment
 
@@ -44,8 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.engine.driver import run_experiment  # Ray Tune: after the configuration is checked
 
         run_experiment(params, source="python -m pipelines.loso")
-    except MerError as err:
-        print(f"pipelines.loso: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - one line for a user error wherever it was raised (see pipelines.cli)
+        found = user_error(err)
+        if found is None:
+            raise
+        print(f"pipelines.loso: error: {found}", file=sys.stderr)
         return 2
     return 0
 

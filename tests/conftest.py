@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,3 +261,57 @@ def runs_by_kind(root: Path) -> dict[str, list[Any]]:
     for run in client.search_runs([experiment_id], max_results=1000):
         out[run.data.tags["mer.kind"]].append(run)
     return out
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """`small_disk(mib)`: a fresh tmpfs of that size mounted under tmp_path (a real disk that can be filled), unmounted
+    after the test. Skips where mounting is not permitted (not root)."""
+    mounted: list[Path] = []
+
+    def mount(mib: int) -> Path:
+        path = tmp_path / f"disk{len(mounted)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(path)],
+                              capture_output=True, text=True, timeout=30)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs to fill: {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+def fill_disk(path: Path) -> Path:
+    """Take every free byte of the file system holding `path` (fallocate, then 4 KiB writes for what it leaves);
+    returns the ballast file, whose removal frees the disk again."""
+    ballast = path / ".ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        with contextlib.suppress(OSError):
+            os.posix_fallocate(fd, 0, os.statvfs(path).f_bavail * os.statvfs(path).f_frsize)
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, bytes(4096))
+    finally:
+        os.close(fd)
+    return ballast
+
+
+def fill_disk_when(path: Path, ready: Callable[[], bool], timeout: float = 600) -> threading.Thread:
+    """A thread that fills `path`'s disk (`fill_disk`) as soon as `ready()` holds: a disk that fills DURING a run,
+    after its up-front free-space check passed."""
+    def run() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if ready():
+                    break
+            time.sleep(0.02)
+        fill_disk(path)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread

@@ -165,6 +165,7 @@ def s3_server(buckets: tuple[str, ...] = (), timeout: float = 60) -> Iterator[st
     log = root / "moto.log"
     proc = _spawn([sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)], log,
                   env={**os.environ, **s3_env(endpoint)})
+    _SERVING[endpoint] = proc
     try:
         wait_until(lambda: http_ok(f"{endpoint}/moto-api/"), timeout, "moto S3 server", proc, log)
         client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY_ID,
@@ -173,8 +174,19 @@ def s3_server(buckets: tuple[str, ...] = (), timeout: float = 60) -> Iterator[st
             client.create_bucket(Bucket=bucket)
         yield endpoint
     finally:
+        _SERVING.pop(endpoint, None)
         stop(proc)
         shutil.rmtree(root, ignore_errors=True)
+
+
+_SERVING: dict[str, subprocess.Popen] = {}  # endpoint -> process of the servers running now
+
+
+def kill_server(endpoint: str) -> None:
+    """SIGKILL a running server (`s3_server`'s endpoint) and its children: a service dying under a run."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(_SERVING[endpoint].pid, 9)
+    _SERVING[endpoint].wait(30)
 
 
 @contextlib.contextmanager

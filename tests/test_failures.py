@@ -87,10 +87,12 @@ def test_an_interrupted_preprocessing_run_keeps_what_it_finished(tmp_path: Path)
     assert again.plan(table, params.preprocess, modalities) == {"synthetic/sub02/EP01": modalities}
 
 
-def test_sigterm_unwinds_first_then_the_runs_end_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The SIGTERM handler only raises (Terminated, exit code 143): what it interrupted unwinds and releases the
-    store; then `end_all` marks the open runs KILLED (a handler that wrote itself waited on the interrupted write's
-    SQLite lock and the runs stayed RUNNING)."""
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_an_interrupt_unwinds_first_then_the_runs_end_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             signame: str, code: int) -> None:
+    """The interrupt handler only raises (Terminated, exit code 128 + the signal): what it interrupted unwinds and
+    releases the store; then `end_all` marks the open runs KILLED (a handler that wrote itself waited on the
+    interrupted write's SQLite lock and the runs stayed RUNNING). One Ctrl-C (SIGINT) is the same path as SIGTERM."""
     import os
     import signal
 
@@ -102,15 +104,16 @@ def test_sigterm_unwinds_first_then_the_runs_end_killed(tmp_path: Path, monkeypa
     tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "test", "unknown")
     tracker.check()
     run, _ = tracker.open_run("k", "parent", {})
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        tracker.install_sigterm_handler()
+        tracker.install_interrupt_handlers()
         with pytest.raises(Terminated) as raised:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), getattr(signal, signame))
         tracker.end_all("KILLED")
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert raised.value.code == 143
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert raised.value.code == code and tracker.terminated
     assert tracker.client.get_run(run).info.status == "KILLED"
 
 
@@ -133,9 +136,9 @@ def test_sigterm_inside_a_store_write_is_delivered_again_outside_it(tmp_path: Pa
     run, _ = tracker.open_run("k", "parent", {})
     store_code: dict = {"__name__": "sqlalchemy.engine.default", "sys": sys}
     exec("def interrupted_frame():\n    return sys._getframe()", store_code)
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        tracker.install_sigterm_handler()
+        tracker.install_interrupt_handlers()
         handler = signal.getsignal(signal.SIGTERM)
         assert handler(signal.SIGTERM, store_code["interrupted_frame"]()) is None  # deferred, nothing raised
         assert not tracker.terminated
@@ -143,7 +146,8 @@ def test_sigterm_inside_a_store_write_is_delivered_again_outside_it(tmp_path: Pa
             time.sleep(5)  # the re-sent signal arrives here, outside the store
         tracker.end_all("KILLED")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, saved in previous.items():
+            signal.signal(sig, saved)
     assert raised.value.code == 143 and tracker.terminated
     assert tracker.client.get_run(run).info.status == "KILLED"
 

@@ -214,3 +214,30 @@ def test_mer_report_cli_single_and_compare(tmp_path: Path, mer: Callable[..., Cl
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1] == (
         f"mer report: error: --experiment nope: no such MLflow experiment at {uri}")
+
+
+def test_evaluate_refuses_a_parent_run_missing_from_the_store_before_writing(tmp_path: Path,
+                                                                             mer: Callable[..., CliResult]) -> None:
+    """tune.results naming a parent run the tracking store does not hold (another tracking.uri, a reset store): one
+    line naming the store and the run, exit 2, checked BEFORE anything is written (metrics.json was written first,
+    then the report's attachment failed with a traceback)."""
+    from mer_model.training.results import ExperimentSummary, Results, write_results
+
+    missing = "f" * 32
+    results = write_results(tmp_path / "results", Results(ExperimentSummary(
+        experiment="x", experiment_key="x-1", protocol="inner", leaky=False, class_names=CLASSES, metrics={},
+        parent_run_id=missing, folds=1), _predictions(), []))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    outputs = {"evaluate.metrics": tmp_path / "metrics.json", "evaluate.plots": tmp_path / "plots",
+               "evaluate.report": tmp_path / "reports"}
+    args = [f"-S{k}={v}" for k, v in {**outputs, "tune.results": results, "tracking.uri": uri}.items()]
+    for command in ("evaluate", "report"):
+        result = mer(command, "--params", str(REPO / "params.yaml"), *args, cwd=tmp_path,
+                     env={"MLFLOW_TRACKING_URI": ""})
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"mer {command}: error: tracking.uri: {uri}: no run {missing} (the parent run of {results}/summary.json): "
+            "point tracking.uri at the store `mer tune` logged to, or run `mer tune` again")
+        if command == "evaluate":
+            assert not any(path.exists() for path in outputs.values())
+    assert not list((tmp_path / "reports").rglob("*.*"))  # `mer report` checked its (empty) output dir first

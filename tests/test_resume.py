@@ -148,3 +148,65 @@ def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_root: Pat
 
 def _grep(root: Path, needle: bytes) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def _wait_for(proc: subprocess.Popen, log: Path, ready: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not ready():
+        assert proc.poll() is None, f"driver exited (rc {proc.returncode}) before {what}; see {log}"
+        assert time.monotonic() < deadline, f"no {what} within {DEADLINE_S}s; see {log}"
+        time.sleep(0.3)
+
+
+def _ctrl_c(proc: subprocess.Popen) -> int:
+    """One Ctrl-C as a terminal sends it (SIGINT to the foreground process group); the driver's exit code."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.wait(timeout=90)
+    finally:
+        _end_group(proc, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_one_ctrl_c_stops_the_search_and_the_final_model_like_sigterm(tiny_root: Path, tmp_path: Path) -> None:
+    """One SIGINT during the search, and one while the final model trains: each ends the driver (exit code 130),
+    its runs KILLED, no results written (Ray Tune's own handler used to stop the search gracefully: the driver went
+    on, trained the final model and exited 0 with a summary that said 4 trials after 2 ran). The next start reuses
+    the folds finished before each interrupt and records the trials that ran."""
+    params = tiny_params(tmp_path, tiny_data(tmp_path), **{
+        "train.epochs": 20, "tune.folds_per_trial": 1, "tune.max_concurrent_trials": 1, "tune.num_samples": 2,
+        "tune.search_folds": 2, "tune.search_space": {"train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}}})
+    storage, summary = tmp_path / "runs" / "tune", tmp_path / "runs" / "results" / "summary.json"
+
+    def nothing_running() -> bool:
+        return all(r.info.status != "RUNNING" for kind in runs_by_kind(tmp_path).values() for r in kind)
+
+    log = tmp_path / "search.log"
+    proc = _start(params, log)
+    _wait_for(proc, log, lambda: len(_finished_folds(storage)) >= 1, "a stored search fold")
+    assert _ctrl_c(proc) == 130, log.read_text()[-3000:]
+    first = _finished_folds(storage)
+    assert len(first) < 4 and not summary.exists(), "the search went on after the Ctrl-C"
+    (parent,) = runs_by_kind(tmp_path)["parent"]
+    assert parent.info.status == "KILLED" and nothing_running()
+
+    log = tmp_path / "final.log"
+    proc = _start(params, log)
+    _wait_for(proc, log, lambda: "final model: training" in log.read_text(), "the final model")
+    assert _ctrl_c(proc) == 130, log.read_text()[-3000:]
+    assert not summary.exists(), "the driver went on after a Ctrl-C during the final model"
+    assert runs_by_kind(tmp_path)["parent"][0].info.status == "KILLED" and nothing_running()
+    second = _finished_folds(storage)
+    assert all(second[p] == mtime for p, mtime in first.items())  # the search's folds were read back
+
+    log = tmp_path / "resumed.log"
+    proc = _start(params, log)
+    try:
+        assert proc.wait(timeout=DEADLINE_S) == 0, log.read_text()[-3000:]
+    finally:
+        _end_group(proc, signal.SIGKILL)
+    assert all(_finished_folds(storage)[p] == mtime for p, mtime in second.items())  # every fold reused
+    search = json.loads(summary.read_text())["search"]
+    assert (search["num_samples"], search["trials"]) == (2, 2)
+    runs = runs_by_kind(tmp_path)
+    assert all(r.info.status == "FINISHED" for kind in runs.values() for r in kind)

@@ -173,3 +173,103 @@ def test_bare_postgresql_uri_uses_the_installed_driver(tracking_stack: TrackingS
     cfg = TrackingConfig(uri=bare, experiment="bare-postgresql")
     assert tracking_uri(cfg) == pg.uri("mlflow")
     assert "bare-postgresql" in MlflowTracker(cfg, "test", "unknown").check()
+
+
+def test_report_compare_with_the_tracking_store_down_is_one_line_in_seconds(tmp_path: Path) -> None:
+    """`mer report --compare` against an MLflow server, and a PostgreSQL store, that nobody serves: one line naming
+    the URI within seconds (it retried for minutes: no result after 241 s for the server, rc 1 and two tracebacks
+    after 109 s for PostgreSQL)."""
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    port = free_port()
+    for uri, shown in ((f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}"),
+                       (f"postgresql://mer:secret@127.0.0.1:{port}/mlflow",
+                        f"postgresql+psycopg2://***@127.0.0.1:{port}/mlflow")):
+        params = tiny_params(tmp_path, **{"tracking.uri": uri})
+        start = time.monotonic()
+        line = _one_error_line(mer_process("report", "--compare", "--params", str(params), env=env, timeout=BOUND_S))
+        assert time.monotonic() - start < 60, "not bounded"
+        assert line.startswith(f"mer report: error: tracking.uri: {shown}: tracking server not reachable ("), line
+        assert "Connection refused" in line and "secret" not in line
+
+
+def test_tracking_uri_with_credentials_reaches_the_server(tracking_stack: TrackingStack,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`http://user:pw@host:port`, which MLflow's client sends as basic auth, passes the reachability check (it was
+    refused as "not reachable (Name or service not known)"); the credentials appear nowhere in what is said."""
+    from components.tracking.mlflow_tracker import MlflowTracker
+    from mer_model.config import TrackingConfig
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking_stack.uri.replace("http://", "http://mer-user:p%40ss@")
+    said = MlflowTracker(TrackingConfig(uri=uri, experiment="with-credentials"), "test", "unknown").check()
+    assert "with-credentials" in said and "p%40ss" not in said and "mer-user" not in said
+
+
+_OPEN_STORE = """
+import sys
+from components.tracking.mlflow_tracker import MlflowTracker
+from mer_model.config import TrackingConfig
+tracker = MlflowTracker(TrackingConfig(uri=sys.argv[1], experiment="mer"), "test", "unknown")
+tracker.check()
+run, _ = tracker.open_run(sys.argv[2], "run", {})
+tracker.end_run(run)
+"""
+
+
+def test_six_processes_opening_a_new_sqlite_store_at_once(tmp_path: Path) -> None:
+    """Six processes creating the same new SQLite store, its experiment and a run each at once: all succeed and the
+    store is usable after (MLflow creates and migrates a store without a lock: 5 of 6 failed with tracebacks, and two
+    concurrent `mer tune` left it unusable); `store_lock` serialises that."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_STORE, uri, f"key-{i}"], cwd=REPO, env=env,
+                              stderr=subprocess.PIPE, text=True) for i in range(6)]
+    results = [(proc.wait(timeout=2 * BOUND_S), proc.stderr.read()) for proc in procs]
+    assert all(code == 0 and "Traceback" not in err for code, err in results), results
+    client = MlflowClient(uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "mer"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+@pytest.mark.slow
+def test_artifact_store_dying_mid_run_is_one_line_and_no_run_stays_running(tiny_root: Path, tmp_path: Path) -> None:
+    """`mer tune` against an MLflow server whose S3 artifact store (moto) is killed once the first fold is stored:
+    the next artifact upload fails (after MLflow's retries, one here to keep the test short), the command ends with
+    one line naming the tracking store, exit 2, and every run it opened is ended FAILED (7 tracebacks before)."""
+    import sqlite3
+    import time
+
+    from tests.servers import kill_server, mlflow_server, s3_env, s3_server
+
+    backend = tmp_path / "backend.db"
+    with contextlib.ExitStack() as stack:
+        endpoint = stack.enter_context(s3_server(buckets=("artifacts",)))
+        uri = stack.enter_context(mlflow_server(f"sqlite:///{backend}", "s3://artifacts/mlflow", s3_env(endpoint)))
+        params = tiny_params(tmp_path, tiny_data(tmp_path), **{"tracking.uri": uri, "tune.folds_per_trial": 1})
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        log = tmp_path / "tune.log"
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "tune", "--params", str(params)], cwd=REPO,
+                                env={**env, "OMP_NUM_THREADS": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"},
+                                stdout=subprocess.DEVNULL, stderr=log.open("w"))
+        try:
+            deadline = time.monotonic() + BOUND_S
+            while not list((tmp_path / "runs" / "tune").glob("*/folds/*/result.json")):
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            kill_server(endpoint)  # the artifact store dies; the MLflow server and its backend store stay up
+            code = proc.wait(timeout=BOUND_S)
+        finally:
+            proc.kill()
+    stderr = log.read_text()
+    assert code == 2, stderr[-4000:]
+    line = _one_error_line(subprocess.CompletedProcess([], code, "", stderr))
+    assert line.startswith(f"mer tune: error: tracking store {uri}: log_"), line
+    with sqlite3.connect(f"file:{backend}?mode=ro", uri=True) as db:
+        statuses = [status for (status,) in db.execute("SELECT status FROM runs")]
+    assert statuses and "RUNNING" not in statuses, statuses
+

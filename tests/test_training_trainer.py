@@ -5,7 +5,11 @@ All runs train the real registered STSTNet (the shallow MEGC2019 baseline on flo
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +158,44 @@ def test_seed_ensemble_of_one_is_the_single_model(store: SampleStore) -> None:
     b = train_fold(_spec(store, protocol="inner"), store)
     cols = [f"prob_{k}" for k in range(3)]
     assert np.array_equal(a.predictions[cols].to_numpy(), b.predictions[cols].to_numpy())
+
+
+_KILLED_FOLD = """
+import sys, time
+sys.path[:0] = sys.argv[3:]
+from mer_model.training.data import SampleStore
+from mer_model.training.trainer import train_fold
+from test_training_trainer import _spec
+store = SampleStore.open(sys.argv[1])
+train_fold(_spec(store, epochs=6, checkpoint_every=1), store, callback=lambda epoch, metrics: time.sleep(1),
+           checkpoint_dir=sys.argv[2])
+"""
+
+
+def test_a_fold_whose_process_is_killed_resumes_and_says_from_which_epoch(
+        store: SampleStore, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A real SIGKILL of the process training a fold with `checkpoint_every: 1`: the next call resumes from the
+    last checkpoint and logs "fold X resumed from epoch N" at WARNING (what a Ray worker forwards to the driver)."""
+    ckpt = tmp_path / "ckpt"
+    tests = str(Path(__file__).parent)
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_FOLD, str(store.root), str(ckpt), tests,
+                             str(Path(tests).parent)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    try:
+        while not (ckpt / trainer.CHECKPOINT_NAME).is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, "the fold never wrote a checkpoint"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    saved = torch.load(ckpt / trainer.CHECKPOINT_NAME, weights_only=False)["epoch"]
+    assert 1 <= saved < 6
+    spec = _spec(store, epochs=6, checkpoint_every=1)
+    epochs_run: list[int] = []
+    with caplog.at_level("WARNING", logger="mer_model.training.trainer"):
+        resumed = train_fold(spec, store, callback=lambda e, m: epochs_run.append(e), checkpoint_dir=ckpt)
+    assert f"fold {spec.fold.name} resumed from epoch {saved} " in caplog.text
+    assert epochs_run == list(range(saved + 1, 7)) and [h["epoch"] for h in resumed.history] == list(range(1, 7))
 
 
 @pytest.mark.parametrize("ema_decay", [0.0, 0.5])

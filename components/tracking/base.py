@@ -14,18 +14,23 @@ experiment state and restored with it): they hold configuration and connect lazi
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import logging
 import os
 import re
+import signal
 import socket
 import subprocess
+import threading
 import urllib.parse
 import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, ClassVar
 
 import pandas as pd
@@ -33,15 +38,35 @@ import yaml
 
 from mer_model.config import Params, TrackingConfig
 from mer_model.errors import ConfigError
+from mer_model.io import atomic_write
+
+log = logging.getLogger(__name__)
+
 
 class Terminated(SystemExit):
-    """Raised in the main thread by the SIGTERM handler (Kubernetes, `ray job stop`, a user's kill). The handler
-    only raises: whatever tracker write the signal interrupted unwinds first and releases its store (an SQLite
-    write lock), so that `end_all("KILLED")` can write afterwards; a handler that wrote itself waited on the lock
-    of the very write it interrupted. Exit code 128 + SIGTERM, like a process killed by it."""
+    """Raised in the main thread by the interrupt handler on SIGTERM (Kubernetes, `ray job stop`, a user's kill) or
+    SIGINT (Ctrl-C). The handler only raises: whatever tracker write the signal interrupted unwinds first and
+    releases its store (an SQLite write lock), so that `end_all("KILLED")` can write afterwards; a handler that wrote
+    itself waited on the lock of the very write it interrupted. Exit code 128 + the signal's number, like a process
+    killed by it (143 for SIGTERM, 130 for SIGINT)."""
 
-    def __init__(self) -> None:
-        super().__init__(128 + 15)
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(128 + int(signum))
+        self.signum = int(signum)
+
+
+# Modules whose calls must not be unwound by the interrupt handler's exception (they hold the tracking store's lock).
+_STORE_MODULES = ("sqlalchemy.", "sqlite3", "mlflow.store.")
+INTERRUPTS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _inside_store_call(frame: FrameType | None) -> bool:
+    """True when the interrupted Python stack is inside a tracking-store (database) call."""
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith(_STORE_MODULES):
+            return True
+        frame = frame.f_back
+    return False
 
 
 KEY_TAG = "mer.key"  # unique per run: experiment key + kind + identity
@@ -82,9 +107,11 @@ class Tracker(ABC):
     backend: ClassVar[str]
     #: log_model stores a servable model (the engine trains the final model only when it does).
     stores_models: ClassVar[bool] = False
-    #: set by the SIGTERM handler: Ray Tune may wrap the `Terminated` raised inside its loop in its own error, so the
+    #: set by the interrupt handler: Ray Tune may wrap the `Terminated` raised inside its loop in its own error, so the
     #: caller asks this rather than the exception's type alone.
     terminated: bool = False
+    #: the signal that set `terminated` (SIGTERM or SIGINT)
+    terminated_by: int = 0
 
     @abstractmethod
     def check(self) -> str:
@@ -99,6 +126,10 @@ class Tracker(ABC):
                  start_time: float | None = None) -> tuple[str, bool]:
         """(run id, created): the run keyed `key`, re-opened if it exists, else a new one (child of `parent`).
         `start_time` (Unix seconds): when the work the run records began, for a run created after it (a fold)."""
+
+    @abstractmethod
+    def run_exists(self, run: str) -> bool:
+        """The run `run` (an id this tracker gave) is in the store."""
 
     @abstractmethod
     def is_finished(self, key: str) -> bool:
@@ -138,10 +169,26 @@ class Tracker(ABC):
     def end_all(self, status: str) -> None:
         """End every run this process still has open."""
 
-    @abstractmethod
-    def install_sigterm_handler(self) -> None:
-        """On SIGTERM raise `Terminated` in the main thread; the caller's `except BaseException` ends the open runs
-        as KILLED (`end_all`) and lets it propagate (exit code 143)."""
+    def install_interrupt_handlers(self) -> None:
+        """On SIGTERM or SIGINT (one Ctrl-C) raise `Terminated` in the main thread; the caller's `except
+        BaseException` ends the open runs as KILLED (`end_all`) and lets it propagate (exit code 143 / 130). Both
+        signals are one path, so a Ctrl-C is never a graceful stop that goes on with the next phase. A signal that
+        lands inside a tracking-store call is not unwound there (that left the write's connection holding the SQLite
+        lock, so marking the runs KILLED waited out the busy timeout per run) but sent again 0.2 s later."""
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if _inside_store_call(frame):
+                retry = threading.Timer(0.2, os.kill, (os.getpid(), signum))
+                retry.daemon = True
+                retry.start()
+                return
+            log.warning("%s: ending; the open runs will be marked KILLED", signal.Signals(signum).name)
+            for sig in INTERRUPTS:  # a second Ctrl-C while the runs are being ended ends the process at once
+                signal.signal(sig, signal.SIG_DFL)
+            self.terminated, self.terminated_by = True, signum
+            raise Terminated(signum)
+
+        for sig in INTERRUPTS:
+            signal.signal(sig, handler)
 
     @abstractmethod
     def log_model(self, run: str, model: Any, class_names: list[str], preprocess: Any, leaky: bool,
@@ -169,9 +216,8 @@ class Tracker(ABC):
 
     def log_config(self, run: str, params: Params, directory: Path) -> None:
         """The resolved configuration as `config.yaml` (credentials redacted like the params)."""
-        path = directory / "config.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(redact(yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False)))
+        path = atomic_write(directory / "config.yaml",
+                            redact(yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False)))
         self.log_files(run, [path])
 
 
@@ -189,6 +235,9 @@ class NullTracker(Tracker):
     def open_run(self, key: str, name: str, tags: Mapping[str, str], parent: str | None = None,
                  start_time: float | None = None) -> tuple[str, bool]:
         return f"none:{key}", True
+
+    def run_exists(self, run: str) -> bool:
+        return True
 
     def is_finished(self, key: str) -> bool:
         return False
@@ -221,9 +270,6 @@ class NullTracker(Tracker):
         pass
 
     def end_all(self, status: str) -> None:
-        pass
-
-    def install_sigterm_handler(self) -> None:
         pass
 
     def log_model(self, run: str, model: Any, class_names: list[str], preprocess: Any, leaky: bool,
@@ -267,8 +313,7 @@ def check_tracking_server(uri: str) -> None:
     where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
     try:
         if scheme in ("http", "https"):
-            url = uri.rstrip("/") + "/health"
-            with urllib.request.urlopen(url, timeout=TRACKING_CHECK_S) as response:  # noqa: S310 - the configured URI
+            with urllib.request.urlopen(_health_request(parsed), timeout=TRACKING_CHECK_S) as response:  # noqa: S310
                 response.read()
         elif scheme in DATABASE_PORTS and parsed.hostname:
             with socket.create_connection((parsed.hostname, parsed.port or DATABASE_PORTS[scheme]),
@@ -280,6 +325,23 @@ def check_tracking_server(uri: str) -> None:
 
 
 DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def _health_request(parsed: urllib.parse.SplitResult) -> urllib.request.Request:
+    """GET <server>/health. Credentials in the URI (`http://user:pw@host:port`, which MLflow's client sends as HTTP
+    basic auth) go into the Authorization header: urllib would take `user:pw@host` for the host name."""
+    netloc = parsed.hostname or ""
+    if ":" in netloc:  # an IPv6 literal
+        netloc = f"[{netloc}]"
+    if parsed.port:
+        netloc += f":{parsed.port}"
+    url = urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path.rstrip("/") + "/health", "", ""))
+    request = urllib.request.Request(url)
+    if parsed.username is not None:
+        user = urllib.parse.unquote(parsed.username)
+        password = urllib.parse.unquote(parsed.password or "")
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    return request
 
 
 def artifact_location(cfg: TrackingConfig, uri: str, experiment: str) -> str | None:

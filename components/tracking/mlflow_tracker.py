@@ -4,7 +4,7 @@ Runs are created and found through `MlflowClient` with explicit run ids (never t
 the engine keeps a parent, several trial runs and many fold runs open at once. Every run carries a unique `mer.key`
 tag, so a restarted driver finds the runs of the killed one instead of duplicating them (`open_run`). Runs left
 RUNNING by a driver that died without cleanup are marked FAILED on the next start (`fail_stale_runs`); a SIGTERM ends
-the open runs of the process as KILLED (`install_sigterm_handler`).
+the open runs of the process as KILLED, and so does a Ctrl-C (`install_interrupt_handlers`).
 
 What a user sees in the MLflow UI: the experiment is created as a model-training experiment (tag
 `mlflow.experimentKind = custom_model_development`, so it opens on its training runs, not on the GenAI traces
@@ -15,17 +15,17 @@ its source (entry point and git commit); the final model is a pyfunc with an inp
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
 import logging
-import os
-import signal
 import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from types import FrameType
 from typing import Any, ClassVar
 
 import mlflow
@@ -41,6 +41,7 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_SOURCE_NAME,
     MLFLOW_SOURCE_TYPE,
 )
+from requests.exceptions import RequestException
 
 from components.tracking.base import (
     CHAMPION_ALIAS,
@@ -49,7 +50,6 @@ from components.tracking.base import (
     KIND_TAG,
     DatasetInfo,
     Registration,
-    Terminated,
     Tracker,
     artifact_location,
     check_tracking_server,
@@ -59,7 +59,17 @@ from components.tracking.base import (
 )
 from components.tracking.pyfunc import log_pyfunc_model
 from mer_model.config import TrackingConfig
-from mer_model.errors import ConfigError, DataError
+from mer_model.errors import (
+    FULL_DISK,
+    SQLITE_FULL,
+    ConfigError,
+    DataError,
+    MerError,
+    ServiceError,
+    StorageError,
+)
+from mer_model.io import atomic_write
+from mer_model.logging_utils import one_line_user_errors
 from mer_model.training.metrics import defined
 
 log = logging.getLogger(__name__)
@@ -71,17 +81,89 @@ _BATCH_PARAMS = 100
 _BATCH_METRICS = 1000
 
 
-# Modules whose calls must not be unwound by the SIGTERM handler's exception (they hold the tracking store's lock).
-_STORE_MODULES = ("sqlalchemy.", "sqlite3", "mlflow.store.")
+STORE_LOCK_S = 120.0  # creating and migrating an SQLite store takes seconds; beyond this the holder is stuck
 
 
-def _inside_store_call(frame: FrameType | None) -> bool:
-    """True when the interrupted Python stack is inside a tracking-store (database) call."""
-    while frame is not None:
-        if str(frame.f_globals.get("__name__", "")).startswith(_STORE_MODULES):
-            return True
-        frame = frame.f_back
-    return False
+@contextlib.contextmanager
+def store_lock(uri: str, timeout: float = STORE_LOCK_S) -> Iterator[None]:
+    """For an SQLite store: hold `<database>.lock` (flock, released by the kernel if the holder dies) while the
+    store is created, migrated or its experiment created. MLflow does both without a lock of its own: six commands
+    opening a new store at once gave five tracebacks, and two concurrent `mer tune` left it unusable. Other stores
+    (a server, PostgreSQL) serialise this themselves."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        yield
+        return
+    path = Path(uri[len(prefix):] + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ServiceError(f"tracking.uri: {redact(uri)}: the store is being created by another process "
+                                       f"for more than {timeout:.0f} s (lock {path})") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# Space kept free beside an SQLite store (`<database>.reserve`) and given up when its disk is full, so that the runs
+# of a process that fails for that very reason can still be ended FAILED / KILLED instead of staying RUNNING.
+RESERVE_BYTES = 1 << 20
+
+
+def _reserve(uri: str) -> Path | None:
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):] + ".reserve") if uri.startswith(prefix) else None
+
+
+def keep_reserve(uri: str) -> None:
+    """Write the reserve beside an SQLite store if it is not there (nothing when the disk has no room for it)."""
+    path = _reserve(uri)
+    if path is not None and not path.exists():
+        with contextlib.suppress(MerError, OSError):
+            atomic_write(path, bytes(RESERVE_BYTES))
+
+
+def release_reserve(uri: str) -> bool:
+    """Give the reserve's space back to the store's disk; False when there was none."""
+    path = _reserve(uri)
+    if path is None or not path.exists():
+        return False
+    path.unlink()
+    log.warning("tracking store's disk is full: released its %d KiB reserve to end the runs", RESERVE_BYTES >> 10)
+    return True
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def _translated(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A tracker call whose store failure (a server that died, an artifact store behind it that died, a full SQLite
+    disk) is one ServiceError / StorageError line naming the store, after MLflow's own bounded retries."""
+    @functools.wraps(method)
+    def call(self: MlflowTracker, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except MerError:
+            raise
+        except (MlflowException, OSError, RequestException) as err:
+            where = f"tracking store {redact(self.uri)}"
+            if SQLITE_FULL in str(err):
+                raise StorageError(f"{where}: its disk is full ({SQLITE_FULL}); free space and run again") from err
+            if isinstance(err, OSError) and err.errno in FULL_DISK:
+                raise StorageError(f"{where}: its disk is full ({err.filename or ''}: {err.strerror}); free space "
+                                   "and run again") from err
+            raise ServiceError(f"{where}: {method.__name__} failed: {redact(_first_line(err))}") from err
+
+    return call
 
 
 class MlflowTracker(Tracker):
@@ -101,15 +183,20 @@ class MlflowTracker(Tracker):
         self.commit = commit
         self.experiment_id: str | None = None
         self._client: MlflowClient | None = None
+        one_line_user_errors("mlflow.store.db.utils")  # it logs each database error it raises with a traceback
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None}
 
     @property
     def client(self) -> MlflowClient:
-        """A client of this tracker's store (explicit URIs: the process-wide ones are left to the fluent calls)."""
+        """A client of this tracker's store (explicit URIs: the process-wide ones are left to the fluent calls). Its
+        store is opened (an SQLite database created and migrated) here, under `store_lock`."""
         if self._client is None:
-            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            with store_lock(self.uri):
+                client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+                client.search_experiments(max_results=1)  # opens, creates and migrates the store
+            self._client = client
         return self._client
 
     def _experiment(self) -> str:
@@ -121,15 +208,19 @@ class MlflowTracker(Tracker):
     def check(self) -> str:
         check_tracking_server(self.uri)  # seconds, not MLflow's minutes of retries, when the server is down
         name = self.cfg.experiment
-        found = self.client.get_experiment_by_name(name)
-        if found is None:
-            self.experiment_id = self.client.create_experiment(
-                name, artifact_location(self.cfg, self.uri, name), tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
-        else:
+        client = self.client
+        with store_lock(self.uri):  # two commands creating the experiment at once: the second finds it
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                self.experiment_id = client.create_experiment(
+                    name, artifact_location(self.cfg, self.uri, name),
+                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+        if found is not None:
             self.experiment_id = found.experiment_id
             if EXPERIMENT_KIND_TAG not in found.tags:  # created before the kind existed: make it a training one
                 self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         text = f"MLflow: {redact(self.uri)}, experiment {name!r} ({self.experiment_id}), runs at {self.ui_link()}"
+        keep_reserve(self.uri)
         log.info("%s", text)
         return text
 
@@ -179,6 +270,15 @@ class MlflowTracker(Tracker):
             self._open[run_id] = self.uri
         return run_id, created
 
+    def run_exists(self, run: str) -> bool:
+        try:
+            self.client.get_run(run)
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
+
     def is_finished(self, key: str) -> bool:
         found = self._find(key)
         return found is not None and found.info.status == "FINISHED"
@@ -196,28 +296,13 @@ class MlflowTracker(Tracker):
                 try:
                     MlflowClient(tracking_uri=uri).set_terminated(run, status=status)
                     break
-                except Exception:  # noqa: BLE001 - best effort while the process is going down
-                    if attempt == 4:
-                        log.exception("could not end MLflow run %s", run)
+                except Exception as err:  # noqa: BLE001 - best effort while the process is going down
+                    if SQLITE_FULL in str(err) and release_reserve(uri):
+                        continue  # the store's disk is full: the reserve's space lets the runs be ended
+                    if attempt == 4:  # one line: the error that ended the process is the one to read
+                        log.warning("could not end MLflow run %s as %s: %s", run, status, _first_line(err))
                     else:
                         time.sleep(0.5)
-
-    def install_sigterm_handler(self) -> None:
-        def handler(signum: int, frame: FrameType | None) -> None:
-            if _inside_store_call(frame):
-                # Unwinding out of the middle of a database write leaves that connection holding the SQLite lock, and
-                # `end_all` then waits out the busy timeout for every run it marks KILLED: deliver the signal again a
-                # moment later, outside the write.
-                retry = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
-                retry.daemon = True
-                retry.start()
-                return
-            log.warning("SIGTERM: ending; %d open MLflow run(s) will be marked KILLED", len(self._open))
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            self.terminated = True
-            raise Terminated
-
-        signal.signal(signal.SIGTERM, handler)
 
     # --------------------------------------------------------------------------------------------------- logging
 
@@ -304,6 +389,7 @@ class MlflowTracker(Tracker):
     # ---------------------------------------------------------------------------------------------- comparison
 
     def finished_experiments(self, experiment: str) -> pd.DataFrame:
+        check_tracking_server(self.uri)  # seconds, not MLflow's minutes of retries, when the server is down
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             raise ConfigError(f"--experiment {experiment}: no such MLflow experiment at {redact(self.uri)}")
@@ -322,3 +408,8 @@ class MlflowTracker(Tracker):
                          "settings": comparable_settings(logged), **run.data.metrics})
         return pd.DataFrame(rows)
 
+
+for _name in ("check", "fail_stale_runs", "open_run", "run_exists", "is_finished", "end_run", "log_params",
+              "log_metrics", "log_files", "log_dataset", "get_tag", "set_tag", "log_model", "register_model",
+              "finished_experiments"):
+    setattr(MlflowTracker, _name, _translated(getattr(MlflowTracker, _name)))

@@ -43,6 +43,7 @@ from mer_model.config import Params, PreprocessConfig, set_dotted
 from mer_model.data.labels import get_class_set
 from mer_model.errors import ConfigError
 from mer_model.inference import class_names_for, example_arrays
+from mer_model.io import write_json
 from mer_model.models import load_checkpoint, save_checkpoint
 from mer_model.training.protocols import reads_annotated_aus
 
@@ -100,7 +101,7 @@ def log_pyfunc_model(model: Any, class_names: Sequence[str], preprocess: Preproc
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = save_checkpoint(model, Path(tmp) / "model.pt", {"class_names": list(class_names)})
         info_path = Path(tmp) / "mer_model.json"
-        info_path.write_text(json.dumps(model_info(class_names, preprocess, leaky), indent=2) + "\n")
+        write_json(info_path, model_info(class_names, preprocess, leaky))
         example = {k: v[None].astype(np.float32) for k, v in example_arrays(model.inputs, preprocess).items()}
         probabilities = pd.DataFrame(np.full((1, len(class_names)), 1.0 / len(class_names), dtype=np.float32),
                                      columns=list(class_names))

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from mer_model.errors import MerError
+from mer_model.io import write_with
 from mer_model.models.base import MERModel
 from mer_model.models.registry import create_model
 
@@ -46,12 +47,9 @@ def save_checkpoint(model: MERModel, path: str | Path, meta: Mapping[str, Any] |
     spec = getattr(model, "build_spec", None)
     if spec is None:
         raise CheckpointError(f"{path}: model was not built by create_model, it cannot be rebuilt from a checkpoint")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     blob = {"format": FORMAT, **spec, "tta": model.tta, "state_dict": state, "meta": dict(meta or {})}
-    torch.save({**blob, "digest": content_digest(blob)}, path)
-    return path
+    return write_with(path, lambda out: torch.save({**blob, "digest": content_digest(blob)}, out))
 
 
 def content_digest(blob: Mapping[str, Any]) -> str:

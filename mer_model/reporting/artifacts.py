@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mer_model.io import write_csv
 from mer_model.reporting import plots
 from mer_model.training.metrics import SCALARS, flat_metrics
 
@@ -28,15 +29,14 @@ def write_artifacts(predictions: pd.DataFrame, class_names: Sequence[str], direc
     }
     if with_predictions:
         paths["predictions"] = directory / "predictions.csv"
-        predictions.to_csv(paths["predictions"], index=False)
-    pd.DataFrame([{"subject": s, **{k: v[k] for k in SCALARS}} for s, v in pooled["per_subject"].items()]).to_csv(
-        paths["per_subject"], index=False)
-    pd.DataFrame({
+        write_csv(paths["predictions"], predictions)
+    write_csv(paths["per_subject"],
+              pd.DataFrame([{"subject": s, **{k: v[k] for k in SCALARS}} for s, v in pooled["per_subject"].items()]))
+    write_csv(paths["confusion"], pd.DataFrame({
         "actual": [names[int(i)] for i in predictions["label"]],
         "predicted": [names[int(i)] for i in predictions["pred"]],
-    }).to_csv(paths["confusion"], index=False)
+    }))
     recall = pooled["overall"]["per_class_recall"]
-    pd.DataFrame({"class": list(recall), "recall": list(recall.values())}).to_csv(
-        paths["per_class_recall"], index=False)
+    write_csv(paths["per_class_recall"], pd.DataFrame({"class": list(recall), "recall": list(recall.values())}))
     plots.confusion_matrix(pooled["overall"]["confusion"], names, paths["confusion_png"], title, leaky)
     return paths

@@ -4,7 +4,6 @@ collects (one per model x protocol; columns documented in pipelines/benchmark.py
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mer_model.io import atomic_write, write_csv, write_json, write_with
 from mer_model.reporting import plots
 from mer_model.training.metrics import METRICS
 from mer_model.training.stats import format_difference, format_interval
@@ -125,8 +125,8 @@ def write_outputs(table: pd.DataFrame, out: Path, settings: Mapping[str, Any]) -
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "results.csv", "md": out / "results.md", "png": out / "results.png",
              "settings": out / "settings.json"}
-    table.to_csv(paths["csv"], index=False)
-    paths["settings"].write_text(json.dumps(settings, indent=2, default=str) + "\n")
+    write_csv(paths["csv"], table)
+    write_json(paths["settings"], settings, default=str)
     honest = table[~table["leaky"].astype(bool)]
     leaky = table[table["leaky"].astype(bool)]
     notes = table_notes(table)
@@ -176,7 +176,7 @@ def write_outputs(table: pd.DataFrame, out: Path, settings: Mapping[str, Any]) -
         + f"{', '.join(f'{k} ({v} samples)' for k, v in settings['au_coded'].items()) or 'none'}.",
         "",
     ]
-    paths["md"].write_text("\n".join(text))
+    atomic_write(paths["md"], "\n".join(text))
     plot_results(table, paths["png"], settings)
     log.info("benchmark tables -> %s", out)
     return paths
@@ -227,5 +227,5 @@ def plot_results(table: pd.DataFrame, path: Path, settings: Mapping[str, Any]) -
     fig.suptitle(f"{settings['collection']}: {settings['samples']} samples, {settings['subjects']} subjects "
                  f"({'GPU' if settings['cuda'] else 'CPU, reduced settings'})", x=0.01, ha="left", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
-    fig.savefig(path, dpi=110)
+    write_with(path, lambda out: fig.savefig(out, format="png", dpi=110))
     plt.close(fig)

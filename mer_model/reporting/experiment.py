@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from mer_model.io import atomic_write, write_csv
 from mer_model.reporting import html, plots
 from mer_model.config import IntervalConfig
 from mer_model.training.metrics import LABELS, SCALARS, pooled_metrics
@@ -103,7 +104,7 @@ def write_experiment_report(predictions: pd.DataFrame, history: pd.DataFrame | N
     sections.append(html.figure("per_subject.png", "per-subject accuracy"))
     subject_table = pd.DataFrame([{"subject": s, **{k: v[k] for k in SCALARS}}
                                   for s, v in sorted(pooled["per_subject"].items())])
-    subject_table.to_csv(out / "per_subject.csv", index=False)
+    write_csv(out / "per_subject.csv", subject_table)
     sections.append('<p class="note">Per-subject values: per_subject.csv (a subject\'s UF1 over few samples is '
                     "noisy; the pooled numbers above are the ones to compare).</p>")
 
@@ -115,6 +116,6 @@ def write_experiment_report(predictions: pd.DataFrame, history: pd.DataFrame | N
         sections.append('<p class="note">No training history was available for this run.</p>')
 
     path = out / "report.html"
-    path.write_text(html.page(title, sections))
+    atomic_write(path, html.page(title, sections))
     log.info("report: %s", path)
     return path

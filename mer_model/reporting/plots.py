@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mer_model.io import write_with
 from mer_model.training.metrics import LABELS
 
 DPI = 110
@@ -37,7 +38,7 @@ def _save(fig: Any, path: Path, leaky: bool) -> Path:
     fig.tight_layout()
     if leaky:
         fig.text(0.5, 1.0, LEAKY_NOTE, ha="center", va="bottom", fontsize=9, color="#b00020", weight="bold")
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    write_with(path, lambda out: fig.savefig(out, format="png", dpi=DPI, bbox_inches="tight"))
     pyplot().close(fig)
     return path
 

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from mer_model.errors import DataError
-from mer_model.io import digest
+from mer_model.io import atomic_write, digest
 
 SUMMARY_FILE = "summary.json"
 PREDICTIONS_FILE = "predictions.csv"
@@ -187,21 +187,14 @@ def write_results(directory: str | Path, results: Results) -> Path:
     """Write the three files of `tune.results` (summary last: its presence marks a complete directory, and it records
     the other two files' rows and SHA-256 in `files`)."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     data = {PREDICTIONS_FILE: (results.predictions.to_csv(index=False).encode(), len(results.predictions)),
             FOLDS_FILE: ((json.dumps([f.to_json() for f in results.folds], indent=2) + "\n").encode(),
                          len(results.folds))}
     for name, (payload, _) in data.items():
-        _write(out / name, payload)
+        atomic_write(out / name, payload)
     results.summary.files = {name: {"rows": rows, "sha256": digest(payload)} for name, (payload, rows) in data.items()}
-    _write(out / SUMMARY_FILE, (json.dumps(results.summary.to_json(), indent=2) + "\n").encode())
+    atomic_write(out / SUMMARY_FILE, json.dumps(results.summary.to_json(), indent=2) + "\n")
     return out
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def _verified(path: Path, summary: ExperimentSummary) -> bytes:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -35,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from mer_model.config import ModelConfig, TrainConfig
 from mer_model.errors import ConfigError, NonFiniteError
+from mer_model.io import write_with
 from mer_model.training.augment import tta_forward
 from mer_model.training.data import DeviceArrays, SampleDataset, SampleStore
 from mer_model.training.folds import Fold, fold_fingerprint, inner_split
@@ -471,10 +471,7 @@ def check_finite(probs: np.ndarray, who: str, when: str) -> None:
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # a worker killed mid-write leaves the previous checkpoint intact
+    write_with(path, lambda out: torch.save(payload, out))  # a worker killed mid-write leaves the previous one
 
 
 def _resume_state(path: Path, fold: str) -> dict[str, Any] | None:
@@ -694,7 +691,9 @@ def _train_member(spec: FoldSpec, store: SampleStore, member: int, callback: Cal
         loop.average.load_state_dict(saved["average"])
         run.history, run.best, run.bad_epochs = saved["history"], saved["best"], saved["bad_epochs"]
         first_epoch = saved["epoch"] + 1
-        log.info("fold %s: resuming from %s after epoch %d", fold.name, ckpt, saved["epoch"])
+        # A warning, so that it reaches the driver's log from a Ray worker (whose info lines are not forwarded).
+        log.warning("fold %s%s resumed from epoch %d (%s)", fold.name, f" member {member}" if member else "",
+                    saved["epoch"], ckpt)
 
     for epoch in range(first_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()

@@ -24,6 +24,7 @@ from ray.tune import Callback
 from tqdm import tqdm
 
 from components.tracking import EXPERIMENT_KEY_TAG, KIND_TAG, Tracker
+from mer_model.io import write_csv
 from mer_model.reporting.artifacts import write_artifacts
 from mer_model.training.metrics import METRICS, OPTIONAL_METRICS, flat_metrics
 from mer_model.config import IntervalConfig
@@ -148,8 +149,8 @@ class TrackingCallback(Callback):
             ("val_score", summary.val_score, 0)])
         with tempfile.TemporaryDirectory(prefix="mer-fold-") as tmp:
             paths = [Path(tmp) / "predictions.csv", Path(tmp) / "history.csv"]
-            predictions.to_csv(paths[0], index=False)
-            pd.DataFrame(summary.history).to_csv(paths[1], index=False)
+            write_csv(paths[0], predictions)
+            write_csv(paths[1], pd.DataFrame(summary.history))
             self.tracker.log_files(run, paths)
         self.tracker.end_run(run, "FINISHED", end_time=summary.finished_at)
 

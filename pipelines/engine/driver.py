@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,8 @@ from components.tracking import (
     make_tracker,
 )
 from mer_model.config import Params, PreprocessConfig
-from mer_model.errors import NonFiniteError
+from mer_model.errors import NonFiniteError, ServiceError, StorageError
+from mer_model.logging_utils import one_line_user_errors
 from mer_model.training.data import SampleStore
 from mer_model.training.protocols import is_leaky, leak_reasons, result_verdict, retrain_epochs, run_label
 from mer_model.training.results import ExperimentSummary, Results, write_results
@@ -130,11 +133,34 @@ def _run_phase(phase: str, ctx: TrialContext, space: dict[str, Any], num_samples
     # Tune's legacy output engine prints nothing at verbose=0; the new one still prints a banner and a TensorBoard
     # hint pointing into a temporary directory gone after the run. FoldProgress says what the user needs.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except Exception as err:
+        _raise_if_full(tune_root, err)
+        raise
     errors = [r.error for r in grid if r.error is not None]
     if errors:
-        raise RuntimeError(f"{phase}: {len(errors)} trial(s) failed; first: {errors[0]}")
+        _raise_if_full(tune_root, errors[0])
+        raise RuntimeError(f"{phase}: {len(errors)} trial(s) failed; first: {errors[0]}") from errors[0]
+    if grid.num_terminated < num_samples:  # Tune stopped early (a stop signal): never reported as complete
+        raise ServiceError(f"tune: the {phase} stopped after {grid.num_terminated} of {num_samples} trial(s); "
+                           "run again to resume it")
     return grid
+
+
+def _raise_if_full(tune_root: str, err: BaseException) -> None:
+    """Tune writes its state, and trial errors, under tune.storage_path: when that disk is full it fails in its own
+    ways (a 0-byte pickled error read back as EOFError), so the full disk is said instead."""
+    if "://" not in tune_root and Path(tune_root).exists() and shutil.disk_usage(tune_root).free < FULL_BELOW:
+        raise StorageError(f"tune.storage_path: {tune_root}: no space left on device; free space and run again (the "
+                           "finished folds are kept)") from err
+
+
+FULL_BELOW = 1 << 20  # bytes free under which a disk counts as full
+
+
+# Ray Tune logs a failed trial and a failed state sync with a traceback: one line where it is a user error.
+TUNE_LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state")
 
 
 def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummary:
@@ -164,7 +190,11 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
         # Else folds would wait forever; a private local Ray never grows, so there it is said at once.
         wait_for_fold_node(cfg.fold_cpus, cfg.fold_gpus, 0 if private else cfg.fold_node_wait_s)
         tracker.fail_stale_runs(experiment_key)
-        tracker.install_sigterm_handler()
+        # One Ctrl-C is a SIGTERM: Ray Tune's own SIGINT handler would stop the search gracefully and let the
+        # driver go on (final model, results, exit 0) with a truncated search.
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        one_line_user_errors(*TUNE_LOGGERS)
+        tracker.install_interrupt_handlers()
         try:
             base = {"data_version": version, "git_commit": git_commit(REPO), "experiment": name}
             # The settings hash in the name: two runs that differ in one setting are told apart in the MLflow UI's
@@ -190,6 +220,7 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
 
             chosen: dict[str, Any] = {}
             best_inner: float | None = None
+            trials = 0
             if cfg.num_samples > 0:
                 ctx = TrialContext(phase="search", protocol="inner", folds=search_folds(folds, cfg.search_folds),
                                    **common)
@@ -198,11 +229,16 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
                 grid = _run_phase("search", ctx, space, cfg.num_samples, concurrent, tune_root,
                                   [TrackingCallback(tracker, info, ctx),
                                    FoldProgress("search", cfg.num_samples * len(ctx.folds))], params.seed)
-                try:
-                    best = grid.get_best_result(metric=OBJECTIVE, mode="max")  # NaN objectives (failed folds) skipped
-                except RuntimeError:
+                # NaN objectives (failed folds) skipped; ties (tiny data: two trials at the same UF1) go to the earliest
+                # trial id, not to the grid's order, which a restored experiment changes: a resumed driver chose
+                # another configuration than the killed one and found none of the folds it had evaluated.
+                scored = [r for r in sorted(grid, key=lambda r: str(r.metrics.get("trial_id")))
+                          if isinstance(r.metrics.get(OBJECTIVE), (int, float)) and math.isfinite(r.metrics[OBJECTIVE])]
+                if not scored:
                     raise NonFiniteError(f"search: none of the {cfg.num_samples} trials has an objective: every "
-                                         "configuration had a fold that failed (see the log)") from None
+                                         "configuration had a fold that failed (see the log)")
+                best = max(scored, key=lambda r: r.metrics[OBJECTIVE])
+                trials = grid.num_terminated  # what ran, not what was asked (_run_phase refuses fewer)
                 chosen = {k: best.config[k] for k in sorted(cfg.search_space)}
                 tracker.log_params(parent, {f"chosen.{k}": json.dumps(v) for k, v in chosen.items()})
                 best_inner = float(best.metrics[OBJECTIVE])
@@ -255,7 +291,7 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
                 search={"num_samples": cfg.num_samples, "search_folds": cfg.search_folds, "metric": cfg.metric,
                         "search_space": {k: v.model_dump(mode="json", exclude_none=True)
                                          for k, v in cfg.search_space.items()},
-                        "best_inner_score": best_inner} if cfg.num_samples > 0 else {},
+                        "best_inner_score": best_inner, "trials": trials} if cfg.num_samples > 0 else {},
                 tracking_experiment=params.tracking.experiment if params.tracking.backend != "none" else None,
                 parent_run_id=parent if params.tracking.backend != "none" else None, model_uri=model_uri)
             out = write_results(cfg.results, Results(summary, predictions, summaries))
@@ -263,9 +299,12 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
             log.info("%s: UF1 %.4f UAR %.4f accuracy %.4f (%s) -> %s", name, metrics["uf1"], metrics["uar"],
                      metrics["accuracy"], run_label(protocol, leaky), out)
         except BaseException as err:
-            # SIGTERM (Terminated) or Ctrl-C: KILLED; anything else (a failed trial): FAILED.
+            # SIGTERM or SIGINT (Terminated): KILLED; anything else (a failed trial): FAILED.
             killed = isinstance(err, (KeyboardInterrupt, Terminated)) or tracker.terminated
             tracker.end_all("KILLED" if killed else "FAILED")
+            if tracker.terminated and not isinstance(err, Terminated):
+                # Ray turns the exception raised inside ray.get into its own SystemExit(1): exit as the signal says.
+                raise Terminated(tracker.terminated_by) from err
             raise
     return summary
 

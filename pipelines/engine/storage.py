@@ -23,7 +23,7 @@ import pandas as pd
 from pyarrow import fs as pafs
 
 from mer_model.errors import ServiceError
-from mer_model.io import digest
+from mer_model.io import atomic_write, digest
 from mer_model.training.results import CHECKPOINT_NAME, FoldSummary
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,14 @@ class FoldStorage:
         return "/".join([self.base, *parts])
 
     def _write(self, path: str, data: bytes) -> None:
+        """Local: `atomic_write`. An object store: one upload, which an object store makes visible whole or not at
+        all (a temporary object and a move would be a copy too)."""
+        if self.local:
+            atomic_write(path, data)
+            return
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        tmp = path + ".tmp"
-        with self.fs.open_output_stream(tmp) as out:
+        with self.fs.open_output_stream(path) as out:
             out.write(data)
-        self.fs.move(tmp, path)
 
     def _read(self, path: str) -> bytes | None:
         if self.fs.get_file_info(path).type != pafs.FileType.File:
@@ -117,8 +120,7 @@ class FoldStorage:
             return
         raw = self._read(self._path(key, CHECKPOINT_DIR, CHECKPOINT_NAME))
         if raw is not None:
-            Path(local_dir).mkdir(parents=True, exist_ok=True)
-            (Path(local_dir) / CHECKPOINT_NAME).write_bytes(raw)
+            atomic_write(Path(local_dir) / CHECKPOINT_NAME, raw)
 
     def push_checkpoint(self, key: str, local_dir: str) -> None:
         if self.local:
