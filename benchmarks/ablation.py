@@ -1,6 +1,8 @@
 """Ablation of the main system (CVA + FPF + AU) on the MEGC2019 composite, the way the seed paper argues for each part.
 
     python benchmarks/ablation.py                      # shared part (CASME II + SMIC), CPU, 5-10 min on 2 cores
+    python benchmarks/ablation.py --repeats 3          # each variant 3 times (seeds derived from train.seed, run in
+                                                       #   parallel): mean +- sd per row; 3x the cost
     python benchmarks/ablation.py --root /data/megc2019-full --au-sheets casme2=... samm=...
 
 One part is changed at a time from the `cva-fpf-flow-cpu` recipe of params.yaml (everything else as chosen by its
@@ -71,6 +73,9 @@ def main() -> int:
                         default=[f"casme2={SHARED / 'annotations' / 'CASME2-coding-20140508.xlsx'}"])
     parser.add_argument("--out", default=str(REPO / "results" / "ablation"))
     parser.add_argument("--work", default=str(REPO / "runs" / "ablation"))
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="independent runs per variant with seeds derived from train.seed (tune.repeats), run in "
+                             "parallel; the tables then give mean +- sd over them")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="extra params override")
     args = parser.parse_args()
 
@@ -83,7 +88,7 @@ def main() -> int:
     params = ablation_params(REPO / "params.yaml", Path(args.work))
     argv = ["benchmark", "megc2019", "--root", args.root, "--out", args.out, "--params", str(params),
             "--au-sheets", *args.au_sheets, "--models", *runnable, "--protocol", "inner",
-            *[x for s in args.overrides for x in ("-S", s)]]
+            "-S", f"tune.repeats={args.repeats}", *[x for s in args.overrides for x in ("-S", s)]]
     logging.getLogger("benchmarks").info("mer %s", " ".join(argv))
     code = mer(argv)
     if code:

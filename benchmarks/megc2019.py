@@ -5,6 +5,7 @@ preprocess -> Ray Tune LOSO driver -> MLflow), then the table is printed.
     python benchmarks/megc2019.py --full          # GPU: every entry with its recipe (HTNet paper: 139.6M parameters,
                                                   #   800 epochs per fold), every protocol incl. the leaky oracle
     python benchmarks/megc2019.py --root /data/megc2019-full --au-sheets casme2=... samm=...
+    python benchmarks/megc2019.py --repeats 3     # every row 3 times with derived seeds, in parallel: mean +- sd
 
 The CPU run uses the `*-cpu` entries of `benchmark.models` as they are (no overrides here): their recipes were chosen
 by the platform's own search on inner validation subjects (README, "Results"), and `fixed` trains for the best
@@ -39,13 +40,17 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="params.yaml recipes, every model and protocol (GPU)")
     parser.add_argument("--models", nargs="+", default=CPU_MODELS, help="benchmark.models entries (CPU run)")
     parser.add_argument("--protocol", nargs="+", default=CPU_PROTOCOLS, help="protocols (CPU run)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="independent runs per row with seeds derived from train.seed (tune.repeats), run in "
+                             "parallel; results.csv/md then give mean +- sd over them")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="extra params override")
     args = parser.parse_args()
 
     from pipelines.cli import main as mer
 
     argv = ["benchmark", "megc2019", "--root", args.root, "--out", args.out, "--params", str(REPO / "params.yaml"),
-            "--au-sheets", *args.au_sheets, *[x for s in args.overrides for x in ("-S", s)]]
+            "--au-sheets", *args.au_sheets, "-S", f"tune.repeats={args.repeats}",
+            *[x for s in args.overrides for x in ("-S", s)]]
     # One invocation per model: each merges its rows into results.csv as it finishes, so an interrupted run keeps
     # the finished models (and a re-run resumes the stored folds of the interrupted one).
     start = time.monotonic()

@@ -247,11 +247,23 @@ class TuneConfig(_Section):
     experiment: str | None = None  # None = derived from dataset x model x protocol
     ray_address: str | None = None
     final_model: bool = True  # train on all subjects with the chosen config and register it
+    # Seed repeats: > 1 = the evaluation runs this many times as independent runs, repeat r with train.seed =
+    # mer_model.training.repeats.repeat_seed(train.seed, r) (repeat 0 keeps train.seed: it is the single run), as
+    # concurrent Tune trials whose fold tasks are all submitted together; summary.json, MLflow and `mer benchmark`
+    # report the mean and sd over repeats beside the single run's metrics. Costs `repeats` x the evaluation.
+    repeats: int = Field(1, ge=1)
+    # Nested search: the search runs once per evaluation fold, on that fold's TRAINING subjects only (its
+    # `search_folds` folds drawn from them by train.split), and each fold is trained and tested with its own choice,
+    # so no subject a recipe is scored on took part in choosing it. Costs folds x num_samples x search_folds fold
+    # trainings. No final model: the nested run estimates the search procedure, not one configuration.
+    nested: bool = False
 
     @model_validator(mode="after")
     def _search_needs_a_space(self) -> TuneConfig:
         if self.num_samples > 0 and not self.search_space:
             raise PydanticCustomError("search_space", "num_samples > 0 needs a non-empty search_space")
+        if self.nested and self.num_samples == 0:
+            raise PydanticCustomError("nested", "nested: true needs a search (num_samples > 0)")
         return self
 
 

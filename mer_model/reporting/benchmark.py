@@ -16,6 +16,7 @@ from mer_model.io import atomic_write, write_csv, write_json, write_with
 from mer_model.reporting import plots
 from mer_model.training.metrics import METRICS
 from mer_model.training.stats import format_difference, format_interval
+from mer_model.training.repeats import SPREAD_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,22 @@ def _difference(row: Mapping[str, Any], metric: str) -> str:
     return format_difference(*(_value(row, f"diff_{metric}{s}") for s in ("", "_ci_low", "_ci_high", "_p")))
 
 
+def _spread(row: Mapping[str, Any]) -> str:
+    """`mean ± sd` of UF1 / UAR / acc over a row's seed repeats, and their count; "–" for a single run."""
+    repeats = row.get("repeats")
+    if not isinstance(repeats, (int, float)) or pd.isna(repeats) or repeats < 2:
+        return "–"
+    cells = [f"{_fmt(row.get(f'{k}_repeat_mean'), '.3f')} ± {_fmt(row.get(f'{k}_repeat_sd'), '.3f')}"
+             for k in SPREAD_METRICS]
+    return " / ".join(cells) + f" ({int(repeats)})"
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     datasets = [d for d in DATASETS if f"{d}_uf1" in table and table[f"{d}_uf1"].notna().any()]
     differences = "diff_uf1" in table and table["diff_uf1"].notna().any()
+    spread = "repeats" in table and bool((pd.to_numeric(table["repeats"], errors="coerce") > 1).any())
     head = ["model", "protocol", "UF1 [95% CI]", "UAR [95% CI]", "acc [95% CI]"]
+    head += ["seeds: UF1 / UAR / acc mean ± sd (n)"] if spread else []
     head += [f"{d} UF1 [95% CI] / UAR / acc" for d in datasets]
     if differences:
         base = next(b for b in table["baseline"] if isinstance(b, str) and b)
@@ -73,7 +86,7 @@ def markdown_table(table: pd.DataFrame) -> str:
         members = r.get("ensemble")
         if isinstance(members, (int, float)) and members > 1:  # NaN for rows of tables that predate the column
             epochs += f", {int(members)}-seed ensemble"
-        cells = [r["label"], protocol] + [_scored(r, k) for k in SCORES]
+        cells = [r["label"], protocol] + [_scored(r, k) for k in SCORES] + ([_spread(r)] if spread else [])
         cells += [" / ".join([_scored(r, f"{d}_uf1"), *(_fmt(r[f"{d}_{k}"]) for k in SCORES[1:])]) for d in datasets]
         if differences:
             cells += [_difference(r, "uf1"), _difference(r, "uar")]
@@ -170,6 +183,10 @@ def write_outputs(table: pd.DataFrame, out: Path, settings: Mapping[str, Any]) -
         "## Notes",
         "",
         *[f"- {n}" for n in notes],
+        *(["- Seed repeats (`tune.repeats`): a row's UF1 / UAR / acc are one run (its `train.seed`); the `seeds` column "
+           "gives the mean ± sd (sample sd) over that many independent runs of the row, seeds derived from "
+           "`train.seed`, repeat 0 being the run shown."]
+          if "repeats" in table and (pd.to_numeric(table["repeats"], errors="coerce") > 1).any() else []),
         f"- Apex face crops in the data: {'yes' if settings['apex_crops'] else 'no'}"
         + (f" ({settings['apex_crop_samples']} of {settings['samples']} samples)"
            if settings.get("apex_crop_samples") else "") + "; AU coding joined for: "

@@ -160,6 +160,12 @@ class ExperimentSummary(_Json):
     # say how the numbers were made. Empty in summaries written before they were recorded.
     train: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
+    # tune.nested: per evaluation fold, the values its own search chose (`chosen`), that search's best mean inner
+    # validation score (`inner_score`) and the fold's stored leak verdict (`leaky`); {} without a nested search.
+    chosen_per_fold: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # tune.repeats > 1: repeats.repeat_spread of the repeats' pooled metrics (n, seeds, per_repeat, <metric>_mean,
+    # <metric>_sd); `metrics` above are repeat 0's, the single run. {} for one run.
+    repeats: dict[str, Any] = field(default_factory=dict)
     tracking_experiment: str | None = None
     parent_run_id: str | None = None
     model_uri: str | None = None

@@ -89,3 +89,16 @@ def subject_5fold(index: pd.DataFrame) -> list[Fold]:
     groups = [sorted(order[k::5]) for k in range(5)]
     return [Fold(name=f"k{k + 1}", train_subjects=tuple(s for j, g in enumerate(groups) if j != k for s in g),
                  test_subjects=tuple(groups[k])) for k in range(5)]
+
+
+def inner_folds(name: str, index: pd.DataFrame, outer: Fold) -> list[Fold]:
+    """Split scheme `name` applied to the TRAINING subjects of `outer` only (a nested search's folds): the samples of
+    `outer`'s test and validation subjects are not in the index it splits. Fold names are `<outer>|<inner>`. A
+    ConfigError names `train.split`, the outer fold and why when the scheme cannot split what is left."""
+    inner = index[index["subject"].astype(str).isin(set(outer.train_subjects))]
+    try:
+        folds = make_folds(name, inner)
+    except ConfigError as err:
+        raise ConfigError(f"tune.nested: the training subjects of fold {outer.name} cannot be split: {err}") from None
+    return [Fold(name=f"{outer.name}|{f.name}", train_subjects=f.train_subjects, test_subjects=f.test_subjects,
+                 val_subjects=f.val_subjects) for f in folds]

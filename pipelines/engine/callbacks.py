@@ -28,10 +28,10 @@ from mer_model.io import write_csv
 from mer_model.reporting.artifacts import write_artifacts
 from mer_model.training.metrics import METRICS, OPTIONAL_METRICS, flat_metrics
 from mer_model.config import IntervalConfig
-from mer_model.training.protocols import is_leaky, result_verdict, run_label
+from mer_model.training.protocols import result_verdict, run_label
 from mer_model.training.results import FoldSummary
 from pipelines.engine.storage import FoldStorage
-from pipelines.engine.trial import OBJECTIVE, TrialContext, fold_jobs
+from pipelines.engine.trial import OBJECTIVE, OUTER_KEY, REPEAT_KEY, TrialContext
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +73,28 @@ class TrackingCallback(Callback):
         self.trial_runs: dict[str, str] = {}
 
     def _trial_key(self, trial: Any) -> str:
-        suffix = trial.trial_id if self.ctx.phase == "search" else "chosen"
+        repeat = trial.config.get(REPEAT_KEY)
+        suffix = trial.trial_id if self.ctx.phase == "search" else (
+            "chosen" if repeat is None else f"chosen/repeat{repeat}")
         return f"{self.info.experiment_key}/{self.ctx.phase}/{suffix}"
 
     def _trial_run(self, trial: Any) -> str:
         if trial.trial_id in self.trial_runs:
             return self.trial_runs[trial.trial_id]
         resolved, overrides = self.ctx.resolved(trial.config)
-        leaky = is_leaky(self.ctx.protocol, resolved.model)  # this trial's configuration: what its folds store
+        leaky = any(job.leaky for job in self.ctx.jobs(trial.config))
         label = run_label(self.ctx.protocol, leaky)
-        name = f"search trial {trial.trial_id} ({label})" if self.ctx.phase == "search" else f"evaluation {label}"
+        outer, repeat = trial.config.get(OUTER_KEY), trial.config.get(REPEAT_KEY)
+        if self.ctx.phase == "search":
+            name = f"search trial {trial.trial_id}" + (f" for fold {outer}" if outer else "") + f" ({label})"
+        else:
+            name = f"evaluation {label}" + (f" repeat {repeat} (seed {resolved.train.seed})" if repeat is not None
+                                            else "")
+        extra = {**({"outer_fold": str(outer)} if outer else {}), **({"repeat": str(repeat)} if repeat is not None
+                                                                     else {})}
         run, created = self.tracker.open_run(
             self._trial_key(trial), name,
-            {KIND_TAG: "trial", EXPERIMENT_KEY_TAG: self.info.experiment_key, "phase": self.ctx.phase,
+            {KIND_TAG: "trial", EXPERIMENT_KEY_TAG: self.info.experiment_key, "phase": self.ctx.phase, **extra,
              **leak_tags(self.ctx.protocol, leaky)},
             parent=self.info.parent_id)
         if created:
@@ -124,13 +133,16 @@ class TrackingCallback(Callback):
         stored = FoldStorage(self.ctx.storage).load(key)
         assert stored is not None, f"fold {fold} reported but not stored under {key}"
         summary, predictions = stored
-        resolved, _ = self.ctx.resolved(config)
+        resolved = self.ctx.fold_params(config, fold)
+        own = self.ctx.per_fold.get(fold, {})  # a nested evaluation's fold: the choice of its own search
         run, _ = self.tracker.open_run(
             run_key, f"fold {fold} ({run_label(summary.protocol, summary.leaky)})",
             {KIND_TAG: "fold", EXPERIMENT_KEY_TAG: self.info.experiment_key, "fold": fold, "phase": self.ctx.phase,
-             "fold_key": key, **leak_tags(summary.protocol, summary.leaky)},
+             "fold_key": key, **leak_tags(summary.protocol, summary.leaky),
+             **({"nested.chosen": json.dumps(own, sort_keys=True)} if own else {})},
             parent=trial_run, start_time=summary.started_at)
         self.tracker.log_params_of(run, resolved, self.info.base_params | {
+            **{f"chosen.{k}": json.dumps(v) for k, v in own.items()},
             "fold.test_subjects": ",".join(summary.test_subjects),
             "fold.val_subjects": ",".join(summary.val_subjects),
             "fold.n_train_subjects": str(len(summary.train_subjects)),
@@ -156,8 +168,7 @@ class TrackingCallback(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run = self._trial_run(trial)
-        resolved, _ = self.ctx.resolved(trial.config)
-        keys = [j.key for j in fold_jobs(self.ctx, resolved)]
+        keys = [j.key for j in self.ctx.jobs(trial.config)]
         summaries, predictions = stored_folds(self.ctx.storage, keys)
         failed = failed_folds(self.ctx.storage, keys)
         self.tracker.log_metrics(run, [("failed_folds", len(failed), 0)])

@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
@@ -45,13 +47,17 @@ from components.tracking import (
     git_commit,
     make_tracker,
 )
-from mer_model.config import Params, PreprocessConfig
+from mer_model.config import ModelConfig, Params, PreprocessConfig
 from mer_model.errors import NonFiniteError, ServiceError, StorageError
+from mer_model.io import write_json
 from mer_model.logging_utils import one_line_user_errors
 from mer_model.training.data import SampleStore
-from mer_model.training.protocols import is_leaky, leak_reasons, result_verdict, retrain_epochs, run_label
-from mer_model.training.results import ExperimentSummary, Results, write_results
-from mer_model.training.splits import make_folds
+from mer_model.training.folds import Fold
+from mer_model.training.metrics import flat_metrics
+from mer_model.training.protocols import leak_reasons, result_verdict, retrain_epochs, run_label
+from mer_model.training.repeats import SPREAD_METRICS, repeat_spread
+from mer_model.training.results import ExperimentSummary, FoldSummary, Results, write_results
+from mer_model.training.splits import inner_folds, make_folds
 from pipelines.engine.callbacks import (
     FoldProgress,
     RunInfo,
@@ -61,13 +67,14 @@ from pipelines.engine.callbacks import (
     log_pooled,
     stored_folds,
 )
+from pipelines.engine.nested import NestedSearch, best_per_fold
 from pipelines.engine.preflight import check_experiment, setting_warnings
 from pipelines.engine.storage import FoldStorage, experiment_lock
 from pipelines.engine.tasks import run_final
 from pipelines.engine.trial import (
     OBJECTIVE,
+    REPEAT_KEY,
     TrialContext,
-    fold_jobs,
     search_folds,
     trial_params,
     trial_resources,
@@ -87,22 +94,25 @@ def experiment_name(params: Params) -> str:
     return params.tune.experiment or f"{params.data.source}-{params.model.name}-{params.train.protocol}{split}"
 
 
-def parent_run_name(name: str, protocol: str, leaky: bool, settings: str, ensemble: int = 1) -> str:
-    """`<experiment> <protocol> [<K>-seed ensemble] [<settings hash>]`, the protocol left out where the experiment's
-    name already has it as a dash-separated part (the default names and `mer benchmark`'s do) -- only its leak
-    marker stays."""
+def parent_run_name(name: str, protocol: str, leaky: bool, settings: str, ensemble: int = 1, repeats: int = 1,
+                    nested: bool = False) -> str:
+    """`<experiment> <protocol> [<K>-seed ensemble] [<N> repeats] [nested search] [<settings hash>]`, the protocol
+    left out where the experiment's name already has it as a dash-separated part (the default names and `mer
+    benchmark`'s do) -- only its leak marker stays."""
     label = ("(leaky)" if leaky else "") if protocol in name.split("-") else run_label(protocol, leaky)
     members = f"{ensemble}-seed ensemble" if ensemble > 1 else ""
-    return " ".join(part for part in (name, label, members, f"[{settings[:8]}]") if part)
+    runs = f"{repeats} repeats" if repeats > 1 else ""
+    return " ".join(part for part in (name, label, members, runs, "nested search" if nested else "",
+                                      f"[{settings[:8]}]") if part)
 
 
 def mark_verdict(tracker: Tracker, parent: str, name: str, protocol: str, leaky: bool, settings: str,
-                 ensemble: int) -> None:
+                 ensemble: int, repeats: int = 1, nested: bool = False) -> None:
     """The leak verdict of the configuration that trains the result, on the parent run: `protocol`/`leaky` tags and
     the run name's marker (the run is opened before a search that may change the verdict)."""
     for tag, value in leak_tags(protocol, leaky).items():
         tracker.set_tag(parent, tag, value)
-    tracker.rename_run(parent, parent_run_name(name, protocol, leaky, settings, ensemble))
+    tracker.rename_run(parent, parent_run_name(name, protocol, leaky, settings, ensemble, repeats, nested))
 
 
 def storage_root(params: Params) -> str:
@@ -113,20 +123,20 @@ def storage_root(params: Params) -> str:
 
 
 def _run_phase(phase: str, ctx: TrialContext, space: dict[str, Any], num_samples: int, concurrent: int,
-               tune_root: str, callbacks: list[Any], seed: int) -> Any:
-    """One Tuner, restored from `tune_root/phase` when a previous driver left it unfinished (its callbacks come back
-    with it from the experiment state); returns its ResultGrid."""
+               tune_root: str, callbacks: list[Any], searcher: Any = None) -> Any:
+    """One Tuner (with `searcher`, a search maximising OBJECTIVE), restored from `tune_root/phase` when a previous
+    driver left it unfinished (its callbacks and searcher come back with it from the experiment state); returns its
+    ResultGrid."""
     trainable = tune.with_resources(tune.with_parameters(trial_trainable, ctx=ctx), trial_resources())
     path = f"{tune_root}/{phase}"
     if tune.Tuner.can_restore(path):
         log.info("%s: restoring the Tune experiment at %s", phase, path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        searcher = OptunaSearch(metric=OBJECTIVE, mode="max", seed=seed) if phase == "search" else None
         tune_config = tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
                                       max_concurrent_trials=concurrent,
-                                      metric=OBJECTIVE if phase == "search" else None,
-                                      mode="max" if phase == "search" else None)
+                                      metric=OBJECTIVE if searcher is not None else None,
+                                      mode="max" if searcher is not None else None)
         run_config = tune.RunConfig(name=phase, storage_path=tune_root, verbose=0, callbacks=callbacks,
                                     failure_config=tune.FailureConfig(max_failures=1))
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
@@ -178,6 +188,9 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
     protocol = params.train.protocol
     keyed = params.model_dump(mode="json", include={"seed", "model", "train", "tune", "data"})
     keyed["tune"] = {k: keyed["tune"][k] for k in ("num_samples", "search_space", "search_folds", "metric")}
+    # Repeats and the nested search change what the experiment reports (their own parent run and Tune state); keyed
+    # only when set, so experiments without them keep their keys. Stored folds are shared by fingerprint anyway.
+    keyed["tune"] |= {k: v for k, v in (("repeats", cfg.repeats), ("nested", cfg.nested)) if v not in (1, False)}
     settings = config_hash([keyed, version])
     experiment_key = f"{name}-{settings}"
     tune_root = f"{storage_root(params)}/{experiment_key}"
@@ -201,7 +214,8 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
             # run list, and a resumed run keeps its name. The leak verdict (tags, name) is set once the configuration
             # that trains the result is known, after the search (mark_verdict).
             parent, created = tracker.open_run(
-                experiment_key, parent_run_name(name, protocol, False, settings, params.train.ensemble),
+                experiment_key, parent_run_name(name, protocol, False, settings, params.train.ensemble, cfg.repeats,
+                                                cfg.nested),
                 {KIND_TAG: "parent", EXPERIMENT_KEY_TAG: experiment_key, "dataset": params.data.source,
                  "model": params.model.name, "split": params.train.split, "data_version": version})
             if created:
@@ -219,16 +233,21 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
                      protocol, version, parent)
 
             chosen: dict[str, Any] = {}
+            per_fold: dict[str, dict[str, Any]] = {}  # nested: outer fold -> {"chosen", "inner_score"}
             best_inner: float | None = None
             trials = 0
-            if cfg.num_samples > 0:
+            space = {k: tune_domain(k, v) for k, v in cfg.search_space.items()}
+            if cfg.num_samples > 0 and cfg.nested:
+                per_fold = nested_search(params, folds, store, common, space, tune_root, tracker, info)
+                best_inner = float(np.mean([f["inner_score"] for f in per_fold.values()]))
+            elif cfg.num_samples > 0:
                 ctx = TrialContext(phase="search", protocol="inner", folds=search_folds(folds, cfg.search_folds),
                                    **common)
-                space = {k: tune_domain(k, v) for k, v in cfg.search_space.items()}
                 concurrent = min(cfg.max_concurrent_trials, cfg.num_samples)
                 grid = _run_phase("search", ctx, space, cfg.num_samples, concurrent, tune_root,
                                   [TrackingCallback(tracker, info, ctx),
-                                   FoldProgress("search", cfg.num_samples * len(ctx.folds))], params.seed)
+                                   FoldProgress("search", cfg.num_samples * len(ctx.folds))],
+                                  OptunaSearch(metric=OBJECTIVE, mode="max", seed=params.seed))
                 # NaN objectives (failed folds) skipped; ties (tiny data: two trials at the same UF1) go to the earliest
                 # trial id, not to the grid's order, which a restored experiment changes: a resumed driver chose
                 # another configuration than the killed one and found none of the folds it had evaluated.
@@ -242,40 +261,65 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
                 chosen = {k: best.config[k] for k in sorted(cfg.search_space)}
                 tracker.log_params(parent, {f"chosen.{k}": json.dumps(v) for k, v in chosen.items()})
                 best_inner = float(best.metrics[OBJECTIVE])
-                tracker.log_metrics(parent, [(f"search_{OBJECTIVE}", best_inner, 0)])
                 log.info("search: best inner %s %.4f with %s", cfg.metric, best_inner, chosen)
+            if best_inner is not None:
+                tracker.log_metrics(parent, [(f"search_{OBJECTIVE}", best_inner, 0)])
 
-            ctx = TrialContext(phase="evaluate", protocol=protocol, folds=folds, **common)
+            # Every repeat's folds are trials of one phase, all in flight together (tune.repeats); repeat 0 is the
+            # single run. A nested evaluation trains each fold with its own search's choice.
+            ctx = TrialContext(phase="evaluate", protocol=protocol, folds=folds,
+                               per_fold={k: v["chosen"] for k, v in per_fold.items()}, **common)
             resolved = trial_params(ctx.params, chosen, protocol)
-            # The verdict of the configuration the evaluation folds train with (what fold_jobs stores with each fold).
-            leaky = is_leaky(protocol, resolved.model)
-            mark_verdict(tracker, parent, name, protocol, leaky, settings, params.train.ensemble)
-            keys = [j.key for j in fold_jobs(ctx, resolved)]
-            reused = sum(FoldStorage(fold_store).summary(k) is not None for k in keys)
+            repeats = [{**chosen, **({REPEAT_KEY: r} if cfg.repeats > 1 else {})} for r in range(cfg.repeats)]
+            jobs = [ctx.jobs(config) for config in repeats]
+            # The verdict of the configurations the evaluation folds train with (what each fold job stores; a nested
+            # fold's own choice included).
+            leaky = any(job.leaky for js in jobs for job in js)
+            mark_verdict(tracker, parent, name, protocol, leaky, settings, params.train.ensemble, cfg.repeats,
+                         cfg.nested)
+            keys = [[j.key for j in js] for js in jobs]
+            reused = sum(FoldStorage(fold_store).summary(k) is not None for ks in keys for k in ks)
             if reused:  # said, not left to be inferred from the speed
                 log.info("evaluate: %d of %d folds found stored (same settings and data version): read back, "
-                         "not retrained", reused, len(keys))
-            _run_phase("evaluate", ctx, dict(chosen), 1, 1, tune_root,
-                       [TrackingCallback(tracker, info, ctx), FoldProgress("evaluate", len(folds))], params.seed)
-            summaries, predictions = stored_folds(fold_store, keys)
-            failed = failed_folds(fold_store, keys)
+                         "not retrained", reused, sum(map(len, keys)))
+            space = dict(chosen) | ({REPEAT_KEY: tune.grid_search(list(range(cfg.repeats)))} if cfg.repeats > 1
+                                    else {})
+            _run_phase("evaluate", ctx, space, 1, cfg.repeats, tune_root,
+                       [TrackingCallback(tracker, info, ctx),
+                        FoldProgress("evaluate", len(folds) * cfg.repeats)])
+            runs = [stored_folds(fold_store, ks) for ks in keys]
+            summaries, predictions = runs[0]
+            failed = [{**f, **({"repeat": r} if cfg.repeats > 1 else {})}
+                      for r, ks in enumerate(keys) for f in failed_folds(fold_store, ks)]
             if failed:  # reported and counted, never pooled
-                log.warning("evaluate: %d of %d folds failed and are not pooled: %s", len(failed), len(keys),
-                            "; ".join(f["error"] for f in failed))
+                log.warning("evaluate: %d of %d folds failed and are not pooled: %s", len(failed),
+                            sum(map(len, keys)), "; ".join(f["error"] for f in failed))
                 tracker.log_metrics(parent, [("failed_folds", len(failed), 0)])
             if not summaries:
-                raise NonFiniteError(f"evaluate: every one of the {len(keys)} folds failed, nothing to pool (first: "
-                                     f"{failed[0]['error'] if failed else 'no fold stored'})")
+                raise NonFiniteError(f"evaluate: every one of the {len(keys[0])} folds failed, nothing to pool "
+                                     f"(first: {failed[0]['error'] if failed else 'no fold stored'})")
             class_names = summaries[0].class_names
-            stored = result_verdict(summaries)  # what the result's folds were stored with: every output reads it
+            stored = result_verdict([s for run_summaries, _ in runs for s in run_summaries])  # every output reads it
             if stored != leaky:
                 leaky = stored
-                mark_verdict(tracker, parent, name, protocol, leaky, settings, params.train.ensemble)
+                mark_verdict(tracker, parent, name, protocol, leaky, settings, params.train.ensemble, cfg.repeats,
+                             cfg.nested)
             metrics = log_pooled(tracker, parent, predictions, class_names, f"{name} ({run_label(protocol, leaky)})",
                                  leaky, params.evaluate.intervals)
+            spread = repeat_metrics(tracker, parent, runs, [ctx.resolved(c)[0].train.seed for c in repeats])
+            if per_fold:
+                for fold in summaries:
+                    per_fold[fold.fold]["leaky"] = fold.leaky
+                log_nested(tracker, parent, per_fold)
 
+            # Why it is leaky, from the configurations that trained it (a nested search's folds may differ).
+            reasons = list(dict.fromkeys(reason for js in jobs for job in js if job.leaky
+                                         for reason in leak_reasons(protocol, ModelConfig(**job.model))))
             model_uri = None
-            if cfg.final_model and tracker.stores_models:
+            if cfg.final_model and cfg.nested:
+                log.warning("tune.nested: no final model (each fold chose its own configuration; a nested run "
+                            "estimates the search, the run without tune.nested trains the model)")
+            elif cfg.final_model and tracker.stores_models:
                 epochs = retrain_epochs(summaries)
                 model_uri = final_model(params, resolved, store, epochs, tracker, parent, leaky)
             elif cfg.final_model:
@@ -284,14 +328,16 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
 
             summary = ExperimentSummary(
                 experiment=name, experiment_key=experiment_key, protocol=protocol, split=params.train.split,
-                leaky=leaky, leak_reasons=leak_reasons(protocol, resolved.model) if leaky else [],
+                leaky=leaky, leak_reasons=reasons if leaky else [],
                 class_names=list(class_names), chosen=chosen, metrics=metrics, data_version=version,
                 folds=len(summaries), failed_folds=failed, model=resolved.model.model_dump(mode="json"),
                 train=resolved.train.model_dump(mode="json"),
                 search={"num_samples": cfg.num_samples, "search_folds": cfg.search_folds, "metric": cfg.metric,
                         "search_space": {k: v.model_dump(mode="json", exclude_none=True)
                                          for k, v in cfg.search_space.items()},
-                        "best_inner_score": best_inner, "trials": trials} if cfg.num_samples > 0 else {},
+                        "best_inner_score": best_inner, "trials": trials, "nested": cfg.nested}
+                if cfg.num_samples > 0 else {},
+                chosen_per_fold=per_fold, repeats=spread,
                 tracking_experiment=params.tracking.experiment if params.tracking.backend != "none" else None,
                 parent_run_id=parent if params.tracking.backend != "none" else None, model_uri=model_uri)
             out = write_results(cfg.results, Results(summary, predictions, summaries))
@@ -307,6 +353,57 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
                 raise Terminated(tracker.terminated_by) from err
             raise
     return summary
+
+
+def nested_search(params: Params, folds: list[Fold], store: SampleStore, common: dict[str, Any],
+                  space: dict[str, Any], tune_root: str, tracker: Tracker, info: RunInfo) -> dict[str, dict[str, Any]]:
+    """tune.nested: for every evaluation fold, `tune.num_samples` Optuna trials on `tune.search_folds` folds drawn
+    (by train.split) from that fold's training subjects only, scored like the plain search (mean inner validation
+    score). All outer folds' trials are one Tune experiment (NestedSearch), so outer folds x trials x inner folds are
+    fold tasks in flight together. Returns, per outer fold, its best trial's `chosen` values and `inner_score`."""
+    cfg = params.tune
+    inner = {f.name: search_folds(inner_folds(params.train.split, store.index, f), cfg.search_folds) for f in folds}
+    ctx = TrialContext(phase="search", protocol="inner", folds=folds, inner=inner, **common)
+    total = cfg.num_samples * len(folds)
+    log.info("nested search: %d trials for each of %d folds on %d of its training subjects' folds (%d fold "
+             "trainings)", cfg.num_samples, len(folds), cfg.search_folds,
+             cfg.num_samples * sum(map(len, inner.values())))
+    grid = _run_phase("search", ctx, space, total, min(cfg.max_concurrent_trials, total), tune_root,
+                      [TrackingCallback(tracker, info, ctx),
+                       FoldProgress("search", cfg.num_samples * sum(map(len, inner.values())))],
+                      NestedSearch([f.name for f in folds], cfg.num_samples, params.seed))
+    per_fold = best_per_fold(grid, list(cfg.search_space))
+    for fold, best in per_fold.items():
+        log.info("nested search: fold %s: best inner %s %.4f with %s", fold, cfg.metric, best["inner_score"],
+                 best["chosen"])
+    return per_fold
+
+
+def log_nested(tracker: Tracker, parent: str, per_fold: dict[str, dict[str, Any]]) -> None:
+    """The nested search's choice per outer fold (chosen values, inner score, the fold's stored leak verdict) as the
+    parent run's `nested_search.json`; each fold run has its own as `chosen.*` params and a `nested.chosen` tag."""
+    with tempfile.TemporaryDirectory(prefix="mer-nested-") as tmp:
+        path = Path(tmp) / "nested_search.json"
+        write_json(path, per_fold)
+        tracker.log_files(parent, [path])
+
+
+def repeat_metrics(tracker: Tracker, parent: str, runs: list[tuple[list[FoldSummary], pd.DataFrame]],
+                   seeds: list[int]) -> dict[str, Any]:
+    """tune.repeats > 1: each repeat's pooled metrics, their mean and sd (logged on the parent run as
+    `<metric>_repeat_mean` / `<metric>_repeat_sd`, and `repeats`); a repeat whose folds all failed is left out
+    (its failures are counted with the others); {} for a single run."""
+    finished = [(run, seed) for run, seed in zip(runs, seeds, strict=True) if run[0]]  # not every fold failed
+    if len(runs) < 2 or len(finished) < 2:
+        return {}
+    spread = repeat_spread([flat_metrics(p, s[0].class_names)[0] for (s, p), _ in finished],
+                           [seed for _, seed in finished])
+    tracker.log_metrics(parent, [("repeats", spread["n"], 0)] + [
+        (f"{k}_repeat_{stat}", spread[f"{k}_{stat}"], 0) for k in SPREAD_METRICS for stat in ("mean", "sd")
+        if spread[f"{k}_{stat}"] is not None])
+    log.info("repeats: UF1 %.4f +- %.4f, UAR %.4f +- %.4f over %d seeds %s", spread["uf1_mean"], spread["uf1_sd"],
+             spread["uar_mean"], spread["uar_sd"], spread["n"], spread["seeds"])
+    return spread
 
 
 def final_model(params: Params, resolved: Params, store: SampleStore, epochs: int, tracker: Tracker, parent: str,

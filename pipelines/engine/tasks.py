@@ -16,6 +16,7 @@ restarting.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -224,11 +225,17 @@ def run_folds(jobs: Sequence[FoldJob]) -> list[FoldSummary | FoldFailure]:
     return [done[job.key] for job in jobs]  # type: ignore[misc]  # every job is stored, read back or failed
 
 
-def fold_task(cpus: float, gpus: float, retries: int, strategy: Any = "DEFAULT") -> Any:
+@functools.cache
+def _remote_run_folds() -> Any:
+    return ray.remote(run_folds)
+
+
+def fold_task(cpus: float, gpus: float, retries: int, strategy: Any = "DEFAULT", name: str | None = None) -> Any:
     """`run_folds` as a Ray task with one fold's resources, scheduled by `strategy` ("DEFAULT": anywhere in the
-    cluster, the way trial_trainable submits it, so that pending tasks are demand the autoscaler sees)."""
-    return ray.remote(run_folds).options(num_cpus=cpus, num_gpus=gpus, max_retries=retries,
-                                         scheduling_strategy=strategy)
+    cluster, the way trial_trainable submits it, so that pending tasks are demand the autoscaler sees), named `name`
+    in Ray's dashboard and task table."""
+    return _remote_run_folds().options(num_cpus=cpus, num_gpus=gpus, max_retries=retries,
+                                       scheduling_strategy=strategy, **({"name": name} if name else {}))
 
 
 def run_final(model: dict[str, Any], train: dict[str, Any], cache_dir: str, epochs: int,

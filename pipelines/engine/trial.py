@@ -24,6 +24,7 @@ from mer_model.config import Params, SearchParam, with_overrides
 from mer_model.errors import ConfigError
 from mer_model.training.folds import Fold, fold_fingerprint
 from mer_model.training.protocols import is_leaky
+from mer_model.training.repeats import repeat_seed
 from mer_model.training.results import FoldSummary
 from pipelines.engine.storage import FoldStorage
 from pipelines.engine.tasks import FoldFailure, FoldJob, fail_fold, fold_task
@@ -31,6 +32,10 @@ from pipelines.engine.tasks import FoldFailure, FoldJob, fail_fold, fold_task
 log = logging.getLogger(__name__)
 
 OBJECTIVE = "objective"  # the key a search trial reports: mean inner-validation score over its folds
+# Keys of a trial's config that are not sampled hyperparameters: the seed repeat an evaluation trial runs
+# (tune.repeats) and the outer fold a nested search trial searches for (tune.nested).
+REPEAT_KEY = "repeat"
+OUTER_KEY = "outer_fold"
 
 
 @dataclass
@@ -51,11 +56,33 @@ class TrialContext:
     fold_group_size: int = 1  # folds per Ray task (tune.fold_group_size)
     folds_per_trial: int = 0  # fold tasks in flight per trial (tune.folds_per_trial); 0 = no cap
     search_keys: list[str] = field(default_factory=list)
+    # Nested search (tune.nested): outer fold name -> the folds its search trains on (drawn from its training
+    # subjects); and in the evaluation, outer fold name -> the search values chosen for it.
+    inner: dict[str, list[Fold]] = field(default_factory=dict)
+    per_fold: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def resolved(self, config: Mapping[str, Any]) -> tuple[Params, dict[str, Any]]:
-        """(the trial's Params, its sampled overrides) for a Tune trial config."""
+        """(the trial's Params, its sampled overrides) for a Tune trial config: the sampled values, and the seed of
+        its repeat (tune.repeats) applied; a nested evaluation's folds add their own choices (`fold_params`)."""
         overrides = {k: config[k] for k in self.search_keys if k in config}
-        return trial_params(self.params, overrides, self.protocol), overrides
+        repeat = int(config.get(REPEAT_KEY, 0))
+        seeded = {"train.seed": repeat_seed(int(self.params["train"]["seed"]), repeat)} if repeat else {}
+        return trial_params(self.params, {**overrides, **seeded}, self.protocol), overrides
+
+    def trial_folds(self, config: Mapping[str, Any]) -> list[Fold]:
+        """The folds a trial trains: its outer fold's search folds in a nested search, else the phase's folds."""
+        return self.inner[config[OUTER_KEY]] if OUTER_KEY in config else self.folds
+
+    def fold_params(self, config: Mapping[str, Any], fold: str) -> Params:
+        """The Params fold `fold` of a trial trains with: the trial's, plus the fold's own choice in a nested
+        evaluation."""
+        params, _ = self.resolved(config)
+        own = self.per_fold.get(fold)
+        return trial_params(params.model_dump(mode="json", by_alias=True), own, self.protocol) if own else params
+
+    def jobs(self, config: Mapping[str, Any]) -> list[FoldJob]:
+        """The fold jobs of a trial (one per fold of `trial_folds`, each with its own leak verdict)."""
+        return [fold_job(self, self.fold_params(config, fold.name), fold) for fold in self.trial_folds(config)]
 
 
 def trial_params(base: Mapping[str, Any], overrides: Mapping[str, Any], protocol: str) -> Params:
@@ -63,14 +90,14 @@ def trial_params(base: Mapping[str, Any], overrides: Mapping[str, Any], protocol
     return with_overrides(base, {**overrides, "train.protocol": protocol}, "trial config")
 
 
-def fold_jobs(ctx: TrialContext, params: Params) -> list[FoldJob]:
-    leaky = is_leaky(params.train.protocol, params.model)
-    return [
-        FoldJob(key=fold_fingerprint(params.model, params.train, fold, ctx.data_version), fold=fold,
-                model=params.model.model_dump(mode="json"), train=params.train.model_dump(mode="json"), leaky=leaky,
-                cache_dir=ctx.cache_dir, storage=ctx.storage, torch_threads=max(1, int(ctx.fold_cpus)))
-        for fold in ctx.folds
-    ]
+def fold_job(ctx: TrialContext, params: Params, fold: Fold) -> FoldJob:
+    """One fold of `params`: keyed by its fingerprint (the seed of a repeat and the choice of a nested search are in
+    `params`, so repeats and outer folds never share a stored result, and a re-run finds each again), with the leak
+    rule's verdict on the configuration that trains it."""
+    return FoldJob(key=fold_fingerprint(params.model, params.train, fold, ctx.data_version), fold=fold,
+                   model=params.model.model_dump(mode="json"), train=params.train.model_dump(mode="json"),
+                   leaky=is_leaky(params.train.protocol, params.model), cache_dir=ctx.cache_dir, storage=ctx.storage,
+                   torch_threads=max(1, int(ctx.fold_cpus)))
 
 
 def trial_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -84,20 +111,22 @@ def trial_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     phase's folds are all done (TrackingCallback.on_trial_complete and the driver), not over all folds again after
     every fold.
     """
-    params, _ = ctx.resolved(config)
-    jobs = fold_jobs(ctx, params)
-    # "DEFAULT": out of the trial's placement group (Tune makes its trainables capture child tasks), so each fold
-    # task asks the whole cluster for its own resources.
-    task = fold_task(ctx.fold_cpus, ctx.fold_gpus, ctx.max_retries, "DEFAULT")
+    jobs = ctx.jobs(config)
     size = ctx.fold_group_size
     queue = [jobs[i:i + size] for i in range(0, len(jobs), size)]
     cap = ctx.folds_per_trial or len(queue)
     pending: dict[Any, list[FoldJob]] = {}
     scores: list[float] = []
     done = failed = 0
+    # Task names say what a task trains in Ray's dashboard and task table: phase, folds, and the repeat or outer fold.
+    tag = "".join(f" {k} {config[k]}" for k in (REPEAT_KEY, OUTER_KEY) if k in config)
     while queue or pending:
         while queue and len(pending) < cap:
             group = queue.pop(0)
+            name = f"{ctx.phase}{tag}: fold {','.join(job.fold.name for job in group)}"
+            # "DEFAULT": out of the trial's placement group (Tune makes its trainables capture child tasks), so each
+            # fold task asks the whole cluster for its own resources.
+            task = fold_task(ctx.fold_cpus, ctx.fold_gpus, ctx.max_retries, "DEFAULT", name)
             pending[task.remote(group)] = group
         ready, _ = ray.wait(list(pending), num_returns=1)
         group = pending.pop(ready[0])
