@@ -325,6 +325,18 @@ def test_honest_rows_get_their_paired_difference_to_the_baseline(tmp_path: Path)
     assert "not distinguishable" in next(line for line in lines if line.startswith("| SAME"))
 
 
+def test_results_md_gives_the_spread_over_seed_repeats_only_for_rows_that_have_them() -> None:
+    row = {"label": "A", "protocol": "inner", "leaky": False, "uf1": 0.7, "uar": 0.7, "accuracy": 0.7,
+           "n_samples": 10, "n_subjects": 2, "epochs": 30, "selected_epoch_median": 12.0, "au": "none",
+           "wall_s": 1.0, "fold_s": 1.0, "device": "cpu", "notes": ""}
+    spread = {"repeats": 3, "uf1_repeat_mean": 0.71, "uf1_repeat_sd": 0.02, "uar_repeat_mean": 0.69,
+              "uar_repeat_sd": 0.03, "accuracy_repeat_mean": 0.72, "accuracy_repeat_sd": 0.01}
+    lines = markdown_table(pd.DataFrame([{**row, **spread}, {**row, "repeats": 1}])).splitlines()
+    assert "seeds: UF1 / UAR / acc mean ± sd (n)" in lines[0]
+    assert "| 0.710 ± 0.020 / 0.690 ± 0.030 / 0.720 ± 0.010 (3) |" in lines[2] and "| – |" in lines[3]
+    assert "seeds" not in markdown_table(pd.DataFrame([row]))  # single runs, or a table from before the column
+
+
 # The committed recipe searches (benchmarks/recipes/<entry>.yaml), one per searched CPU entry of params.yaml.
 RECIPES = sorted((REPO / "benchmarks" / "recipes").glob("*.yaml"))
 

@@ -26,6 +26,7 @@ def test_repeat_seeds_are_derived_and_key_their_own_folds() -> None:
     are stored under other keys; a nested evaluation's fold trains with its own choice and carries its own leak
     verdict."""
     from mer_model.config import parse_params
+    from mer_model.errors import ConfigError
     from mer_model.training.folds import Fold
     from mer_model.training.repeats import repeat_seed, repeat_spread
     from mer_model.training.trainer import member_seed
@@ -38,6 +39,8 @@ def test_repeat_seeds_are_derived_and_key_their_own_folds() -> None:
     assert spread["uf1_mean"] == pytest.approx(0.6) and spread["uf1_sd"] == pytest.approx(statistics.stdev([0.5, 0.7]))
     assert spread["uar_mean"] == pytest.approx(0.4) and spread["uar_sd"] is None and spread["accuracy_sd"] == 0
 
+    with pytest.raises(ConfigError, match="tune: nested: true needs a search"):
+        parse_params({"tune": {"nested": True}})
     params = parse_params({"model": {"name": "cva_fpf", "config": "flow_small"}, "train": {"seed": 7}})
     folds = [Fold("a", ("s2", "s3"), ("s1",)), Fold("b", ("s1", "s3"), ("s2",))]
     ctx = TrialContext(phase="evaluate", params=params.model_dump(mode="json", by_alias=True), protocol="fixed",
@@ -54,7 +57,7 @@ def test_repeat_seeds_are_derived_and_key_their_own_folds() -> None:
 def test_nested_searcher_hands_out_trials_round_robin_and_survives_a_restore(tmp_path: Path) -> None:
     from ray import tune
 
-    from pipelines.engine.nested import NestedSearch
+    from pipelines.engine.nested import NestedSearch, best_per_fold
     from pipelines.engine.trial import OBJECTIVE, OUTER_KEY
 
     searcher = NestedSearch(["a", "b"], num_samples=2, seed=0)
@@ -71,6 +74,14 @@ def test_nested_searcher_hands_out_trials_round_robin_and_survives_a_restore(tmp
     assert restored.owner == searcher.owner and set(restored.searchers) == {"a", "b"}
     restored.on_trial_complete("t2", {OBJECTIVE: 0.7})  # reaches fold a's study
     assert len(restored.searchers["a"]._ot_study.trials) == 2
+
+    class Result:  # what best_per_fold reads of a ray.tune.Result
+        def __init__(self, outer: str, lr: float, score: float) -> None:
+            self.config, self.metrics = {OUTER_KEY: outer, "train.lr": lr}, {OBJECTIVE: score}
+
+    grid = [Result("a", 1e-3, 0.5), Result("b", 2e-3, 0.4), Result("a", 3e-3, 0.7), Result("b", 4e-3, 0.4)]
+    assert best_per_fold(grid, ["train.lr"]) == {"a": {"chosen": {"train.lr": 3e-3}, "inner_score": 0.7},
+                                                 "b": {"chosen": {"train.lr": 2e-3}, "inner_score": 0.4}}
 
 
 def test_seed_repeats_run_as_parallel_work_and_reuse_stored_folds(tiny_root: Path, tmp_path: Path,
