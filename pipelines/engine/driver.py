@@ -3,10 +3,12 @@
 1. Search (`tune.num_samples` > 0): Optuna through Ray Tune's OptunaSearch over `tune.search_space`. A trial is one
    configuration trained on `tune.search_folds` folds under the `inner` protocol; its objective is the mean INNER
    validation score (validation subjects drawn from each fold's training subjects). No test fold is ever looked at.
-2. Evaluation: the chosen configuration (or params.yaml's, without a search) on every fold of `train.split` (loso |
-   lodo) under `train.protocol` (fixed | inner | oracle; leaky ones tagged); -> `tune.results` (summary.json,
-   predictions.csv, folds.json: mer_model.training.results). A fold that failed (its numbers became NaN/inf) is
-   named, counted in summary.json's `failed_folds` and never pooled; the other folds complete.
+   With `tune.nested` the search runs once per evaluation fold on its training subjects only (engine/nested.py).
+2. Evaluation: the chosen configuration (or params.yaml's, without a search; per fold, after a nested search) on every
+   fold of `train.split` under `train.protocol` (fixed | inner | oracle; leaky ones tagged), `tune.repeats` times
+   with derived seeds, all repeats in flight together; -> `tune.results` (summary.json, predictions.csv, folds.json:
+   mer_model.training.results). A fold that failed (its numbers became NaN/inf) is named, counted in summary.json's
+   `failed_folds` and never pooled; the other folds complete.
 3. Final model (`tune.final_model`, with a tracker that stores models): trained on all subjects for the epoch count
    the evaluation supports (`retrain_epochs`: the best epoch of the fold-averaged validation UF1 under `inner`),
    logged as this platform's pyfunc (servable with `mlflow models serve`); `mer register` puts it in the model
