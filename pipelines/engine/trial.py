@@ -73,16 +73,17 @@ class TrialContext:
         """The folds a trial trains: its outer fold's search folds in a nested search, else the phase's folds."""
         return self.inner[config[OUTER_KEY]] if OUTER_KEY in config else self.folds
 
-    def fold_params(self, config: Mapping[str, Any], fold: str) -> Params:
-        """The Params fold `fold` of a trial trains with: the trial's, plus the fold's own choice in a nested
-        evaluation."""
-        params, _ = self.resolved(config)
+    def fold_params(self, config: Mapping[str, Any], fold: str, trial: Params | None = None) -> Params:
+        """The Params fold `fold` of a trial trains with: the trial's (`trial`, when already resolved), plus the
+        fold's own choice in a nested evaluation."""
+        params = trial or self.resolved(config)[0]
         own = self.per_fold.get(fold)
         return trial_params(params.model_dump(mode="json", by_alias=True), own, self.protocol) if own else params
 
     def jobs(self, config: Mapping[str, Any]) -> list[FoldJob]:
         """The fold jobs of a trial (one per fold of `trial_folds`, each with its own leak verdict)."""
-        return [fold_job(self, self.fold_params(config, fold.name), fold) for fold in self.trial_folds(config)]
+        trial = self.resolved(config)[0]
+        return [fold_job(self, self.fold_params(config, fold.name, trial), fold) for fold in self.trial_folds(config)]
 
 
 def trial_params(base: Mapping[str, Any], overrides: Mapping[str, Any], protocol: str) -> Params:
