@@ -1,8 +1,7 @@
 """Ablation of the main system (CVA + FPF + AU) on the MEGC2019 composite, the way the seed paper argues for each part.
 
-    python benchmarks/ablation.py                      # shared part (CASME II + SMIC), CPU, 5-10 min on 2 cores
-    python benchmarks/ablation.py --repeats 3          # each variant 3 times (seeds derived from train.seed, run in
-                                                       #   parallel): mean +- sd per row; 3x the cost
+    python benchmarks/ablation.py                      # shared part (CASME II + SMIC), CPU, 3 seeds per variant
+    python benchmarks/ablation.py --repeats 1          # one run per variant, 5-10 min on 2 cores
     python benchmarks/ablation.py --root /data/megc2019-full --au-sheets casme2=... samm=...
 
 One part is changed at a time from the `cva-fpf-flow-cpu` recipe of params.yaml (everything else as chosen by its
@@ -11,7 +10,10 @@ input: leaks labels, flagged) / none; position FPF / PC / none. Every variant ru
 five subject-grouped folds of `subject_5fold` under the `inner` protocol (honest; eight times cheaper than LOSO, so
 the numbers compare variants with each other, not with published LOSO results). FPF and PC need face crops: where the
 collection has none (the shared part has no `datasets/combined_datasets_whole`), their rows are listed with that
-reason instead of being run. Writes results/ablation/ (results.md/csv/png, settings.json).
+reason instead of being run. Each variant runs `--repeats` times (default 3; `tune.repeats`: seeds derived from
+train.seed, the repeats' folds in parallel), so the run-to-run spread of every row is a measured column (mean +- sd)
+next to its single run: the ablation's differences have flipped sign between single runs before (README). Writes
+results/ablation/ (results.md/csv/png, settings.json).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def main() -> int:
                         default=[f"casme2={SHARED / 'annotations' / 'CASME2-coding-20140508.xlsx'}"])
     parser.add_argument("--out", default=str(REPO / "results" / "ablation"))
     parser.add_argument("--work", default=str(REPO / "runs" / "ablation"))
-    parser.add_argument("--repeats", type=int, default=1,
+    parser.add_argument("--repeats", type=int, default=3,
                         help="independent runs per variant with seeds derived from train.seed (tune.repeats), run in "
                              "parallel; the tables then give mean +- sd over them")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="extra params override")
