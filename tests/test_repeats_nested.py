@@ -84,6 +84,7 @@ def test_nested_searcher_hands_out_trials_round_robin_and_survives_a_restore(tmp
                                                  "b": {"chosen": {"train.lr": 2e-3}, "inner_score": 0.4}}
 
 
+@pytest.mark.slow
 def test_seed_repeats_run_as_parallel_work_and_reuse_stored_folds(tiny_root: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
@@ -139,6 +140,7 @@ def test_seed_repeats_run_as_parallel_work_and_reuse_stored_folds(tiny_root: Pat
     assert len(list(Path(params.tune.storage_path).glob("*/folds/*/result.json"))) == 12
 
 
+@pytest.mark.slow
 def test_nested_search_chooses_per_fold_on_its_training_subjects_only(tiny_root: Path, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from mer_model.config import load_params
