@@ -73,8 +73,9 @@ def best_per_fold(grid: Any, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
     chosen). NonFiniteError naming an outer fold none of whose trials has an objective."""
     best: dict[str, Any] = {}
     outers = set()
-    for result in sorted(grid, key=lambda r: str(r.metrics.get("trial_id"))):  # ties: the earliest trial, also
-        outer = result.config[OUTER_KEY]                                           # after a restore reorders the grid
+    # Ties go to the earliest trial id, not to the grid's order, which a restored experiment changes.
+    for result in sorted(grid, key=lambda r: str(r.metrics.get("trial_id"))):
+        outer = result.config[OUTER_KEY]
         outers.add(outer)
         score = float(result.metrics.get(OBJECTIVE, math.nan))
         if not math.isnan(score) and (outer not in best or score > best[outer][1]):  # NaN: a fold failed
