@@ -1,19 +1,20 @@
 """Ablation of the main system (CVA + FPF + AU) on the MEGC2019 composite, the way the seed paper argues for each part.
 
     python benchmarks/ablation.py                      # shared part (CASME II + SMIC), CPU, 3 seeds per variant
-    python benchmarks/ablation.py --repeats 1          # one run per variant, 5-10 min on 2 cores
+    python benchmarks/ablation.py --repeats 1          # one run per variant (time: below)
     python benchmarks/ablation.py --root /data/megc2019-full --au-sheets casme2=... samm=...
 
 One part is changed at a time from the `cva-fpf-flow-cpu` recipe of params.yaml (everything else as chosen by its
 inner-validation search): attention CVA / CA (MMNet's) / none; AU predicted (joint head) / annotated (AU vector as
 input: leaks labels, flagged) / none; position FPF / PC / none. Every variant runs through `mer benchmark` on the
 five subject-grouped folds of `subject_5fold` under the `inner` protocol (honest; eight times cheaper than LOSO, so
-the numbers compare variants with each other, not with published LOSO results). FPF and PC need face crops: where the
-collection has none (the shared part has no `datasets/combined_datasets_whole`), their rows are listed with that
-reason instead of being run. Each variant runs `--repeats` times (default 3; `tune.repeats`: seeds derived from
+the numbers compare variants with each other, not with published LOSO results). FPF and PC need face crops
+(`datasets/combined_datasets_whole`, which the shared part now has): where a collection has none, their rows are listed
+with that reason instead of being run. Each variant runs `--repeats` times (default 3; `tune.repeats`: seeds derived from
 train.seed, the repeats' folds in parallel), so the run-to-run spread of every row is a measured column (mean +- sd)
-next to its single run: the ablation's differences have flipped sign between single runs before (README). Writes
-results/ablation/ (results.md/csv/png, settings.json).
+next to its single run: the ablation's differences have flipped sign between single runs before (docs/results.md).
+Time on 2 idle cores: 6.8 min for the committed run (one run per variant, no FPF/PC rows); not measured with the
+FPF/PC rows or with repeats. Writes results/ablation/ (results.md/csv/png, settings.json).
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def main() -> int:
     skipped = [k for k in VARIANTS if k not in runnable]
     if skipped:
         lines = ["", "## Not runnable on this data", ""]
-        lines += [f"* {VARIANTS[k][0]} (`{k}`): needs face crops; {portable_path(args.root, '<megc2019 root>')} has no {FACE_CROPS} (the distributed "
-                  "composite part ships 28x28 flow maps only), so the position branch has nothing to read."
+        lines += [f"* {VARIANTS[k][0]} (`{k}`): needs face crops; {portable_path(args.root, '<megc2019 root>')} has no {FACE_CROPS}, so the position "
+                  "branch has nothing to read."
                   for k in skipped]
         atomic_write(results, results.read_text() + "\n".join(lines) + "\n")
     print(results.read_text())
