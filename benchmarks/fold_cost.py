@@ -99,7 +99,7 @@ def resize_cost(store: Any, fold_name: str) -> tuple[float, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=SHARED / "megc2019-composite")
     parser.add_argument("--au-sheet", type=Path, default=SHARED / "annotations" / "CASME2-coding-20140508.xlsx")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per configuration (the first is dropped)")

@@ -32,7 +32,7 @@ CPU_PROTOCOLS = ["inner", "fixed"]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default=str(SHARED / "megc2019-composite"))
     parser.add_argument("--au-sheets", nargs="+",
                         default=[f"casme2={SHARED / 'annotations' / 'CASME2-coding-20140508.xlsx'}"])

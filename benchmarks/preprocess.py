@@ -193,7 +193,7 @@ def demo(params_path: str, workers: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--clips", type=int, default=4, help="clips per worker per measurement")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])

@@ -1,6 +1,6 @@
 """Cost and stability of the subject-bootstrap intervals and paired tests (mer_model.training.stats).
 
-    python benchmarks/stats.py [--subjects 68] [--samples 442] [--resamples 500 1000 2000 4000] [--seeds 20]
+    python benchmarks/stats.py [--subjects 68] [--samples 442] [--resamples 500 1000 2000 4000 8000] [--seeds 20]
 
 Synthetic predictions of a benchmark row's shape (the MEGC2019 composite: 68 subjects, 442 samples, 3 classes, three
 source datasets, about 0.75 accuracy; a second run that agrees with the first on most samples). Prints, per resample
@@ -50,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=68)
     parser.add_argument("--samples", type=int, default=442)
-    parser.add_argument("--resamples", type=int, nargs="+", default=[500, 1000, 2000, 4000])
+    parser.add_argument("--resamples", type=int, nargs="+", default=[500, 1000, 2000, 4000, 8000])
     parser.add_argument("--seeds", type=int, default=20)
     args = parser.parse_args()
     a, b = synthetic_run(args.subjects, args.samples)
