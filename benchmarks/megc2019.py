@@ -8,10 +8,10 @@ preprocess -> Ray Tune LOSO driver -> MLflow), then the table is printed.
     python benchmarks/megc2019.py --repeats 3     # every row 3 times with derived seeds, in parallel: mean +- sd
 
 The CPU run uses the `*-cpu` entries of `benchmark.models` as they are (no overrides here): their recipes were chosen
-by the platform's own search on inner validation subjects (README, "Results"), and `fixed` trains for the best
-epoch of `inner`'s fold-averaged validation UF1 (benchmark.fixed_epochs_from_inner), so no test fold picks anything.
-The commands recorded in results/megc2019/ name data paths relative to the repository (`mer benchmark` makes them
-portable).
+by the platform's own search on inner validation subjects (docs/results.md, "How the settings were chosen"), and
+`fixed` trains for the best epoch of `inner`'s fold-averaged validation UF1 (benchmark.fixed_epochs_from_inner), so
+no test fold picks anything. The commands recorded in results/megc2019/ name data paths relative to the repository
+(`mer benchmark` makes them portable).
 """
 
 from __future__ import annotations

@@ -131,7 +131,8 @@ class TrainConfig(_Section):
     """The fold trainer and the evaluation protocol."""
 
     protocol: Protocol = "fixed"
-    split: SplitName = "loso"  # how the cache becomes folds: loso (one per subject) | lodo (one per dataset)
+    # How the cache becomes folds: loso (one per subject) | subject_5fold (5 subject groups) | lodo (one per dataset).
+    split: SplitName = "loso"
     epochs: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(32, ge=1, le=65_536)
     lr: float = Field(1e-3, gt=0, le=10)
@@ -160,7 +161,7 @@ class TrainConfig(_Section):
     # Test-time augmentation of every evaluation (validation, test, final model, `mer predict`; MERModel.tta): "flip"
     # averages the class probabilities of each sample and its mirror image -- the flip the training augmentation
     # already draws, so the mirror is in the training distribution. It cuts the variance of the larger networks' test
-    # predictions (5-fold subject CV on the MEGC2019 composite: README "How the settings were chosen").
+    # predictions (5-fold subject CV on the MEGC2019 composite: docs/results.md "How the settings were chosen").
     tta: Literal["none", "flip"] = "none"
     # Weight averaging (mer_model.training.trainer.WeightAverage): > 0 = every evaluated or kept epoch uses an
     # exponential moving average of the weights, this decay per optimiser step (timm's warm-up; 0.9 ~ the last 10
@@ -171,7 +172,7 @@ class TrainConfig(_Section):
     # single model of its own seed would be trained -- under `inner` with its own validation subjects drawn from the
     # fold's training subjects and its own kept epoch -- and the test subject is predicted with the mean of their class
     # probabilities. Costs `ensemble` x the fold's training time. It cuts the variance of the larger networks (5-fold
-    # subject CV on the MEGC2019 composite: README "How the settings were chosen"). 1 = one model.
+    # subject CV on the MEGC2019 composite: docs/results.md "How the settings were chosen"). 1 = one model.
     ensemble: int = Field(1, ge=1, le=100)
     checkpoint_every: int = Field(0, ge=0, le=10_000)  # epochs; 0 = no intermediate checkpoints
     device: str = "auto"

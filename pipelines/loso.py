@@ -27,7 +27,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("tune", help="training + Optuna search on Ray Tune (loso | lodo folds), tracked")
+    parser = subparsers.add_parser(
+        "tune", help="training + Optuna search on Ray Tune (loso | subject_5fold | lodo folds), tracked")
     add_params_arguments(parser)
     parser.set_defaults(func=_run)
 
