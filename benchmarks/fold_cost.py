@@ -14,13 +14,15 @@ members) and its ratio to STSTNet's; then the time of the per-batch resize alone
     python benchmarks/fold_cost.py [--root ../shared/data/megc2019-composite] [--epochs 3] [--fold casme2/sub17]
         [--au-sheet ../shared/data/annotations/CASME2-coding-20140508.xlsx]
 
-It preprocesses the composite twice into a temporary folder (no Ray).
+It preprocesses the composite twice into a temporary folder (no Ray). The defaults read the shared data
+(`MER_SHARED_DATA`, else ../shared/data), as the other benchmarks do.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+SHARED = Path(os.environ.get("MER_SHARED_DATA", REPO.parent / "shared" / "data"))
 MAIN, BASELINE = "cva-fpf-flow-cpu", "ststnet-cpu"
 
 
