@@ -81,6 +81,8 @@ def test_composite(composite_dir: Path, annotations_dir: Path) -> None:
     assert all(Path(p).is_file() for p in table["flow_path"])  # '<sub>_<clip> .png', space included
     points = np.array([list(map(float, p.split(","))) for p in table["points5"]])
     assert points.shape == (309, 10) and points.min() >= 0 and points.max() <= 28
+    # landmarks5_28px.csv's `source`: dlib rows read as given, the whole-image fallback rows marked as estimated
+    assert table["points5_estimated"].value_counts().to_dict() == {"": 285, "whole_image_box": 24}
     casme2 = table[table["dataset"] == "casme2"].set_index("sample_id")
     assert (casme2["aus"] != "").all() and casme2["onset"].notna().all()  # joined from the CASME II sheet
     assert casme2.loc["casme2/sub01/EP02_01f", "aus"] == "12" and casme2.loc["casme2/sub01/EP02_01f", "apex"] == 59

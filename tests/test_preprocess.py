@@ -182,6 +182,11 @@ def test_composite_row(composite_dir: Path) -> None:
     bgr = cv2.imread(str(path))
     np.testing.assert_allclose(arrays["flow28"][0], bgr[..., 2] / 255.0, atol=1e-6)  # channel 0 = PNG red
     np.testing.assert_allclose(arrays["points5"][2], [13.9, 14.6])
+    assert out.estimated == ""  # the table's points, measured: read as given
+    # ... unless the table marks them as a fallback (landmarks5_28px.csv `source` whole_image_box): then counted
+    fallback = preprocess_sample(dict(row, points5_estimated="whole_image_box"), PreprocessConfig(), Path("."),
+                                 ("points5",))
+    assert fallback.modalities["points5"].status == "ok" and fallback.estimated == "points5=whole_image_box"
     # Neither onset crops nor frames are distributed with the composite; apex crops only where present.
     unavailable = {m: o.reason for m, o in out.modalities.items() if o.status == "unavailable"}
     assert unavailable == dict.fromkeys(("onset224", "apex224", "frames128", "landmarks68", "flows128"), "unavailable")

@@ -38,6 +38,9 @@ COLUMNS: dict[str, str] = {
     "apex_path": "string",
     "landmarks_path": "string",
     "points5": "string",
+    # how `points5` were estimated where the source says they are a fallback (the composite's landmarks5_28px.csv:
+    # `whole_image_box`), "" where they were measured or are absent; preprocessing counts these as estimated
+    "points5_estimated": "string",
     "source_file": "string",
     "source_row": "int64",
 }
@@ -47,7 +50,7 @@ REQUIRED = ("dataset", "collection", "subject", "clip", "emotion", "source_file"
 _DEFAULTS: dict[str, Any] = {
     "onset": pd.NA, "apex": pd.NA, "offset": pd.NA, "label": pd.NA, "aus": "", "au_raw": "", "au_coded": False, "frames_dir": "",
     "frame_template": "", "n_frames": 0, "flow_path": "", "apex_path": "", "landmarks_path": "", "points5": "",
-    "coded_emotion": "", "coded_source": "",
+    "points5_estimated": "", "coded_emotion": "", "coded_source": "",
 }
 
 # Datasets whose clip (a long recording) holds several samples: there a sample is (subject, clip, onset, apex,
@@ -78,8 +81,13 @@ def make_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     return conform(frame)
 
 
+# Columns added after tables were first written: a table ingested before them reads with their default.
+ADDED_COLUMNS = ("points5_estimated",)
+
+
 def conform(frame: pd.DataFrame) -> pd.DataFrame:
     """Cast to the schema dtypes and column order (e.g. after reading the ingested CSV back)."""
+    frame = frame.assign(**{c: _DEFAULTS[c] for c in ADDED_COLUMNS if c not in frame.columns})
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(f"annotation table lacks columns {missing}")

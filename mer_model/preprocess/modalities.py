@@ -114,6 +114,8 @@ def input_hashes(row: Mapping[str, Any], cfg: PreprocessConfig, modalities: Sequ
     annotation row's array-shaping columns."""
     section = cfg.model_dump(mode="json", by_alias=True)
     row_part = {c: _text(row.get(c)) for c in ROW_COLUMNS}
+    if _text(row.get("points5_estimated")):  # only where set, so the hashes of every other row are unchanged
+        row_part["points5_estimated"] = _text(row.get("points5_estimated"))
     estimated_apex = not row_part["apex"] and not row_part["flow_path"]
     out = {}
     for modality in modalities:

@@ -30,7 +30,8 @@ Frame-based rows (frames_dir set):
 
 Composite rows (flow_path set, no frames): the PNG -> `flow28` (a grey or flat map is refused); `points5` from the
 table, else detected with dlib on the apex crop, else (no face found) the template points of an aligned crop
-(`face.TEMPLATE_POINTS5`), the last two recorded as estimated (`points5=dlib` / `points5=template`); `apex224` = the distributed apex crop resized to `face_size` (the distribution
+(`face.TEMPLATE_POINTS5`), the last two recorded as estimated (`points5=dlib` / `points5=template`), as are table
+points that the table marks as a fallback (`points5_estimated`, e.g. `points5=whole_image_box`); `apex224` = the distributed apex crop resized to `face_size` (the distribution
 has no onset crops, so `onset224` and the sequence modalities are unavailable).
 
 Every array of every modality is checked for NaN/inf before it is returned.
@@ -507,6 +508,7 @@ class _CompositeSample(_Steps):
 
 def _composite_points5(s: _CompositeSample) -> dict[str, np.ndarray]:
     if s.row.get("points5"):
+        s.points_source = str(s.row.get("points5_estimated") or "")  # the table's own fallback rows count as estimated
         return {"points5": parse_points5(str(s.row["points5"]), s.sample_id)}
     if s.apex_path is None:
         raise SampleError(s.sample_id, "composite row has neither points5 nor an apex crop", reason="unavailable")

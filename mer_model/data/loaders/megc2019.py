@@ -4,7 +4,8 @@
 1 positive, 2 surprise), apex (usually empty), imagename. Beside it: `datasets/STSNet_whole_norm_u_v_os/<sub>_<clip> .png`
 (28x28 onset->apex u/v/strain; note the space before `.png`), optionally `datasets/combined_datasets_whole/<imagename>`
 (apex crops; the distribution has no onset crops) and `landmarks5_28px.csv` (five points per imagename in the 28 px
-frame). The composite carries no AUs: they are joined from the CASME II / SAMM coding sheets given as `au_sheets`
+frame; its optional `source` column says how they were found: `dlib`, or `whole_image_box` where no face was detected
+and the shape predictor ran on the whole image: those rows are kept, marked `points5_estimated` and counted). The composite carries no AUs: they are joined from the CASME II / SAMM coding sheets given as `au_sheets`
 (params data.au_sheets), by normalised subject and clip, together with their onset/apex/offset and the sheet's own
 emotion (`coded_emotion`, `coded_source`), which the class set then checks against the composite's label.
 
@@ -15,6 +16,7 @@ written, so a CSV that a spreadsheet re-saved (`006` -> `6`) finds the same maps
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +35,34 @@ LANDMARKS = "landmarks5_28px.csv"
 CLASSES = ("negative", "positive", "surprise")
 POINT_COLUMNS = ("left_eye_x", "left_eye_y", "right_eye_x", "right_eye_y", "nose_x", "nose_y",
                  "mouth_left_x", "mouth_left_y", "mouth_right_x", "mouth_right_y")
+# `source` values of landmarks5_28px.csv that name a face detector's landmarks; any other value is a fallback
+# (e.g. `whole_image_box`), whose points are recorded as estimated
+DETECTED_SOURCES = ("dlib",)
 DATASETS = ("casme2", "samm", "smic")
 AU_DATASETS = ("casme2", "samm")
 
 
-def _points5(path: Path) -> dict[str, str]:
-    """imagename -> 'x1,y1,...,x5,y5' from landmarks5_28px.csv; {} when the file is absent."""
+def _points5(path: Path) -> dict[str, tuple[str, str]]:
+    """imagename -> ('x1,y1,...,x5,y5', how they were estimated: the file's `source` where it is not a detector's,
+    else "") from landmarks5_28px.csv; {} when the file is absent."""
     if not path.is_file():
         log.info("%s absent: points5 left empty (preprocessing detects them on the apex crops)", path)
         return {}
     sheet = read_sheet(path, ("imagename",) + POINT_COLUMNS)
-    out: dict[str, str] = {}
+    source_col = sheet.optional_column("source")
+    out: dict[str, tuple[str, str]] = {}
     for (_, row), line in zip(sheet.rows.iterrows(), sheet.line):
         try:
             values = [float(row[sheet.column(c)]) for c in POINT_COLUMNS]
         except ValueError:
             raise DataError("landmark coordinate is not a number", file=str(path), row=int(line)) from None
-        out[cell_text(row[sheet.column("imagename")])] = ",".join(f"{v:g}" for v in values)
+        source = cell_text(row[source_col]) if source_col else ""
+        estimated = source if source and source not in DETECTED_SOURCES else ""
+        out[cell_text(row[sheet.column("imagename")])] = (",".join(f"{v:g}" for v in values), estimated)
+    fallback = Counter(estimated for _, estimated in out.values() if estimated)
+    if fallback:
+        log.warning("%s: %s of %d rows' points are a fallback, not a detected face: recorded as estimated", path,
+                    ", ".join(f"{n} {source}" for source, n in sorted(fallback.items())), len(out))
     return out
 
 
@@ -96,7 +109,7 @@ def load_megc2019(root: Path, annotation: Path | None = None, *, frames: bool = 
             "dataset": dataset, "collection": "megc2019", "subject": subject, "clip": clip,
             "emotion": CLASSES[int(label)], "au_raw": "", "source_file": str(path), "source_row": int(line),
             "apex": frame_number(row[apex_col], file=path, row=int(line), column="apex") if apex_col else None,
-            "points5": points.get(image, ""),
+            "points5": points.get(image, ("", ""))[0], "points5_estimated": points.get(image, ("", ""))[1],
         }
         if dataset == "smic" and smic.clip_emotion(clip):  # SMIC's clip names code the emotion: a second coding
             record.update(coded_emotion=smic.clip_emotion(clip), coded_source=f"clip name {clip}")
