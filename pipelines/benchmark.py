@@ -246,14 +246,16 @@ def result_row(key: str, entry: BenchmarkModel, params: Params, parameters: int,
 
 def preprocessing_notes(manifest: Mapping[str, Any], reads: Sequence[str]) -> list[str]:
     """What preprocessing estimated for the modalities a model reads, counted (the composite's five points: dlib on
-    the apex crop, or the template points where it finds no face), for the row's notes."""
+    the apex crop, or the template points where it finds no face, or the landmarks file's own fallback rows), for the
+    row's notes."""
     if "points5" not in reads:
         return []
     sources = {k.split("=", 1)[1]: v for k, v in manifest["counts"].get("estimated", {}).items()
                if k.startswith("points5=")}
     if not sources:
         return []
-    said = {"dlib": "dlib on the apex crop", "template": "template points (no face found; aligned crop)"}
+    said = {"dlib": "dlib on the apex crop", "template": "template points (no face found; aligned crop)",
+            "whole_image_box": "landmarks5_28px.csv's whole-image fallback (no face found)"}
     return ["points5: " + ", ".join(f"{said.get(k, k)} {v}" for k, v in sorted(sources.items()))]
 
 
