@@ -74,6 +74,8 @@ def _au_coding(au_sheets: dict[str, str]) -> dict[tuple[str, str], dict[str, Any
         if dataset not in AU_DATASETS:
             raise ConfigError(f"data.au_sheets.{dataset}: AU coding can be joined for {', '.join(AU_DATASETS)} only")
         path = Path(sheet_path).expanduser().resolve()
+        if not path.is_file():  # named here: the loader would blame data.annotation, which the user did not set
+            raise DataError(f"AU coding sheet not found (data.au_sheets.{dataset})", file=str(path))
         table = LOADERS[dataset](path.parent, path, frames=False)
         for row in table.itertuples():
             coding[(row.subject, row.clip)] = {
@@ -85,13 +87,13 @@ def _au_coding(au_sheets: dict[str, str]) -> dict[tuple[str, str], dict[str, Any
 
 def load_megc2019(root: Path, annotation: Path | None = None, *, frames: bool = True,
                   au_sheets: dict[str, str] | None = None) -> pd.DataFrame:
+    coding = _au_coding(au_sheets or {})  # the configured sheets first: a wrong one fails before the data is read
     path = find_annotation(root, annotation, PATTERNS, "megc2019")
     sheet = read_sheet(path, ("dataset", "sub", "filename_o", "label"))
     cols = {k: sheet.column(k) for k in ("dataset", "sub", "filename_o", "label")}
     apex_col, image_col = sheet.optional_column("apex"), sheet.optional_column("imagename")
     base = path.parent
     points = _points5(base / LANDMARKS)
-    coding = _au_coding(au_sheets or {})
     records = []
     no_points = no_coding = 0
     for (_, row), line in zip(sheet.rows.iterrows(), sheet.line):
