@@ -5,8 +5,9 @@
 (28x28 onset->apex u/v/strain; note the space before `.png`), optionally `datasets/combined_datasets_whole/<imagename>`
 (apex crops; the distribution has no onset crops) and `landmarks5_28px.csv` (five points per imagename in the 28 px
 frame; its optional `source` column says how they were found: `dlib`, or `whole_image_box` where no face was detected
-and the shape predictor ran on the whole image: those rows are kept, marked `points5_estimated` and counted). The composite carries no AUs: they are joined from the CASME II / SAMM coding sheets given as `au_sheets`
-(params data.au_sheets), by normalised subject and clip, together with their onset/apex/offset and the sheet's own
+and the shape predictor ran on the whole image: those rows are kept, marked `points5_estimated` and counted). The
+composite carries no AUs: they are joined from the CASME II / SAMM coding sheets given as `au_sheets` (params
+data.au_sheets), by normalised subject and clip, together with their onset/apex/offset and the sheet's own
 emotion (`coded_emotion`, `coded_source`), which the class set then checks against the composite's label.
 
 File names are built from the NORMALISED subject (`mer_model.data.loaders.subject_name`), never from the cell as
