@@ -252,7 +252,7 @@ class TuneConfig(_Section):
     # mer_model.training.repeats.repeat_seed(train.seed, r) (repeat 0 keeps train.seed: it is the single run), as
     # concurrent Tune trials whose fold tasks are all submitted together; summary.json, MLflow and `mer benchmark`
     # report the mean and sd over repeats beside the single run's metrics. Costs `repeats` x the evaluation.
-    repeats: int = Field(1, ge=1)
+    repeats: int = Field(1, ge=1, le=100)
     # Nested search: the search runs once per evaluation fold, on that fold's TRAINING subjects only (its
     # `search_folds` folds drawn from them by train.split), and each fold is trained and tested with its own choice,
     # so no subject a recipe is scored on took part in choosing it. Costs folds x num_samples x search_folds fold
