@@ -149,7 +149,7 @@ def test_project_containers_use_the_project_image() -> None:
 
 
 def _created_secrets() -> dict[str, set[str]]:
-    """Secret name -> keys, from the `kubectl create secret generic` commands in docs/deployment.md (the cluster guide)."""
+    """Secret name -> keys, from the `kubectl create secret generic` commands of docs/deployment.md (cluster guide)."""
     text = (REPO / "docs" / "deployment.md").read_text().replace("\\\n", " ")
     found: dict[str, set[str]] = {}
     for match in re.finditer(r"create secret generic (\S+)([^\n]*)", text):
