@@ -166,7 +166,8 @@ def test_the_tracker_logs_only_defined_figures(folds: dict, path: str, scenario:
     FoldStorage(str(tmp_path)).save(result.summary("key", False, "loso"), result.predictions)
     tracker = RecordingTracker()
     params = load_params(REPO / "params.yaml")
-    ctx = SimpleNamespace(storage=str(tmp_path), phase="evaluate", resolved=lambda config: (params, {}))
+    ctx = SimpleNamespace(storage=str(tmp_path), phase="evaluate", per_fold={},
+                          fold_params=lambda config, fold, trial=None: params)
     callback = TrackingCallback(tracker, SimpleNamespace(experiment_key="x", base_params={}), ctx)  # type: ignore
     callback._log_fold("trial", "trial-key", result.fold, "key", {})
     logged = dict((name, value) for name, value, _ in tracker.rows)
