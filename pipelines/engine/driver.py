@@ -419,12 +419,11 @@ def final_model(params: Params, resolved: Params, store: SampleStore, epochs: in
     log.info("final model: training %d epochs on all %d subjects", epochs, len(store.subjects()))
     task = ray.remote(run_final).options(num_cpus=params.tune.fold_cpus, num_gpus=params.tune.fold_gpus,
                                           max_retries=params.tune.max_retries)
-    try:
-        model, history = ray.get(task.remote(resolved.model.model_dump(mode="json"),
-                                             resolved.train.model_dump(mode="json"), store.root.as_posix(), epochs,
-                                             max(1, int(params.tune.fold_cpus))))
-    except NonFiniteError as err:  # Ray's wrapper of it: its one line, not the remote traceback
-        raise NonFiniteError(str(getattr(err, "cause", err))) from None
+    # A NonFiniteError of the task reaches the user as its one line through mer_model.errors.user_error, which
+    # looks behind Ray's wrapper like for every other task error.
+    model, history = ray.get(task.remote(resolved.model.model_dump(mode="json"),
+                                         resolved.train.model_dump(mode="json"), store.root.as_posix(), epochs,
+                                         max(1, int(params.tune.fold_cpus))))
     tracker.log_metrics(parent, [(f"final_{k}", v, int(entry["epoch"])) for entry in history
                                  for k, v in entry.items() if k != "epoch" and isinstance(v, (int, float))])
     # The model carries the class names, the training preprocessing and the leaky flag with the checkpoint, so
