@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -77,6 +76,7 @@ from pipelines.engine.trial import (
     OBJECTIVE,
     REPEAT_KEY,
     TrialContext,
+    best_trial,
     search_folds,
     trial_params,
     trial_resources,
@@ -250,15 +250,10 @@ def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummar
                                   [TrackingCallback(tracker, info, ctx),
                                    FoldProgress("search", cfg.num_samples * len(ctx.folds))],
                                   OptunaSearch(metric=OBJECTIVE, mode="max", seed=params.seed))
-                # NaN objectives (failed folds) skipped; ties (tiny data: two trials at the same UF1) go to the earliest
-                # trial id, not to the grid's order, which a restored experiment changes: a resumed driver chose
-                # another configuration than the killed one and found none of the folds it had evaluated.
-                scored = [r for r in sorted(grid, key=lambda r: str(r.metrics.get("trial_id")))
-                          if isinstance(r.metrics.get(OBJECTIVE), (int, float)) and math.isfinite(r.metrics[OBJECTIVE])]
-                if not scored:
+                best = best_trial(grid)  # ties (tiny data: two trials at the same UF1) to the earliest trial
+                if best is None:
                     raise NonFiniteError(f"search: none of the {cfg.num_samples} trials has an objective: every "
                                          "configuration had a fold that failed (see the log)")
-                best = max(scored, key=lambda r: r.metrics[OBJECTIVE])
                 trials = grid.num_terminated  # what ran, not what was asked (_run_phase refuses fewer)
                 chosen = {k: best.config[k] for k in sorted(cfg.search_space)}
                 tracker.log_params(parent, {f"chosen.{k}": json.dumps(v) for k, v in chosen.items()})

@@ -11,7 +11,6 @@ every search where it stopped.
 
 from __future__ import annotations
 
-import math
 import pickle
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +19,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from mer_model.errors import NonFiniteError
-from pipelines.engine.trial import OBJECTIVE, OUTER_KEY
+from pipelines.engine.trial import OBJECTIVE, OUTER_KEY, best_trial
 
 
 class NestedSearch(Searcher):
@@ -71,18 +70,13 @@ def best_per_fold(grid: Any, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Per outer fold of a nested search's ResultGrid: `{"chosen": {key: value}, "inner_score": objective}` of its
     best trial (highest mean inner validation score; the earliest trial id on ties; NaN objectives -- a failed fold -- never
     chosen). NonFiniteError naming an outer fold none of whose trials has an objective."""
-    best: dict[str, Any] = {}
-    outers = set()
-    # Ties go to the earliest trial id, not to the grid's order, which a restored experiment changes.
-    for result in sorted(grid, key=lambda r: str(r.metrics.get("trial_id"))):
-        outer = result.config[OUTER_KEY]
-        outers.add(outer)
-        score = float(result.metrics.get(OBJECTIVE, math.nan))
-        if not math.isnan(score) and (outer not in best or score > best[outer][1]):  # NaN: a fold failed
-            best[outer] = (result, score)
-    missing = sorted(outers - set(best))
+    by_outer: dict[str, list[Any]] = {}
+    for result in grid:
+        by_outer.setdefault(result.config[OUTER_KEY], []).append(result)
+    best = {outer: best_trial(results) for outer, results in by_outer.items()}
+    missing = sorted(outer for outer, result in best.items() if result is None)
     if missing:
         raise NonFiniteError(f"nested search: no trial for fold {missing[0]} has an objective: every configuration "
                              "had a search fold that failed (see the log)")
-    return {outer: {"chosen": {k: result.config[k] for k in sorted(keys)}, "inner_score": score}
-            for outer, (result, score) in sorted(best.items())}
+    return {outer: {"chosen": {k: result.config[k] for k in sorted(keys)},
+                     "inner_score": float(result.metrics[OBJECTIVE])} for outer, result in sorted(best.items())}

@@ -10,8 +10,9 @@ concurrency follows a cluster that grows (GPU workers starting at zero) instead 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,15 @@ OBJECTIVE = "objective"  # the key a search trial reports: mean inner-validation
 # (tune.repeats) and the outer fold a nested search trial searches for (tune.nested).
 REPEAT_KEY = "repeat"
 OUTER_KEY = "outer_fold"
+
+
+def best_trial(results: Iterable[Any]) -> Any | None:
+    """The search's choice among ray.tune Results: the highest finite OBJECTIVE (NaN: a trial with a failed fold,
+    never chosen), ties to the earliest trial id -- not to the grid's order, which a restored experiment changes, so a
+    resumed driver chooses what the killed one chose. None when no trial has an objective."""
+    scored = [r for r in sorted(results, key=lambda r: str(r.metrics.get("trial_id")))
+              if isinstance(r.metrics.get(OBJECTIVE), (int, float)) and math.isfinite(r.metrics[OBJECTIVE])]
+    return max(scored, key=lambda r: r.metrics[OBJECTIVE]) if scored else None
 
 
 @dataclass
