@@ -305,6 +305,9 @@ class BenchmarkModel(_Section):
     config: str = "small"
     kwargs: dict[str, Any] = Field(default_factory=dict)  # model.kwargs
     faces: dict[str, Any] = Field(default_factory=dict)  # extra model.kwargs used only when the cache has apex crops
+    # preprocess.face_size for this entry's face crops (its network's input size: resized once at preprocessing, not
+    # every batch); None = preprocess.face_size. Models benchmarked together share the largest.
+    face_size: int | None = Field(None, ge=16, le=2048)
     train: dict[str, Any] = Field(default_factory=dict)  # overrides of the train section (epochs, lr, batch_size, ..)
     label: str = ""  # name in the tables; "" = the key
 

@@ -42,6 +42,7 @@ from components.ingest import ingest
 from components.preprocess import preprocess
 from components.ray_session import connect_ray
 from components.tracking import git_commit
+from mer_model.batch_keys import BATCH_KEYS, Geometry
 from mer_model.config import BenchmarkModel, IntervalConfig, Params, with_overrides
 from mer_model.errors import ConfigError, DataError
 from mer_model.reporting.benchmark import DATASETS, SCORES, write_outputs
@@ -82,15 +83,21 @@ def base_params(params: Params, collection: str, root: Path, au_sheets: Mapping[
 
 def with_models_inputs(base: Params, keys: Sequence[str],
                        kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> Params:
-    """`base` with `preprocess.modalities` = what the benchmarked models read together (plus any set explicitly):
+    """`base` with `preprocess.modalities` = what the benchmarked models read together (plus any set explicitly) and
+    `preprocess.face_size` = the largest `face_size` of the entries that read face crops (where any sets one):
     the collection is preprocessed once for all of them, so a model reading more than the default model (HTNet's
     `points5`, MOL's 128 px sequences) finds its inputs. `kwargs`: each entry's model kwargs as adapted to the data
     (`adapt_entry`: with its `faces` variant where the collection has apex crops), default the entry's own."""
     needed = set(base.preprocess.modalities)
+    face_sizes: list[int] = []
     for key in keys:
         entry = base.benchmark.models[key]
-        needed.update(model_modalities(entry.name, entry.config, **(kwargs or {}).get(key, entry.kwargs)))
-    return with_overrides(base, {"preprocess.modalities": [m for m in MODALITIES if m in needed]},
+        reads = model_modalities(entry.name, entry.config, **(kwargs or {}).get(key, entry.kwargs))
+        needed.update(reads)
+        if entry.face_size and any(BATCH_KEYS[m].geometry is Geometry.IMAGE for m in reads):
+            face_sizes.append(entry.face_size)
+    sizes = {"preprocess.face_size": max(face_sizes)} if face_sizes else {}
+    return with_overrides(base, {"preprocess.modalities": [m for m in MODALITIES if m in needed], **sizes},
                           "benchmark models' inputs")
 
 

@@ -67,6 +67,8 @@ def test_registry_lists_every_model_with_paper_and_small() -> None:
         ({"name": "htnet", "dimm": 3}, "model.kwargs.dimm"),
         ({"name": "htnet", "regions": "diagonal"}, "model.kwargs.regions"),
         ({"name": "cva_fpf", "config": "small", "position_frames": ("flow28",)}, "model.kwargs.position_frames"),
+        ({"name": "cva_fpf", "config": "small", "swin_depths": (1, 1), "swin_heads": (1, 2)},
+         "model.kwargs.swin_depths"),
     ],
 )
 def test_bad_configuration_names_the_key(kwargs: dict[str, Any], key: str) -> None:
@@ -291,6 +293,16 @@ def test_position_features_start_below_the_motion_features(name: str, position: 
     assert float(position_part.std()) < float(motion.std())
     unscaled = create_model(name, "small", num_classes=3, position=position, position_scale=1.0)
     assert torch.all(unscaled.pos_scale == 1.0)  # the paper-literal sum stays available
+
+
+def test_fpf_of_another_width_than_the_main_branch_is_projected_to_it() -> None:
+    """A CPU-scale FPF whose embed dim is searched on its own: its last stage (4 x embed dim channels) is mapped to
+    the main branch's width by a 1x1 convolution; the paper's widths match (512), so it has none."""
+    for embed_dim in (8, 32):
+        model = create_model("cva_fpf", "small", num_classes=3, swin_embed_dim=embed_dim)
+        assert model.pos_branch.proj.in_channels == 4 * embed_dim and model.pos_branch.proj.out_channels == 64
+        assert model(make_batch(model.inputs))["logits"].shape == (2, 3)
+    assert isinstance(_meta("cva_fpf", 3).pos_branch.proj, torch.nn.Identity)
 
 
 def test_fpf_without_face_input_is_a_clear_error() -> None:

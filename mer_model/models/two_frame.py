@@ -154,18 +154,27 @@ class PositionCalibration(nn.Module):
 
 
 class FacialPositionFocalizer(nn.Module):
-    """FPF: timm Swin Transformer truncated to its stages (no head) -> (B, C, S/16, S/16) for one face crop."""
+    """FPF: timm Swin Transformer truncated to its stages (no head) -> (B, C, S/16, S/16) for one face crop (S px).
+
+    The paper's Swin ends with as many channels as the main branch (512); a Swin of another width (a CPU-scale FPF
+    whose embed dim is searched on its own) is mapped to the main branch's `out_channels` by a 1x1 convolution.
+    """
 
     def __init__(self, img_size: int, embed_dim: int, depths: tuple[int, ...], heads: tuple[int, ...], window: int,
-                 drop_path: float) -> None:  # fmt: skip
+                 drop_path: float, out_channels: int) -> None:  # fmt: skip
         super().__init__()
+        if len(depths) != 3:
+            raise ConfigError(f"model.kwargs.swin_depths: FPF needs 3 Swin stages (patch 4, two merges: S/16, the main "
+                              f"branch's grid), got {tuple(depths)}")
         self.swin = SwinTransformer(
             img_size=img_size, patch_size=4, in_chans=3, num_classes=0, embed_dim=embed_dim, depths=tuple(depths),
             num_heads=tuple(heads), window_size=window, drop_path_rate=drop_path,
         )  # fmt: skip
+        width = embed_dim * 2 ** (len(depths) - 1)
+        self.proj = nn.Conv2d(width, out_channels, 1) if width != out_channels else nn.Identity()
 
     def forward(self, frame: Tensor) -> Tensor:
-        return self.swin.forward_features(frame).permute(0, 3, 1, 2)  # timm returns NHWC
+        return self.proj(self.swin.forward_features(frame).permute(0, 3, 1, 2))  # timm returns NHWC
 
 
 class TwoFrameNet(MERModel):
@@ -229,13 +238,8 @@ class TwoFrameNet(MERModel):
         if position == "pc":
             self.pos_branch = PositionCalibration(fsize, c_last, pc_depth, pc_heads, pc_mlp_ratio, drop_path)
         elif position == "fpf":
-            swin_out = swin_embed_dim * 2 ** (len(swin_depths) - 1)
-            if swin_out != c_last:
-                raise ConfigError(
-                    f"model.kwargs.swin_embed_dim: Swin output {swin_out} channels != stage_channels[-1]={c_last}"
-                )
             self.pos_branch = FacialPositionFocalizer(img_size, swin_embed_dim, swin_depths, swin_heads, swin_window,
-                                                      drop_path)  # fmt: skip
+                                                      drop_path, c_last)  # fmt: skip
         # A learnable per-channel scale on the position features (LayerScale, Touvron et al. 2021, "Going deeper with
         # image transformers"): the position branch ends in a LayerNorm (features of unit scale) while the motion
         # features come out of chained attention maps in (0, 1) (about a tenth of that scale), so an unscaled sum lets
