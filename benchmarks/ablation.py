@@ -54,9 +54,15 @@ def ablation_params(params_path: Path, work: Path) -> Path:
     params = yaml.safe_load(params_path.read_text())
     base = params["benchmark"]["models"][BASE_ENTRY]
     models = {}
-    for key, (label, change, _) in VARIANTS.items():
+    faces = base.get("faces", {})
+    for key, (label, change, needs_faces) in VARIANTS.items():
         entry = copy.deepcopy(base)
         entry.pop("faces", None)  # the variants set the position branch explicitly
+        if needs_faces:  # the position branch as the base entry's search chose it: its start scale, FPF's Swin size
+            change = {**{k: v for k, v in faces.items() if k == "position_scale"
+                         or (change["position"] == "fpf" and k.startswith("swin_"))}, **change}
+        else:
+            entry.pop("face_size", None)
         entry["kwargs"] = {**entry.get("kwargs", {}), **change}
         entry["train"] = {**entry.get("train", {}), "split": "subject_5fold"}
         entry["label"] = label

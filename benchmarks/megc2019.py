@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SHARED = Path(os.environ.get("MER_SHARED_DATA", REPO.parent / "shared" / "data"))
-CPU_MODELS = ["ststnet-cpu", "htnet-cpu", "mmnet-flow-cpu", "cva-fpf-flow-cpu", "cva-fpf-flow-au-cpu"]
+CPU_MODELS = ["ststnet-cpu", "htnet-cpu", "mmnet-flow-cpu", "cva-flow-cpu", "cva-fpf-flow-cpu", "cva-fpf-flow-au-cpu"]
 CPU_PROTOCOLS = ["inner", "fixed"]
 
 

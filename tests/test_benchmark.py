@@ -244,7 +244,11 @@ def test_capabilities_come_from_the_ingested_table_before_preprocessing() -> Non
     base = load_params(REPO / "params.yaml")
     entry = base.benchmark.models["cva-fpf-flow-cpu"]
     kwargs = {"cva-fpf-flow-cpu": adapt_entry("cva-fpf-flow-cpu", entry, caps)[0]}
-    assert "apex224" in with_models_inputs(base, ["cva-fpf-flow-cpu"], kwargs).preprocess.modalities
+    inputs = with_models_inputs(base, ["cva-fpf-flow-cpu"], kwargs).preprocess
+    assert "apex224" in inputs.modalities
+    # the crops cached at the network's input size (resized once, not every batch); a model without faces: no change
+    assert inputs.face_size == entry.face_size == entry.kwargs["img_size"]
+    assert with_models_inputs(base, ["ststnet-cpu"]).preprocess.face_size == base.preprocess.face_size
 
 
 def test_the_collection_is_preprocessed_for_every_benchmarked_model() -> None:
@@ -373,7 +377,9 @@ def test_recipe_search_trials_train_as_the_benchmark_run_does(recipe: Path) -> N
     differs = {key: (getattr(search.train, key), value) for key, value in run.train.model_dump().items()
                if key not in searched | SEARCH_ONLY_TRAIN_KEYS and getattr(search.train, key) != value}
     assert not differs, f"{recipe.name}: train settings (search, benchmark) differ: {differs}"
-    fixed_kwargs = {key: value for key, value in entry.kwargs.items()
+    # a search over face crops trains the entry's `faces` variant (what the benchmark runs where the data has crops)
+    kwargs = {**entry.kwargs, **(entry.faces if "apex224" in search.preprocess.modalities else {})}
+    fixed_kwargs = {key: value for key, value in kwargs.items()
                     if f"model.kwargs.{key}" not in search.tune.search_space}
     assert search.model.kwargs == fixed_kwargs, f"{recipe.name}: model kwargs differ from the entry's unsearched ones"
 
