@@ -94,3 +94,34 @@ def test_runs_over_different_samples_are_refused(edit, message) -> None:
     with pytest.raises(DataError, match=message) as caught:
         paired_difference(a, edit(a.copy()), CLASSES, CFG, names=("A", "B"))
     assert isinstance(caught.value, MerError) and "\n" not in str(caught.value)
+
+
+def test_the_nested_vs_plain_report_pairs_the_two_estimates() -> None:
+    """benchmarks/nested.py's table: both searches' estimates with intervals, the paired difference nested - plain
+    with its verdict, and each outer fold's choice (from the two runs' stored results)."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_nested", Path(__file__).resolve().parents[1] / "benchmarks" / "nested.py")
+    nested_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nested_script)
+
+    def results(frame: pd.DataFrame, **summary: object) -> SimpleNamespace:
+        return SimpleNamespace(predictions=frame, summary=SimpleNamespace(**{
+            "class_names": CLASSES, "model": {"name": "ststnet", "config": "paper"}, "split": "subject_5fold",
+            "search": {"num_samples": 20, "search_folds": 3}, "chosen": {}, "chosen_per_fold": {}, **summary}))
+
+    plain = predictions(0, accuracy=0.9)
+    worse = plain.assign(pred=np.where(np.arange(len(plain)) % 2 == 0, (plain["label"] + 1) % 3, plain["pred"]))
+    result = nested_script.report(
+        "benchmarks/recipes/ststnet-cpu.yaml", results(plain, chosen={"train.lr": 1e-3}),
+        results(worse, chosen_per_fold={"k1": {"chosen": {"train.lr": 2e-3}, "inner_score": 0.7}}), CFG,
+        {"plain": 1.0, "nested": 5.0})
+    assert result["plain"]["uf1"]["value"] > result["nested"]["uf1"]["value"]
+    difference = result["nested_minus_plain"]["uf1"]
+    assert difference["ci_high"] < 0 and difference["p"] < 0.05
+    text = nested_script.markdown(result, "python benchmarks/nested.py")
+    assert "nested worse" in text and '| k1 | `{"train.lr": 0.002}` | 0.7000 |' in text
+    assert "40 subjects" not in text and f"{result['subjects']} subjects" in text
