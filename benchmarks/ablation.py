@@ -59,10 +59,9 @@ def ablation_params(params_path: Path, work: Path, ensemble: int) -> Path:
     for key, (label, change, needs_faces) in VARIANTS.items():
         entry = copy.deepcopy(base)
         entry.pop("faces", None)  # the variants set the position branch explicitly
-        if needs_faces:  # the position branch as the base entry's search chose it: its start scale, FPF's Swin size
-            change = {**{k: v for k, v in faces.items() if k == "position_scale"
-                         or (change["position"] == "fpf" and k.startswith("swin_"))}, **change}
-        else:
+        if change.get("position") == "fpf":  # FPF as the base entry's search chose it: Swin size, start scale
+            change = {**{k: v for k, v in faces.items() if k == "position_scale" or k.startswith("swin_")}, **change}
+        if not needs_faces:
             entry.pop("face_size", None)
         entry["kwargs"] = {**entry.get("kwargs", {}), **change}
         entry["train"] = {**entry.get("train", {}), "split": "subject_5fold", "ensemble": ensemble}
