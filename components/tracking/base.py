@@ -196,7 +196,7 @@ class Tracker(ABC):
         """Store `model` (a MERModel) servable with its class names and preprocessing; returns its URI or None."""
 
     @abstractmethod
-    def register_model(self, uri: str, run: str, name: str, tags: Mapping[str, str], honest: bool) -> Registration:
+    def add_model_version(self, uri: str, run: str, name: str, tags: Mapping[str, str], honest: bool) -> Registration:
         """Register the model at `uri` (idempotent per source run); the champion alias follows honest models only."""
 
     @abstractmethod
@@ -276,7 +276,7 @@ class NullTracker(Tracker):
                   name: str = "final_model") -> str | None:
         return None
 
-    def register_model(self, uri: str, run: str, name: str, tags: Mapping[str, str], honest: bool) -> Registration:
+    def add_model_version(self, uri: str, run: str, name: str, tags: Mapping[str, str], honest: bool) -> Registration:
         raise ConfigError("tracking.backend: none keeps no model registry; set tracking.backend: mlflow")
 
     def finished_experiments(self, experiment: str) -> pd.DataFrame:

@@ -28,9 +28,8 @@ from mer_model.config import IntervalConfig
 from mer_model.errors import ConfigError
 from mer_model.io import atomic_write, write_csv
 from mer_model.reporting import html
-from mer_model.training.stats import format_difference, paired_difference, verdict
+from mer_model.training.stats import PAIRED_METRICS, format_difference, paired_difference, verdict
 
-METRICS = ("uf1", "uar")
 DAGGER = "†"
 PROTOCOL_ORDER = {"fixed": 0, "inner": 1, "oracle": 2}
 # What makes two runs comparable; runs equal in all of these are repeats of one experiment.
@@ -77,7 +76,7 @@ def _differs(latest: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def comparison_table(runs: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+def comparison_table(runs: pd.DataFrame, metrics: Sequence[str] = PAIRED_METRICS) -> pd.DataFrame:
     """One row per comparable set of runs (`COMPARABLE`; latest wins, `runs` = how many): model, protocol, split,
     dataset, data (version, shortened), settings (digest), differs, leaky, runs, run_id, then `<METRIC>` and
     `<METRIC> 95% CI` (composites also `<part> <METRIC>` ...)."""
