@@ -196,3 +196,23 @@ def test_deferred_imports_are_not_hidden_duplicates() -> None:
         for t in set(m.deferred) & m.top:
             twice[m.name].append(t)
     assert dict(twice) == {}
+
+
+def test_dependencies_are_declared_runtime_apart_from_test_and_all_pinned() -> None:
+    """pyproject.toml declares what the platform needs to run and, as the `test` extra, what only the suite needs;
+    requirements.lock, compiled from those declarations, pins every one of them."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+    runtime, test = names(project["dependencies"]), names(project["optional-dependencies"]["test"])
+    assert {"torch", "ray", "mlflow", "dvc", "kfp", "timm"} <= runtime
+    assert {"pytest", "moto", "kubernetes-validate"} <= test and not runtime & test, runtime & test
+    lock = (REPO / "requirements.lock").read_text()
+    assert "uv pip compile pyproject.toml --extra test" in lock
+    pinned = {line.split("==")[0].lower() for line in lock.splitlines() if "==" in line and not line.startswith(" ")}
+    assert runtime | test <= pinned, (runtime | test) - pinned
