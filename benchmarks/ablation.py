@@ -47,8 +47,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
 }
 
 
-def ablation_params(params_path: Path, work: Path) -> Path:
-    """params.yaml with benchmark.models replaced by the variants of BASE_ENTRY, written under `work`."""
+def ablation_params(params_path: Path, work: Path, ensemble: int) -> Path:
+    """params.yaml with benchmark.models replaced by the variants of BASE_ENTRY (`ensemble` members per fold),
+    written under `work`."""
     from mer_model.io import atomic_write
 
     params = yaml.safe_load(params_path.read_text())
@@ -64,7 +65,7 @@ def ablation_params(params_path: Path, work: Path) -> Path:
         else:
             entry.pop("face_size", None)
         entry["kwargs"] = {**entry.get("kwargs", {}), **change}
-        entry["train"] = {**entry.get("train", {}), "split": "subject_5fold"}
+        entry["train"] = {**entry.get("train", {}), "split": "subject_5fold", "ensemble": ensemble}
         entry["label"] = label
         models[key] = entry
     params["benchmark"].update(models=models, default_models=[], work=str(work / "work"),
@@ -85,6 +86,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3,
                         help="independent runs per variant with seeds derived from train.seed (tune.repeats), run in "
                              "parallel; the tables then give mean +- sd over them")
+    parser.add_argument("--ensemble", type=int, default=1,
+                        help="seed-ensemble members per fold (the base entry has 2; 1 = single models, whose spread "
+                             "over the repeats is what the ablation measures)")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="extra params override")
     args = parser.parse_args()
 
@@ -94,7 +98,7 @@ def main() -> int:
 
     has_faces = (Path(args.root) / FACE_CROPS).is_dir()
     runnable = [k for k, (_, _, faces) in VARIANTS.items() if has_faces or not faces]
-    params = ablation_params(REPO / "params.yaml", Path(args.work))
+    params = ablation_params(REPO / "params.yaml", Path(args.work), args.ensemble)
     argv = ["benchmark", "megc2019", "--root", args.root, "--out", args.out, "--params", str(params),
             "--au-sheets", *args.au_sheets, "--models", *runnable, "--protocol", "inner",
             "-S", f"tune.repeats={args.repeats}", *[x for s in args.overrides for x in ("-S", s)]]
