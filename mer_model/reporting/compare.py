@@ -28,10 +28,10 @@ from mer_model.config import IntervalConfig
 from mer_model.errors import ConfigError
 from mer_model.io import atomic_write, write_csv
 from mer_model.reporting import html
+from mer_model.training.protocols import protocol_rank
 from mer_model.training.stats import PAIRED_METRICS, format_difference, paired_difference, verdict
 
 DAGGER = "†"
-PROTOCOL_ORDER = {"fixed": 0, "inner": 1, "oracle": 2}
 # What makes two runs comparable; runs equal in all of these are repeats of one experiment.
 COMPARABLE = ("model", "settings_digest", "split", "protocol", "dataset", "data_version")
 DESCRIBED = ("model", "protocol", "split", "dataset", "data", "settings", "differs")
@@ -108,7 +108,7 @@ def comparison_table(runs: pd.DataFrame, metrics: Sequence[str] = PAIRED_METRICS
                 columns += [c for c in (name, f"{name} 95% CI") if c not in columns]
         rows.append(row)
     table = pd.DataFrame(rows)
-    table["_order"] = table["protocol"].map(PROTOCOL_ORDER).fillna(9)
+    table["_order"] = table["protocol"].map(protocol_rank)
     table = table.sort_values(["leaky", "dataset", "_order", "model", "split"]).drop(columns="_order")
     return table.reset_index(drop=True)[[*DESCRIBED, "leaky", "runs", "run_id", *columns]]
 
