@@ -6,7 +6,8 @@ The evaluation files come from `mer_model.reporting.artifacts`, the function the
 tracker, so a number in metrics.json and the same number in the MLflow UI come from one computation. Metric names are
 the same for every model (mer_model.training.metrics.METRICS; per dataset `<dataset>/uf1`, ...), each of UF1, UAR
 and accuracy with its subject-bootstrap interval (`uf1_ci_low`, `uf1_ci_high`, ...; `evaluate.intervals`, the seed
-fixed, so they equal summary.json's and the MLflow parent run's).
+fixed, so they equal summary.json's and the MLflow parent run's); with `tune.repeats` > 1, the spread over the
+repeats' seeds beside them (`repeats`, `uf1_repeat_mean`, `uf1_repeat_sd`, ...; repeats.spread_columns).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mer_model.io import write_json
 from mer_model.reporting.artifacts import write_artifacts
 from mer_model.training.metrics import flat_metrics
 from mer_model.training.protocols import run_label
+from mer_model.training.repeats import spread_columns
 from mer_model.training.results import read_results
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ def evaluate(params: Params) -> dict[str, Any]:
     tracker = tracked_run(params, summary)  # the run the report goes to exists: checked before anything is written
     flat, pooled = flat_metrics(results.predictions, summary.class_names, params.evaluate.intervals)
     metrics = {"protocol": summary.protocol, "split": summary.split, "leaky": summary.leaky, **flat,
-               "per_class_recall": pooled["overall"]["per_class_recall"]}
+               **spread_columns(summary.repeats), "per_class_recall": pooled["overall"]["per_class_recall"]}
     metrics_path = write_json(params.evaluate.metrics, metrics)
     write_artifacts(results.predictions, summary.class_names, Path(params.evaluate.plots),
                     title=f"{summary.experiment}: {run_label(summary.protocol, summary.leaky)}",

@@ -32,7 +32,7 @@ def register_final_model(params: Params) -> dict[str, Any]:
                           "(and tracking.backend: mlflow)")
     tracker = make_tracker(params.tracking, "mer register")
     tracker.check()
-    registration = tracker.register_model(
+    registration = tracker.add_model_version(
         summary.model_uri, summary.parent_run_id, params.tracking.registered_model,
         {"protocol": summary.protocol, "split": summary.split, "leaky": str(summary.leaky).lower(),
          "experiment": summary.experiment, "data_version": summary.data_version},

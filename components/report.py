@@ -27,6 +27,7 @@ from mer_model.config import Params
 from mer_model.errors import ConfigError
 from mer_model.reporting import comparison_table, paired_table, write_comparison_report, write_experiment_report
 from mer_model.training.protocols import run_label
+from mer_model.training.repeats import spread_columns
 from mer_model.training.results import ExperimentSummary, Results, read_results
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def experiment_report(params: Params, out: str | None = None, results: Results |
                "model_uri": summary.model_uri}
     details = {k: v for k, v in details.items() if v not in (None, "")}
     details |= {f"chosen {k}": v for k, v in summary.chosen.items()}
-    path = write_experiment_report(results.predictions, results.history(), {**details, **summary.metrics},
+    path = write_experiment_report(results.predictions, results.history(),
+                                   {**details, **summary.metrics, **spread_columns(summary.repeats)},
                                    summary.class_names, out_dir, leaky,
                                    title=f"{summary.experiment}: {run_label(summary.protocol, leaky)}",
                                    intervals=params.evaluate.intervals)

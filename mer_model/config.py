@@ -22,10 +22,8 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from mer_model.data.loaders import LOADERS
 from mer_model.errors import ConfigError
 from mer_model.training.protocols import list_protocols
-from mer_model.training.splits import list_splits
 
 
 def _registered(names: Callable[[], list[str]]) -> AfterValidator:
@@ -42,9 +40,24 @@ def _registered(names: Callable[[], list[str]]) -> AfterValidator:
     return AfterValidator(check)
 
 
-DatasetName = Annotated[str, _registered(lambda: list(LOADERS))]  # mer_model.data.loaders
+def _dataset_names() -> list[str]:
+    """The registered dataset loaders, imported when a dataset name is validated (they import pandas and every
+    loader: not a cost of `import mer_model.config`)."""
+    from mer_model.data.loaders import LOADERS
+
+    return list(LOADERS)
+
+
+def _split_names() -> list[str]:
+    """The registered splits, imported when a split name is validated (pandas)."""
+    from mer_model.training.splits import list_splits
+
+    return list_splits()
+
+
+DatasetName = Annotated[str, _registered(_dataset_names)]  # mer_model.data.loaders
 Protocol = Annotated[str, _registered(list_protocols)]  # mer_model.training.protocols
-SplitName = Annotated[str, _registered(list_splits)]  # mer_model.training.splits
+SplitName = Annotated[str, _registered(_split_names)]  # mer_model.training.splits
 # The arrays of the preprocessed cache, one cache entry each (docs/architecture.md, "Preprocessed cache").
 Modality = Literal["flow28", "points5", "onset224", "apex224", "frames128", "landmarks68", "flows128", "aus"]
 

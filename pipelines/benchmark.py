@@ -48,8 +48,8 @@ from mer_model.errors import ConfigError, DataError
 from mer_model.reporting.benchmark import DATASETS, SCORES, write_outputs
 from mer_model.data import read_table
 from mer_model.training.metrics import OPTIONAL_METRICS, defined, mean_defined, pooled_metrics
-from mer_model.training.protocols import list_protocols, retrain_epochs
-from mer_model.training.repeats import SPREAD_METRICS
+from mer_model.training.protocols import list_protocols, protocol_rank, retrain_epochs
+from mer_model.training.repeats import SPREAD_METRICS, spread_columns
 from mer_model.training.results import ExperimentSummary, FoldSummary, Results, read_results
 from mer_model.training.stats import PAIRED_METRICS, metric_intervals, paired_columns, paired_difference
 from mer_model.preprocess.modalities import MODALITIES, model_modalities
@@ -225,9 +225,8 @@ def result_row(key: str, entry: BenchmarkModel, params: Params, parameters: int,
     notes = [*notes, *(f"failed, not pooled: {f['error']}" for f in summary.failed_folds)]
     row.update({k: pooled["overall"][k] for k in SCORES})
     # tune.repeats: the spread over independent runs of other seeds (the scores above are repeat 0's, the single run).
-    row["repeats"] = int(summary.repeats.get("n", 1))
-    row.update({f"{k}_repeat_{stat}": summary.repeats.get(f"{k}_{stat}") for k in SPREAD_METRICS
-                for stat in ("mean", "sd")})
+    row.update({"repeats": 1, **{f"{k}_repeat_{stat}": None for k in SPREAD_METRICS for stat in ("mean", "sd")},
+                **spread_columns(summary.repeats)})
     row.update({f"{k}_ci_{end}": bounds.get(f"{k}_ci_{end}") for k in SCORES for end in ("low", "high")})
     single = predictions["dataset"].nunique() == 1  # then the dataset's interval is the overall one
     for dataset in DATASETS:
@@ -406,14 +405,18 @@ def baseline_differences(table: pd.DataFrame, where: Callable[[str, str], Path],
 
 def merge_rows(path: Path, rows: pd.DataFrame, model_order: Sequence[str] = ()) -> pd.DataFrame:
     """Rows of earlier invocations (other models or protocols) kept; the same model x protocol replaced. Sorted by
-    `model_order` (params order), then protocol fixed, inner, oracle."""
+    `model_order` (params order), then protocol in the registry's display order (protocols.protocol_rank)."""
     if path.is_file():
         old = pd.read_csv(path, keep_default_na=False, na_values=[""])
         keep = ~old.set_index(list(KEY_COLUMNS)).index.isin(rows.set_index(list(KEY_COLUMNS)).index)
         rows = pd.concat([old[keep], rows], ignore_index=True)
-    rank = {"fixed": 0, "inner": 1, "oracle": 2} | {m: i for i, m in enumerate(model_order)}
-    return rows.sort_values(["model", "protocol"], key=lambda col: col.map(lambda v: (rank.get(v, len(rank)), v)),
-                            kind="stable").reset_index(drop=True)
+    models = {m: i for i, m in enumerate(model_order)}
+
+    def order(column: pd.Series) -> pd.Series:
+        rank = protocol_rank if column.name == "protocol" else (lambda v: models.get(v, len(models)))
+        return column.map(lambda v: (rank(v), v))
+
+    return rows.sort_values(["model", "protocol"], key=order, kind="stable").reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ CLI = "pipelines.cli"
 LAYERS = {"mer_model": 0, "components": 1, "pipelines": 2}
 # Third-party packages slow or heavy enough to import on first use only (each takes seconds on the CI machine).
 HEAVY = {"torch", "torchvision", "ray", "mlflow", "kfp", "dlib", "cv2", "timm", "sklearn", "matplotlib", "boto3",
-         "pyarrow", "optuna", "tqdm", "openpyxl", "skimage", "face_recognition_models", "scipy"}
+         "pyarrow", "optuna", "tqdm", "openpyxl", "skimage", "face_recognition_models", "scipy", "pandas"}
 NOT_IN_LIBRARY = {"ray", "mlflow", "dvc", "kfp", "components", "pipelines"}
 
 
@@ -196,3 +196,37 @@ def test_deferred_imports_are_not_hidden_duplicates() -> None:
         for t in set(m.deferred) & m.top:
             twice[m.name].append(t)
     assert dict(twice) == {}
+
+
+def test_dependencies_are_declared_runtime_apart_from_test_and_all_pinned() -> None:
+    """pyproject.toml declares what the platform needs to run and, as the `test` extra, what only the suite needs;
+    requirements.lock, compiled from those declarations, pins every one of them."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+    runtime, test = names(project["dependencies"]), names(project["optional-dependencies"]["test"])
+    assert {"torch", "ray", "mlflow", "dvc", "kfp", "timm"} <= runtime
+    assert {"pytest", "moto", "kubernetes-validate"} <= test and not runtime & test, runtime & test
+    lock = (REPO / "requirements.lock").read_text()
+    assert "uv pip compile pyproject.toml --extra test" in lock
+    pinned = {line.split("==")[0].lower() for line in lock.splitlines() if "==" in line and not line.startswith(" ")}
+    assert runtime | test <= pinned, (runtime | test) - pinned
+
+
+def test_importing_the_configuration_loads_no_loader_and_no_pandas() -> None:
+    """params.yaml's schema is imported by every command and worker: the dataset loaders and splits (pandas) load
+    when a name is validated, not with the module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mer_model.config; "
+            "print(sorted(m for m in ('pandas', 'mer_model.data.loaders', 'mer_model.training.splits') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    assert out.strip() == "[]", out

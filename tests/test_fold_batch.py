@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from test_training_data import CLASSES, write_cache
 
 from mer_model.config import ModelConfig, TrainConfig
@@ -61,10 +60,6 @@ def test_batched_folds_equal_per_fold_training_without_dropout(store: SampleStor
             assert set(a) == set(b)
             assert {k: v for k, v in a.items() if k != "time_s"} == pytest.approx(
                 {k: v for k, v in b.items() if k != "time_s"}, rel=1e-4, abs=1e-5)
-        # Weights as a whole: round-off flips a few ReLU decisions of a nearly dead channel, and Adam's normalised
-        # step lets that single channel drift further than the rest, so no per-element bound holds.
-        flat = [torch.cat([r.state_dict[k].double().flatten() for k in want.state_dict]) for r in (got, want)]
-        assert float((flat[0] - flat[1]).norm() / flat[1].norm()) < 5e-2
 
 
 @pytest.mark.parametrize("train", [{"tta": "flip"}, {"ema_decay": 0.5}], ids=["flip-tta", "weight-average"])

@@ -25,7 +25,7 @@ from mer_model.models import (
 from mer_model.models.htnet import tile_regions
 from mer_model.models.cva_fpf import UNUSED_AUTHOR_PARAMETERS as SWIN_UNUSED
 from mer_model.models.mmnet import UNUSED_AUTHOR_PARAMETERS
-from mer_model.models.mol import CCC, landmark_nme
+from mer_model.models.mol import CCC, landmark_l1_loss
 
 torch.set_num_threads(2)
 NUM_AUS = 21
@@ -346,10 +346,10 @@ def test_ccc_matches_per_node_reference() -> None:
     assert torch.allclose(out, ccc.norm(expected.view(2, 6, 3, 3)), atol=1e-5)
 
 
-def test_landmark_nme_normalises_by_inter_ocular_distance() -> None:
+def test_mol_landmark_loss_is_l1_normalised_by_inter_ocular_distance() -> None:
     target = torch.zeros(1, 1, 68, 2)
     target[..., 42:48, 0] = 40.0  # eye centres 40 px apart
-    assert float(landmark_nme(target + torch.tensor([3.0, 1.0]), target)) == pytest.approx(4.0 / 40.0)
+    assert float(landmark_l1_loss(target + torch.tensor([3.0, 1.0]), target)) == pytest.approx(4.0 / 40.0)
 
 
 def test_determinism_with_fixed_seed() -> None:

@@ -245,7 +245,7 @@ def test_a_failed_fold_task_is_one_line_per_fold_and_the_other_folds_are_kept(tm
     jobs = [FoldJob(key=f"k{i}", fold=Fold(f"s{i}", ("a",), (f"s{i}",)), model={}, train={}, leaky=False,
                     cache_dir="", storage=storage) for i in range(3)]
     done = FoldResult(fold="s0", predictions=pd.DataFrame({"label": [0]}), history=[], selected_epoch=1,
-                      val_score=None, state_dict={}, protocol="fixed", leaky=False, wall_time=1.0, device="cpu")
+                      val_score=None, protocol="fixed", leaky=False, wall_time=1.0, device="cpu")
     FoldStorage(storage).save(done.summary("k0", False, "loso"), done.predictions)
 
     @ray.remote(max_retries=0)

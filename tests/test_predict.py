@@ -255,7 +255,7 @@ def test_champion_alias_follows_honest_models_only(tmp_path: Path, monkeypatch: 
     for honest in (True, False):
         run, _ = tracker.open_run(f"run-{honest}", "run", {})
         model_uri = tracker.log_model(run, model, CLASSES, PreprocessConfig(), leaky=not honest)
-        versions.append(tracker.register_model(model_uri, run, "alias-model", {"leaky": str(not honest)}, honest))
+        versions.append(tracker.add_model_version(model_uri, run, "alias-model", {"leaky": str(not honest)}, honest))
         tracker.end_run(run)
     assert [(v.version, v.champion) for v in versions] == [(1, True), (2, False)]
     client = mlflow.tracking.MlflowClient(uri, registry_uri=uri)

@@ -192,3 +192,24 @@ def test_every_batch_key_converts_and_augments_by_its_spec(key: str) -> None:
         assert not np.array_equal(moved[key], array)
     batch = input_batch(example_arrays([key], cfg), [key])
     assert tuple(batch[key].shape) == (1, *expected)
+
+
+def test_a_new_protocol_is_ordered_and_shown_by_every_table_from_the_registry(monkeypatch: pytest.MonkeyPatch,
+                                                                               tmp_path: Path) -> None:
+    """The display order of protocols is the registry's (no consumer lists fixed/inner/oracle again): a fourth
+    protocol sorts after the others in results.csv and the comparison table and gets its own bars in results.png."""
+    from mer_model.reporting.benchmark import plot_results
+    from mer_model.reporting.compare import comparison_table
+    from mer_model.training import protocols
+    from pipelines.benchmark import merge_rows
+
+    monkeypatch.setitem(protocols._PROTOCOLS, "patience", protocols.Inner())  # registered last
+    assert protocols.protocol_rank("patience") == 3 and protocols.protocol_rank("old") == 4
+    rows = pd.DataFrame([{"model": "m", "protocol": p, "label": "m", "leaky": False, "uf1": 0.5 + i / 10}
+                         for i, p in enumerate(["patience", "oracle", "fixed", "inner"])])
+    assert list(merge_rows(tmp_path / "none.csv", rows, ["m"])["protocol"]) == ["fixed", "inner", "oracle", "patience"]
+    runs = rows.assign(run_id=[f"r{i}" for i in range(4)], dataset="d", split="loso", data_version="v",
+                       settings="{}", settings_digest="s", start_time=range(4), uar=0.5)
+    assert list(comparison_table(runs)["protocol"]) == ["fixed", "inner", "oracle", "patience"]
+    settings = {"collection": "c", "samples": 4, "subjects": 2, "cuda": False}
+    assert plot_results(rows, tmp_path / "results.png", settings) == ["fixed", "inner", "oracle", "patience"]

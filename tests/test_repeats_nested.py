@@ -128,6 +128,16 @@ def test_seed_repeats_run_as_parallel_work_and_reuse_stored_folds(tiny_root: Pat
     stored = {p: p.stat().st_mtime_ns for p in Path(params.tune.storage_path).glob("*/folds/*/result.json")}
     assert len(stored) == 8
 
+    # The evaluate stage's outputs carry the spread beside the single run's figures: metrics.json (dvc metrics show)
+    # and the HTML report.
+    from components.evaluate import evaluate
+
+    metrics = evaluate(params)
+    assert json.loads(Path(params.evaluate.metrics).read_text())["uf1_repeat_sd"] == pytest.approx(spread["uf1_sd"])
+    assert metrics["repeats"] == 2 and metrics["uf1_repeat_mean"] == pytest.approx(spread["uf1_mean"])
+    page = next(Path(params.evaluate.report).rglob("report.html")).read_text()
+    assert "Seed repeats (2 runs)" in page and f"<td>{spread['uf1_mean']:.4f}</td>" in page
+
     # A third repeat (untracked, to save time): the first two repeats' folds are read back from storage (unchanged),
     # only the new one trains.
     caplog.set_level(logging.INFO, logger="pipelines.engine.driver")

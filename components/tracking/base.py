@@ -196,7 +196,7 @@ class Tracker(ABC):
         """Store `model` (a MERModel) servable with its class names and preprocessing; returns its URI or None."""
 
     @abstractmethod
-    def register_model(self, uri: str, run: str, name: str, tags: Mapping[str, str], honest: bool) -> Registration:
+    def add_model_version(self, uri: str, run: str, name: str, tags: Mapping[str, str], honest: bool) -> Registration:
         """Register the model at `uri` (idempotent per source run); the champion alias follows honest models only."""
 
     @abstractmethod
@@ -276,7 +276,7 @@ class NullTracker(Tracker):
                   name: str = "final_model") -> str | None:
         return None
 
-    def register_model(self, uri: str, run: str, name: str, tags: Mapping[str, str], honest: bool) -> Registration:
+    def add_model_version(self, uri: str, run: str, name: str, tags: Mapping[str, str], honest: bool) -> Registration:
         raise ConfigError("tracking.backend: none keeps no model registry; set tracking.backend: mlflow")
 
     def finished_experiments(self, experiment: str) -> pd.DataFrame:
@@ -376,14 +376,32 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def run_params(params: Params, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """The parameters logged on every run: the full resolved config, flattened, plus `extra`."""
-    return flatten(params.model_dump(mode="json", by_alias=True)) | flatten(dict(extra or {}))
-
-
 # Settings that do not change a run's numbers (where and how fast it ran): left out of what makes runs comparable.
 OPERATIONAL = frozenset({"train.device", "train.num_workers", "train.checkpoint_every", "train.device_data",
                          "train.device_data_mb", "train.protocol", "train.split"})
+# The settings that determine a run's result, the ones its MLflow runs log (the column picker and `mer report
+# --compare` see nothing else): the data and how it was preprocessed, the model, its training, the search that chose
+# it, the intervals of its metrics, the seed (`synth` only for synthetic data). Where it runs, where its files go, the
+# tracker and the benchmark's catalogue change none of its numbers.
+DETERMINING = ("seed", "data", "preprocess", "model", "train", "tune.num_samples", "tune.search_space",
+               "tune.search_folds", "tune.metric", "tune.repeats", "tune.nested", "evaluate.intervals")
+# file locations, worker counts, where it ran (each fold records its device)
+_NOT_DETERMINING = ("data.ingested", "preprocess.out", "preprocess.num_workers", "train.device", "train.num_workers",
+                    "train.checkpoint_every")
+
+
+def run_params(params: Params, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The parameters logged on every run: the resolved settings that determine its result (DETERMINING), flattened,
+    plus `extra`."""
+    tree = params.model_dump(mode="json", by_alias=True)
+    chosen: dict[str, Any] = {}
+    for key in (*DETERMINING, *(("synth",) if params.data.source == "synthetic" else ())):
+        node: Any = tree
+        for part in key.split("."):
+            node = node[part]
+        chosen[key] = node
+    logged = flatten(chosen)
+    return {k: v for k, v in logged.items() if not k.startswith(_NOT_DETERMINING)} | flatten(dict(extra or {}))
 
 
 def comparable_settings(logged: Mapping[str, str]) -> dict[str, str]:

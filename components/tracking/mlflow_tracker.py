@@ -368,7 +368,7 @@ class MlflowTracker(Tracker):
         with mlflow.start_run(run_id=run):
             return log_pyfunc_model(model, class_names, preprocess, name=name, leaky=leaky).model_uri
 
-    def register_model(self, uri: str, run: str, name: str, tags: Mapping[str, str], honest: bool) -> Registration:
+    def add_model_version(self, uri: str, run: str, name: str, tags: Mapping[str, str], honest: bool) -> Registration:
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         existing = [v for v in self.client.search_model_versions(f"name = '{name}'") if v.run_id == run]
@@ -410,6 +410,6 @@ class MlflowTracker(Tracker):
 
 
 for _name in ("check", "fail_stale_runs", "open_run", "run_exists", "is_finished", "end_run", "log_params",
-              "log_metrics", "log_files", "log_dataset", "get_tag", "set_tag", "log_model", "register_model",
+              "log_metrics", "log_files", "log_dataset", "get_tag", "set_tag", "log_model", "add_model_version",
               "finished_experiments"):
     setattr(MlflowTracker, _name, _translated(getattr(MlflowTracker, _name)))

@@ -70,13 +70,6 @@ def predict_landmarks(gray: np.ndarray, box: FaceBox) -> np.ndarray:
     return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
 
 
-def box_from_landmarks(landmarks: np.ndarray) -> FaceBox:
-    """A face box around given landmarks (used when the landmarks come from the dataset instead of the detector)."""
-    x0, y0 = np.floor(landmarks.min(axis=0)).astype(int)
-    x1, y1 = np.ceil(landmarks.max(axis=0)).astype(int)
-    return FaceBox(int(x0), int(y0), int(x1), int(y1))
-
-
 @dataclass(frozen=True)
 class Alignment:
     """Similarity transform from source pixels to unit crop coordinates; `matrix` is 2x3."""

@@ -28,11 +28,10 @@ from mer_model.config import IntervalConfig
 from mer_model.errors import ConfigError
 from mer_model.io import atomic_write, write_csv
 from mer_model.reporting import html
-from mer_model.training.stats import format_difference, paired_difference, verdict
+from mer_model.training.protocols import protocol_rank
+from mer_model.training.stats import PAIRED_METRICS, format_difference, paired_difference, verdict
 
-METRICS = ("uf1", "uar")
 DAGGER = "†"
-PROTOCOL_ORDER = {"fixed": 0, "inner": 1, "oracle": 2}
 # What makes two runs comparable; runs equal in all of these are repeats of one experiment.
 COMPARABLE = ("model", "settings_digest", "split", "protocol", "dataset", "data_version")
 DESCRIBED = ("model", "protocol", "split", "dataset", "data", "settings", "differs")
@@ -77,7 +76,7 @@ def _differs(latest: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def comparison_table(runs: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+def comparison_table(runs: pd.DataFrame, metrics: Sequence[str] = PAIRED_METRICS) -> pd.DataFrame:
     """One row per comparable set of runs (`COMPARABLE`; latest wins, `runs` = how many): model, protocol, split,
     dataset, data (version, shortened), settings (digest), differs, leaky, runs, run_id, then `<METRIC>` and
     `<METRIC> 95% CI` (composites also `<part> <METRIC>` ...)."""
@@ -109,7 +108,7 @@ def comparison_table(runs: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd
                 columns += [c for c in (name, f"{name} 95% CI") if c not in columns]
         rows.append(row)
     table = pd.DataFrame(rows)
-    table["_order"] = table["protocol"].map(PROTOCOL_ORDER).fillna(9)
+    table["_order"] = table["protocol"].map(protocol_rank)
     table = table.sort_values(["leaky", "dataset", "_order", "model", "split"]).drop(columns="_order")
     return table.reset_index(drop=True)[[*DESCRIBED, "leaky", "runs", "run_id", *columns]]
 

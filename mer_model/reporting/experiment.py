@@ -18,6 +18,7 @@ from mer_model.io import atomic_write, write_csv
 from mer_model.reporting import html, plots
 from mer_model.config import IntervalConfig
 from mer_model.training.metrics import LABELS, SCALARS, pooled_metrics
+from mer_model.training.repeats import SPREAD_METRICS
 from mer_model.training.stats import INTERVAL_METRICS, metric_intervals
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,21 @@ def _scores_table(pooled: Mapping[str, Any], bounds: Mapping[str, float]) -> pd.
     return pd.DataFrame(rows)
 
 
+def _repeats_table(metrics: Mapping[str, Any]) -> pd.DataFrame | None:
+    """With `tune.repeats` > 1 (repeats.spread_columns in `metrics`): per metric, the mean and sd over the repeats'
+    seeds (the scores above are the first repeat's, the single run); None for a single run."""
+    if int(metrics.get("repeats", 1) or 1) < 2:
+        return None
+    rows = [{"metric": LABELS[k], "mean over repeats": metrics.get(f"{k}_repeat_mean"),
+             "sd over repeats": metrics.get(f"{k}_repeat_sd")} for k in SPREAD_METRICS]
+    return pd.DataFrame(rows)
+
+
 def _details(metrics: Mapping[str, Any], computed: pd.DataFrame) -> pd.DataFrame:
     """Entries of the caller's metrics that the scores table does not already show (protocol, experiment, ...)."""
     shown = {f"{p}{k}{suffix}" for p in ("", *(f"{d}/" for d in computed["set"])) for k in SCALARS
              for suffix in ("", "_ci_low", "_ci_high")}
+    shown |= {"repeats", *(f"{k}_repeat_{stat}" for k in SPREAD_METRICS for stat in ("mean", "sd"))}
     rows = [{"key": k, "value": v} for k, v in metrics.items()
             if k not in shown and not isinstance(v, (Mapping, list, tuple))]
     return pd.DataFrame(rows, columns=["key", "value"])
@@ -77,6 +89,12 @@ def write_experiment_report(predictions: pd.DataFrame, history: pd.DataFrame | N
                  '<p class="note">UF1 = macro F1 over classes, UAR = mean per-class recall, on test predictions '
                  "pooled over all evaluation folds (the split is named under Run); 95% CI: percentile interval of a "
                  "bootstrap over subjects (subjects resampled with replacement, the pooled metric recomputed).</p>"]
+    repeats = _repeats_table(metrics)
+    if repeats is not None:
+        sections += [f"<h3>Seed repeats ({int(metrics['repeats'])} runs)</h3>", html.table(repeats),
+                     '<p class="note">The same configuration trained again with other seeds (tune.repeats), every '
+                     "fold of every repeat as independent Ray work: the run-to-run spread. The scores and intervals "
+                     "above are the first repeat's.</p>"]
     recall = pooled["overall"]["per_class_recall"]
     sections += ["<h3>Recall per class</h3>",
                  html.table(pd.DataFrame([{"class": c, "recall": recall[c],

@@ -345,5 +345,4 @@ class _GroupLoop:
                 self._load(f, run.best["state"])
         final = (self.evaluate([r.test_set for r in self.runs]) if self.runs[0].protocol.watch != "test"
                  else [None] * len(self.runs))
-        return [run.result(final[f], {k: v.detach().cpu().clone() for k, v in self._fold_state(f).items()},
-                           self.device) for f, run in enumerate(self.runs)]
+        return [run.result(final[f], self.device) for f, run in enumerate(self.runs)]

@@ -69,7 +69,15 @@ def register_protocol(cls: P) -> P:
 
 
 def list_protocols() -> list[str]:
+    """The registered protocols in registration order, which is their display order in every table and figure."""
     return list(_PROTOCOLS)
+
+
+def protocol_rank(name: str) -> int:
+    """Position of protocol `name` in the display order (`list_protocols`); after all of them when not registered
+    (a row of an old table)."""
+    names = list(_PROTOCOLS)
+    return names.index(name) if name in names else len(names)
 
 
 def get_protocol(name: str) -> EpochProtocol:

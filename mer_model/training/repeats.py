@@ -35,3 +35,12 @@ def repeat_spread(per_repeat: Sequence[Mapping[str, Any]], seeds: Sequence[int])
         out[f"{name}_mean"] = float(values.mean()) if len(values) else None
         out[f"{name}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else None
     return out
+
+
+def spread_columns(spread: Mapping[str, Any]) -> dict[str, Any]:
+    """A `repeat_spread` under the names every output gives it (metrics.json, results.csv, the MLflow parent run, the
+    HTML report): `repeats` and `<metric>_repeat_mean` / `<metric>_repeat_sd`; {} for a single run."""
+    if int(spread.get("n", 1)) < 2:
+        return {}
+    return {"repeats": int(spread["n"]), **{f"{k}_repeat_{stat}": spread.get(f"{k}_{stat}") for k in SPREAD_METRICS
+                                            for stat in ("mean", "sd")}}

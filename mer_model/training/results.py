@@ -105,15 +105,14 @@ class FoldSummary(_Json):
 @dataclass
 class FoldResult:
     """The trainer's outcome of one fold, in memory: the summary's fields plus the test predictions (DataFrame:
-    sample_id, subject, dataset, fold, label, pred, prob_0..prob_{C-1}) and the selected weights (CPU state dict).
-    Persisted as its `summary()` (JSON) + `predictions` (CSV); the weights only through a checkpoint."""
+    sample_id, subject, dataset, fold, label, pred, prob_0..prob_{C-1}). Persisted as its `summary()` (JSON) +
+    `predictions` (CSV); a fold's weights are not kept (the served model is trained by `train_final`)."""
 
     fold: str
     predictions: pd.DataFrame
     history: list[dict[str, Any]]
     selected_epoch: int
     val_score: float | None
-    state_dict: dict[str, Any]
     protocol: str
     leaky: bool
     wall_time: float

@@ -391,10 +391,6 @@ class _Loop:
             scores.add(outputs, batch, loss)
         return scores.result(len(dataset))
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the weights (the fold's result)."""
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-
     def keep(self, into: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """The weights of the epoch a protocol keeps, copied in place into `into` (allocated on the model's device
         the first time): an epoch that replaces the best one (oracle ties included) costs one device-side copy, no
@@ -585,10 +581,9 @@ class FoldRun:
         evaluated with the selected weights."""
         return (self.best["probs"], self.best["extra"]) if self.protocol.watch == "test" else final
 
-    def result(self, final: tuple[np.ndarray, dict[str, Any]] | None, state: dict[str, Tensor],
-               device: torch.device) -> FoldResult:
+    def result(self, final: tuple[np.ndarray, dict[str, Any]] | None, device: torch.device) -> FoldResult:
         """The FoldResult: test predictions = the kept epoch's (`oracle`) or `final` = the test set evaluated with
-        the selected weights; `state` = those weights (CPU)."""
+        the selected weights."""
         spec = self.spec
         probs, extra = self.test_outputs(final)
         check_finite(probs, f"fold {spec.fold.name}", f"on the test set (epoch {self.selected_epoch})")
@@ -599,7 +594,7 @@ class FoldRun:
             fold=spec.fold.name, predictions=_predictions(self.store, self.test_set, probs, spec.fold.name),
             history=self.history, selected_epoch=self.selected_epoch,
             val_score=float(self.best["score"][0]) if self.protocol.watch == "val" else None,
-            state_dict=state, protocol=self.protocol.name, leaky=self.protocol.leaky,
+            protocol=self.protocol.name, leaky=self.protocol.leaky,
             wall_time=time.perf_counter() - self.start, device=str(device), test_metrics=test_metrics,
             train_subjects=tuple(self.train_subjects), val_subjects=tuple(self.val_subjects),
             test_subjects=tuple(spec.fold.test_subjects), class_names=tuple(spec.class_names),
@@ -624,17 +619,16 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
     ensembles, Lakshminarayanan et al. 2017). The result's `history` is the members' per-epoch mean, `selected_epoch`
     the median of their kept epochs (rounded; each member's seed and epoch: `member_seeds`, `member_epochs`),
     `val_score` the mean of their validation UF1s, `train_subjects` / `val_subjects` the subjects any member trained /
-    validated on, `state_dict` member 0's weights.
+    validated on.
     """
     sets = fold_sets(spec, store)  # configuration errors before a model is built; member 0's subjects
     if spec.train.ensemble == 1:
         run, loop, final = _train_member(spec, store, 0, callback, checkpoint_dir, sets)
-        return run.result(final, loop.state(), loop.device)
+        return run.result(final, loop.device)
     members = []
     for m in range(spec.train.ensemble):  # one member in memory at a time: only its predictions are kept
         run, loop, final = _train_member(spec, store, m, callback, checkpoint_dir, sets if m == 0 else None)
-        members.append(_Member(run, run.test_outputs(final),
-                               loop.state() if m == 0 else None, str(loop.device)))
+        members.append(_Member(run, run.test_outputs(final), str(loop.device)))
         run.best["state"] = None
         del loop
     return _ensemble_result(spec, store, members)
@@ -642,12 +636,11 @@ def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = N
 
 @dataclass
 class _Member:
-    """What a fold keeps of one ensemble member: its protocol run, its test (probabilities, extra figures) at the kept
-    epoch, and member 0's weights."""
+    """What a fold keeps of one ensemble member: its protocol run and its test (probabilities, extra figures) at the
+    kept epoch."""
 
     run: FoldRun
     test: tuple[np.ndarray, dict[str, Any]]
-    state: dict[str, Tensor] | None
     device: str
 
 
@@ -769,7 +762,7 @@ def _ensemble_result(spec: FoldSpec, store: SampleStore, members: Sequence[_Memb
     result = FoldResult(
         fold=spec.fold.name, predictions=_predictions(store, run.test_set, probs, spec.fold.name),
         history=_mean_history([m.run.history for m in members]), selected_epoch=int(round(float(np.median(epochs)))),
-        val_score=float(np.mean(scores)) if scores else None, state_dict=first.state, protocol=run.protocol.name,
+        val_score=float(np.mean(scores)) if scores else None, protocol=run.protocol.name,
         leaky=run.protocol.leaky, wall_time=time.perf_counter() - run.start, device=first.device,
         test_metrics=test_metrics, train_subjects=union("train_subjects"), val_subjects=union("val_subjects"),
         test_subjects=tuple(spec.fold.test_subjects), class_names=tuple(spec.class_names),

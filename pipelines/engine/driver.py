@@ -56,7 +56,7 @@ from mer_model.training.data import SampleStore
 from mer_model.training.folds import Fold
 from mer_model.training.metrics import flat_metrics
 from mer_model.training.protocols import leak_reasons, result_verdict, retrain_epochs, run_label
-from mer_model.training.repeats import SPREAD_METRICS, repeat_spread
+from mer_model.training.repeats import repeat_spread, spread_columns
 from mer_model.training.results import ExperimentSummary, FoldSummary, Results, write_results
 from mer_model.training.splits import inner_folds, make_folds
 from pipelines.engine.callbacks import (
@@ -395,9 +395,7 @@ def repeat_metrics(tracker: Tracker, parent: str, runs: list[tuple[list[FoldSumm
         return {}
     spread = repeat_spread([flat_metrics(p, s[0].class_names)[0] for (s, p), _ in finished],
                            [seed for _, seed in finished])
-    tracker.log_metrics(parent, [("repeats", spread["n"], 0)] + [
-        (f"{k}_repeat_{stat}", spread[f"{k}_{stat}"], 0) for k in SPREAD_METRICS for stat in ("mean", "sd")
-        if spread[f"{k}_{stat}"] is not None])
+    tracker.log_metrics(parent, [(k, v, 0) for k, v in spread_columns(spread).items() if v is not None])
     log.info("repeats: UF1 %.4f +- %.4f, UAR %.4f +- %.4f over %d seeds %s", spread["uf1_mean"], spread["uf1_sd"],
              spread["uar_mean"], spread["uar_sd"], spread["n"], spread["seeds"])
     return spread
