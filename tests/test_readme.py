@@ -12,8 +12,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 DEMO_LINE = re.compile(r"^Demo result \([^)]*\): UF1 ([0-9.]+), UAR ([0-9.]+), accuracy ([0-9.]+)$", re.M)
-# README column -> results.csv column
-TABLE_COLUMNS = {"UF1": "uf1", "UAR": "uar", "acc": "accuracy", "CASME II UF1": "casme2_uf1", "SMIC UF1": "smic_uf1"}
+# README column -> the results.csv columns of the numbers it shows, in order (a score, its interval, a paired difference
+# to the baseline with its interval and p-value)
+TABLE_COLUMNS = {
+    "UF1 [95% CI]": ("uf1", "uf1_ci_low", "uf1_ci_high"), "UAR [95% CI]": ("uar", "uar_ci_low", "uar_ci_high"),
+    "acc": ("accuracy",), "CASME II UF1": ("casme2_uf1",), "SMIC UF1": ("smic_uf1",),
+    "Δ UF1 vs STSTNet [95% CI], p": ("diff_uf1", "diff_uf1_ci_low", "diff_uf1_ci_high", "diff_uf1_p"),
+}
+NUMBER = re.compile(r"[-+]?\d+\.\d+")
 
 
 def _same(shown: str, value: float) -> bool:
@@ -29,23 +35,33 @@ def test_readme_demo_line_is_the_demo_metrics() -> None:
         assert _same(shown, metrics[key]), (key, shown, metrics[key])
 
 
+def _cell_matches(cell: str, row: dict[str, str], keys: tuple[str, ...]) -> bool:
+    """Every number of a README cell is its results.csv value at the precision shown ("–": the row has none)."""
+    if cell == "–":
+        return not row[keys[0]]
+    shown = NUMBER.findall(cell)
+    return len(shown) == len(keys) and all(row[k] != "" and _same(v.lstrip("+"), float(row[k]))
+                                           for v, k in zip(shown, keys, strict=True))
+
+
 def test_readme_results_table_is_the_committed_results() -> None:
     rows = list(csv.DictReader((REPO / "results" / "megc2019" / "results.csv").open()))
     lines = [line for line in README.splitlines() if line.startswith("| ")]
-    header_at = next(i for i, line in enumerate(lines) if line.startswith("| model | protocol | UF1 |"))
+    header_at = next(i for i, line in enumerate(lines) if line.startswith("| model | protocol | UF1"))
     header = [cell.strip() for cell in lines[header_at].strip("|").split("|")]
+    assert set(TABLE_COLUMNS) <= set(header), header
     table = []
     for line in lines[header_at + 1:]:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         if len(cells) != len(header):
             break
         table.append(dict(zip(header, cells, strict=True)))
-    assert len(table) == len(rows) == 10
+    assert len(table) == len(rows) == 12
     used = set()
     for shown in table:
         protocol = shown["protocol"].replace("⚠", "").strip()
         matches = [i for i, row in enumerate(rows) if row["protocol"] == protocol
-                   and all(_same(shown[col], float(row[key])) for col, key in TABLE_COLUMNS.items())]
+                   and all(_cell_matches(shown[col], row, keys) for col, keys in TABLE_COLUMNS.items())]
         assert len(matches) == 1, shown
         used.add(matches[0])
     assert used == set(range(len(rows)))
