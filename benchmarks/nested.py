@@ -34,12 +34,10 @@ log = logging.getLogger("benchmarks.nested")
 
 def estimate(results: Any, intervals: Any) -> dict[str, Any]:
     """Pooled UF1 / UAR / accuracy of a run's results with their subject-bootstrap intervals."""
-    from mer_model.training.metrics import pooled_metrics
-    from mer_model.training.stats import metric_intervals
+    from mer_model.training.metrics import flat_metrics
 
-    pooled = pooled_metrics(results.predictions, results.summary.class_names)["overall"]
-    bounds = metric_intervals(results.predictions, results.summary.class_names, intervals)
-    return {k: {"value": pooled[k], "ci_low": bounds.get(f"{k}_ci_low"), "ci_high": bounds.get(f"{k}_ci_high")}
+    flat, _ = flat_metrics(results.predictions, results.summary.class_names, intervals)
+    return {k: {"value": flat[k], "ci_low": flat.get(f"{k}_ci_low"), "ci_high": flat.get(f"{k}_ci_high")}
             for k in ("uf1", "uar", "accuracy")}
 
 
