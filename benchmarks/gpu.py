@@ -160,10 +160,9 @@ def loso_time(store: Any, recipe: dict[str, Any], device: Any, per_fold_folds: i
     import pandas as pd
 
     from mer_model.config import ModelConfig, TrainConfig
-    from mer_model.training.fold_batch import train_fold_group
     from mer_model.training.folds import loso_folds
     from mer_model.training.metrics import pooled_metrics
-    from mer_model.training.trainer import FoldSpec, train_fold
+    from mer_model.training.trainer import FoldSpec, train_fold, train_fold_group
 
     train = {**recipe.get("train", {}), "device": device.type, "protocol": "fixed"}
     if epochs is not None:

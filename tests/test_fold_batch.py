@@ -1,4 +1,5 @@
-"""Fold-batched training (mer_model.training.fold_batch) against the one-fold-at-a-time trainer.
+"""Fold-batched training (the trainer's loop over F > 1 folds, mer_model.training.fold_batch) against one fold at a
+time (the same loop, F = 1).
 
 Tolerances: the batched path runs the same arithmetic on stacked tensors (vmap), with the same initialisation, data
 order and augmentation draws, so with equal training-set sizes and no dropout each fold's predictions and losses equal
@@ -23,11 +24,10 @@ from mer_model.config import ModelConfig, TrainConfig
 from mer_model.errors import ConfigError, NonFiniteError
 from mer_model.models.registry import get_entry, list_models
 from mer_model.training.data import SampleStore
-from mer_model.training import fold_batch
-from mer_model.training.fold_batch import batchable, train_fold_group
+from mer_model.training import trainer
 from mer_model.training.folds import Fold, loso_folds
 from mer_model.training.metrics import pooled_metrics
-from mer_model.training.trainer import FoldSpec, train_fold
+from mer_model.training.trainer import FoldSpec, stack_folds, train_fold, train_fold_group
 
 PROBS = [f"prob_{k}" for k in range(3)]
 
@@ -102,7 +102,7 @@ def test_batched_loso_agrees_statistically_with_per_fold_loso(tmp_path: Path) ->
 def test_group_falls_back_to_a_loop_and_rejects_mixed_configurations(store: SampleStore) -> None:
     folds = loso_folds(store.index)[:2]
     specs = _specs(folds)
-    assert batchable(specs[0])
+    assert stack_folds(specs) and not stack_folds(specs[:1]) and not stack_folds(specs, requested=False)
     looped = train_fold_group(specs, store, batched=False)
     single = [train_fold(s, store) for s in specs]
     for a, b in zip(looped, single, strict=True):
@@ -162,7 +162,7 @@ def test_a_fold_task_trains_its_unfinished_folds_as_one_group(store: SampleStore
     (first,) = tasks.run_folds(jobs[:1])  # one fold: the per-fold trainer
     groups: list[list[str]] = []
     real = train_fold_group  # the task looks it up in its module when it runs, so the module's name is patched
-    monkeypatch.setattr(fold_batch, "train_fold_group",
+    monkeypatch.setattr(trainer, "train_fold_group",
                         lambda specs, *a, **k: (groups.append([s.fold.name for s in specs]), real(specs, *a, **k))[1])
     summaries = tasks.run_folds(jobs)
     assert groups == [[jobs[1].fold.name, jobs[2].fold.name]]

@@ -23,11 +23,10 @@ from test_training_data import CLASSES, write_cache
 
 from mer_model.config import BenchmarkModel, ModelConfig, TrainConfig, load_params
 from mer_model.training.data import SampleStore
-from mer_model.training.fold_batch import train_fold_group
 from mer_model.training.folds import Fold, loso_folds
 from mer_model.training.metrics import OPTIONAL_METRICS, flat_metrics, mean_defined, pooled_metrics
 from mer_model.training.results import ExperimentSummary, FoldResult, Results
-from mer_model.training.trainer import FoldSpec, _mean_extra, train_fold
+from mer_model.training.trainer import FoldSpec, _mean_extra, train_fold, train_fold_group
 
 REPO = Path(__file__).resolve().parents[1]
 # The kinds of test subject that leave an optional figure undefined (subjects of the cache below).

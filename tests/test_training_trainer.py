@@ -249,7 +249,8 @@ def test_weight_average_is_evaluated_without_changing_the_training_path(store: S
     trained: dict[float, list[list[torch.Tensor]]] = {}
     for ema_decay in (0.0, decay):
         spec = _spec(store, epochs=2, ema_decay=ema_decay)
-        loop = trainer._Loop(spec.model, spec.train, store, 3, store.sample_ids(spec.fold.train_subjects), 2)
+        loop = trainer._Loop(spec.model, spec.train, store, 3, [store.sample_ids(spec.fold.train_subjects)], 2,
+                             ["fold"])
         start = [p.detach().clone() for p in loop.model.parameters()]
         steps: list[list[torch.Tensor]] = trained.setdefault(ema_decay, [])
         loop.optimizer.register_step_post_hook(
@@ -391,9 +392,10 @@ def test_training_steps_never_read_values_back(store: SampleStore, monkeypatch: 
     reads = []
     for batch_size in (4, 12):
         spec = _spec(store, batch_size=batch_size, augment=False)
-        loop = trainer._Loop(spec.model, spec.train, store, 3, store.sample_ids(spec.fold.train_subjects), 3)
+        loop = trainer._Loop(spec.model, spec.train, store, 3, [store.sample_ids(spec.fold.train_subjects)], 3,
+                             ["fold"])
         count = _count_host_reads(monkeypatch)
-        entry = loop.train_epoch(1, final=False)
+        (entry,) = loop.train_epoch(1, final=False)
         monkeypatch.undo()
         reads.append(count[0])
         assert np.isfinite(entry["train_loss"]) and entry["train_ce"] == pytest.approx(entry["train_loss"])

@@ -37,6 +37,7 @@ from mer_model.errors import ConfigError, NonFiniteError
 from mer_model.io import write_with
 from mer_model.training.augment import tta_forward
 from mer_model.training.data import DeviceArrays, SampleDataset, SampleStore
+from mer_model.training.fold_batch import StackedModel
 from mer_model.training.folds import Fold, fold_fingerprint, inner_split
 from mer_model.training.metrics import au_f1, classification_metrics, flow_epe, landmark_nme, mean_defined
 from mer_model.training.protocols import get_protocol
@@ -219,22 +220,20 @@ def accumulate(sums: dict[str, Tensor], parts: dict[str, Tensor], n: int | Tenso
         sums[key] = sums[key] + value if key in sums else value
 
 
-def read_epoch(sums: dict[str, Tensor], seen: int, epoch: int, folds: Sequence[str] = ()) -> list[dict[str, float]]:
-    """The epoch's sample-weighted means, read from the device in ONE transfer: one dict for scalar sums, one per
-    fold (named by `folds`) for a fold group's (F,) sums. A non-finite training loss (or part) is a
-    NonFiniteError naming the epoch (and the fold)."""
+def read_epoch(sums: dict[str, Tensor], seen: int, epoch: int, who: Sequence[str]) -> list[dict[str, float]]:
+    """The epoch's sample-weighted means of the (F,) sums, one dict per fold, read from the device in ONE transfer.
+    A non-finite training loss (or part) is a NonFiniteError naming the epoch and the fold (`who[f]`: "fold s01",
+    "final model")."""
     names = list(sums)
     if not names:
-        return [{} for _ in folds] or [{}]
-    values = (torch.stack([sums[k] for k in names], dim=-1) / max(seen, 1)).tolist()
-    rows = values if folds else [values]
+        return [{} for _ in who]
+    rows = (torch.stack([sums[k] for k in names], dim=-1) / max(seen, 1)).tolist()
     out = []
-    for i, row in enumerate(rows):
+    for name, row in zip(who, rows, strict=True):
         means = dict(zip(names, row, strict=True))
         bad = [k for k, v in means.items() if not math.isfinite(v)]
         if bad:
-            where = f"fold {folds[i]}: " if folds else ""
-            raise NonFiniteError(f"{where}loss became non-finite at epoch {epoch} "
+            raise NonFiniteError(f"{name}: loss became non-finite at epoch {epoch} "
                                  f"({', '.join(f'{k}={means[k]}' for k in bad)})")
         out.append(means)
     return out
@@ -256,151 +255,234 @@ def device_arrays(cfg: TrainConfig, store: SampleStore, inputs: Sequence[str], d
     return DeviceArrays(store, ids, keys, device)
 
 
-def index_batches(size: int, cfg: TrainConfig, shuffle: bool, epoch: int, batchnorm: bool) -> DataLoader:
-    """Batches of positions 0..size-1: THE order of an epoch (shuffled from (seed, epoch)), shared by the CPU
-    reference loader, device-resident data and fold groups. `batchnorm` drops a final batch of one sample, which
-    BatchNorm cannot normalise in training mode."""
+def epoch_order(size: int, cfg: TrainConfig, epoch: int) -> np.ndarray:
+    """THE shuffled order of an epoch's `size` training samples, drawn from (seed, epoch) as a shuffling DataLoader
+    draws it; every fold of a group, and every data path, takes its epoch order from here."""
     generator = torch.Generator().manual_seed(_derived_seed(cfg.seed, epoch, 1))
-    drop_last = batchnorm and size % cfg.batch_size == 1 and size > 1
-    return DataLoader(range(size), batch_size=cfg.batch_size, shuffle=shuffle, drop_last=drop_last,
-                      generator=generator)
+    return torch.cat(list(DataLoader(range(size), batch_size=size, shuffle=True, generator=generator))).numpy()
+
+
+class _OneModel:
+    """The model of ONE fold (the F = 1 case of the loop's fold axis; fold_batch.StackedModel is F > 1): the module
+    itself on its device (channels-last where it helps), batches and outputs carrying a fold axis of length 1 as views,
+    so the loop's arithmetic is the plain model's."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        from mer_model.models.checkpoint import prepare_for_device, to_device_batch
+
+        self.module = prepare_for_device(model, device)
+        self.to_device_batch = to_device_batch
+        self.norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def parameters(self) -> Iterator[Tensor]:
+        return self.module.parameters()
+
+    def device_batch(self, batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+        """A (1, B, ...) batch on `device`, image tensors in the model's memory layout (`to_device_batch`)."""
+        moved = self.to_device_batch({k: v[0] for k, v in batch.items()}, self.module, device)
+        return {k: v.unsqueeze(0) for k, v in moved.items()}
+
+    def forward(self, batch: dict[str, Tensor], weights: Tensor | None, with_loss: bool, tta: str = "none"
+                ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The model's outputs (1, B, ...) and, `with_loss`, its loss parts (1,), as `StackedModel.forward`."""
+        fold_batch = {k: v[0] for k, v in batch.items()}
+        if weights is not None:
+            fold_batch["class_weights"] = weights[0]
+        outputs = tta_forward(self.module, fold_batch, tta)
+        parts: dict[str, Tensor] = {}
+        if with_loss:
+            loss, parts = self.module.loss(outputs, fold_batch)
+            parts = {**parts, "loss": loss}
+        return {k: v.unsqueeze(0) for k, v in outputs.items()}, {k: v.unsqueeze(0) for k, v in parts.items()}
+
+    @torch.no_grad()
+    def reset_norms(self) -> None:
+        for m in self.norms:
+            m.reset_running_stats()
+
+    def fold_state(self, f: int) -> dict[str, Tensor]:
+        return self.module.state_dict()
 
 
 class _Loop:
-    """Model, optimiser and data plumbing shared by `train_fold` and `train_final`."""
+    """Model, optimiser and data of F >= 1 folds of one configuration trained along a fold axis: `train_fold`,
+    `train_final` and `fit_check` use one fold (the plain model), `train_fold_group` several (one stacked model,
+    fold_batch.StackedModel). Batches are (F, B, ...) and every epoch figure is per fold; fold f trains on
+    `train_ids[f]` and is named `names[f]` in errors."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, store: SampleStore, num_classes: int,
-                 train_ids: list[str], epochs: int) -> None:
-        self.cfg = cfg
-        self.store = store
+                 train_ids: Sequence[list[str]], epochs: int, names: Sequence[str]) -> None:
+        self.cfg, self.names = cfg, list(names)
         self.device = resolve_device(cfg.device)
         self.amp_dtype, scaled = mixed_precision(self.device, cfg.amp)
         configure_backends(self.device, cfg)
         _seed_everything(cfg.seed)
-        from mer_model.models.checkpoint import prepare_for_device, to_device_batch
-
-        self.model = prepare_for_device(build_model(model_cfg, num_classes, cfg.tta), self.device)
-        self.to_device_batch = to_device_batch  # channels-last inputs for the models that prefer it
+        module = build_model(model_cfg, num_classes, cfg.tta)  # every fold's seeded initialisation
+        self.model = (_OneModel(module, self.device) if len(train_ids) == 1
+                      else StackedModel(module, len(train_ids), self.device))
         # Loss targets are needed for every split (validation and test losses are reported too); `label` comes from
         # the index, not the npz.
-        targets = tuple(k for k in getattr(self.model, "targets", ()) if k != "label")
-        self.inputs = tuple(self.model.inputs) + tuple(k for k in targets if k not in self.model.inputs)
-        self.optional = TARGET_KEYS
+        targets = tuple(k for k in module.targets if k != "label")
+        self.inputs = tuple(module.inputs) + tuple(k for k in targets if k not in module.inputs)
         self.optimizer = make_optimizer(self.model.parameters(), cfg)
         self.average = WeightAverage(self.model.parameters(), cfg.ema_decay)
         # Stepped once per epoch; `epochs` is the length of THIS run (a final model may train for fewer epochs than
         # train.epochs), so a cosine schedule always ends annealed.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(e, cfg, epochs))
         self.scaler = torch.amp.GradScaler("cuda", enabled=scaled)
-        self.train_set = store.torch_dataset(train_ids, self.inputs, cfg.augment, cfg.seed, self.optional)
-        self.norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        self.stats_set = (store.torch_dataset(train_ids, self.inputs, False, cfg.seed, self.optional)
-                          if cfg.precise_bn and self.norms else None)
-        labels = store.labels(train_ids)
-        self.weights = class_weights(labels, num_classes).to(self.device) if cfg.class_weights else None
+        self.train_sets = [store.torch_dataset(ids, self.inputs, cfg.augment, cfg.seed, TARGET_KEYS)
+                           for ids in train_ids]
+        self.stats_sets = ([store.torch_dataset(ids, self.inputs, False, cfg.seed, TARGET_KEYS) for ids in train_ids]
+                           if cfg.precise_bn and self.model.norms else None)
+        self.weights = (torch.stack([class_weights(store.labels(ids), num_classes) for ids in train_ids]
+                                    ).to(self.device) if cfg.class_weights else None)
         self.arrays = device_arrays(cfg, store, self.inputs, self.device)
 
-    def batches(self, dataset: SampleDataset, shuffle: bool, epoch: int = 0, batchnorm: bool | None = None
-                ) -> Iterator[dict[str, Tensor]]:
-        """Device batches of `dataset` (with the class weights) in the epoch's order (`index_batches`;
-        `batchnorm` defaults to `shuffle`, i.e. training): gathered from the device-resident arrays when there are
-        some holding its keys, else through the CPU reference loader."""
-        batchnorm = shuffle if batchnorm is None else batchnorm
-        if self.arrays is not None and set(dataset.keys) <= set(self.arrays.keys):
-            for positions in index_batches(len(dataset), self.cfg, shuffle, epoch, batchnorm):
-                yield self._device_batch(self.arrays.batch(dataset, positions.numpy()))
+    def _steps(self, orders: Sequence[np.ndarray], batchnorm: bool) -> list[np.ndarray]:
+        """Per-step (F, B) position tables of one pass: each fold's order padded to the longest with its own first
+        entries again (cyclically); a final step of one sample is dropped for BatchNorm in training mode (it cannot
+        normalise one sample)."""
+        length = max(len(order) for order in orders)
+        table = np.stack([np.resize(order, length) for order in orders])
+        bs = self.cfg.batch_size
+        steps = [table[:, i:i + bs] for i in range(0, length, bs)]
+        if batchnorm and length % bs == 1 and length > 1:
+            steps = steps[:-1]
+        return steps
+
+    def _batches(self, datasets: Sequence[SampleDataset], steps: Sequence[np.ndarray]) -> Iterator[dict[str, Tensor]]:
+        """The (F, B, ...) device batches of `steps` (row f: `datasets[f]`'s items), with the keys every dataset
+        has: gathered from the device-resident arrays (one gather and one batched augmentation per step) when they
+        hold those keys, else through the CPU reference loaders (`train.num_workers` each)."""
+        keys = [k for k in datasets[0].keys if all(k in d.keys for d in datasets)]
+        if self.arrays is not None and set(keys) <= set(self.arrays.keys):
+            for rows in steps:
+                yield self.model.device_batch(self.arrays.group_batch(datasets, rows, keys), self.device)
             return
-        order = index_batches(len(dataset), self.cfg, shuffle, epoch, batchnorm)
-        loader = DataLoader(dataset, batch_sampler=order.batch_sampler, num_workers=self.cfg.num_workers,
-                            generator=order.generator, pin_memory=self.device.type == "cuda")
-        for batch in loader:
-            yield self._device_batch(batch)
+        loaders = [DataLoader(d, batch_sampler=[rows[f].tolist() for rows in steps], num_workers=self.cfg.num_workers,
+                              generator=torch.Generator(), pin_memory=self.device.type == "cuda")
+                   for f, d in enumerate(datasets)]
+        for items in zip(*loaders, strict=True):
+            common = set.intersection(*(set(item) for item in items))
+            batch = {k: items[0][k].unsqueeze(0) if len(items) == 1 else torch.stack([item[k] for item in items])
+                     for k in items[0] if k in common}
+            yield self.model.device_batch(batch, self.device)
 
     def autocast(self) -> torch.autocast:
         """Mixed precision around forward + loss (a no-op context for float32 runs)."""
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def _device_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        batch = self.to_device_batch(batch, self.model, self.device)
-        if self.weights is not None:
-            batch["class_weights"] = self.weights
-        return batch
-
-    def train_epoch(self, epoch: int, final: bool = True) -> dict[str, float]:
-        """One pass over the training set; returns sample-weighted means of the loss and its parts. `final`: the
-        weights after this epoch will be evaluated or kept, so the model is left holding the weight average
-        (`train.ema_decay` > 0) and BatchNorm statistics are made precise (`refresh_batchnorm`)."""
+    def train_epoch(self, epoch: int, final: bool = True) -> list[dict[str, float]]:
+        """One pass over every fold's training set; returns per fold the sample-weighted means of the loss and its
+        parts and the learning rate. `final`: the weights after this epoch will be evaluated or kept, so the model is
+        left holding the weight average (`train.ema_decay` > 0) and BatchNorm statistics are made precise
+        (`refresh_batchnorm`). NonFiniteError naming the fold when its loss becomes NaN/inf."""
         self.average.use(False)
         torch.manual_seed(_derived_seed(self.cfg.seed, epoch, 2))
-        self.train_set.set_epoch(epoch)
-        self.model.train()
+        for dataset in self.train_sets:
+            dataset.set_epoch(epoch)
+        self.model.module.train()
+        steps = self._steps([epoch_order(len(d), self.cfg, epoch) for d in self.train_sets], batchnorm=True)
         # Loss parts stay on the device; the step never waits for the GPU (no float(), no isfinite check per step).
         sums: dict[str, Tensor] = {}
         seen = 0
-        for batch in self.batches(self.train_set, shuffle=True, epoch=epoch):
+        for rows, batch in zip(steps, self._batches(self.train_sets, steps), strict=True):
             with self.autocast():
-                outputs = self.model(batch)
-                loss, parts = self.model.loss(outputs, batch)
+                _, parts = self.model.forward(batch, self.weights, with_loss=True)
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(parts["loss"].sum()).backward()  # fold f's parameters get fold f's gradient
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.average.update()
-            n = int(batch["label"].shape[0])  # a shape, not a value: no sync
+            n = rows.shape[1]
             seen += n
-            accumulate(sums, {**parts, "loss": loss}, n)
-        (means,) = read_epoch(sums, seen, epoch)
+            accumulate(sums, parts, n)
+        means = read_epoch(sums, seen, epoch, self.names)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         if final:
             self.average.use(True)
             self.refresh_batchnorm()
-        return {**means, "lr": lr}
+        return [{**m, "lr": lr} for m in means]
 
     @torch.no_grad()
     def refresh_batchnorm(self) -> None:
-        """Precise BatchNorm (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"): every BN layer's running mean and
-        variance become the average of its batch statistics over one pass of the non-augmented training set with the
-        current weights (everything else in eval mode, so dropout does not distort them). No-op for models without
-        BatchNorm or with `train.precise_bn: false`."""
-        if self.stats_set is None:
+        """Precise BatchNorm (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"): every fold's BN running mean and
+        variance become the average of its batch statistics over one pass of its non-augmented training set with the
+        current weights (everything else in eval mode, so dropout does not distort them), as the cumulative average
+        of the k batches, momentum 1/k (what `momentum=None` computes, set explicitly because vmap cannot read
+        `num_batches_tracked` back). No-op for models without BatchNorm or with `train.precise_bn: false`."""
+        if self.stats_sets is None:
             return
-        self.model.eval()
-        momenta = [m.momentum for m in self.norms]
-        for m in self.norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the pass
+        self.model.module.eval()
+        self.model.reset_norms()
+        momenta = [m.momentum for m in self.model.norms]
+        for m in self.model.norms:
             m.train()
-        for batch in self.batches(self.stats_set, shuffle=False, batchnorm=True):
+        steps = self._steps([np.arange(len(d)) for d in self.stats_sets], batchnorm=True)
+        for k, batch in enumerate(self._batches(self.stats_sets, steps), start=1):
+            for m in self.model.norms:
+                m.momentum = 1.0 / k
             with self.autocast():
-                self.model(batch)
-        for m, momentum in zip(self.norms, momenta, strict=True):
+                self.model.forward(batch, self.weights, with_loss=False)
+        for m, momentum in zip(self.model.norms, momenta, strict=True):
             m.momentum = momentum
             m.eval()
 
     @torch.no_grad()
-    def evaluate(self, dataset: SampleDataset) -> tuple[np.ndarray, dict[str, Any]]:
-        """Class probabilities (N, C) in dataset order, the loss and the auxiliary-task metrics where the model
-        predicts them and the batch has ground truth."""
-        self.model.eval()
-        scores = EvalAccumulator()
-        for batch in self.batches(dataset, shuffle=False):
+    def predict_and_score(self, datasets: Sequence[SampleDataset | None]
+                          ) -> list[tuple[np.ndarray, dict[str, Any]] | None]:
+        """Every fold's prediction of its split (None where a fold has none), in dataset order: (class
+        probabilities (N, C), its loss and the auxiliary-task metrics where the model predicts them and the batch has
+        ground truth). Batches of `train.batch_size`; a shorter split is padded with its own first samples, whose
+        outputs are discarded, so each fold's loss is its own sample-weighted mean."""
+        self.model.module.eval()
+        present = [d if d is not None and len(d) else None for d in datasets]
+        real = [d for d in present if d is not None]
+        if not real:
+            return [None] * len(datasets)
+        sets = [d if d is not None else real[0] for d in present]
+        sizes = [len(d) for d in sets]
+        scores = [EvalAccumulator() for _ in sets]
+        steps = self._steps([np.arange(n) for n in sizes], batchnorm=False)
+        for start, rows, batch in zip(range(0, max(sizes), self.cfg.batch_size), steps, self._batches(sets, steps),
+                                      strict=True):
             with self.autocast():
-                outputs = tta_forward(self.model, batch, self.model.tta)
-                loss, _ = self.model.loss(outputs, batch)
-            scores.add(outputs, batch, loss)
-        return scores.result(len(dataset))
+                outputs, _ = self.model.forward(batch, self.weights, with_loss=False, tta=self.model.module.tta)
+            for f, (dataset, n) in enumerate(zip(present, sizes, strict=True)):
+                count = min(n - start, rows.shape[1])
+                if dataset is None or count <= 0:
+                    continue
+                whole = count == rows.shape[1]  # no padding: an output without a batch axis is kept whole
+                fold_out = {k: v[f] if whole else v[f, :count] for k, v in outputs.items()}
+                fold_batch = {k: v[f] if whole else v[f, :count] for k, v in batch.items()}
+                if self.weights is not None:
+                    fold_batch["class_weights"] = self.weights[f]
+                with self.autocast():
+                    loss, _ = self.model.module.loss(fold_out, fold_batch)
+                scores[f].add(fold_out, fold_batch, loss)
+        return [s.result(n) if d is not None else None for s, d, n in zip(scores, present, sizes, strict=True)]
 
-    def keep(self, into: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        """The weights of the epoch a protocol keeps, copied in place into `into` (allocated on the model's device
-        the first time): an epoch that replaces the best one (oracle ties included) costs one device-side copy, no
-        allocation and no transfer to the host."""
-        state = self.model.state_dict()
-        if into is None:
-            return {k: v.detach().clone() for k, v in state.items()}
-        for k, v in state.items():
-            into[k].copy_(v.detach())
-        return into
+    def keeper(self, f: int) -> Callable[[dict[str, Tensor] | None], dict[str, Tensor]]:
+        """`keep(into)` for fold f: the weights of the epoch a protocol keeps, copied in place into `into`
+        (allocated on the device the first time): an epoch that replaces the best one (oracle ties included) costs
+        one device-side copy, no allocation and no transfer to the host."""
+
+        def keep(into: dict[str, Tensor] | None) -> dict[str, Tensor]:
+            state = self.model.fold_state(f)
+            if into is None:
+                return {k: v.detach().clone() for k, v in state.items()}
+            for k, v in state.items():
+                into[k].copy_(v.detach())
+            return into
+
+        return keep
+
+    @torch.no_grad()
+    def load(self, f: int, state: Mapping[str, Tensor]) -> None:
+        """Put `state` (a kept epoch's or a checkpoint's weights) into fold f."""
+        for k, v in self.model.fold_state(f).items():
+            v.copy_(state[k])
 
 
 class EvalAccumulator:
@@ -604,6 +686,49 @@ class FoldRun:
         return result
 
 
+def stack_folds(specs: Sequence[FoldSpec], requested: bool | None = None) -> bool:
+    """THE answer to "train these folds (of one configuration) as one stacked model?" (fold_batch.StackedModel):
+    only several folds of single models (a seed ensemble trains its members one after another, fold by fold), and
+    then `requested`, or by default whether the model declares `fold_batching`."""
+    if len(specs) < 2 or specs[0].train.ensemble > 1:
+        return False
+    if requested is not None:
+        return requested
+    from mer_model.models.registry import get_entry
+
+    return bool(getattr(get_entry(specs[0].model.name).cls, "fold_batching", False))
+
+
+def train_fold_group(specs: Sequence[FoldSpec], store: SampleStore, callbacks: Sequence[Callback | None] = (),
+                     checkpoint_dirs: Sequence[str | Path | None] = (), batched: bool | None = None
+                     ) -> list[FoldResult]:
+    """Train the folds of `specs` (one configuration, different folds) in this process; returns their FoldResults in
+    order. Where `stack_folds(specs, batched)` says so, ONE loop over the folds' axis trains them as one stacked
+    model (fold_batch; no mid-fold checkpoints); otherwise each fold runs `train_fold` with its `callbacks[i]` and
+    `checkpoint_dirs[i]`. ConfigError when the specs differ in anything but the fold (they must share one model and
+    one optimiser)."""
+    specs = list(specs)
+    callbacks = list(callbacks) or [None] * len(specs)
+    checkpoint_dirs = list(checkpoint_dirs) or [None] * len(specs)
+    for spec in specs[1:]:
+        if (spec.model, spec.train, spec.class_names) != (specs[0].model, specs[0].train, specs[0].class_names):
+            raise ConfigError(f"fold group: fold {spec.fold.name} has another model/train configuration than "
+                              f"{specs[0].fold.name}; a group trains one configuration")
+    if not stack_folds(specs, batched):
+        return [train_fold(spec, store, callback, ckpt)
+                for spec, callback, ckpt in zip(specs, callbacks, checkpoint_dirs, strict=True)]
+    first, cfg = specs[0], specs[0].train
+    if any(checkpoint_dirs) and cfg.checkpoint_every:
+        log.info("fold group of %d: batched training writes no mid-fold checkpoints", len(specs))
+    sets = [fold_sets(spec, store) for spec in specs]
+    loop = _Loop(first.model, cfg, store, first.num_classes, [s[2] for s in sets], cfg.epochs,
+                 [f"fold {spec.fold.name}" for spec in specs])
+    runs = [FoldRun(spec, store, loop.inputs, TARGET_KEYS, callback, s)
+            for spec, callback, s in zip(specs, callbacks, sets, strict=True)]
+    finals = _fit(loop, runs)
+    return [run.result(final, loop.device) for run, final in zip(runs, finals, strict=True)]
+
+
 def train_fold(spec: FoldSpec, store: SampleStore, callback: Callback | None = None,
                checkpoint_dir: str | Path | None = None) -> FoldResult:
     """Train and evaluate one fold under `spec.train.protocol`; see the module docstring.
@@ -667,52 +792,72 @@ def _train_member(spec: FoldSpec, store: SampleStore, member: int, callback: Cal
     spec = member_spec(spec, member)
     cfg, fold = spec.train, spec.fold
     sets = sets or fold_sets(spec, store)
-    loop = _Loop(spec.model, cfg, store, spec.num_classes, sets[2], cfg.epochs)
-    run = FoldRun(spec, store, loop.inputs, loop.optional, callback, sets)
-    first_epoch = 1
+    who = f"fold {fold.name}" + (f" (ensemble member {member})" if member else "")
+    loop = _Loop(spec.model, cfg, store, spec.num_classes, [sets[2]], cfg.epochs, [who])
+    run = FoldRun(spec, store, loop.inputs, TARGET_KEYS, callback, sets)
     name = CHECKPOINT_NAME if member == 0 else f"member{member}-{CHECKPOINT_NAME}"
     ckpt = Path(checkpoint_dir) / name if checkpoint_dir is not None else None
-    fingerprint = fold_fingerprint(spec.model, cfg, fold, spec.class_names)
-    saved = _resume_state(ckpt, fold.name) if ckpt is not None and ckpt.is_file() else None
-    if saved is not None:
-        if saved["fingerprint"] != fingerprint:
-            raise ConfigError(f"{ckpt}: checkpoint of a different configuration; use another checkpoint_dir")
-        loop.model.load_state_dict(saved["model"])
-        loop.optimizer.load_state_dict(saved["optimizer"])
-        loop.scaler.load_state_dict(saved["scaler"])
-        loop.scheduler.load_state_dict(saved["scheduler"])
-        loop.average.load_state_dict(saved["average"])
-        run.history, run.best, run.bad_epochs = saved["history"], saved["best"], saved["bad_epochs"]
-        first_epoch = saved["epoch"] + 1
-        # A warning, so that it reaches the driver's log from a Ray worker (whose info lines are not forwarded).
-        log.warning("fold %s%s resumed from epoch %d (%s)", fold.name, f" member {member}" if member else "",
-                    saved["epoch"], ckpt)
+    (final,) = _fit(loop, [run], ckpt, fold_fingerprint(spec.model, cfg, fold, spec.class_names), member)
+    return run, loop, final
 
+
+def _fit(loop: _Loop, runs: Sequence[FoldRun], ckpt: Path | None = None, fingerprint: str = "", member: int = 0
+         ) -> list[tuple[np.ndarray, dict[str, Any]] | None]:
+    """THE epoch loop over the folds of `loop` (`runs`: their protocol runs, in fold order): train an epoch, predict
+    and score each active fold's watched split, let each fold's protocol keep the epoch or stop the fold (a stopped
+    fold of a stack trains on with the others, unrecorded); then each fold's selected weights predict its test split
+    (None per fold under `oracle`: its run holds the kept epoch's predictions). With `ckpt` (one fold) an existing
+    checkpoint of the same `fingerprint` is resumed and the state saved every `train.checkpoint_every` epochs and
+    when the fold stops. `member` > 0 marks a seed-ensemble member's history entries."""
+    cfg = loop.cfg
+    first_epoch = _resume(loop, runs[0], ckpt, fingerprint, member) if ckpt is not None and ckpt.is_file() else 1
     for epoch in range(first_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
-        watched = run.watched
-        try:
-            entry: dict[str, Any] = {"epoch": epoch,
-                                     **loop.train_epoch(epoch, watched is not None or epoch == cfg.epochs)}
-        except NonFiniteError as err:
-            member_name = f" (ensemble member {member})" if member else ""
-            raise NonFiniteError(f"fold {fold.name}{member_name}: {err}") from None
-        if member:
-            entry["member"] = member
-        stop = run.record(entry, loop.evaluate(watched) if watched is not None else None, loop.keep, t0)
-        if ckpt is not None and cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or stop):
-            _save_checkpoint(ckpt, {"fingerprint": fingerprint, "epoch": epoch, "model": loop.model.state_dict(),
+        active = [not r.stopped for r in runs]
+        watched = [r.watched if a else None for r, a in zip(runs, active, strict=True)]
+        watching = runs[0].watched is not None
+        entries = loop.train_epoch(epoch, watching or epoch == cfg.epochs)
+        evaluated = loop.predict_and_score(watched) if watching else [None] * len(runs)
+        for f, run in enumerate(runs):
+            if active[f]:
+                entry = {"epoch": epoch, **entries[f], **({"member": member} if member else {})}
+                run.record(entry, evaluated[f], loop.keeper(f), t0)
+        stopped = all(r.stopped for r in runs)
+        if ckpt is not None and cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or stopped):
+            (run,) = runs
+            _save_checkpoint(ckpt, {"fingerprint": fingerprint, "epoch": epoch, "model": loop.model.fold_state(0),
                                     "optimizer": loop.optimizer.state_dict(), "scaler": loop.scaler.state_dict(),
-                                    "scheduler": loop.scheduler.state_dict(),
-                                    "average": loop.average.state_dict(),
+                                    "scheduler": loop.scheduler.state_dict(), "average": loop.average.state_dict(),
                                     "history": run.history, "best": run.best, "bad_epochs": run.bad_epochs})
-        if stop:
+        if stopped:
             break
+    for f, run in enumerate(runs):
+        if run.protocol.watch != "none":
+            loop.load(f, run.best["state"])
+    if runs[0].protocol.watch == "test":
+        return [None] * len(runs)
+    return loop.predict_and_score([run.test_set for run in runs])
 
-    if run.protocol.watch != "none":
-        loop.model.load_state_dict(run.best["state"])
-    final = loop.evaluate(run.test_set) if run.protocol.watch != "test" else None
-    return run, loop, final
+
+def _resume(loop: _Loop, run: FoldRun, ckpt: Path, fingerprint: str, member: int) -> int:
+    """Load a one-fold loop and its run from checkpoint `ckpt` (ConfigError when it is of another configuration);
+    returns the first epoch to train (1 when the checkpoint is unusable)."""
+    fold = run.spec.fold.name
+    saved = _resume_state(ckpt, fold)
+    if saved is None:
+        return 1
+    if saved["fingerprint"] != fingerprint:
+        raise ConfigError(f"{ckpt}: checkpoint of a different configuration; use another checkpoint_dir")
+    loop.load(0, saved["model"])
+    loop.optimizer.load_state_dict(saved["optimizer"])
+    loop.scaler.load_state_dict(saved["scaler"])
+    loop.scheduler.load_state_dict(saved["scheduler"])
+    loop.average.load_state_dict(saved["average"])
+    run.history, run.best, run.bad_epochs = saved["history"], saved["best"], saved["bad_epochs"]
+    # A warning, so that it reaches the driver's log from a Ray worker (whose info lines are not forwarded).
+    log.warning("fold %s%s resumed from epoch %d (%s)", fold, f" member {member}" if member else "", saved["epoch"],
+                ckpt)
+    return saved["epoch"] + 1
 
 
 def _mean_history(histories: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -783,16 +928,13 @@ def train_final(model_cfg: ModelConfig, train_cfg: TrainConfig, store: SampleSto
     ids = store.sample_ids(subjects)
     if not ids:
         raise ConfigError(f"final model: no samples for subjects {list(subjects)[:3]}...")
-    loop = _Loop(model_cfg, train_cfg, store, store.num_classes, ids, epochs)
-    try:
-        history = [{"epoch": e, **loop.train_epoch(e, final=e == epochs)} for e in range(1, epochs + 1)]
-    except NonFiniteError as err:
-        raise NonFiniteError(f"final model: {err}") from None
-    bad = [k for k, v in loop.model.state_dict().items()
-           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    loop = _Loop(model_cfg, train_cfg, store, store.num_classes, [ids], epochs, ["final model"])
+    history = [{"epoch": e, **loop.train_epoch(e, final=e == epochs)[0]} for e in range(1, epochs + 1)]
+    model = loop.model.module
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise NonFiniteError(f"final model: weights became non-finite ({', '.join(bad[:3])})")
-    return loop.model.cpu().eval(), history
+    return model.cpu().eval(), history
 
 
 def fit_check(model_cfg: ModelConfig, train_cfg: TrainConfig, store: SampleStore, sample_ids: Sequence[str],
@@ -809,14 +951,14 @@ def fit_check(model_cfg: ModelConfig, train_cfg: TrainConfig, store: SampleStore
     if epochs < 1 or not sample_ids:
         raise ConfigError(f"fit check: need at least one epoch and one sample, got {epochs} and {len(sample_ids)}")
     ids = list(sample_ids)
-    loop = _Loop(model_cfg, train_cfg, store, store.num_classes, ids, epochs)
-    fit_set = store.torch_dataset(ids, loop.inputs, False, train_cfg.seed, loop.optional)
+    loop = _Loop(model_cfg, train_cfg, store, store.num_classes, [ids], epochs, ["fit check"])
+    fit_set = store.torch_dataset(ids, loop.inputs, False, train_cfg.seed, TARGET_KEYS)
     out = []
     for epoch in range(1, epochs + 1):
         evaluate = epoch == epochs or (every > 0 and epoch % every == 0)
-        entry: dict[str, Any] = {"epoch": epoch, **loop.train_epoch(epoch, final=evaluate)}
+        entry: dict[str, Any] = {"epoch": epoch, **loop.train_epoch(epoch, final=evaluate)[0]}
         if evaluate:
-            probs, extra = loop.evaluate(fit_set)
+            ((probs, extra),) = loop.predict_and_score([fit_set])
             scores = classification_metrics(fit_set.labels, probs.argmax(1), store.num_classes)
             entry |= {"fit_uf1": scores["uf1"], "fit_accuracy": scores["accuracy"],
                       **{f"fit_{k}": v for k, v in extra.items()}}

@@ -1,8 +1,8 @@
 """The engine's Ray tasks. A fold task takes a LIST of fold jobs (a group of `tune.fold_group_size` folds of one
 configuration) and returns one stored FoldSummary (or FoldFailure) per fold, each under its own key. A fold whose
 result is already stored is read back, not trained. The folds left are trained as one stacked model
-(mer_model.training.fold_batch) when there are several and the model declares `fold_batching`, else one after
-another, each stored as it finishes.
+(mer_model.training.fold_batch) where `trainer.stack_folds` says so (several folds of a model that declares
+`fold_batching`, no seed ensemble), else one after another, each stored as it finishes.
 
 A fold whose numbers become NaN/inf (NonFiniteError: a diverged loss, non-finite outputs) fails alone: it is returned
 as a `FoldFailure` naming it and recorded beside the fold storage (`failed.json`), never stored as finished, while the
@@ -195,26 +195,26 @@ def fail_fold(job: FoldJob, err: BaseException) -> FoldFailure:
 
 def _train_batched(jobs: Sequence[FoldJob]) -> list[FoldSummary]:
     """The folds of `jobs` as one stacked model; each result stored under its own key."""
-    from mer_model.training.fold_batch import train_fold_group
+    from mer_model.training.trainer import train_fold_group
 
     _set_threads(jobs[0].torch_threads)
     store = open_store(jobs[0].cache_dir)
     storages = [FoldStorage(job.storage) for job in jobs]
     _worker_logging()
     callbacks = [_epoch_logger(job, storage, None) for job, storage in zip(jobs, storages, strict=True)]
-    results = train_fold_group([_spec(job, store) for job in jobs], store, callbacks, batched=True)
+    results = train_fold_group([_spec(job, store) for job in jobs], store, callbacks)
     return [_store(job, storage, result) for job, storage, result in zip(jobs, storages, results, strict=True)]
 
 
 def run_folds(jobs: Sequence[FoldJob]) -> list[FoldSummary | FoldFailure]:
     """Train the folds of `jobs` (one configuration) whose results are not stored yet; returns every job's stored
     summary, or its FoldFailure, in order."""
-    from mer_model.training.fold_batch import batchable
+    from mer_model.training.trainer import stack_folds
 
     done: dict[str, FoldSummary | FoldFailure | None] = {
         job.key: FoldStorage(job.storage).summary(job.key) for job in jobs}
     todo = [job for job in jobs if done[job.key] is None]
-    if len(todo) > 1 and batchable(_spec(todo[0], open_store(todo[0].cache_dir))):
+    if todo and stack_folds([_spec(job, open_store(job.cache_dir)) for job in todo]):
         try:
             done.update({job.key: s for job, s in zip(todo, _train_batched(todo), strict=True)})
             todo = []
