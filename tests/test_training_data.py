@@ -318,7 +318,7 @@ def test_device_arrays_serve_the_reference_batches(tmp_path: Path) -> None:
         for epoch in (1, 2)[:1 + augment_on]:  # two draws of the augmentation
             dataset.set_epoch(epoch)
             want = default_collate([dataset[int(i)] for i in positions])
-            got = device.batch(dataset, positions)
+            got = {k: v[0] for k, v in device.group_batch([dataset], positions[None], dataset.keys).items()}
             assert set(got) == set(want)
             for key, value in want.items():
                 assert got[key].shape == value.shape and got[key].dtype == value.dtype, key

@@ -287,7 +287,7 @@ def batch_tensor(key: str, value: torch.Tensor) -> torch.Tensor:
 
 class DeviceArrays:
     """The cache arrays `keys` of `sample_ids`, stacked once on `device` in their cache dtypes (uint8 pixels stay
-    uint8), with labels and AU masks; `batch` serves a SampleDataset's items from them, augmented in one batched
+    uint8), with labels and AU masks; `group_batch` serves SampleDatasets' items from them, augmented in one batched
     call (augment.apply_batch) with the draws SampleDataset would make."""
 
     def __init__(self, store: SampleStore, sample_ids: Sequence[str], keys: Sequence[str],
@@ -318,15 +318,11 @@ class DeviceArrays:
             return 0
         return len(sample_ids) * sum(a.nbytes for a in store.arrays(sample_ids[0], keys).values())
 
-    def batch(self, dataset: SampleDataset, positions: np.ndarray) -> dict[str, torch.Tensor]:
-        """The batch of `dataset` items at `positions` (as the collated `dataset[i]` would be, on the device);
-        augmented with the draws of (dataset.seed, dataset.epoch, position) when the dataset augments."""
-        return {k: v[0] for k, v in self.group_batch([dataset], np.asarray(positions)[None], dataset.keys).items()}
-
     def group_batch(self, datasets: Sequence[SampleDataset], positions: np.ndarray, keys: Sequence[str]
                     ) -> dict[str, torch.Tensor]:
-        """A fold group's (F, B, ...) batch: row f holds `datasets[f]`'s items at `positions[f]`, with `keys`; one
-        gather and one batched augmentation for the whole group."""
+        """A fold group's (F, B, ...) batch: row f holds `datasets[f]`'s items at `positions[f]` (as the collated
+        `datasets[f][i]` would be, on the device) with `keys`; one gather and one batched augmentation for the whole
+        group, with the draws of (dataset.seed, dataset.epoch, position) where the datasets augment."""
         positions = np.asarray(positions, dtype=np.int64)
         folds, size = positions.shape
         rows = torch.as_tensor(np.concatenate([self._rows_of(d)[pos] for d, pos in zip(datasets, positions,

@@ -1,4 +1,10 @@
-"""Training of one LOSO fold under an explicit evaluation protocol, and of the final all-subject model.
+"""Training of LOSO folds under an explicit evaluation protocol, and of the final all-subject model.
+
+ONE training loop serves every caller (the shape of torchvision's references' single `train_one_epoch`, with mixed
+precision and weight averaging as options): `_Loop` trains F >= 1 folds of one configuration along a fold axis and
+`_fit` is its epoch loop. One fold (`train_fold`, each seed-ensemble member, `train_final`, `fit_check`) is the F = 1
+case, with the model itself on its device; a fold group (`train_fold_group`, where `stack_folds` says so) is F > 1,
+with the folds' models stacked into one (mer_model.training.fold_batch). A change to training is made once.
 
 Protocols (TrainConfig.protocol; each an EpochProtocol of mer_model.training.protocols that this module asks):
 
@@ -301,6 +307,7 @@ class _OneModel:
             m.reset_running_stats()
 
     def fold_state(self, f: int) -> dict[str, Tensor]:
+        """The state dict of the one fold (f = 0), its tensors sharing the model's storage."""
         return self.module.state_dict()
 
 
