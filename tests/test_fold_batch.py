@@ -235,3 +235,30 @@ def test_a_fold_whose_outputs_become_non_finite_fails_alone(tmp_path: Path, grou
     assert failed_folds(str(tmp_path / "folds"), keys) == [{"fold": "synthetic/s01", "error": failed[0].error}]
     assert not (tmp_path / "folds" / "key1" / "result.json").exists()
     assert "fold synthetic/s01: outputs became non-finite" in caplog.text
+
+
+def test_one_training_loop_serves_every_fold_count() -> None:
+    """One loop (issue 32): the training package defines one train-epoch, one BatchNorm refresh, one
+    predict-and-score and one epoch loop, all in the trainer, which F = 1 and F > 1 both run; the stacked model
+    imports nothing from the trainer, and no library, platform or benchmark module imports another's private name."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    defined: dict[str, list[str]] = {}
+    for path in sorted((root / "mer_model" / "training").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                defined.setdefault(node.name, []).append(path.name)
+    for name in ("train_epoch", "refresh_batchnorm", "predict_and_score", "_fit"):
+        assert defined.get(name) == ["trainer.py"], (name, defined.get(name))
+    assert "evaluate" not in defined
+    private = []
+    for folder in ("mer_model", "pipelines", "components", "benchmarks"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    if path.name == "fold_batch.py" and node.module.endswith("trainer"):
+                        private.append(f"{path.name} imports the trainer")
+                    private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")
+                                and not a.name.startswith("__")]
+    assert private == []
