@@ -366,6 +366,7 @@ class _Loop:
             for rows in steps:
                 yield self.model.device_batch(self.arrays.group_batch(datasets, rows, keys), self.device)
             return
+        # Each loader draws its workers' base seed from its own generator, never from the global RNG (dropout's).
         loaders = [DataLoader(d, batch_sampler=[rows[f].tolist() for rows in steps], num_workers=self.cfg.num_workers,
                               generator=torch.Generator(), pin_memory=self.device.type == "cuda")
                    for f, d in enumerate(datasets)]
