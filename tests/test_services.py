@@ -109,7 +109,7 @@ def test_ray_address_refusing_the_auth_token_is_one_line(tiny_root: Path, tmp_pa
         result = mer_process("preprocess", "--params", str(params), env={**env, "RAY_ADDRESS": head.address},
                              timeout=BOUND_S)
     finally:
-        head.stop()
+        head.stop(timeout=1)  # SIGKILL after 1 s (tests/servers.py ray_head: a graceful stop is only waited out)
     line = _one_error_line(result)
     assert line.startswith(f"mer preprocess: error: RAY_ADDRESS: {head.address}: the Ray cluster refused this "
                            "process's authentication (RAY_AUTH_MODE=disabled)"), line
