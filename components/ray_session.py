@@ -85,7 +85,10 @@ class LocalRay:
     def log(self) -> Path:
         return self.temp_dir / "head.log"
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """SIGTERM to the head's whole session, SIGKILL after `timeout` s: `ray start --block` was not seen to end
+        on SIGTERM within 30 s, so a longer grace only delayed every command's exit (by 10 s before); the private
+        head holds nothing to flush, and its temp dir is removed here."""
         proc = self.process
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
