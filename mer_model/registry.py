@@ -84,6 +84,12 @@ class Registry(Generic[E]):
 
     __getitem__ = get
 
+    def remove(self, name: str) -> E:
+        """Unregister `name` and return its entry (a test's temporary entry); ConfigError when unknown."""
+        entry = self.get(name)
+        del self._slots[name]
+        return entry
+
     def where(self, name: str) -> str:
         """file:line that registered `name`."""
         self.get(name)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mer_model.errors import ConfigError, DataError
+from mer_model.errors import DataError
+from mer_model.registry import Registry
 
 log = logging.getLogger(__name__)
 LOGGED_PER_REASON = 5  # rows logged individually per reason; all are in ingest's exclusions CSV
@@ -58,40 +59,38 @@ _SAMM_3 = {e: "negative" for e in ("anger", "contempt", "disgust", "fear", "sadn
 _CASME3_3 = {e: "negative" for e in ("disgust", "fear", "anger", "sad")} | {"happy": "positive", "surprise": "surprise"}
 _IDENTITY_5 = {e: e for e in ("happiness", "surprise", "disgust", "repression", "others")}
 
-CLASS_SETS: dict[str, ClassSet] = {
-    s.name: s
-    for s in (
-        ClassSet(
-            "megc2019_3", ("negative", "positive", "surprise"),
-            {"casme2": _CASME2_3, "samm": _SAMM_3, "smic": {}, "casme3": _CASME3_3, "synthetic": _CASME2_3},
-            excluded={"casme2": frozenset({("casme2/sub04", "EP12_01f"), ("casme2/sub05", "EP09_05f")})},
-        ),
-        ClassSet(
-            "casme2_5", ("happiness", "surprise", "disgust", "repression", "others"),
-            {"casme2": _IDENTITY_5, "synthetic": _IDENTITY_5},
-        ),
-        ClassSet(
-            "samm_5", ("happiness", "surprise", "anger", "contempt", "others"),
-            {"samm": {"other": "others"}},
-        ),
-        ClassSet("smic_3", ("negative", "positive", "surprise"), {"smic": {}}),
-        ClassSet(
-            "casme3_7", ("happy", "surprise", "disgust", "fear", "anger", "sad", "others"),
-            {"casme3": {}},
-        ),
-        ClassSet(
-            "casme3_4", ("negative", "positive", "surprise", "others"),
-            {"casme3": _CASME3_3 | {"others": "others"}},
-        ),
-        ClassSet("casme3_3", ("negative", "positive", "surprise"), {"casme3": _CASME3_3}),
-    )
-}
+CLASS_SETS: Registry[ClassSet] = Registry("class set", "data.class_set", "mer_model/data/labels.py")
+for _set in (
+    ClassSet(
+        "megc2019_3", ("negative", "positive", "surprise"),
+        {"casme2": _CASME2_3, "samm": _SAMM_3, "smic": {}, "casme3": _CASME3_3, "synthetic": _CASME2_3},
+        excluded={"casme2": frozenset({("casme2/sub04", "EP12_01f"), ("casme2/sub05", "EP09_05f")})},
+    ),
+    ClassSet(
+        "casme2_5", ("happiness", "surprise", "disgust", "repression", "others"),
+        {"casme2": _IDENTITY_5, "synthetic": _IDENTITY_5},
+    ),
+    ClassSet(
+        "samm_5", ("happiness", "surprise", "anger", "contempt", "others"),
+        {"samm": {"other": "others"}},
+    ),
+    ClassSet("smic_3", ("negative", "positive", "surprise"), {"smic": {}}),
+    ClassSet(
+        "casme3_7", ("happy", "surprise", "disgust", "fear", "anger", "sad", "others"),
+        {"casme3": {}},
+    ),
+    ClassSet(
+        "casme3_4", ("negative", "positive", "surprise", "others"),
+        {"casme3": _CASME3_3 | {"others": "others"}},
+    ),
+    ClassSet("casme3_3", ("negative", "positive", "surprise"), {"casme3": _CASME3_3}),
+):
+    CLASS_SETS.add(_set.name, _set)
 
 
 def get_class_set(name: str) -> ClassSet:
-    if name not in CLASS_SETS:
-        raise ConfigError(f"data.class_set: unknown class set {name!r} (known: {', '.join(CLASS_SETS)})")
-    return CLASS_SETS[name]
+    """The registered class set `name`; ConfigError naming `data.class_set` when unknown."""
+    return CLASS_SETS.get(name)
 
 
 def apply_class_set(table: pd.DataFrame, class_set: ClassSet | str, *, strict: bool = False

@@ -15,7 +15,7 @@ import pandas as pd
 from mer_model.io import atomic_write, write_csv, write_json, write_with
 from mer_model.reporting import plots
 from mer_model.training.metrics import METRICS
-from mer_model.training.protocols import get_protocol, list_protocols, protocol_rank
+from mer_model.training.protocols import PROTOCOLS, get_protocol
 from mer_model.training.stats import format_difference, format_interval
 from mer_model.training.repeats import SPREAD_METRICS
 
@@ -83,7 +83,7 @@ def markdown_table(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.to_dict("records"):
         protocol = r["protocol"] + (" ⚠ leaky" if r["leaky"] else "")
-        selects = r["protocol"] in list_protocols() and get_protocol(r["protocol"]).watch != "none"
+        selects = r["protocol"] in PROTOCOLS and get_protocol(r["protocol"]).watch != "none"
         epochs = str(r["epochs"]) + (f" (sel. {_fmt(r['selected_epoch_median'], 'g')})" if selects else "")
         members = r.get("ensemble")
         if isinstance(members, (int, float)) and members > 1:  # NaN for rows of tables that predate the column
@@ -203,7 +203,7 @@ def write_outputs(table: pd.DataFrame, out: Path, settings: Mapping[str, Any]) -
 
 def plot_results(table: pd.DataFrame, path: Path, settings: Mapping[str, Any]) -> list[str]:
     """Grouped UF1 bars per model (one panel per scope: composite and each source dataset); leaky bars hatched.
-    Returns the protocols drawn, in their display order (protocols.protocol_rank)."""
+    Returns the protocols drawn, in their display order (`PROTOCOLS.rank`)."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -211,7 +211,7 @@ def plot_results(table: pd.DataFrame, path: Path, settings: Mapping[str, Any]) -
     scopes = [("overall", "composite")] + [(d, d.upper() if d != "casme2" else "CASME II") for d in DATASETS
                                            if f"{d}_uf1" in table and table[f"{d}_uf1"].notna().any()]
     labels = list(dict.fromkeys(table["label"]))
-    protocols = sorted(set(table["protocol"]), key=lambda p: (protocol_rank(p), p))  # every protocol, in order
+    protocols = sorted(set(table["protocol"]), key=lambda p: (PROTOCOLS.rank(p), p))  # every protocol, in order
     palette = plt.get_cmap("tab10")
     colours = {p: palette(i % 10) for i, p in enumerate(protocols)}
     width = 0.8 / max(1, len(protocols))

@@ -28,7 +28,7 @@ from mer_model.config import IntervalConfig
 from mer_model.errors import ConfigError
 from mer_model.io import atomic_write, write_csv
 from mer_model.reporting import html
-from mer_model.training.protocols import protocol_rank
+from mer_model.training.protocols import PROTOCOLS
 from mer_model.training.stats import PAIRED_METRICS, format_difference, paired_difference, verdict
 
 DAGGER = "†"
@@ -108,7 +108,7 @@ def comparison_table(runs: pd.DataFrame, metrics: Sequence[str] = PAIRED_METRICS
                 columns += [c for c in (name, f"{name} 95% CI") if c not in columns]
         rows.append(row)
     table = pd.DataFrame(rows)
-    table["_order"] = table["protocol"].map(protocol_rank)
+    table["_order"] = table["protocol"].map(PROTOCOLS.rank)
     table = table.sort_values(["leaky", "dataset", "_order", "model", "split"]).drop(columns="_order")
     return table.reset_index(drop=True)[[*DESCRIBED, "leaky", "runs", "run_id", *columns]]
 

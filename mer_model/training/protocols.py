@@ -19,7 +19,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
-from mer_model.errors import ConfigError
+from mer_model.registry import Registry
 
 if TYPE_CHECKING:
     from mer_model.training.results import FoldSummary
@@ -56,34 +56,20 @@ class EpochProtocol:
         return best is None or score > best
 
 
-_PROTOCOLS: dict[str, EpochProtocol] = {}
+PROTOCOLS: Registry[EpochProtocol] = Registry("protocol", "train.protocol", "mer_model/training/protocols.py")
 P = TypeVar("P", bound=type[EpochProtocol])
 
 
 def register_protocol(cls: P) -> P:
-    """Class decorator: register an EpochProtocol under its `name`."""
-    if not cls.name or cls.name in _PROTOCOLS:
-        raise ValueError(f"protocol {cls.name!r}: empty or registered twice")
-    _PROTOCOLS[cls.name] = cls()
+    """Class decorator: register an instance of the EpochProtocol under its `name`; registration order is display
+    order (`PROTOCOLS.rank`) in every table and figure."""
+    PROTOCOLS.add(cls.name, cls(), stacklevel=2)
     return cls
 
 
-def list_protocols() -> list[str]:
-    """The registered protocols in registration order, which is their display order in every table and figure."""
-    return list(_PROTOCOLS)
-
-
-def protocol_rank(name: str) -> int:
-    """Position of protocol `name` in the display order (`list_protocols`); after all of them when not registered
-    (a row of an old table)."""
-    names = list(_PROTOCOLS)
-    return names.index(name) if name in names else len(names)
-
-
 def get_protocol(name: str) -> EpochProtocol:
-    if name not in _PROTOCOLS:
-        raise ConfigError(f"train.protocol: unknown protocol {name!r} (known: {', '.join(_PROTOCOLS)})")
-    return _PROTOCOLS[name]
+    """The registered protocol `name`; ConfigError naming `train.protocol` when unknown."""
+    return PROTOCOLS.get(name)
 
 
 @register_protocol

@@ -17,38 +17,39 @@ Registered:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from mer_model.errors import ConfigError
+from mer_model.registry import Registry
 from mer_model.training.folds import Fold, loso_folds
 
 Split = Callable[[pd.DataFrame], list[Fold]]
-_SPLITS: dict[str, Split] = {}
+
+
+@dataclass(frozen=True)
+class SplitScheme:
+    """One registered split: `folds(index) -> [Fold]` (ConfigError naming `train.split` when it cannot apply) and
+    its one-line description (the function's docstring), shown where the schemes are listed."""
+
+    name: str
+    folds: Callable[[pd.DataFrame], list[Fold]]
+    description: str
+
+
+SPLITS: Registry[SplitScheme] = Registry("split", "train.split", "mer_model/training/splits.py")
 
 
 def register_split(name: str) -> Callable[[Split], Split]:
     """Decorator: register a split scheme `index -> folds` under `name`."""
-
-    def wrap(split: Split) -> Split:
-        if name in _SPLITS:
-            raise ValueError(f"split {name!r} registered twice")
-        _SPLITS[name] = split
-        return split
-
-    return wrap
-
-
-def list_splits() -> list[str]:
-    return list(_SPLITS)
+    return SPLITS.decorator(name, lambda fn: SplitScheme(name, fn, (fn.__doc__ or "").strip().split("\n")[0]))
 
 
 def make_folds(name: str, index: pd.DataFrame) -> list[Fold]:
     """The folds of split scheme `name` over `index`; ConfigError naming `train.split` when it cannot apply."""
-    if name not in _SPLITS:
-        raise ConfigError(f"train.split: unknown split {name!r} (known: {', '.join(_SPLITS)})")
-    return _SPLITS[name](index)
+    return SPLITS.get(name).folds(index)
 
 
 register_split("loso")(loso_folds)
