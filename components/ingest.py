@@ -17,8 +17,8 @@ from typing import Any
 import pandas as pd
 
 from components.common import add_params_arguments, params_from_args
-from mer_model.config import Params
-from mer_model.data import apply_class_set, check_table, get_class_set, load_annotations, validate_table
+from mer_model.config import DataConfig, Params
+from mer_model.data import DATASETS, apply_class_set, check_table, get_class_set, load_annotations, validate_table
 from mer_model.errors import DataError
 from mer_model.io import write_csv, write_json
 
@@ -34,6 +34,18 @@ def output_paths(params: Params) -> dict[str, Path]:
     }
 
 
+def loader_options(data: DataConfig) -> dict[str, Any]:
+    """The `data.*` settings the dataset's loader accepts (its registry entry's `options`, e.g. the composite's
+    `au_sheets`); one that another dataset accepts, set here for a dataset that does not, is named in a warning and
+    ignored."""
+    accepted = DATASETS.get(data.source).options
+    for option in dict.fromkeys(o for entry in DATASETS.entries() for o in entry.options):
+        if option not in accepted and getattr(data, option):
+            users = ", ".join(n for n, e in DATASETS.items() if option in e.options)
+            log.warning("data.%s is only used by %s; ignored for %s", option, users, data.source)
+    return {option: getattr(data, option) for option in accepted}
+
+
 def ingest(params: Params) -> pd.DataFrame:
     """Load, label (params.data.class_set), check against disk (params.data.strict), write; returns the table."""
     data = params.data
@@ -41,10 +53,7 @@ def ingest(params: Params) -> pd.DataFrame:
     if not root.is_dir():
         raise DataError("data.root: directory not found", file=str(root))
     class_set = get_class_set(data.class_set)
-    options: dict[str, Any] = {"au_sheets": data.au_sheets} if data.source == "megc2019" else {}
-    if data.au_sheets and data.source != "megc2019":
-        log.warning("data.au_sheets is only used by the megc2019 composite; ignored for %s", data.source)
-    loaded = load_annotations(data.source, root, data.annotation, **options)
+    loaded = load_annotations(data.source, root, data.annotation, **loader_options(data))
     labelled, by_class = apply_class_set(loaded, class_set, strict=data.strict)
     kept, by_disk, checks = check_table(labelled, strict=data.strict)
     if kept.empty:

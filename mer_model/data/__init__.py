@@ -3,11 +3,11 @@
 from mer_model.data.aus import AU_LIST, aus_from_string, aus_to_string, parse_aus, to_multi_hot
 from mer_model.data.checks import CheckSummary, check_table
 from mer_model.data.labels import CLASS_SETS, ClassSet, apply_class_set, get_class_set
-from mer_model.data.loaders import LOADERS, load_annotations
+from mer_model.data.loaders import DATASETS, DatasetEntry, load_annotations
 from mer_model.data.schema import COLUMNS, frame_file, read_table, validate_table
 
 __all__ = [
-    "AU_LIST", "CLASS_SETS", "COLUMNS", "LOADERS", "CheckSummary", "ClassSet", "apply_class_set", "aus_from_string",
+    "AU_LIST", "CLASS_SETS", "COLUMNS", "DATASETS", "CheckSummary", "ClassSet", "DatasetEntry", "apply_class_set", "aus_from_string",
     "aus_to_string", "check_table", "frame_file", "get_class_set", "load_annotations", "parse_aus", "read_table",
     "to_multi_hot", "validate_table",
 ]

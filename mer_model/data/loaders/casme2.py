@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from mer_model.data.loaders import register
+from mer_model.data.loaders import register_dataset
 from mer_model.data.loaders.common import FrameFinder, attach_frames, cell_text, find_annotation, finish, \
     frame_number, read_sheet
 from mer_model.errors import DataError
@@ -66,6 +66,9 @@ def load_casme2(root: Path, annotation: Path | None = None, *, dataset: str = "c
     return finish(records)
 
 
-register("casme2", load_casme2, subject_folder)
-register("synthetic", lambda root, annotation=None, **kw: load_casme2(root, annotation, dataset="synthetic", **kw),
-         subject_folder)
+register_dataset("casme2", load_casme2, subject_folder, provides=("frames_dir", "au_coded"),
+                 description="CASME II, native layout (coding sheet + frame folders)")
+register_dataset("synthetic",
+                 lambda root, annotation=None, **kw: load_casme2(root, annotation, dataset="synthetic", **kw),
+                 subject_folder, provides=("frames_dir", "au_coded", "landmarks_path"),
+                 description="the embedded synthetic dataset (CASME II layout, ground-truth landmarks)")

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from mer_model.data.loaders import register
+from mer_model.data.loaders import register_dataset
 from mer_model.data.loaders.common import FrameFinder, attach_frames, cell_text, find_annotation, finish, \
     frame_number, read_sheet
 from mer_model.errors import DataError
@@ -70,4 +70,5 @@ def load_casme3(root: Path, annotation: Path | None = None, *, frames: bool = Tr
     return finish(records)
 
 
-register("casme3", load_casme3, subject_folder)
+register_dataset("casme3", load_casme3, subject_folder, provides=("frames_dir", "au_coded"),
+                 description="CAS(ME)^3 part A, native layout")

@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from mer_model.data.loaders import LOADERS, register, smic, subject_name
+from mer_model.data.loaders import DATASETS, register_dataset, smic, subject_name
 from mer_model.data.loaders.common import cell_text, find_annotation, finish, frame_number, read_sheet
 from mer_model.errors import ConfigError, DataError
 
@@ -39,7 +39,7 @@ POINT_COLUMNS = ("left_eye_x", "left_eye_y", "right_eye_x", "right_eye_y", "nose
 # `source` values of landmarks5_28px.csv that name a face detector's landmarks; any other value is a fallback
 # (e.g. `whole_image_box`), whose points are recorded as estimated
 DETECTED_SOURCES = ("dlib",)
-DATASETS = ("casme2", "samm", "smic")
+PARTS = ("casme2", "samm", "smic")  # the source datasets of the composite
 AU_DATASETS = ("casme2", "samm")
 
 
@@ -77,7 +77,7 @@ def _au_coding(au_sheets: dict[str, str]) -> dict[tuple[str, str], dict[str, Any
         path = Path(sheet_path).expanduser().resolve()
         if not path.is_file():  # named here: the loader would blame data.annotation, which the user did not set
             raise DataError(f"AU coding sheet not found (data.au_sheets.{dataset})", file=str(path))
-        table = LOADERS[dataset](path.parent, path, frames=False)
+        table = DATASETS.get(dataset).load(path.parent, path, frames=False)
         for row in table.itertuples():
             coding[(row.subject, row.clip)] = {
                 "au_raw": row.au_raw, "onset": row.onset, "apex": row.apex, "offset": row.offset,
@@ -99,7 +99,7 @@ def load_megc2019(root: Path, annotation: Path | None = None, *, frames: bool = 
     no_points = no_coding = 0
     for (_, row), line in zip(sheet.rows.iterrows(), sheet.line):
         dataset = cell_text(row[cols["dataset"]]).lower()
-        if dataset not in DATASETS:
+        if dataset not in PARTS:
             raise DataError(f"dataset {dataset!r} is not casme2/smic/samm", file=str(path), row=int(line))
         raw_sub, clip = row[cols["sub"]], cell_text(row[cols["filename_o"]])
         label = cell_text(row[cols["label"]])
@@ -141,4 +141,6 @@ def load_megc2019(root: Path, annotation: Path | None = None, *, frames: bool = 
     return finish(records)
 
 
-register("megc2019", load_megc2019)
+register_dataset("megc2019", load_megc2019, options=("au_sheets",),
+                 provides=("flow_path", "apex_path", "points5", "au_coded"),
+                 description="the MEGC2019 composite (HTNet format: flow maps, apex crops; AUs joined from au_sheets)")

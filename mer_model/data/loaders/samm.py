@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from mer_model.data.loaders import register
+from mer_model.data.loaders import register_dataset
 from mer_model.data.loaders.common import FrameFinder, attach_frames, cell_text, find_annotation, finish, \
     frame_number, read_sheet
 from mer_model.errors import DataError
@@ -54,4 +54,5 @@ def load_samm(root: Path, annotation: Path | None = None, *, frames: bool = True
     return finish(records)
 
 
-register("samm", load_samm, subject_folder)
+register_dataset("samm", load_samm, subject_folder, provides=("frames_dir", "au_coded"),
+                 description="SAMM, native layout")

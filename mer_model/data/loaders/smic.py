@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from mer_model.data.loaders import register
+from mer_model.data.loaders import register_dataset
 from mer_model.data.loaders.common import FrameFinder, attach_frames, cell_text, find_annotation, finish, \
     frame_number, read_sheet
 from mer_model.errors import DataError
@@ -85,4 +85,5 @@ def load_smic(root: Path, annotation: Path | None = None, *, frames: bool = True
     return finish(records)
 
 
-register("smic", load_smic, subject_folder)
+register_dataset("smic", load_smic, subject_folder, provides=("frames_dir",),
+                 description="SMIC-HS, native layout (no AU coding)")
