@@ -23,7 +23,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from mer_model.errors import ConfigError
-from mer_model.training.protocols import list_protocols
+from mer_model.training.protocols import PROTOCOLS
 
 
 def _registered(names: Callable[[], list[str]]) -> AfterValidator:
@@ -41,25 +41,41 @@ def _registered(names: Callable[[], list[str]]) -> AfterValidator:
 
 
 def _dataset_names() -> list[str]:
-    """The registered dataset loaders, imported when a dataset name is validated (they import pandas and every
-    loader: not a cost of `import mer_model.config`)."""
-    from mer_model.data.loaders import LOADERS
+    """The registered datasets, imported when a dataset name is validated (they import pandas and every loader: not
+    a cost of `import mer_model.config`)."""
+    from mer_model.data.loaders import DATASETS
 
-    return list(LOADERS)
+    return DATASETS.names()
 
 
 def _split_names() -> list[str]:
     """The registered splits, imported when a split name is validated (pandas)."""
-    from mer_model.training.splits import list_splits
+    from mer_model.training.splits import SPLITS
 
-    return list_splits()
+    return SPLITS.names()
+
+
+def _class_set_names() -> list[str]:
+    """The registered class sets, imported when a class-set name is validated (pandas)."""
+    from mer_model.data.labels import CLASS_SETS
+
+    return CLASS_SETS.names()
+
+
+def _batch_key_names() -> list[str]:
+    """The batch keys (mer_model.batch_keys), imported when a modality is validated (numpy and the AU list)."""
+    from mer_model.batch_keys import BATCH_KEYS
+
+    return BATCH_KEYS.names()
 
 
 DatasetName = Annotated[str, _registered(_dataset_names)]  # mer_model.data.loaders
-Protocol = Annotated[str, _registered(list_protocols)]  # mer_model.training.protocols
+Protocol = Annotated[str, _registered(PROTOCOLS.names)]  # mer_model.training.protocols
 SplitName = Annotated[str, _registered(_split_names)]  # mer_model.training.splits
-# The arrays of the preprocessed cache, one cache entry each (docs/architecture.md, "Preprocessed cache").
-Modality = Literal["flow28", "points5", "onset224", "apex224", "frames128", "landmarks68", "flows128", "aus"]
+ClassSetName = Annotated[str, _registered(_class_set_names)]  # mer_model.data.labels
+# The arrays of the preprocessed cache, one cache entry each: the batch keys (docs/architecture.md, "Preprocessed
+# cache").
+Modality = Annotated[str, _registered(_batch_key_names)]  # mer_model.batch_keys
 
 
 class _Section(BaseModel):
@@ -89,7 +105,7 @@ class DataConfig(_Section):
     source: DatasetName = "synthetic"
     root: str = "data/synthetic"
     annotation: str | None = None  # coding sheet; None = the loader's default file name under root
-    class_set: str = "casme2_5"
+    class_set: ClassSetName = "casme2_5"
     au_sheets: dict[str, str] = Field(default_factory=dict)  # composite AU join: {"casme2": path, "samm": path}
     strict: bool = False  # annotation-vs-disk warnings become errors
     ingested: str = "data/ingested/annotations.csv"

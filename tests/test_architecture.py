@@ -101,14 +101,21 @@ def _project(targets: set[str] | dict[str, int]) -> list[str]:
     return [t for t in targets if t.split(".")[0] in PACKAGES]
 
 
+def _with_packages(targets: list[str]) -> set[str]:
+    """The modules an import runs: each target and its parent packages (importing `mer_model.data.aus` runs
+    `mer_model/data/__init__.py`, which imports every loader and pandas)."""
+    return {".".join(t.split(".")[:i]) for t in targets for i in range(1, t.count(".") + 2)}
+
+
 def heavy_modules() -> set[str]:
-    """Project modules that import a HEAVY package at import time, directly or through other project modules."""
+    """Project modules that import a HEAVY package at import time, directly or through other project modules (a
+    module's parent packages included)."""
     heavy = {m.name for m in MODULES.values() if m.top & HEAVY}
     changed = True
     while changed:
         changed = False
         for m in MODULES.values():
-            if m.name not in heavy and any(t in heavy for t in _project(m.top)):
+            if m.name not in heavy and any(t in heavy for t in _with_packages(_project(m.top))):
                 heavy.add(m.name)
                 changed = True
     return heavy

@@ -11,35 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from mer_model.config import Modality, ModelConfig, PreprocessConfig
+from mer_model.batch_keys import BATCH_KEYS
+from mer_model.config import ModelConfig, PreprocessConfig
 from mer_model.data.aus import AU_LIST
 from mer_model.errors import ConfigError
 
-MODALITIES: tuple[str, ...] = get_args(Modality)  # canonical order: the order of the Literal in config.py
-# Arrays stored in the same entry as their modality (a modality's file holds all of them).
-COMPANIONS: dict[str, tuple[str, ...]] = {"aus": ("au_coded",)}
+MODALITIES: tuple[str, ...] = tuple(BATCH_KEYS.names())  # canonical order: the batch keys' registration order
 CACHE_FORMAT = 2  # bump when the entry layout changes: every entry is then recomputed
 
-_ALIGN = ("detector", "detector_upsample", "margin")
-_TVL1 = tuple(f"flow.{k}" for k in ("tau", "lambda", "theta", "nscales", "warps", "epsilon", "inner_iterations",
-                                    "outer_iterations", "scale_step", "median_filtering"))
-# Preprocessing parameters (dotted keys of the `preprocess` section) that shape each modality: a change recomputes
-# that modality and nothing else (e.g. face_size recomputes the 224 px crops, not the flows).
-DEPENDS: dict[str, tuple[str, ...]] = {
-    "flow28": _ALIGN + ("flow",),
-    "points5": _ALIGN + ("flow.map_size",),
-    "onset224": _ALIGN + ("face_size",),
-    "apex224": _ALIGN + ("face_size",),
-    "frames128": _ALIGN + ("seq_frames", "seq_size"),
-    "landmarks68": _ALIGN + ("seq_frames", "seq_size"),
-    "flows128": _ALIGN + ("seq_frames", "seq_size") + _TVL1,
-    "aus": (),
-}
 # Annotation columns that shape the arrays (a changed label or sheet row number recomputes nothing).
 ROW_COLUMNS = ("sample_id", "dataset", "onset", "apex", "offset", "frames_dir", "frame_template", "n_frames",
                "flow_path", "apex_path", "landmarks_path", "points5", "aus", "au_coded")
@@ -80,7 +64,7 @@ def requested(cfg: PreprocessConfig, model: ModelConfig) -> tuple[str, ...]:
 
 def stored_keys(modality: str) -> tuple[str, ...]:
     """The array names an entry of `modality` holds."""
-    return (modality, *COMPANIONS.get(modality, ()))
+    return BATCH_KEYS[modality].stored
 
 
 def library_versions() -> dict[str, str]:
@@ -109,7 +93,7 @@ def _text(value: Any) -> str:
 
 def input_hashes(row: Mapping[str, Any], cfg: PreprocessConfig, modalities: Sequence[str],
                  versions: Mapping[str, str]) -> dict[str, str]:
-    """modality -> hash of everything its arrays depend on: the cache format, the parameters in DEPENDS (plus the
+    """modality -> hash of everything its arrays depend on: the cache format, the parameters its batch key `depends` on (plus the
     TV-L1 parameters where the apex must be estimated from motion), the library versions, the AU vocabulary and the
     annotation row's array-shaping columns."""
     section = cfg.model_dump(mode="json", by_alias=True)
@@ -119,7 +103,7 @@ def input_hashes(row: Mapping[str, Any], cfg: PreprocessConfig, modalities: Sequ
     estimated_apex = not row_part["apex"] and not row_part["flow_path"]
     out = {}
     for modality in modalities:
-        fields = DEPENDS[modality] + (("flow",) if estimated_apex else ())
+        fields = BATCH_KEYS[modality].depends + (("flow",) if estimated_apex else ())
         payload = {"format": CACHE_FORMAT, "modality": modality, "versions": dict(versions), "row": row_part,
                    "params": {f: _lookup(section, f) for f in sorted(set(fields))},
                    "au_list": list(AU_LIST) if modality == "aus" else None}

@@ -138,7 +138,7 @@ def _by_geometry(arrays: Mapping[str, Any], size_of: Callable[[Geometry, Any], t
     its default side when that key is absent). Keys without geometry (`aus`, ...) are left out: they pass through."""
     images, points, sizes = [], [], {}
     for key, array in arrays.items():
-        spec = BATCH_KEYS.get(key)
+        spec = BATCH_KEYS[key] if key in BATCH_KEYS else None
         if spec is None or spec.geometry is Geometry.NONE:
             continue
         if spec.geometry in _MIRRORS:

@@ -26,13 +26,13 @@ from mer_model.batch_keys import BATCH_KEYS
 from mer_model.errors import DataError
 from mer_model.io import digest, read_json
 from mer_model.preprocess.cache import ENTRY_COLUMNS, coverage, decode_npz, nonfinite, require_index
-from mer_model.preprocess.modalities import COMPANIONS, check_modalities, stored_keys
+from mer_model.preprocess.modalities import check_modalities, stored_keys
 from mer_model.training import augment as aug_lib
 
 log = logging.getLogger(__name__)
 
 # Arrays stored in another modality's entry (au_coded lives in the aus entry).
-_MODALITY_OF = {key: modality for modality, keys in COMPANIONS.items() for key in keys}
+_MODALITY_OF = {companion: spec.name for spec in BATCH_KEYS.entries() for companion in spec.companions}
 
 
 def _read_csv(path: Path, required: Sequence[str]) -> pd.DataFrame:
@@ -234,7 +234,7 @@ class SampleStore:
 def to_tensor(key: str, value: np.ndarray) -> torch.Tensor:
     """Cache array -> batch tensor by the key's spec (mer_model.batch_keys): pixels to [0, 1] floats, HWC images to
     CHW, everything else float32."""
-    spec = BATCH_KEYS.get(key)
+    spec = BATCH_KEYS[key] if key in BATCH_KEYS else None  # label, au_coded: plain numbers
     if spec is not None and spec.pixels:
         tensor = torch.from_numpy(np.ascontiguousarray(value)).float().div_(255.0)
         return tensor.permute(2, 0, 1).contiguous() if spec.hwc else tensor
@@ -278,7 +278,7 @@ class SampleDataset(Dataset):
 
 def batch_tensor(key: str, value: torch.Tensor) -> torch.Tensor:
     """`to_tensor` for a stacked (B, ...) tensor of cache arrays, on its device."""
-    spec = BATCH_KEYS.get(key)
+    spec = BATCH_KEYS[key] if key in BATCH_KEYS else None  # label, au_coded: plain numbers
     if spec is not None and spec.pixels:
         value = value.float().div_(255.0)
         return value.permute(0, 3, 1, 2) if spec.hwc else value
