@@ -31,6 +31,7 @@ import shlex
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from mer_model.errors import ConfigError, DataError
 from mer_model.reporting.benchmark import DATASETS, SCORES, write_outputs
 from mer_model.data import read_table
 from mer_model.training.metrics import OPTIONAL_METRICS, defined, mean_defined, pooled_metrics
-from mer_model.training.protocols import list_protocols, protocol_rank, retrain_epochs
+from mer_model.training.protocols import PROTOCOLS, get_protocol, retrain_epochs
 from mer_model.training.repeats import SPREAD_METRICS, spread_columns
 from mer_model.training.results import ExperimentSummary, FoldSummary, Results, read_results
 from mer_model.training.stats import PAIRED_METRICS, metric_intervals, paired_columns, paired_difference
@@ -151,34 +152,83 @@ def data_capabilities(table: pd.DataFrame) -> dict[str, Any]:
             "per_dataset": {str(k): int(v) for k, v in counts.items()}}
 
 
-def adapt_entry(key: str, entry: BenchmarkModel, caps: Mapping[str, Any]) -> tuple[dict[str, Any], str, list[str]]:
-    """(model kwargs for this data, AU mode actually used, notes): FPF and AUs switched off where the data lacks them."""
+@dataclass(frozen=True)
+class Capability:
+    """What a key of `data_capabilities` means in an entry's notes: whether the data has it, what of it a model uses
+    (with a detail, e.g. the datasets left uncoded) and why it is missing."""
+
+    present: Callable[[Mapping[str, Any]], bool]
+    used: Callable[[Mapping[str, Any]], str]
+    missing: Callable[[Mapping[str, Any]], str]
+    detail: Callable[[Mapping[str, Any]], str] = lambda caps: ""
+
+
+def _missing_crops(caps: Mapping[str, Any]) -> str:
+    partly = caps.get("apex_crops", 0)
+    return (f"apex face crops for only {partly} of {sum(caps['per_dataset'].values())} samples" if partly
+            else "no apex face crops in this data")
+
+
+def _uncoded(caps: Mapping[str, Any]) -> str:
+    uncoded = sorted(set(caps["per_dataset"]) - set(caps["au_coded"]))
+    return f"; {', '.join(uncoded)} uncoded (zero vector)" if uncoded else ""
+
+
+# The data capabilities a model's optional input may need (`OptionalInput.needs` of its registry entry).
+CAPABILITIES: dict[str, Capability] = {
+    "faces": Capability(lambda caps: bool(caps["faces"]), lambda caps: "the apex face crops", _missing_crops),
+    "au_coded": Capability(lambda caps: bool(caps["au_coded"]),
+                           lambda caps: f"coding of {', '.join(sorted(caps['au_coded']))}",
+                           lambda caps: "no AU coding joined (pass --au-sheets)", _uncoded),
+}
+
+
+def adapt_entry(key: str, entry: BenchmarkModel, caps: Mapping[str, Any]
+                ) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """(model kwargs for this data, the values of the results columns the model's options fill (`au`), notes).
+
+    Driven by the model's registry entry (`options`: which argument switches which optional input, and the data
+    capability it needs), never by its name: the entry's `faces` variant is used where the data has what the
+    inputs it switches on need, and every optional input still on whose capability the data lacks is switched
+    off, each with a note."""
     from mer_model.models import resolve_kwargs
+    from mer_model.models.registry import get_entry
+
+    options = get_entry(entry.name).options
+
+    def switched_on(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        resolved = resolve_kwargs(entry.name, entry.config, **kwargs)
+        return {o.kwarg: resolved[o.kwarg] for o in options if resolved.get(o.kwarg, o.off) != o.off}
 
     kwargs = dict(entry.kwargs)
     notes: list[str] = []
+    noted: set[str] = set()
     if entry.faces:
-        if caps["faces"]:
-            kwargs.update(entry.faces)
-            notes.append(f"FPF on the apex face crops ({', '.join(f'{k}={v}' for k, v in entry.faces.items())})")
+        variant = {**kwargs, **entry.faces}
+        added = [o for o in options if o.kwarg in set(switched_on(variant)) - set(switched_on(kwargs))]
+        lacking = [o for o in added if not CAPABILITIES[o.needs].present(caps)]
+        for o in lacking:
+            notes.append(f"{o.label} disabled: {CAPABILITIES[o.needs].missing(caps)} ({o.kwarg}={o.off})")
+            log.warning("%s: the data lacks %s; running with %s disabled", key, o.needs, o.label)
+        if not lacking:
+            kwargs = variant
+            settings = ", ".join(f"{k}={v}" for k, v in entry.faces.items())
+            notes += [f"{o.label} on {CAPABILITIES[o.needs].used(caps)} ({settings})" for o in added]
+            noted.update(o.kwarg for o in added)
+    for o in options:
+        value = switched_on(kwargs).get(o.kwarg)
+        if value is None or o.kwarg in noted:
+            continue
+        capability = CAPABILITIES[o.needs]
+        if not capability.present(caps):
+            notes.append(f"{o.label} disabled ({value} requested): {capability.missing(caps)}")
+            log.warning("%s: the data lacks %s; running with %s disabled", key, o.needs, o.label)
+            kwargs[o.kwarg] = o.off
         else:
-            partly = caps.get("apex_crops", 0)
-            notes.append("FPF disabled: " + (f"apex face crops for only {partly} of {sum(caps['per_dataset'].values())}"
-                                             " samples" if partly else "no apex face crops in this data")
-                         + " (position branch off)")
-            log.warning("%s: the data has no apex face crop for every sample; running with FPF disabled", key)
-    au_mode = str(resolve_kwargs(entry.name, entry.config, **kwargs).get("au_mode", "none"))
-    coded = caps["au_coded"]
-    if au_mode != "none" and not coded:
-        notes.append(f"AUs disabled ({au_mode} requested): no AU coding joined (pass --au-sheets)")
-        log.warning("%s: no AU coding in the data; running with AUs disabled", key)
-        kwargs["au_mode"] = au_mode = "none"
-    elif au_mode != "none":
-        uncoded = sorted(set(caps["per_dataset"]) - set(coded))
-        what = "input (leaks labels)" if au_mode == "annotated" else "targets of a jointly trained AU head"
-        notes.append(f"AUs {au_mode}: coding of {', '.join(sorted(coded))} as {what}"
-                     + (f"; {', '.join(uncoded)} uncoded (zero vector)" if uncoded else ""))
-    return kwargs, au_mode, notes
+            notes.append(f"{o.label} {value}: {capability.used(caps)} as {o.uses.get(str(value), 'input')}"
+                         + capability.detail(caps))
+    resolved = resolve_kwargs(entry.name, entry.config, **kwargs)
+    return kwargs, {o.column: str(resolved.get(o.kwarg, o.off)) for o in options if o.column}, notes
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -197,7 +247,7 @@ def run_one(params: Params) -> tuple[ExperimentSummary, pd.DataFrame, list[FoldS
     return results.summary, results.predictions, results.folds, wall
 
 
-def result_row(key: str, entry: BenchmarkModel, params: Params, parameters: int, au_mode: str,
+def result_row(key: str, entry: BenchmarkModel, params: Params, parameters: int, shown: Mapping[str, str],
                notes: Sequence[str], predictions: pd.DataFrame, folds: Sequence[FoldSummary], wall: float,
                summary: ExperimentSummary, command: str = "") -> dict[str, Any]:
     """One row of results.csv: the run's settings, pooled scores overall and per dataset with their subject-bootstrap
@@ -210,10 +260,10 @@ def result_row(key: str, entry: BenchmarkModel, params: Params, parameters: int,
         "model": key, "label": entry.label or key, "network": f"{entry.name}/{entry.config}",
         "parameters": parameters, "protocol": protocol, "split": params.train.split, "leaky": summary.leaky,
         "leak": "; ".join(summary.leak_reasons),
-        "au": au_mode, "epochs": params.train.epochs,
+        "au": "none", **shown, "epochs": params.train.epochs,
         "selected_epoch_median": statistics.median(f.selected_epoch for f in folds) if folds else None,
         "inner_val_uf1": (float(np.mean([f.val_score for f in folds if f.val_score is not None]))
-                          if protocol == "inner" and folds else None),
+                          if get_protocol(protocol).needs_validation and folds else None),
         "n_samples": int(len(predictions)), "n_subjects": int(predictions["subject"].nunique()),
         "datasets": "+".join(sorted(predictions["dataset"].unique())),
         # folds the row covers of those it ran: a failed fold is named in the notes, the others are kept
@@ -319,7 +369,7 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
     rows: list[dict[str, Any]] = []
     for key in keys:
         entry = base.benchmark.models[key]
-        kwargs, au_mode, notes = adapted[key]
+        kwargs, shown, notes = adapted[key]
         notes = notes + preprocessing_notes(manifest, model_modalities(entry.name, entry.config, **kwargs))
         parameters = parameter_count(entry.name, entry.config, kwargs, store.num_classes)
         inner_epoch: int | None = None
@@ -332,7 +382,7 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
             run = run_params(base, key, entry, kwargs, protocol, run_epochs, collection)
             log.info("benchmark: %s under %s (%d epochs)", key, protocol, run.train.epochs)
             summary, predictions, folds, wall = run_one(run)
-            row = result_row(key, entry, run, parameters, au_mode, run_notes, predictions, folds, wall, summary,
+            row = result_row(key, entry, run, parameters, shown, run_notes, predictions, folds, wall, summary,
                              command)
             row["coverage"] = f"{coverage['usable']}/{coverage['total']}"
             rows.append(row)
@@ -405,7 +455,7 @@ def baseline_differences(table: pd.DataFrame, where: Callable[[str, str], Path],
 
 def merge_rows(path: Path, rows: pd.DataFrame, model_order: Sequence[str] = ()) -> pd.DataFrame:
     """Rows of earlier invocations (other models or protocols) kept; the same model x protocol replaced. Sorted by
-    `model_order` (params order), then protocol in the registry's display order (protocols.protocol_rank)."""
+    `model_order` (params order), then protocol in the registry's display order (`PROTOCOLS.rank`)."""
     if path.is_file():
         old = pd.read_csv(path, keep_default_na=False, na_values=[""])
         keep = ~old.set_index(list(KEY_COLUMNS)).index.isin(rows.set_index(list(KEY_COLUMNS)).index)
@@ -413,7 +463,7 @@ def merge_rows(path: Path, rows: pd.DataFrame, model_order: Sequence[str] = ()) 
     models = {m: i for i, m in enumerate(model_order)}
 
     def order(column: pd.Series) -> pd.Series:
-        rank = protocol_rank if column.name == "protocol" else (lambda v: models.get(v, len(models)))
+        rank = PROTOCOLS.rank if column.name == "protocol" else (lambda v: models.get(v, len(models)))
         return column.map(lambda v: (rank(v), v))
 
     return rows.sort_values(["model", "protocol"], key=order, kind="stable").reset_index(drop=True)
@@ -474,7 +524,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("collection", choices=sorted(COLLECTIONS), help="the collection to benchmark")
     parser.add_argument("--root", required=True, help="directory holding the collection (any part of it)")
     parser.add_argument("--models", nargs="+", metavar="KEY", help="entries of benchmark.models (default: all)")
-    parser.add_argument("--protocol", nargs="+", choices=list_protocols(),
+    parser.add_argument("--protocol", nargs="+", choices=PROTOCOLS.names(),
                         help="protocols to run (default: benchmark.protocols)")
     parser.add_argument("--epochs", type=int, help="epochs of every model (default: each model's recipe)")
     parser.add_argument("--au-sheets", nargs="+", default=[], metavar="DATASET=PATH",

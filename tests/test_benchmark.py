@@ -220,14 +220,14 @@ def test_adapt_entry_switches_off_what_the_data_lacks() -> None:
     entry = BenchmarkModel(name="cva_fpf", config="flow_small", kwargs={"au_mode": "predicted"},
                            faces={"position": "fpf", "position_frames": ["apex224"]})
     bare = {"faces": False, "apex_crops": 0, "au_coded": {}, "per_dataset": {"smic": 3}}
-    kwargs, au_mode, notes = adapt_entry("cva", entry, bare)
-    assert kwargs == {"au_mode": "none"} and au_mode == "none"
+    kwargs, shown, notes = adapt_entry("cva", entry, bare)
+    assert kwargs == {"au_mode": "none"} and shown == {"au": "none"}
     assert any("FPF disabled: no apex face crops" in n for n in notes) and any("AUs disabled" in n for n in notes)
     partly = {**bare, "apex_crops": 2}
     assert any("apex face crops for only 2 of 3 samples" in n for n in adapt_entry("cva", entry, partly)[2])
     full = {"faces": True, "apex_crops": 2, "au_coded": {"casme2": 2}, "per_dataset": {"casme2": 2}}
-    kwargs, au_mode, notes = adapt_entry("cva", entry, full)
-    assert kwargs["position"] == "fpf" and au_mode == "predicted" and not any("disabled" in n for n in notes)
+    kwargs, shown, notes = adapt_entry("cva", entry, full)
+    assert kwargs["position"] == "fpf" and shown == {"au": "predicted"} and not any("disabled" in n for n in notes)
     assert any("FPF on the apex face crops" in n for n in notes)
 
 

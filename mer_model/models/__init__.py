@@ -1,9 +1,12 @@
 """Models of the platform behind one registry (see docs/architecture.md, "Model contract").
 
-Importing this package registers: htnet, mmnet, cva_fpf, mol, ststnet.
+Importing this package imports every module of it (pkgutil), and so registers every model (htnet, mmnet, cva_fpf,
+mol, ststnet): adding a model is adding a module here.
 """
 
-from mer_model.models import cva_fpf, htnet, mmnet, mol, ststnet  # noqa: F401  (registration side effects)
+import importlib
+import pkgutil
+
 from mer_model.models.base import MERModel, count_parameters
 from mer_model.models.checkpoint import (
     autocast_dtype,
@@ -40,3 +43,6 @@ __all__ = [
     "save_checkpoint",
     "to_device_batch",
 ]
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

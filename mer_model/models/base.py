@@ -7,6 +7,7 @@ reads (`targets`), so the data layer can feed any model without special cases an
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -20,6 +21,26 @@ Batch = Mapping[str, Tensor]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class OptionalInput:
+    """A part of a model that reads data not every collection has, switched by ONE constructor argument (timm's
+    `PretrainedCfg` idea: the knowledge lives on the model, so no consumer names the argument). The benchmark
+    (pipelines.benchmark.adapt_entry) switches it off where the data lacks `needs`, from this record alone.
+
+    `label`: how notes name it ("FPF", "AUs"); `kwarg`: the argument; `off`: its value when the part reads nothing;
+    `needs`: the data capability it reads (a key of the benchmark's `data_capabilities`: `faces` = an apex face crop
+    for every sample, `au_coded` = AU coding of some source dataset); `uses`: per value, what the data is used as;
+    `column`: the results-table column that shows the value actually run ("" = none).
+    """
+
+    label: str
+    kwarg: str
+    off: Any
+    needs: str
+    uses: Mapping[str, str] = field(default_factory=dict)
+    column: str = ""
 
 
 def default_num_aus() -> int:
@@ -72,6 +93,11 @@ class MERModel(nn.Module):
     #: functional_call; mer_model.training.fold_batch): no data-dependent Python control flow, no `.item()` in
     #: forward or loss, BatchNorm only with running statistics (stacked buffers).
     fold_batching: ClassVar[bool] = False
+
+    @classmethod
+    def optional_inputs(cls) -> tuple[OptionalInput, ...]:
+        """The parts of the model that read data a collection may lack (copied onto its registry entry)."""
+        return ()
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()

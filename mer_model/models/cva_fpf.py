@@ -43,3 +43,5 @@ _SMALL = {**_PAPER, "img_size": 64, "swin_window": 4, "act_channels": 16, "stage
 )
 class CVAFPF(TwoFrameNet):
     """Constructor defaults are MMNet's; the registered configurations carry the CVA+FPF+AU settings."""
+
+    position_label = "FPF"

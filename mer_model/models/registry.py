@@ -14,27 +14,33 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from mer_model.errors import ConfigError
-from mer_model.models.base import MERModel
+from mer_model.models.base import MERModel, OptionalInput
+from mer_model.registry import Registry
 
 M = TypeVar("M", bound=type[MERModel])
 
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """A registered model: its class, named configurations, constructor arguments (what `model.kwargs` may set) and
+    `options`, the parts that read data a collection may lack (the class's `optional_inputs`: which argument
+    switches which optional input off, and which data capability it needs)."""
+
     name: str
     cls: type[MERModel]
     configs: Mapping[str, Mapping[str, Any]]
     description: str = ""
     arguments: tuple[str, ...] = field(default=())
+    options: tuple[OptionalInput, ...] = field(default=())
 
 
-_REGISTRY: dict[str, ModelEntry] = {}
+MODELS: Registry[ModelEntry] = Registry("model", "model.name", "mer_model/models/<name>.py")
 
 
 def register_model(name: str, configs: Mapping[str, Mapping[str, Any]], description: str = "") -> Callable[[M], M]:
     """Class decorator: register `cls` under `name` with its named configurations (must include paper and small)."""
 
-    def wrap(cls: M) -> M:
+    def make(cls: M) -> ModelEntry:
         missing = {"paper", "small"} - set(configs)
         if missing:
             raise ValueError(f"model {name}: configurations {sorted(missing)} are required")
@@ -44,23 +50,23 @@ def register_model(name: str, configs: Mapping[str, Mapping[str, Any]], descript
             unknown = set(cfg) - set(arguments)
             if unknown:
                 raise ValueError(f"model {name}, config {cfg_name}: unknown arguments {sorted(unknown)}")
-        if name in _REGISTRY and _REGISTRY[name].cls is not cls:
-            raise ValueError(f"model {name} registered twice")
+        options = cls.optional_inputs()
+        unknown = [o.kwarg for o in options if o.kwarg not in arguments]
+        if unknown:
+            raise ValueError(f"model {name}: optional input switched by {unknown[0]!r}, not a constructor argument")
         cls.name = name
-        _REGISTRY[name] = ModelEntry(name, cls, dict(configs), description, arguments)
-        return cls
+        return ModelEntry(name, cls, dict(configs), description, arguments, options)
 
-    return wrap
+    return MODELS.decorator(name, make)
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(MODELS.names())
 
 
 def get_entry(name: str) -> ModelEntry:
-    if name not in _REGISTRY:
-        raise ConfigError(f"model.name: unknown model {name!r} (known: {', '.join(list_models())})")
-    return _REGISTRY[name]
+    """The registered model `name`; ConfigError naming `model.name` when unknown."""
+    return MODELS.get(name)
 
 
 def list_configs(name: str) -> list[str]:

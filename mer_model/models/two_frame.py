@@ -16,7 +16,7 @@ Head: "linear" (MMNet: flatten -> dropout -> FC) or "au_mlp" (CVA+FPF: flatten -
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from mer_model.errors import ConfigError
-from mer_model.models.base import Batch, MERModel, choice, default_num_aus, imagenet_normalise, masked_au_bce
+from mer_model.models.base import (Batch, MERModel, OptionalInput, choice, default_num_aus, imagenet_normalise,
+                                   masked_au_bce)
 
 FACE_KEYS = ("onset224", "apex224")
 
@@ -181,6 +182,17 @@ class TwoFrameNet(MERModel):
     """Configurable onset/apex network; MMNet and CVAFPF subclass it with their paper defaults."""
 
     prefers_channels_last = True
+    #: how notes name the position branch (CVA+FPF: its Swin focaliser "FPF"; MMNet: position calibration "PC")
+    position_label: ClassVar[str] = "PC"
+
+    @classmethod
+    def optional_inputs(cls) -> tuple[OptionalInput, ...]:
+        """The position branch reads face crops (`position`, off = "none"); the AU part reads the AU coding
+        (`au_mode`, off = "none": annotated = input, predicted = targets of the AU head)."""
+        return (OptionalInput(cls.position_label, "position", "none", "faces"),
+                OptionalInput("AUs", "au_mode", "none", "au_coded",
+                              {"annotated": "input (leaks labels)", "predicted": "targets of a jointly trained AU head"},
+                              column="au"))
 
     def __init__(
         self,
