@@ -1,9 +1,16 @@
-"""Registry-driven checks: every registered model, loader, epoch-selection protocol, split scheme and batch key is
-covered by iterating its registry (as timm does over `list_models()`), so a new one is tested without editing a list.
+"""Registry-driven checks: every registry (mer_model.registry.all_registries(), the platform's included) refuses a
+duplicate name naming both places, names its setting for an unknown name and has its row in docs/architecture.md's
+"Where to add X: one file" table; every registered model, dataset, epoch-selection protocol, split scheme, class set
+and batch key is covered by iterating its registry (as timm does over `list_models()`), with its consumers driven
+from the entry, so a new one is tested without editing a list.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
+import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,29 +22,77 @@ from test_models import make_batch
 from test_training_data import CLASSES
 
 from mer_model.batch_keys import BATCH_KEYS, Geometry, example_array
-from mer_model.config import ModelConfig, PreprocessConfig, TrainConfig, parse_params
-from mer_model.data import LOADERS, load_annotations
+from mer_model.config import BenchmarkModel, DataConfig, ModelConfig, PreprocessConfig, TrainConfig, parse_params
+from mer_model.data import CLASS_SETS, COLUMNS, DATASETS, load_annotations
 from mer_model.errors import ConfigError, DataError
 from mer_model.inference import example_arrays, input_batch
-from mer_model.models import create_model, list_configs, list_models, model_io
-from mer_model.preprocess.modalities import MODALITIES
+from mer_model.models import create_model, list_configs, list_models, model_io, resolve_kwargs
+from mer_model.models.registry import get_entry
+from mer_model.preprocess.sample import COMPOSITE_BUILDERS, FRAME_BUILDERS
+from mer_model.registry import DuplicateNameError, Registry, all_registries
 from mer_model.training import augment
 from mer_model.training.data import SampleStore, to_tensor
-from mer_model.training.protocols import get_protocol, is_leaky, list_protocols, retrain_epochs
-from mer_model.training.splits import list_splits, make_folds
+from mer_model.training.protocols import PROTOCOLS, get_protocol, is_leaky, retrain_epochs
+from mer_model.training.splits import SPLITS, make_folds
 from mer_model.training.trainer import FoldSpec, train_fold
 
-
+REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+# ------------------------------------------------------------------------------------------------- every registry
+
+
+def _import_every_registry() -> list[Registry]:
+    """Import every project module that creates a Registry at module level (found in the source, so a registry
+    another stream adds, a tracker or a stage one, is covered without a list here); the project's registries."""
+    for package in ("mer_model", "components", "pipelines"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            creates = any(isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Registry"
+                          for stmt in tree.body for node in ast.walk(stmt)
+                          if not isinstance(stmt, (ast.FunctionDef, ast.ClassDef)))
+            if creates:
+                parts = path.relative_to(REPO).with_suffix("").parts
+                importlib.import_module(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return [r for r in all_registries() if not r.where_to_add.startswith("tests/")]
+
+
+REGISTRIES = _import_every_registry()
+
+
+def _add_from_another_place(registry: Registry, name: str, entry: object) -> None:
+    registry.add(name, entry)
+
+
+@pytest.mark.parametrize("registry", REGISTRIES, ids=lambda r: r.axis)
+def test_every_registry_refuses_a_duplicate_naming_both_places_and_names_its_setting(registry: Registry) -> None:
+    names = registry.names()
+    entry = registry.entries()[0] if len(registry) else object()
+    try:
+        registry.add("__dummy__", entry)
+        with pytest.raises(DuplicateNameError) as err:
+            _add_from_another_place(registry, "__dummy__", entry)
+        assert str(err.value).count(f"{Path(__file__).name}:") == 2 and f"{registry.axis} '__dummy__'" in str(err.value)
+    finally:
+        registry.remove("__dummy__")
+    assert registry.names() == names
+    with pytest.raises(ConfigError, match=rf"^{re.escape(registry.setting)}: unknown {registry.axis} 'no-such'"):
+        registry.get("no-such")
+
+
+def test_the_where_to_add_table_lists_every_registry() -> None:
+    """docs/architecture.md's "Where to add X: one file" table is {axis: file} of every registry: a new axis without
+    a row (or a row whose registry moved) fails."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    section = text.split("### Where to add X: one file", 1)[1]
+    table = section[section.index("\n|"):].split("\n\n", 1)[0].strip().splitlines()
+    rows = {cells[0]: cells[1].strip("`") for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                                         for line in table[2:])}
+    assert rows == {r.axis: r.where_to_add for r in REGISTRIES}
+
+
 # ------------------------------------------------------------------------------------------------------------ models
-
-
-def test_every_cache_modality_is_a_batch_key() -> None:
-    """`preprocess.modalities` (the validated Literal of config.py, which cannot import the spec) names exactly the
-    arrays of the batch-key spec: a new key is added to both or the config refuses what the cache can hold."""
-    assert set(MODALITIES) == set(BATCH_KEYS)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -46,7 +101,7 @@ def test_every_model_small_config_trains_on_its_declared_keys(name: str) -> None
     targets gives finite logits and a finite loss with gradients."""
     assert {"paper", "small"} <= set(list_configs(name))
     inputs, targets = model_io(name, "small")
-    assert set(inputs) | set(targets) <= set(BATCH_KEYS) | {"label"}
+    assert set(inputs) | set(targets) <= set(BATCH_KEYS.names()) | {"label"}
     torch.manual_seed(0)
     model = create_model(name, "small", num_classes=3)
     batch = make_batch(tuple(dict.fromkeys((*inputs, *targets))), b=2, classes=3)
@@ -67,10 +122,49 @@ def test_every_model_leak_flag_matches_the_leak_rule(name: str) -> None:
         assert bool(model.leaks_labels) == is_leaky("fixed", ModelConfig(name=name, config=config)), config
 
 
-# ----------------------------------------------------------------------------------------------------------- loaders
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_option_really_switches_an_input(name: str) -> None:
+    """Each optional input the entry declares (argument, off value) is what the model reads: switched off, any
+    configuration reads no more than with any value its configurations switch it on with, and less in some."""
+    entry = get_entry(name)
+    configs = list_configs(name)
+    for option in entry.options:
+        values = {resolve_kwargs(name, c)[option.kwarg] for c in configs} - {option.off}
+        strict = False
+        for config, value in ((c, v) for c in configs for v in values):
+            off = set().union(*model_io(name, config, **{option.kwarg: option.off}))
+            on = set().union(*model_io(name, config, **{option.kwarg: value}))
+            assert off <= on, (config, option.kwarg, value)
+            strict = strict or off < on
+        assert strict or not values, f"{name}: {option.kwarg} switches no input in any configuration"
 
 
-@pytest.mark.parametrize("source", sorted(LOADERS))
+@pytest.mark.parametrize("name", list_models())
+def test_the_benchmark_adapts_every_model_from_its_entry(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """`adapt_entry` knows no model: data without any capability switches every declared option off (each named in a
+    note), data with every capability leaves the configuration as it is."""
+    from pipelines.benchmark import CAPABILITIES, adapt_entry
+
+    entry = BenchmarkModel(name=name, config="paper")
+    options = get_entry(name).options
+    assert {o.needs for o in options} <= set(CAPABILITIES)
+    lacking = {"faces": False, "apex_crops": 0, "au_coded": {}, "per_dataset": {"smic": 3}}
+    with caplog.at_level(logging.WARNING):
+        kwargs, _, notes = adapt_entry(name, entry, lacking)
+    resolved, paper = resolve_kwargs(name, "paper", **kwargs), resolve_kwargs(name, "paper")
+    assert all(resolved[o.kwarg] == o.off for o in options)
+    switched = [o for o in options if paper[o.kwarg] != o.off]
+    assert len([n for n in notes if "disabled" in n]) == len(switched)
+    having = {"faces": True, "apex_crops": 3, "au_coded": {"smic": 3}, "per_dataset": {"smic": 3}}
+    kwargs, shown, notes = adapt_entry(name, entry, having)
+    assert kwargs == {} and not any("disabled" in n for n in notes)
+    assert shown == {o.column: str(paper[o.kwarg]) for o in options if o.column}
+
+
+# ---------------------------------------------------------------------------------------------------------- datasets
+
+
+@pytest.mark.parametrize("source", DATASETS.names())
 def test_every_loader_names_the_missing_root_in_one_line(source: str, tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         load_annotations(source, tmp_path / "nowhere")
@@ -78,15 +172,40 @@ def test_every_loader_names_the_missing_root_in_one_line(source: str, tmp_path: 
     assert "nowhere" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("source", sorted(LOADERS))
-def test_every_loader_is_a_valid_data_source(source: str) -> None:
+@pytest.mark.parametrize("source", DATASETS.names())
+def test_every_dataset_is_a_valid_source_and_ingest_passes_exactly_its_options(
+        source: str, caplog: pytest.LogCaptureFixture) -> None:
+    """`data.source` accepts it; ingest hands the loader the options its entry accepts and names, in a warning,
+    each option set that only other datasets accept; what it provides are table columns."""
+    from components.ingest import loader_options
+
     assert parse_params({"data": {"source": source}}).data.source == source
+    entry = DATASETS.get(source)
+    assert entry.provides <= set(COLUMNS)
+    offered = {o for e in DATASETS.entries() for o in e.options}
+    data = DataConfig(source=source, **{o: {"casme2": "sheet.xlsx"} for o in offered})
+    with caplog.at_level(logging.WARNING, logger="components.ingest"):
+        options = loader_options(data)
+    assert set(options) == set(entry.options)
+    for option in offered - set(entry.options):
+        assert any(f"data.{option} is only used by" in r.getMessage() and source in r.getMessage()
+                   for r in caplog.records)
+
+
+# --------------------------------------------------------------------------------------------------------- class sets
+
+
+@pytest.mark.parametrize("name", CLASS_SETS.names())
+def test_every_class_set_is_a_valid_setting_of_registered_datasets(name: str) -> None:
+    """`data.class_set` accepts it, and every dataset it maps is a registered one."""
+    assert parse_params({"data": {"class_set": name}}).data.class_set == name
+    assert set(CLASS_SETS.get(name).mapping) <= set(DATASETS.names())
 
 
 # --------------------------------------------------------------------------------------------------------- protocols
 
 
-@pytest.mark.parametrize("name", list_protocols())
+@pytest.mark.parametrize("name", PROTOCOLS.names())
 def test_every_protocol_keeps_its_promises(name: str, store: SampleStore) -> None:
     """What a protocol declares is what the trainer does: which split it watched every epoch, that validation
     subjects come from the training subjects only, that only a leaky protocol ever scored the test subject during
@@ -112,7 +231,7 @@ def test_every_protocol_keeps_its_promises(name: str, store: SampleStore) -> Non
     assert sorted(result.predictions["subject"].unique()) == list(fold.test_subjects)
 
 
-@pytest.mark.parametrize("name", list_protocols())
+@pytest.mark.parametrize("name", PROTOCOLS.names())
 def test_every_protocol_is_a_valid_setting(name: str) -> None:
     assert parse_params({"train": {"protocol": name}}).train.protocol == name
 
@@ -145,7 +264,7 @@ def _index(datasets: dict[str, int], clips: int = 2) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-@pytest.mark.parametrize("name", list_splits())
+@pytest.mark.parametrize("name", SPLITS.names())
 def test_every_split_tests_each_subject_exactly_once_and_never_trains_on_it(name: str) -> None:
     index = _index({"casme2": 3, "smic": 2, "samm": 2})
     folds = make_folds(name, index)
@@ -170,7 +289,24 @@ def test_lodo_holds_out_one_whole_dataset_per_fold() -> None:
 # -------------------------------------------------------------------------------------------------------- batch keys
 
 
-@pytest.mark.parametrize("key", list(BATCH_KEYS))
+@pytest.mark.parametrize("key", BATCH_KEYS.names())
+def test_every_batch_key_has_its_producers_and_is_a_valid_modality(key: str) -> None:
+    """Its builders exist for both source kinds (frame folders, the composite's files), the settings it depends on
+    are real `preprocess` settings, and `preprocess.modalities` (validated from this registry) accepts it."""
+    spec = BATCH_KEYS.get(key)
+    assert key in FRAME_BUILDERS and key in COMPOSITE_BUILDERS and spec.stored[0] == key
+    section = PreprocessConfig().model_dump(mode="json", by_alias=True)
+    for dotted in spec.depends:
+        node = section
+        for part in dotted.split("."):
+            assert part in node, f"{key} depends on preprocess.{dotted}, which does not exist"
+            node = node[part]
+    assert parse_params({"preprocess": {"modalities": [key]}}).preprocess.modalities == [key]
+    with pytest.raises(ConfigError, match=rf"preprocess.modalities.0: Input should be .*'{key}'"):
+        parse_params({"preprocess": {"modalities": [f"{key}x"]}})
+
+
+@pytest.mark.parametrize("key", BATCH_KEYS.names())
 def test_every_batch_key_converts_and_augments_by_its_spec(key: str) -> None:
     """The cache array of the spec becomes the documented batch tensor, survives the augmentation with its shape
     and dtype, and reaches a served model's input the same way."""
@@ -194,7 +330,7 @@ def test_every_batch_key_converts_and_augments_by_its_spec(key: str) -> None:
     assert tuple(batch[key].shape) == (1, *expected)
 
 
-def test_a_new_protocol_is_ordered_and_shown_by_every_table_from_the_registry(monkeypatch: pytest.MonkeyPatch,
+def test_a_new_protocol_is_ordered_and_shown_by_every_table_from_the_registry(request: pytest.FixtureRequest,
                                                                                tmp_path: Path) -> None:
     """The display order of protocols is the registry's (no consumer lists fixed/inner/oracle again): a fourth
     protocol sorts after the others in results.csv and the comparison table and gets its own bars in results.png."""
@@ -203,8 +339,9 @@ def test_a_new_protocol_is_ordered_and_shown_by_every_table_from_the_registry(mo
     from mer_model.training import protocols
     from pipelines.benchmark import merge_rows
 
-    monkeypatch.setitem(protocols._PROTOCOLS, "patience", protocols.Inner())  # registered last
-    assert protocols.protocol_rank("patience") == 3 and protocols.protocol_rank("old") == 4
+    PROTOCOLS.add("patience", protocols.Inner())  # registered last
+    request.addfinalizer(lambda: PROTOCOLS.remove("patience"))
+    assert PROTOCOLS.rank("patience") == 3 and PROTOCOLS.rank("old") == 4
     rows = pd.DataFrame([{"model": "m", "protocol": p, "label": "m", "leaky": False, "uf1": 0.5 + i / 10}
                          for i, p in enumerate(["patience", "oracle", "fixed", "inner"])])
     assert list(merge_rows(tmp_path / "none.csv", rows, ["m"])["protocol"]) == ["fixed", "inner", "oracle", "patience"]
