@@ -7,7 +7,7 @@ from mer_model.data.loaders import DATASETS, DatasetEntry, load_annotations
 from mer_model.data.schema import COLUMNS, frame_file, read_table, validate_table
 
 __all__ = [
-    "AU_LIST", "CLASS_SETS", "COLUMNS", "DATASETS", "CheckSummary", "ClassSet", "DatasetEntry", "apply_class_set", "aus_from_string",
-    "aus_to_string", "check_table", "frame_file", "get_class_set", "load_annotations", "parse_aus", "read_table",
+    "AU_LIST", "CLASS_SETS", "COLUMNS", "DATASETS", "CheckSummary", "ClassSet", "DatasetEntry", "apply_class_set",
+    "aus_from_string", "aus_to_string", "check_table", "frame_file", "get_class_set", "load_annotations", "parse_aus", "read_table",
     "to_multi_hot", "validate_table",
 ]

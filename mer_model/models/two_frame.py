@@ -191,7 +191,8 @@ class TwoFrameNet(MERModel):
         (`au_mode`, off = "none": annotated = input, predicted = targets of the AU head)."""
         return (OptionalInput(cls.position_label, "position", "none", "faces"),
                 OptionalInput("AUs", "au_mode", "none", "au_coded",
-                              {"annotated": "input (leaks labels)", "predicted": "targets of a jointly trained AU head"},
+                              {"annotated": "input (leaks labels)",
+                               "predicted": "targets of a jointly trained AU head"},
                               column="au"))
 
     def __init__(

@@ -93,9 +93,9 @@ def _text(value: Any) -> str:
 
 def input_hashes(row: Mapping[str, Any], cfg: PreprocessConfig, modalities: Sequence[str],
                  versions: Mapping[str, str]) -> dict[str, str]:
-    """modality -> hash of everything its arrays depend on: the cache format, the parameters its batch key `depends` on (plus the
-    TV-L1 parameters where the apex must be estimated from motion), the library versions, the AU vocabulary and the
-    annotation row's array-shaping columns."""
+    """modality -> hash of everything its arrays depend on: the cache format, the parameters its batch key `depends`
+    on (plus the TV-L1 parameters where the apex must be estimated from motion), the library versions, the AU
+    vocabulary and the annotation row's array-shaping columns."""
     section = cfg.model_dump(mode="json", by_alias=True)
     row_part = {c: _text(row.get(c)) for c in ROW_COLUMNS}
     if _text(row.get("points5_estimated")):  # only where set, so the hashes of every other row are unchanged
