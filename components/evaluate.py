@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from components.common import add_params_arguments, params_from_args
-from components.report import experiment_report, tracked_run
+from components.report import results_report, tracked_run
 from mer_model.config import Params
 from mer_model.io import write_json
 from mer_model.reporting.artifacts import write_artifacts
@@ -30,7 +30,7 @@ from mer_model.training.results import read_results
 log = logging.getLogger(__name__)
 
 
-def evaluate(params: Params) -> dict[str, Any]:
+def write_metrics_and_report(params: Params) -> dict[str, Any]:
     """Write metrics.json, the plot files and the HTML report from the tune stage's results; returns the metrics
     written."""
     results = read_results(params.tune.results)
@@ -45,12 +45,12 @@ def evaluate(params: Params) -> dict[str, Any]:
                     leaky=summary.leaky, with_predictions=False)
     log.info("%s: UF1 %.4f, UAR %.4f, accuracy %.4f over %d samples (%s)", metrics_path, flat["uf1"], flat["uar"],
              flat["accuracy"], flat["n"], run_label(summary.protocol, summary.leaky))
-    log.info("report: %s", experiment_report(params, results=results, tracker=tracker))
+    log.info("report: %s", results_report(params, results=results, tracker=tracker))
     return metrics
 
 
 def _run(args: argparse.Namespace) -> int:
-    evaluate(params_from_args(args))
+    write_metrics_and_report(params_from_args(args))
     return 0
 
 

@@ -48,7 +48,7 @@ def tracked_run(params: Params, summary: ExperimentSummary) -> Tracker | None:
     return tracker
 
 
-def experiment_report(params: Params, out: str | None = None, results: Results | None = None,
+def results_report(params: Params, out: str | None = None, results: Results | None = None,
                       tracker: Tracker | None = None) -> Path:
     """Report of the experiment in `tune.results` (`results`, when the caller read them and checked `tracker` with
     `tracked_run`); returns the HTML path."""
@@ -112,7 +112,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.experiment or args.runs:
             raise ConfigError(f"{'--experiment' if args.experiment else '--runs'}: only with --compare (the single "
                               "report reads tune.results)")
-        path = experiment_report(params, args.out)
+        path = results_report(params, args.out)
     log.info("wrote %s", path)
     return 0
 

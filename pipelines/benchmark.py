@@ -4,7 +4,7 @@
                            [--au-sheets casme2=PATH samm=PATH] [--out DIR]
 
 Why it is built this way: a benchmark number must come from the code users run, so the collection goes through
-`ingest` -> `preprocess` -> the experiment driver (`pipelines.engine.driver.run_experiment`, folds as Ray tasks,
+`ingest` -> `preprocess` -> the experiment driver (`pipelines.engine.driver.run_tune`, folds as Ray tasks,
 tracked parent/trial/fold runs) once per (model, protocol): this module is a loop over models x protocols that chooses
 the settings and collects one row per run from the driver's typed results; the tables and the chart are rendered by
 `mer_model.reporting.benchmark`. Models come from `params.benchmark.models` (recipes set a priori or chosen by
@@ -238,10 +238,10 @@ def adapt_entry(key: str, entry: BenchmarkModel, caps: Mapping[str, Any]
 def run_one(params: Params) -> tuple[ExperimentSummary, pd.DataFrame, list[FoldSummary], float]:
     """(summary, pooled predictions, fold summaries, wall seconds) of one run of the driver, read back from its
     typed results in `tune.results`."""
-    from pipelines.engine.driver import run_experiment  # Ray Tune: imported when a benchmark runs, not for --help
+    from pipelines.engine.driver import run_tune  # Ray Tune: imported when a benchmark runs, not for --help
 
     start = time.perf_counter()
-    run_experiment(params, source="mer benchmark")
+    run_tune(params, source="mer benchmark")
     wall = time.perf_counter() - start
     results = read_results(params.tune.results)
     return results.summary, results.predictions, results.folds, wall

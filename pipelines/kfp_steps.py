@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from components.evaluate import evaluate
+from components.evaluate import write_metrics_and_report
 from components.ingest import ingest
 from components.preprocess import preprocess
 from components.register import register_final_model
@@ -129,13 +129,13 @@ def _collect_outputs(paths: list[str], workdir: Path, output: str, keep: bool = 
 
 
 def _tune(params: Params) -> Any:
-    from pipelines.engine.driver import run_experiment  # Ray Tune: only in the tune step's pod
+    from pipelines.engine.driver import run_tune  # Ray Tune: only in the tune step's pod
 
-    return run_experiment(params, source="kubeflow tune step")
+    return run_tune(params, source="kubeflow tune step")
 
 
 STEPS: dict[str, Callable[[Params], Any]] = {
-    "ingest": ingest, "preprocess": preprocess, "tune": _tune, "evaluate": evaluate, "register": register_final_model,
+    "ingest": ingest, "preprocess": preprocess, "tune": _tune, "evaluate": write_metrics_and_report, "register": register_final_model,
 }
 
 

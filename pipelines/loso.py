@@ -1,5 +1,5 @@
 """The experiment driver's entry points: `python -m pipelines.loso` (what `ray job submit` runs) and `mer tune` (the
-DVC stage). Both call `pipelines.engine.driver.run_experiment`.
+DVC stage). Both call `pipelines.engine.driver.run_tune`.
 
     python -m pipelines.loso --params params.yaml [-S key=value ...]             # laptop: local Ray
     ray job submit --working-dir . -- python -m pipelines.loso --params params.yaml  # cluster: the job's Ray
@@ -20,9 +20,9 @@ from pipelines.engine.preflight import check_experiment
 def _run(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     check_experiment(params)  # a configuration error in a second, before torch, Ray Tune and MLflow are imported
-    from pipelines.engine.driver import run_experiment  # Ray Tune: imported when the command runs, not for --help
+    from pipelines.engine.driver import run_tune  # Ray Tune: imported when the command runs, not for --help
 
-    run_experiment(params)
+    run_tune(params)
     return 0
 
 
@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = params_from_args(args)
         check_experiment(params)
-        from pipelines.engine.driver import run_experiment  # Ray Tune: after the configuration is checked
+        from pipelines.engine.driver import run_tune  # Ray Tune: after the configuration is checked
 
-        run_experiment(params, source="python -m pipelines.loso")
+        run_tune(params, source="python -m pipelines.loso")
     except Exception as err:  # noqa: BLE001 - one line for a user error wherever it was raised (see pipelines.cli)
         found = user_error(err)
         if found is None:

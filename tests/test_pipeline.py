@@ -19,16 +19,16 @@ from conftest import mlflow_client, runs_by_kind, tiny_data, tiny_params
 @pytest.mark.slow
 def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from components.evaluate import evaluate
+    from components.evaluate import write_metrics_and_report
     from components.register import register_final_model
     from mer_model.config import load_params
-    from pipelines.engine.driver import run_experiment
+    from pipelines.engine.driver import run_tune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
         "tune.num_samples": 2, "tune.search_space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
         "tune.final_model": True}))
-    summary = run_experiment(params)
+    summary = run_tune(params)
     assert summary.protocol == "fixed" and summary.leaky is False and summary.folds == 4
     assert set(summary.chosen) == {"train.lr"}
     # summary.json alone says how the numbers were made: the folds' train section (the chosen lr applied) and the
@@ -118,7 +118,7 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     assert get_model_info(registered).saved_input_example_info is not None
     assert str(client.get_model_version_by_alias(params.tracking.registered_model, "champion").version) == "1"
 
-    metrics = evaluate(params)
+    metrics = write_metrics_and_report(params)
     written = json.loads(Path(params.evaluate.metrics).read_text())
     assert written["uf1"] == pytest.approx(summary.metrics["uf1"]) == pytest.approx(metrics["uf1"])
     for name in ("confusion.csv", "per_class_recall.csv", "per_subject.csv", "confusion_matrix.png"):
@@ -150,10 +150,10 @@ def test_a_search_that_chooses_annotated_aus_marks_every_output_leaky(tiny_root:
     folds, summary.json with its reason, metrics.json, the report, the comparison. A model fed the annotated AUs is
     leaky under an honest protocol too. (Trained as a 2-seed ensemble, whose members' seeds and epochs the fold runs
     record.)"""
-    from components.evaluate import evaluate
+    from components.evaluate import write_metrics_and_report
     from components.tracking import make_tracker
     from mer_model.config import load_params
-    from pipelines.engine.driver import run_experiment
+    from pipelines.engine.driver import run_tune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
@@ -161,7 +161,7 @@ def test_a_search_that_chooses_annotated_aus_marks_every_output_leaky(tiny_root:
         "tune.num_samples": 1, "tune.search_space": {"model.kwargs.au_mode": {"type": "choice",
                                                                               "values": ["annotated"]}},
         "train.epochs": 1, "train.ensemble": 2, "tune.final_model": False}))
-    summary = run_experiment(params)
+    summary = run_tune(params)
     assert summary.chosen == {"model.kwargs.au_mode": "annotated"}
     assert summary.protocol == "fixed" and summary.leaky is True
     assert summary.leak_reasons == ["annotated AUs as input"]
@@ -183,7 +183,7 @@ def test_a_search_that_chooses_annotated_aus_marks_every_output_leaky(tiny_root:
     assert json.loads((Path(params.tune.results) / "summary.json").read_text())["leaky"] is True
     folds = list(Path(params.tune.storage_path).glob("*/folds/*/result.json"))  # not Tune's own result.json
     assert len(folds) == 6 and all(json.loads(f.read_text())["leaky"] is True for f in folds)
-    metrics = evaluate(params)
+    metrics = write_metrics_and_report(params)
     assert metrics["leaky"] is True and json.loads(Path(params.evaluate.metrics).read_text())["leaky"] is True
     assert metrics["uf1_ci_low"] <= metrics["uf1"] <= metrics["uf1_ci_high"]
     assert {k: metrics[k] for k in summary.metrics} == pytest.approx(summary.metrics)  # one computation, fixed seed
@@ -233,7 +233,7 @@ def test_leave_one_dataset_out_through_mer_tune_without_a_tracker(tiny_root: Pat
     """`mer tune` with train.split=lodo on the tiny two-dataset set, tracking.backend none: one fold per source
     dataset, inner validation subjects drawn from the training dataset only, results per held-out dataset, and
     evaluate + report working from tune.results alone (no tracking store exists)."""
-    from components.evaluate import evaluate
+    from components.evaluate import write_metrics_and_report
     from mer_model.config import load_params
     from mer_model.training.results import read_results
     from pipelines.cli import main
@@ -253,7 +253,7 @@ def test_leave_one_dataset_out_through_mer_tune_without_a_tracker(tiny_root: Pat
             {"synthetic1", "synthetic2"} - {fold.fold})
     assert {"synthetic1/uf1", "synthetic2/uf1"} <= set(summary.metrics)  # reported per held-out dataset
     assert not (tmp_path / "mlflow.db").exists()
-    metrics = evaluate(params)
+    metrics = write_metrics_and_report(params)
     assert metrics["split"] == "lodo" and metrics["synthetic1/n"] + metrics["synthetic2/n"] == metrics["n"] == 12
     assert (Path(params.evaluate.report) / summary.experiment / "learning_curves.png").is_file()
 
@@ -313,7 +313,7 @@ def test_a_failed_fold_is_named_counted_and_never_pooled(tiny_root: Path, tmp_pa
 
     from mer_model.config import load_params
     from mer_model.training.data import SampleStore
-    from pipelines.engine.driver import run_experiment
+    from pipelines.engine.driver import run_tune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cache = shutil.copytree(tiny_data(tmp_path) / "preprocessed", tmp_path / "cache")
@@ -324,7 +324,7 @@ def test_a_failed_fold_is_named_counted_and_never_pooled(tiny_root: Path, tmp_pa
     _poison_entry(cache, sid, "flow28", {"flow28": flow})
     params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
         "preprocess.out": str(cache), "train.epochs": 1, "tune.final_model": False}))
-    summary = run_experiment(params)
+    summary = run_tune(params)
     error = f"fold {subject}: outputs became non-finite on the test set (epoch 1) (1 of 3 samples)"
     assert summary.folds == 3 and summary.failed_folds == [{"fold": subject, "error": error}]
     written = json.loads((Path(params.tune.results) / "summary.json").read_text())

@@ -91,13 +91,13 @@ def test_seed_repeats_run_as_parallel_work_and_reuse_stored_folds(tiny_root: Pat
     from ray.util.state import list_tasks
 
     from mer_model.config import load_params
-    from pipelines.engine.driver import run_experiment
+    from pipelines.engine.driver import run_tune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{"tune.repeats": 2, "tune.final_model": False,
                                                                      "train.epochs": 1}))
     start_ms = time.time() * 1000
-    summary = run_experiment(params)
+    summary = run_tune(params)
     spread = summary.repeats
     assert spread["n"] == 2 and spread["seeds"][0] == params.train.seed != spread["seeds"][1]
     values = [r["uf1"] for r in spread["per_repeat"]]
@@ -130,9 +130,9 @@ def test_seed_repeats_run_as_parallel_work_and_reuse_stored_folds(tiny_root: Pat
 
     # The evaluate stage's outputs carry the spread beside the single run's figures: metrics.json (dvc metrics show)
     # and the HTML report.
-    from components.evaluate import evaluate
+    from components.evaluate import write_metrics_and_report
 
-    metrics = evaluate(params)
+    metrics = write_metrics_and_report(params)
     assert json.loads(Path(params.evaluate.metrics).read_text())["uf1_repeat_sd"] == pytest.approx(spread["uf1_sd"])
     assert metrics["repeats"] == 2 and metrics["uf1_repeat_mean"] == pytest.approx(spread["uf1_mean"])
     page = next(Path(params.evaluate.report).rglob("report.html")).read_text()
@@ -141,7 +141,7 @@ def test_seed_repeats_run_as_parallel_work_and_reuse_stored_folds(tiny_root: Pat
     # A third repeat (untracked, to save time): the first two repeats' folds are read back from storage (unchanged),
     # only the new one trains.
     caplog.set_level(logging.INFO, logger="pipelines.engine.driver")
-    more = run_experiment(load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
+    more = run_tune(load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
         "tune.repeats": 3, "tune.final_model": False, "train.epochs": 1, "tracking.backend": "none"})))
     assert "evaluate: 8 of 12 folds found stored" in caplog.text
     assert more.repeats["seeds"][:2] == spread["seeds"]
@@ -154,13 +154,13 @@ def test_seed_repeats_run_as_parallel_work_and_reuse_stored_folds(tiny_root: Pat
 def test_nested_search_chooses_per_fold_on_its_training_subjects_only(tiny_root: Path, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from mer_model.config import load_params
-    from pipelines.engine.driver import run_experiment
+    from pipelines.engine.driver import run_tune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
         "tune.num_samples": 2, "tune.nested": True, "tune.search_folds": 2, "tune.search_space": LR_SPACE,
         "train.epochs": 1, "tune.final_model": True, "tune.max_concurrent_trials": 8}))
-    summary = run_experiment(params)
+    summary = run_tune(params)
     subjects = sorted({s for f in json.loads((Path(params.tune.results) / "folds.json").read_text())
                        for s in f["test_subjects"]})
     assert summary.folds == 4 and sorted(summary.chosen_per_fold) == subjects

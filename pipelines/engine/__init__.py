@@ -4,8 +4,8 @@
 * `tasks`     - the Ray tasks: a list of fold jobs -> one stored FoldSummary per fold; the final model;
 * `trial`     - one hyperparameter configuration as a Tune function trainable that fans its folds out as tasks;
 * `callbacks` - Tune callbacks attached through RunConfig: the tracking mirror and the fold progress;
-* `driver`    - `run_experiment(params)`: search -> evaluation -> final model -> `tune.results`.
+* `driver`    - `run_tune(params)`: search -> evaluation -> final model -> `tune.results`.
 
 `mer tune`, `mer benchmark`, the Kubeflow tune step and `ray job submit ... python -m pipelines.loso` all call
-`driver.run_experiment`.
+`driver.run_tune`.
 """

@@ -175,9 +175,9 @@ FULL_BELOW = 1 << 20  # bytes free under which a disk counts as full
 TUNE_LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state")
 
 
-def run_experiment(params: Params, source: str = "mer tune") -> ExperimentSummary:
-    """Search, evaluate and train the final model; writes `tune.results` and returns its summary. `source` names
-    the entry point in the tracker."""
+def run_tune(params: Params, source: str = "mer tune") -> ExperimentSummary:
+    """One tune run: search, score the chosen settings on the test folds and train the final model; writes
+    `tune.results` and returns its summary. `source` names the command in the tracker."""
     cfg = params.tune
     check_experiment(params)  # outputs, cache entries, model: fail now, not after the whole run
     for warning in setting_warnings(params):

@@ -2,7 +2,7 @@
 about a second and one line, not a minute of imports and a Ray start.
 
 It imports neither Ray nor MLflow (torch only for the model registry): `mer tune` calls it before importing the
-driver, and `run_experiment` calls it first too, for every other entry point.
+driver, and `run_tune` calls it first too, for every other entry point.
 """
 
 from __future__ import annotations
