@@ -1,14 +1,18 @@
-"""Helpers shared by the component CLIs: the params file, `-S key=value` overrides, output-directory checks."""
+"""Helpers shared by the commands: the params file, `-S key=value` overrides, the one way a command is run (user
+errors as one line, exit code 2), output-directory checks."""
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mer_model.config import Params, load_params, parse_override
-from mer_model.errors import ConfigError
+from mer_model.errors import ConfigError, user_error
 
 
 def add_params_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +26,29 @@ def add_params_arguments(parser: argparse.ArgumentParser) -> None:
 def params_from_args(args: argparse.Namespace) -> Params:
     overrides = dict(parse_override(text) for text in args.overrides)
     return load_params(args.params, overrides)
+
+
+def run_command(prog: str, function: Callable[..., Any], args: argparse.Namespace, with_args: bool = False) -> int:
+    """Run a command the way every `mer` subcommand (and `python -m pipelines.loso`) runs: the params of `--params`
+    with the `-S` overrides, then `function(params)` (exit code 0), or `function(params, args)` for a command with
+    options of its own (`with_args`; its return value is the exit code). A user error raised anywhere inside, also
+    within a Ray task, a Tune callback or a tracker call (mer_model.errors.user_error), is one line `PROG: error: ...`
+    on stderr without a traceback and exit code 2; an interrupt is exit code 130."""
+    try:
+        params = params_from_args(args)
+        if with_args:
+            return int(function(params, args) or 0)
+        function(params)
+        return 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - a user error raised inside Ray, Tune or MLflow is still one line
+        found = user_error(err)
+        if found is None:
+            raise
+        print(f"{prog}: error: {found}", file=sys.stderr)
+        return 2
 
 
 MIN_FREE_MB = 100  # below this an output directory counts as full: caches, checkpoints and reports need room

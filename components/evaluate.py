@@ -12,12 +12,10 @@ repeats' seeds beside them (`repeats`, `uf1_repeat_mean`, `uf1_repeat_sd`, ...; 
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Any
 
-from components.common import add_params_arguments, params_from_args
 from components.report import results_report, tracked_run
 from mer_model.config import Params
 from mer_model.io import write_json
@@ -47,15 +45,3 @@ def write_metrics_and_report(params: Params) -> dict[str, Any]:
              flat["accuracy"], flat["n"], run_label(summary.protocol, summary.leaky))
     log.info("report: %s", results_report(params, results=results, tracker=tracker))
     return metrics
-
-
-def _run(args: argparse.Namespace) -> int:
-    write_metrics_and_report(params_from_args(args))
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("evaluate",
-                                   help="pooled metrics -> metrics.json, plots/ (dvc) and the HTML report")
-    add_params_arguments(parser)
-    parser.set_defaults(func=_run)

@@ -9,14 +9,12 @@ Each is written atomically (`mer_model.io`): an interrupted ingest leaves the pr
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from components.common import add_params_arguments, params_from_args
 from mer_model.config import DataConfig, Params
 from mer_model.data import DATASETS, apply_class_set, check_table, get_class_set, load_annotations, validate_table
 from mer_model.errors import DataError
@@ -79,14 +77,3 @@ def ingest(params: Params) -> pd.DataFrame:
     log.info("ingested %d of %d samples (%d subjects) -> %s; %d excluded -> %s", len(kept), len(loaded),
              summary["subjects"], paths["table"], len(exclusions), paths["exclusions"])
     return kept
-
-
-def _run(args: argparse.Namespace) -> int:
-    ingest(params_from_args(args))
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("ingest", help="read a dataset's native layout into the unified annotation table")
-    add_params_arguments(parser)
-    parser.set_defaults(func=_run)

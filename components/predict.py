@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from components.common import add_params_arguments, params_from_args
+from mer_model.config import Params
 from mer_model.errors import ConfigError, NonFiniteError, SampleError
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,10 @@ def format_text(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _run(args: argparse.Namespace) -> int:
+def predict_command(params: Params, args: argparse.Namespace) -> int:
+    """`mer predict` (add_arguments); exit code 1 when any clip failed."""
     from components.tracking.pyfunc import load_for_inference  # mlflow + torch
 
-    params = params_from_args(args)
     loaded = load_for_inference(args.model, params)
     log.info("model %s (%s): %s, classes %s", args.model, loaded.source, type(loaded.model).__name__,
              ", ".join(loaded.class_names))
@@ -91,12 +91,8 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "predict", help="class probabilities for new clips (frame folders or videos)",
-        description="Run the training preprocessing on each clip and print the model's class probabilities. "
-                    "Default key frames: onset = first frame, offset = last frame, apex = the frame with the "
-                    "largest TV-L1 flow magnitude from the onset.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`mer predict`'s own options."""
     parser.add_argument("--model", required=True, metavar="MODEL_URI",
                         help="models:/NAME/VERSION, runs:/RUN_ID/PATH, an MLflow model directory or a checkpoint file")
     parser.add_argument("clips", nargs="+", metavar="CLIP_DIR_OR_VIDEO", help="folder of frames or a video file")
@@ -106,5 +102,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--aus", default="", help="the clip's action units, e.g. 4+7 (only models reading "
                                                   "annotated AUs need them)")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
-    add_params_arguments(parser)
-    parser.set_defaults(func=_run)

@@ -16,7 +16,6 @@ finished stays cached). Without it, the stage fails only when no sample at all i
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -24,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from components.common import add_params_arguments, check_output_dir, params_from_args
+from components.common import check_output_dir
 from mer_model.config import Params, PreprocessConfig
 from mer_model.data.schema import read_table
 from mer_model.errors import DataError
@@ -120,15 +119,3 @@ def preprocess(params: Params) -> dict[str, Any]:
     if counts["ok"] == 0:
         raise DataError("no sample could be preprocessed (see index.csv)", file=str(cache.index_path))
     return manifest
-
-
-def _run(args: argparse.Namespace) -> int:
-    preprocess(params_from_args(args))
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("preprocess",
-                                   help="align faces, TV-L1 flow, strain, landmarks -> per-modality cache")
-    add_params_arguments(parser)
-    parser.set_defaults(func=_run)

@@ -8,12 +8,9 @@ interruption does not create a second version of the same model. The version car
 
 from __future__ import annotations
 
-import argparse
 import logging
-from pathlib import Path
 from typing import Any
 
-from components.common import add_params_arguments, params_from_args
 from components.tracking import make_tracker, redact, tracking_uri
 from mer_model.config import Params
 from mer_model.errors import ConfigError
@@ -43,14 +40,3 @@ def register_final_model(params: Params) -> dict[str, Any]:
             "tracking_uri": redact(tracking_uri(params.tracking))}
     write_json(params.tracking.registered_info, info)
     return info
-
-
-def _run(args: argparse.Namespace) -> int:
-    register_final_model(params_from_args(args))
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("register", help="register the final model of `mer tune` in the model registry")
-    add_params_arguments(parser)
-    parser.set_defaults(func=_run)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.common import add_params_arguments, check_output_dir, params_from_args
+from components.common import check_output_dir
 from components.tracking import Tracker, make_tracker, redact, tracking_uri
 from mer_model.config import Params
 from mer_model.errors import ConfigError
@@ -104,8 +104,8 @@ def _find_run(runs: pd.DataFrame, run_id: str, experiment: str) -> int:
     return int(hits[0])
 
 
-def _run(args: argparse.Namespace) -> int:
-    params = params_from_args(args)
+def report_command(params: Params, args: argparse.Namespace) -> int:
+    """`mer report [--compare ...]` (add_arguments); returns the exit code."""
     if args.compare:
         path = compare_report(params, args.experiment, args.out, args.runs or ())
     else:
@@ -117,8 +117,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("report", help="HTML report of the last experiment, or --compare across runs")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`mer report`'s own options."""
     parser.add_argument("--compare", action="store_true",
                         help="table of every finished experiment (models x protocols), leaky rows marked")
     parser.add_argument("--experiment", help="tracked experiment to compare (default: tracking.experiment)")
@@ -126,5 +126,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="with --compare: only these parent runs, each paired with the first over the same "
                              "samples (difference, subject-bootstrap interval, permutation p-value)")
     parser.add_argument("--out", help="output directory (default: evaluate.report)")
-    add_params_arguments(parser)
-    parser.set_defaults(func=_run)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
 
-from components.common import add_params_arguments, params_from_args
-from mer_model.config import SynthConfig
+from mer_model.config import Params, SynthConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +26,6 @@ def synthesize(cfg: SynthConfig) -> Path:
     return root
 
 
-def _run(args: argparse.Namespace) -> int:
-    synthesize(params_from_args(args).synth)
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "synth", help="write the synthetic micro-expression dataset (CASME II layout)",
-        description="Write the synthetic dataset to synth.out: frames, CASME2-coding-synthetic.xlsx and ground-truth "
-                    "landmarks/flow. Skips the work when synth.out already holds the same configuration.")
-    add_params_arguments(parser)
-    parser.set_defaults(func=_run)
+def write_synthetic(params: Params) -> Path:
+    """The `synth` stage: `synthesize(params.synth)`."""
+    return synthesize(params.synth)

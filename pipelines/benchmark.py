@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.common import add_params_arguments, params_from_args
 from components.ingest import ingest
 from components.preprocess import preprocess
 from components.ray_session import connect_ray
@@ -473,8 +472,8 @@ def merge_rows(path: Path, rows: pd.DataFrame, model_order: Sequence[str] = ()) 
 # CLI
 
 
-def _run(args: argparse.Namespace) -> int:
-    params = params_from_args(args)
+def benchmark_command(params: Params, args: argparse.Namespace) -> int:
+    """`mer benchmark COLLECTION --root PATH ...` (add_arguments)."""
     table = benchmark(params, args.collection, Path(args.root).expanduser(), args.models, args.protocol, args.epochs,
                       parse_au_sheets(args.au_sheets), Path(args.out) if args.out else None, command_line(args))
     log.info("benchmark results:\n%s", table[["label", "protocol", "leaky", *SCORES, "n_samples", "n_subjects",
@@ -518,9 +517,8 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "benchmark", help="LOSO of several models x protocols on a real collection -> results table + chart")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`mer benchmark`'s own options."""
     parser.add_argument("collection", choices=sorted(COLLECTIONS), help="the collection to benchmark")
     parser.add_argument("--root", required=True, help="directory holding the collection (any part of it)")
     parser.add_argument("--models", nargs="+", metavar="KEY", help="entries of benchmark.models (default: all)")
@@ -530,5 +528,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--au-sheets", nargs="+", default=[], metavar="DATASET=PATH",
                         help="AU coding sheets to join, e.g. casme2=CASME2-coding.xlsx samm=SAMM.xlsx")
     parser.add_argument("--out", help="directory of the tables (default: <benchmark.out>/<collection>)")
-    add_params_arguments(parser)
-    parser.set_defaults(func=_run)

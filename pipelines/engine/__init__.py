@@ -6,6 +6,6 @@
 * `callbacks` - Tune callbacks attached through RunConfig: the tracking mirror and the fold progress;
 * `driver`    - `run_tune(params)`: search -> evaluation -> final model -> `tune.results`.
 
-`mer tune`, `mer benchmark`, the Kubeflow tune step and `ray job submit ... python -m pipelines.loso` all call
-`driver.run_tune`.
+The tune stage (`pipelines.loso.tune`: `mer tune`, `python -m pipelines.loso` for `ray job submit`, the Kubeflow tune
+step) and `mer benchmark` call `driver.run_tune`.
 """

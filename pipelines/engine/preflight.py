@@ -1,8 +1,8 @@
 """What the driver checks before it starts anything (torch, Ray, the tracker): a configuration error costs `mer tune`
 about a second and one line, not a minute of imports and a Ray start.
 
-It imports neither Ray nor MLflow (torch only for the model registry): `mer tune` calls it before importing the
-driver, and `run_tune` calls it first too, for every other entry point.
+It imports neither Ray nor MLflow (torch only for the model registry): the tune stage (`pipelines.loso.tune`) calls it
+before importing the driver, and `run_tune` calls it first too, for `mer benchmark`.
 """
 
 from __future__ import annotations
