@@ -1,11 +1,13 @@
-"""The Kubeflow pipeline (kfp v2): ingest -> preprocess -> tune -> evaluate -> register, one step per component.
+"""The Kubeflow pipeline (kfp v2): ingest -> preprocess -> tune -> evaluate -> register, one component per step,
+generated from the stage declarations (pipelines/stages.py: the entries with `kubeflow`, in their order; their
+artifacts, caching, Ray-job ability and resources).
 
-Every step runs the project's own `mer <component>` in the project image, so a pipeline run does exactly what
-`dvc repro` does locally. Steps live in separate pods; what one step produces reaches the next as a KFP artifact (in
-KFP's object store, the pipeline root): a directory holding the step's outputs under their params.yaml-relative paths
-(e.g. `data/preprocessed/...`) plus `paths.json` listing them. A step links its inputs' paths into a fresh working
-directory, runs the component there and moves its own outputs into its output artifact (pipelines/kfp_steps.py) —
-the components stay unaware of Kubeflow.
+Every step runs the project's own stage function (the one `mer <stage>` runs) in the project image, so a pipeline
+run does exactly what `dvc repro` does locally. Steps live in separate pods; what one step produces reaches the next
+as a KFP artifact (in KFP's object store, the pipeline root): a directory holding the step's outputs under their
+params.yaml-relative paths (e.g. `data/preprocessed/...`) plus `paths.json` listing them. A step links its inputs'
+paths into a fresh working directory, runs the stage there and moves its own outputs into its output artifact
+(pipelines/kfp_steps.py) — the components stay unaware of Kubeflow.
 
 Where the work runs on the Ray cluster (a Ray job, not the step's pod), the working directory must be one the Ray
 pods see at the same path: every step mounts the shared volume `shared_volume` (a ReadWriteMany PVC; subPath
@@ -22,7 +24,7 @@ MLFLOW_TRACKING_URI), `ray_dashboard` (the cluster's job server, e.g.
 `http://mer-raycluster-head-svc.mer.svc.cluster.local:8265`: preprocess and tune are submitted there as Ray jobs,
 as Ray advises, pipelines/ray_jobs.py), `ray_job_timeout_s` (how long a step waits for its job) and `ray_address`
 (without `ray_dashboard` only: the Ray cluster that the step's own process joins; none = local Ray in the pod).
-Each step declares its CPU and memory requests (STEP_RESOURCES): the pods only drive or submit; the folds and the
+Each step declares its CPU and memory requests (its KubeflowStep): the pods only drive or submit; the folds and the
 per-clip work run on the Ray cluster.
 
     python -m pipelines.kfp_pipeline --output infra/kubeflow/mer_pipeline.yaml     # `make pipeline-yaml`
@@ -30,6 +32,7 @@ per-clip work run on the Ray cluster.
 
 # No `from __future__ import annotations`: kfp reads the component signatures' annotations as real types.
 import argparse
+import linecache
 import logging
 import os
 from pathlib import Path
@@ -38,6 +41,7 @@ from kfp import compiler, dsl, kubernetes
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from pipelines.ray_jobs import DEFAULT_TIMEOUT_S
+from pipelines.stages import StageEntry, kubeflow_steps, upstream
 
 log = logging.getLogger(__name__)
 
@@ -46,72 +50,53 @@ IMAGE = os.environ.get("MER_IMAGE", DEFAULT_IMAGE)
 SHARED_VOLUME = "mer-data"  # the PVC of infra/k8s/data.yaml, also mounted by the RayCluster's pods
 SHARED_SUBPATH = "kfp"
 SHARED_MOUNT = "/mnt/mer-shared"
-# (CPU, memory) requests per step. Without a Ray job server, preprocess and tune run their work in the pod (local Ray)
-# and want more: give them a `ray_dashboard` on a cluster.
-STEP_RESOURCES = {"ingest": ("1", "2G"), "preprocess": ("2", "4G"), "tune": ("1", "4G"), "evaluate": ("1", "2G"),
-                  "register": ("1", "4G")}
-CACHED_STEPS = ("ingest", "preprocess")  # deterministic in (data_version, parameters)
+
+# A component's source, as KFP embeds it in the spec (a lightweight component: the image already holds kfp and the
+# project, so KFP installs nothing at run time). Every step's body is the same: pipelines.kfp_steps.run_component.
+_SOURCE = """def {name}({signature}):
+    values = dict(locals())
+    from pipelines.kfp_steps import run_component
+
+    run_component({name!r}, values)
+"""
 
 
-# Lightweight components: the image already holds kfp and the project, so KFP installs nothing at run time.
-_component = dsl.component(base_image=IMAGE, install_kfp_package=False)
+def _inputs(entry: StageEntry) -> dict[str, str]:
+    """The component's inputs and outputs by name -> annotation: the pipeline parameters it reads (a cached step
+    nothing that changes per run: its key is the data version and the parameters), every earlier step's artifact,
+    its own output artifact (and Metrics)."""
+    step = entry.kubeflow
+    names = {"params_file": "str", "overrides": "dict", "shared_dir": "str"}
+    names |= {"data_version": "str"} if step.cached else {"run_id": "str", "tracking_uri": "str"}
+    if step.ray_job:
+        names |= {"ray_address": "str", "ray_dashboard": "str", "ray_job_timeout_s": "int"}
+    names |= {up.kubeflow.artifact: f"Input[{up.kubeflow.kind}]" for up in upstream(entry.name)}
+    names[step.artifact] = f"Output[{step.kind}]"
+    if step.metrics:
+        names["metrics"] = "Output[Metrics]"
+    return names
 
 
-@_component
-def ingest(params_file: str, overrides: dict, data_version: str, shared_dir: str, ingested: Output[Dataset]):
-    from pipelines.kfp_steps import data_key, run_step
-
-    run_step("ingest", data_key(params_file, overrides, data_version), params_file, overrides, "", "", [],
-             ingested.path, shared_dir=shared_dir)
-
-
-@_component
-def preprocess(params_file: str, overrides: dict, data_version: str, shared_dir: str, ray_address: str,
-               ray_dashboard: str, ray_job_timeout_s: int, ingested: Input[Dataset], preprocessed: Output[Dataset]):
-    from pipelines.kfp_steps import data_key, run_step
-
-    run_step("preprocess", data_key(params_file, overrides, data_version), params_file, overrides, "", ray_address,
-             [ingested.path], preprocessed.path, ray_dashboard=ray_dashboard, ray_job_timeout_s=ray_job_timeout_s,
-             shared_dir=shared_dir)
+def _component(entry: StageEntry) -> dsl.component:
+    """The KFP component of a stage: its function's source generated (KFP reads the source of a lightweight
+    component, so it is registered with linecache under a name of its own) and compiled."""
+    signature = ", ".join(f"{name}: {annotation}" for name, annotation in _inputs(entry).items())
+    source = _SOURCE.format(name=entry.name, signature=signature)
+    filename = f"<kubeflow component {entry.name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    namespace = {"__name__": __name__, "Input": Input, "Output": Output, "Artifact": Artifact, "Dataset": Dataset,
+                 "Model": Model, "Metrics": Metrics}
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own template, names from STAGES
+    return dsl.component(base_image=IMAGE, install_kfp_package=False)(namespace[entry.name])
 
 
-@_component
-def tune(run_id: str, params_file: str, overrides: dict, tracking_uri: str, ray_address: str, ray_dashboard: str,
-         ray_job_timeout_s: int, shared_dir: str, ingested: Input[Dataset], preprocessed: Input[Dataset],
-         tuned: Output[Model]):
-    from pipelines.kfp_steps import run_step
-
-    run_step("tune", run_id, params_file, overrides, tracking_uri, ray_address,
-             [ingested.path, preprocessed.path], tuned.path, ray_dashboard=ray_dashboard,
-             ray_job_timeout_s=ray_job_timeout_s, shared_dir=shared_dir)
+COMPONENTS = {entry.name: _component(entry) for entry in kubeflow_steps()}
 
 
-@_component
-def evaluate(run_id: str, params_file: str, overrides: dict, tracking_uri: str, shared_dir: str,
-             ingested: Input[Dataset], preprocessed: Input[Dataset], tuned: Input[Model], evaluation: Output[Dataset],
-             metrics: Output[Metrics]):
-    from pipelines.kfp_steps import log_metrics, resolve_params, run_step
-
-    run_step("evaluate", run_id, params_file, overrides, tracking_uri, "",
-             [ingested.path, preprocessed.path, tuned.path], evaluation.path, shared_dir=shared_dir)
-    _, params = resolve_params(params_file, overrides, "")
-    log_metrics(evaluation.path, params.evaluate.metrics, metrics)
-
-
-@_component
-def register(run_id: str, params_file: str, overrides: dict, tracking_uri: str, shared_dir: str,
-             ingested: Input[Dataset], preprocessed: Input[Dataset], tuned: Input[Model], evaluation: Input[Dataset],
-             registered: Output[Artifact]):
-    from pipelines.kfp_steps import run_step
-
-    run_step("register", run_id, params_file, overrides, tracking_uri, "",
-             [ingested.path, preprocessed.path, tuned.path, evaluation.path], registered.path, shared_dir=shared_dir)
-
-
-def _configure(task: dsl.PipelineTask, step: str, shared_volume: str) -> dsl.PipelineTask:
+def _configure(task: dsl.PipelineTask, entry: StageEntry, shared_volume: str) -> dsl.PipelineTask:
     """Resources, caching and the shared volume of one step's task."""
-    cpu, memory = STEP_RESOURCES[step]
-    task.set_cpu_request(cpu).set_memory_request(memory).set_caching_options(step in CACHED_STEPS)
+    step = entry.kubeflow
+    task.set_cpu_request(step.cpu).set_memory_request(step.memory).set_caching_options(step.cached)
     kubernetes.mount_pvc(task, pvc_name=shared_volume, mount_path=SHARED_MOUNT, sub_path=SHARED_SUBPATH)
     return task
 
@@ -121,19 +106,14 @@ def mer_pipeline(params_file: str = "params.yaml", overrides: dict = {}, data_ve
                  tracking_uri: str = "", ray_address: str = "", ray_dashboard: str = "",
                  ray_job_timeout_s: int = DEFAULT_TIMEOUT_S, shared_volume: str = SHARED_VOLUME,
                  shared_dir: str = SHARED_MOUNT):
-    data = dict(params_file=params_file, overrides=overrides, shared_dir=shared_dir)
-    run = dict(data, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, tracking_uri=tracking_uri)
-    jobs = dict(ray_address=ray_address, ray_dashboard=ray_dashboard, ray_job_timeout_s=ray_job_timeout_s)
-    ingest_task = _configure(ingest(**data, data_version=data_version), "ingest", shared_volume)
-    ingested = ingest_task.outputs["ingested"]
-    preprocess_task = _configure(preprocess(**data, **jobs, data_version=data_version, ingested=ingested),
-                                 "preprocess", shared_volume)
-    preprocessed = preprocess_task.outputs["preprocessed"]
-    tune_task = _configure(tune(**run, **jobs, ingested=ingested, preprocessed=preprocessed), "tune", shared_volume)
-    evaluate_task = _configure(evaluate(**run, ingested=ingested, preprocessed=preprocessed,
-                                        tuned=tune_task.outputs["tuned"]), "evaluate", shared_volume)
-    _configure(register(**run, ingested=ingested, preprocessed=preprocessed, tuned=tune_task.outputs["tuned"],
-                        evaluation=evaluate_task.outputs["evaluation"]), "register", shared_volume)
+    values = dict(params_file=params_file, overrides=overrides, shared_dir=shared_dir, data_version=data_version,
+                  run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, tracking_uri=tracking_uri, ray_address=ray_address,
+                  ray_dashboard=ray_dashboard, ray_job_timeout_s=ray_job_timeout_s)
+    for entry in kubeflow_steps():
+        wanted = _inputs(entry)
+        task = COMPONENTS[entry.name](**{name: value for name, value in values.items() if name in wanted})
+        _configure(task, entry, shared_volume)
+        values[entry.kubeflow.artifact] = task.outputs[entry.kubeflow.artifact]
 
 
 def compile_pipeline(output: str | Path) -> Path:

@@ -1,15 +1,16 @@
-"""What a Kubeflow step does inside its pod: run the step's function (the one `mer <step>` runs) in a fresh working
-directory whose inputs are the upstream steps' artifacts, then move the step's outputs into its output artifact.
+"""What a Kubeflow step does inside its pod, for every step alike (its StageEntry, pipelines/stages.py): run the
+stage's function (the one `mer <stage>` runs) in a fresh working directory whose inputs are the upstream steps'
+artifacts, then move the stage's outputs into its output artifact.
 
-Given a Ray job server (`ray_dashboard`), the preprocess and tune steps instead submit their command (`mer
-preprocess`, the LOSO driver) as a Ray job (pipelines/ray_jobs.py) that runs in the same working directory on the
-cluster's head: the directory is then on the shared volume the pipeline mounts (`shared_dir`, which the Ray pods
-mount at the same path), and the inputs are copied into it rather than linked to the pod's artifact paths.
+Given a Ray job server (`ray_dashboard`), a step whose entry names a `ray_job` command (preprocess, tune) instead
+submits that command as a Ray job (pipelines/ray_jobs.py) that runs in the same working directory on the cluster's
+head: the directory is then on the shared volume the pipeline mounts (`shared_dir`, which the Ray pods mount at the
+same path), and the inputs are copied into it rather than linked to the pod's artifact paths.
 
-The working directory is `<shared_dir>/mer-kfp-<key>`: for ingest and preprocess (cached by KFP) the key is
+The working directory is `<shared_dir>/mer-kfp-<key>`: for the cached steps (ingest, preprocess) the key is
 `data_key`, a digest of the parameters and the data version, the same in both steps and in every run of the same
-data, so absolute paths ingest records (frame folders) resolve in preprocess, a cached ingest's too; for tune,
-evaluate and register it is the pipeline run's id.
+data, so absolute paths ingest records (frame folders) resolve in preprocess, a cached ingest's too; for the other
+steps (tune, evaluate, register) it is the pipeline run's id.
 
 Kept apart from pipelines/kfp_pipeline.py (the pipeline DEFINITION) because KFP's executor loads kfp in a runtime-only
 mode in which the compiler cannot be imported; this module imports nothing from kfp.
@@ -24,25 +25,16 @@ import os
 import shlex
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from components.evaluate import write_metrics_and_report
-from components.ingest import ingest
-from components.preprocess import preprocess
-from components.register import register_final_model
-from components.synth import synthesize
 from mer_model.config import Params, load_params
 from mer_model.errors import ServiceError
 from mer_model.io import atomic_write, write_json
 from pipelines.ray_jobs import DASHBOARD_KEY, DEFAULT_TIMEOUT_S, RayJobs, submission_id
-
-# The command each step runs as a Ray job, in its working directory on the cluster's head.
-JOB_COMMANDS = {"preprocess": "python -m pipelines.cli preprocess --params params.yaml",
-                "tune": "python -m pipelines.loso --params params.yaml"}
+from pipelines.stages import STAGES, PathKey, companions, upstream
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +60,12 @@ def data_key(params_file: str, overrides: dict[str, Any], data_version: str) -> 
 
 
 def step_outputs(step: str, params: Params) -> list[str]:
-    """The params-relative paths a step produces (what its output artifact carries)."""
-    if step == "ingest":
-        produced = [str(Path(params.data.ingested).parent)]
-        if params.data.source == "synthetic":
-            produced.insert(0, params.synth.out)
-        return produced
-    if step == "preprocess":
-        return [params.preprocess.out]
-    if step == "tune":
-        local_state = [] if "://" in params.tune.storage_path else [params.tune.storage_path]
-        return [params.tune.results, *local_state]
-    if step == "evaluate":
-        return [params.evaluate.metrics, params.evaluate.plots, params.evaluate.report]
-    if step == "register":
-        return [params.tracking.registered_info]
-    raise ValueError(f"unknown pipeline step {step!r}")
+    """The params-relative paths a step produces (what its output artifact carries): the outputs of the stages run
+    first in its pod (stages.companions), its own outputs, and its working state where that is local."""
+    entry = STAGES[step]
+    local_state = [path for path in (key.resolve(params) for key in entry.state) if "://" not in path]
+    return [path for companion in companions(step, params) for path in companion.output_paths(params)] + [
+        *entry.output_paths(params), *local_state]
 
 
 def _link_inputs(inputs: list[str], workdir: Path) -> None:
@@ -128,30 +110,20 @@ def _collect_outputs(paths: list[str], workdir: Path, output: str, keep: bool = 
     write_json(out / PATHS_FILE, present)
 
 
-def _tune(params: Params) -> Any:
-    from pipelines.engine.driver import run_tune  # Ray Tune: only in the tune step's pod
-
-    return run_tune(params, source="kubeflow tune step")
-
-
-STEPS: dict[str, Callable[[Params], Any]] = {
-    "ingest": ingest, "preprocess": preprocess, "tune": _tune, "evaluate": write_metrics_and_report, "register": register_final_model,
-}
-
-
 def run_step(step: str, key: str, params_file: str, overrides: dict[str, Any], tracking_uri: str,
              ray_address: str, inputs: list[str], output: str, ray_dashboard: str = "",
              ray_job_timeout_s: float = DEFAULT_TIMEOUT_S, shared_dir: str = "") -> None:
-    """Run the step's function (and `synthesize` before a synthetic ingest) in a fresh working directory
-    `<shared_dir>/mer-kfp-<key>` (`key`: the run id, or `data_key` for the cached steps; `shared_dir` empty: the
-    temp dir); the preprocess and tune steps with `ray_dashboard` run their command as a Ray job there (`_job_step`).
-    """
+    """Run the step's stage function (after its companions: the synthetic set before a synthetic ingest) in a fresh
+    working directory `<shared_dir>/mer-kfp-<key>` (`key`: the run id, or `data_key` for the cached steps;
+    `shared_dir` empty: the temp dir); a step with a `ray_job` command given `ray_dashboard` runs that command as a
+    Ray job there (`_job_step`)."""
+    entry = STAGES[step]
     base = Path(shared_dir) if shared_dir else Path(tempfile.gettempdir())
     if shared_dir and not base.is_dir():
         raise ServiceError(f"shared_dir: {shared_dir} is not mounted in this step's pod (the pipeline's "
                            "shared_volume)")
     workdir = base / f"mer-kfp-{key}"
-    if step in JOB_COMMANDS and ray_dashboard:
+    if entry.kubeflow is not None and entry.kubeflow.ray_job and ray_dashboard:
         _job_step(step, key, params_file, overrides, tracking_uri, inputs, output, workdir, ray_dashboard,
                   ray_job_timeout_s)
         return
@@ -166,11 +138,11 @@ def run_step(step: str, key: str, params_file: str, overrides: dict[str, Any], t
         _link_inputs(inputs, workdir)
         os.chdir(workdir)
         local = load_params("params.yaml")  # relative paths resolve in the working directory, as for `mer <step>`
-        if step == "ingest" and local.data.source == "synthetic":
-            log.info("kfp step %s: synthesize", step)
-            synthesize(local.synth)
+        for companion in companions(step, local):
+            log.info("kfp step %s: %s first", step, companion.name)
+            companion.function(local)
         log.info("kfp step %s", step)
-        STEPS[step](local)
+        entry.function(local)
         _collect_outputs(step_outputs(step, params), workdir, output)
     finally:
         os.chdir(cwd)
@@ -179,8 +151,8 @@ def run_step(step: str, key: str, params_file: str, overrides: dict[str, Any], t
 
 def _job_step(step: str, key: str, params_file: str, overrides: dict[str, Any], tracking_uri: str, inputs: list[str],
               output: str, workdir: Path, ray_dashboard: str, timeout_s: float) -> None:
-    """The preprocess or tune step on a cluster: its JOB_COMMANDS entry in `workdir` as the Ray job of this key and
-    experiment (pipelines/ray_jobs.py), then its outputs copied into the output artifact.
+    """A step on a cluster: its entry's `ray_job` command in `workdir` as the Ray job of this key and settings
+    (pipelines/ray_jobs.py), then its outputs copied into the output artifact.
 
     A retry of the step (same key, same parameters) submits nothing new: it attaches to the job while it runs,
     takes its outputs when it SUCCEEDED, and resubmits it in the same directory after FAILED or STOPPED (finished
@@ -207,7 +179,7 @@ def _job_step(step: str, key: str, params_file: str, overrides: dict[str, Any], 
         copied = _copy_inputs(inputs, workdir)
         write_json(workdir / COPIED_FILE, copied)
         env = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}
-        entrypoint = f"cd {shlex.quote(str(workdir))} && {JOB_COMMANDS[step]}"
+        entrypoint = f"cd {shlex.quote(str(workdir))} && {STAGES[step].kubeflow.ray_job} --params params.yaml"
         jobs.submit(job_id, entrypoint, env)
     jobs.wait(job_id, timeout_s)
     expected = workdir / step_outputs(step, params)[0]
@@ -229,3 +201,20 @@ def log_metrics(metrics_dir: str, metrics_file: str, sink: Any) -> None:
         for sub, number in items:
             if isinstance(number, (int, float)) and not isinstance(number, bool):
                 sink.log_metric(f"{key}.{sub}" if sub else key, float(number))
+
+
+def run_component(step: str, values: dict[str, Any]) -> None:
+    """What the generated Kubeflow component of `step` does (pipelines/kfp_pipeline.py): `values` are its inputs by
+    name (pipeline parameters, the upstream steps' artifacts, its output artifact). Keyed by `data_key` when cached,
+    else by the run; then its metrics file, if it has one, copied to its Metrics artifact."""
+    step_kfp = STAGES[step].kubeflow
+    params_file, overrides = values["params_file"], values["overrides"]
+    key = data_key(params_file, overrides, values["data_version"]) if step_kfp.cached else values["run_id"]
+    output = values[step_kfp.artifact].path
+    run_step(step, key, params_file, overrides, values.get("tracking_uri", ""), values.get("ray_address", ""),
+             [values[entry.kubeflow.artifact].path for entry in upstream(step)], output,
+             ray_dashboard=values.get("ray_dashboard", ""),
+             ray_job_timeout_s=values.get("ray_job_timeout_s", DEFAULT_TIMEOUT_S), shared_dir=values["shared_dir"])
+    if step_kfp.metrics:
+        _, params = resolve_params(params_file, overrides, "")
+        log_metrics(output, PathKey(step_kfp.metrics).resolve(params), values["metrics"])

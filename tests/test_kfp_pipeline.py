@@ -187,6 +187,25 @@ def _artifact(root: Path, rel: str, source: Path) -> str:
     return str(root)
 
 
+def test_step_outputs_come_from_the_stage_declarations() -> None:
+    """What a step's artifact carries: its entry's outputs, a local working state, and the outputs of a stage that
+    is no step but writes what the step reads (the synthetic set, when ingest reads it)."""
+    from mer_model.config import load_params, with_overrides
+    from pipelines.kfp_steps import step_outputs
+    from pipelines.stages import STAGES
+
+    params = load_params(REPO / "params.yaml")
+    assert params.data.root == params.synth.out
+    assert step_outputs("ingest", params) == [params.synth.out, str(Path(params.data.ingested).parent)]
+    real = with_overrides(params, {"data.source": "casme2", "data.root": "../shared/data/casme2"}, "test")
+    assert step_outputs("ingest", real) == [str(Path(params.data.ingested).parent)]
+    assert step_outputs("tune", params) == [params.tune.results, params.tune.storage_path]
+    remote = with_overrides(params, {"tune.storage_path": "s3://bucket/tune"}, "test")
+    assert step_outputs("tune", remote) == [params.tune.results]
+    assert step_outputs("evaluate", params) == [params.evaluate.metrics, params.evaluate.plots, params.evaluate.report]
+    assert [e.name for e in STAGES.entries() if e.kubeflow] == STEPS
+
+
 def test_tune_step_names_an_unreachable_job_server(tmp_path: Path) -> None:
     """`ray_dashboard` is checked first, within seconds, and the one line names the pipeline parameter."""
     from mer_model.errors import ServiceError
