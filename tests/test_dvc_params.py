@@ -1,7 +1,13 @@
-"""`dvc repro` re-runs a stage exactly when something that shapes its outputs changed: every params.yaml key a
-stage's code reads must be among that stage's DVC params (or interpolated into its deps/outs, e.g.
-`${tune.results}`). A key read but not declared is a silent no-op: changing `tracking.experiment` left every stage
-"didn't change" and the new experiment was never created.
+"""dvc.yaml agrees with the stage declarations (pipelines/stages.py), and `dvc repro` re-runs a stage exactly when
+something that shapes its outputs changed.
+
+Each DVC stage is a declared stage, in the declared order: its cmd is `mer <name>`, its params are the entry's, its
+data deps are the entry's inputs and its outs (with metrics and plots) the entry's outputs (compared as the paths
+params.yaml gives them), and its code deps hold the module of the entry's function.
+
+Every params.yaml key a stage's code reads must be among that stage's DVC params (or interpolated into its
+deps/outs, e.g. `${tune.results}`). A key read but not declared is a silent no-op: changing `tracking.experiment`
+left every stage "didn't change" and the new experiment was never created.
 
 What a stage reads is found in its code deps (the .py files and packages under components/ and pipelines/ listed in
 its `deps`): attribute chains `params.<section>[.<key>]` on the validated Params (mer_model.config), and the sections
@@ -12,15 +18,18 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from mer_model.config import Params
+from mer_model.config import Params, load_params
+from pipelines.stages import STAGES as DECLARED
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+CODE = ("components", "pipelines", "mer_model")
 # Keys read in a code dep by code that no stage runs: `mer predict`'s model loading (load_for_inference falls back on
 # params.preprocess for a model that records none) lives beside the tracker the tune and register stages use.
 NOT_STAGE_CODE = {"components/tracking/pyfunc.py": {"preprocess"}}
@@ -89,3 +98,39 @@ def test_the_scan_sees_what_the_tracked_stages_read() -> None:
     assert {"tracking", "data.source", "tune"} <= keys_read(_code_files(STAGES["tune"]))
     assert "tracking" in keys_read(_code_files(STAGES["register"]))
     assert "tracking" in keys_read(_code_files(STAGES["evaluate"]))
+
+
+def _declared_params(stage: dict) -> list[str]:
+    return [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
+
+
+def _paths(items: list, raw: dict) -> list[str]:
+    """dvc.yaml paths (an entry may be a mapping path -> options) with `${a.b}` filled in from params.yaml."""
+    def value(match: re.Match) -> str:
+        node = raw
+        for part in match.group(1).split("."):
+            node = node[part]
+        return str(node)
+
+    return [re.sub(r"\$\{([^}]+)\}", value, item if isinstance(item, str) else next(iter(item))) for item in items]
+
+
+def test_the_dvc_stages_are_the_declared_ones_in_order() -> None:
+    assert list(STAGES) == [entry.dvc for entry in DECLARED.entries() if entry.dvc]
+
+
+@pytest.mark.parametrize("entry", [e for e in DECLARED.entries() if e.dvc], ids=lambda e: e.dvc)
+def test_each_dvc_stage_agrees_with_its_declaration(entry) -> None:
+    stage, raw = STAGES[entry.dvc], yaml.safe_load((REPO / "params.yaml").read_text())
+    params = load_params(REPO / "params.yaml")
+    assert stage["cmd"] == f"mer {entry.name}"
+    assert sorted(_declared_params(stage)) == sorted(entry.params)
+    deps = _paths(stage.get("deps", []), raw)
+    assert sorted(d for d in deps if not d.startswith(CODE)) == sorted(entry.input_paths(params))
+    module = Path(sys.modules[entry.function.__module__].__file__).relative_to(REPO).as_posix()
+    assert any(module == d or module.startswith(f"{d}/") for d in deps), f"{module} is not a dep of {entry.dvc}"
+    written = _paths(stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []), raw)
+    declared = entry.output_paths(params)
+    assert written and declared
+    assert [w for w in written if not any(w == o or w.startswith(f"{o}/") for o in declared)] == []
+    assert [o for o in declared if not any(w == o or w.startswith(f"{o}/") for w in written)] == []
