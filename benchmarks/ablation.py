@@ -4,19 +4,18 @@
     python benchmarks/ablation.py --repeats 1          # one run per variant (time: below)
     python benchmarks/ablation.py --root /data/megc2019-full --au-sheets casme2=... samm=...
 
-One part is changed at a time from the `cva-fpf-flow-cpu` recipe of params.yaml (everything else as chosen by its
-inner-validation search): attention CVA / CA (MMNet's) / none; AU predicted (joint head) / annotated (AU vector as
-input: leaks labels, flagged) / none; position FPF / PC / none. Every variant runs through `mer benchmark` on the
-five subject-grouped folds of `subject_5fold` under the `inner` protocol (honest; eight times cheaper than LOSO, so
-the numbers compare variants with each other, not with published LOSO results). FPF and PC need face crops
-(`datasets/combined_datasets_whole`, which the shared part now has): where a collection has none, their rows are listed
-with that reason instead of being run. Each variant runs `--repeats` times (default 3; `tune.repeats`: seeds derived from
-train.seed, the repeats' folds in parallel), so the run-to-run spread of every row is a measured column (mean +- sd)
-next to its single run: the ablation's differences have flipped sign between single runs before (docs/results.md).
-Each variant trains single models (`--ensemble 1`; the base entry's recipe has two members) so that the repeats
-measure the seed spread. Time on 2 idle cores: 14.9 min for the committed run (seven variants, FPF and PC included,
-three seeds each; git cb178ff). Writes results/ablation/ (results.md/csv/png, settings.json).
-"""
+One part is changed at a time from the `cva-fpf-flow-cpu` recipe of the benchmark's catalogue (everything else as
+chosen by its inner-validation search): attention CVA / CA (MMNet's) / none; AU predicted (joint head) / annotated (AU
+vector as input: leaks labels, flagged) / none; position FPF / PC / none. Every variant runs through `mer benchmark`
+on the five subject-grouped folds of `subject_5fold` under the `inner` protocol (honest; eight times cheaper than
+LOSO, so the numbers compare variants with each other, not with published LOSO results). FPF and PC need face crops
+(`datasets/combined_datasets_whole`, which the shared part now has): where a collection has none, their rows are
+listed with that reason instead of being run. Each variant runs `--repeats` times (default 3; `tune.repeats`: seeds
+derived from train.seed, the repeats' folds in parallel), so the run-to-run spread of every row is a measured column
+(mean +- sd) next to its single run: the ablation's differences have flipped sign between single runs before
+(docs/results.md). Each variant trains single models (`--ensemble 1`; the base entry's recipe has two members) so that
+the repeats measure the seed spread. Time on 2 idle cores: 14.9 min for the committed run (seven variants, FPF and PC
+included, three seeds each; git cb178ff). Writes results/ablation/ (results.md/csv/png, settings.json). """
 
 from __future__ import annotations
 
@@ -48,13 +47,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
 }
 
 
-def ablation_params(params_path: Path, work: Path, ensemble: int) -> Path:
-    """params.yaml with benchmark.models replaced by the variants of BASE_ENTRY (`ensemble` members per fold),
-    written under `work`."""
+def ablation_catalogue(catalogue_path: Path, work: Path, ensemble: int) -> Path:
+    """The benchmark's catalogue with benchmark.models replaced by the variants of BASE_ENTRY (`ensemble` members per
+    fold), written under `work`."""
     from mer_model.io import atomic_write
 
-    params = yaml.safe_load(params_path.read_text())
-    base = params["benchmark"]["models"][BASE_ENTRY]
+    catalogue = yaml.safe_load(catalogue_path.read_text())
+    base = catalogue["benchmark"]["models"][BASE_ENTRY]
     models = {}
     faces = base.get("faces", {})
     for key, (label, change, needs_faces) in VARIANTS.items():
@@ -68,11 +67,11 @@ def ablation_params(params_path: Path, work: Path, ensemble: int) -> Path:
         entry["train"] = {**entry.get("train", {}), "split": "subject_5fold", "ensemble": ensemble}
         entry["label"] = label
         models[key] = entry
-    params["benchmark"].update(models=models, default_models=[], work=str(work / "work"),
-                               baseline=[next(iter(VARIANTS))])  # each variant's paired difference to the base
+    catalogue["benchmark"].update(models=models, default_models=[], work=str(work / "work"),
+                                  baseline=[next(iter(VARIANTS))])  # each variant's paired difference to the base
     work.mkdir(parents=True, exist_ok=True)
-    path = work / "params.yaml"
-    atomic_write(path, yaml.safe_dump(params, sort_keys=False))
+    path = work / "catalogue.yaml"
+    atomic_write(path, yaml.safe_dump(catalogue, sort_keys=False))
     return path
 
 
@@ -98,8 +97,9 @@ def main() -> int:
 
     has_faces = (Path(args.root) / FACE_CROPS).is_dir()
     runnable = [k for k, (_, _, faces) in VARIANTS.items() if has_faces or not faces]
-    params = ablation_params(REPO / "params.yaml", Path(args.work), args.ensemble)
-    argv = ["benchmark", "megc2019", "--root", args.root, "--out", args.out, "--params", str(params),
+    catalogue = ablation_catalogue(REPO / "benchmarks" / "catalogue.yaml", Path(args.work), args.ensemble)
+    argv = ["benchmark", "megc2019", "--root", args.root, "--out", args.out, "--params", str(REPO / "params.yaml"),
+            "--catalogue", str(catalogue),
             "--au-sheets", *args.au_sheets, "--models", *runnable, "--protocol", "inner",
             "-S", f"tune.repeats={args.repeats}", *[x for s in args.overrides for x in ("-S", s)]]
     logging.getLogger("benchmarks").info("mer %s", " ".join(argv))

@@ -39,7 +39,7 @@ def prepare(root: Path, au_sheet: Path | None, work: Path, face_size: int) -> An
     per-sample function and cache writer in this process (no Ray, so no lock: only reading a map and a crop per
     sample): a SampleStore."""
     from components.ingest import ingest
-    from mer_model.config import load_params, with_overrides
+    from components.settings import load_params, with_overrides
     from mer_model.data import read_table
     from mer_model.preprocess.cache import Cache, process_row
     from mer_model.training.data import SampleStore
@@ -63,11 +63,12 @@ def per_epoch(store: Any, fold_name: str, key: str, faces: bool, epochs: int) ->
     """(median seconds per epoch after the first, the recipe's epochs, its ensemble members) of one fold."""
     import torch
 
-    from mer_model.config import ModelConfig, TrainConfig, load_params
+    from components.settings import CATALOGUE, load_catalogue
+    from mer_model.config import ModelConfig, TrainConfig
     from mer_model.training.folds import loso_folds
     from mer_model.training.trainer import FoldSpec, train_fold
 
-    entry = load_params(REPO / "params.yaml").benchmark.models[key]
+    entry = load_catalogue(REPO / CATALOGUE).models[key]
     kwargs = {**entry.kwargs, **(entry.faces if faces else {})}
     train = TrainConfig(**{**entry.train, "epochs": epochs, "protocol": "fixed", "ensemble": 1, "device": "cpu"})
     fold = next(f for f in loso_folds(store.index) if f.name == fold_name)
@@ -84,10 +85,10 @@ def resize_cost(store: Any, fold_name: str) -> tuple[float, int]:
     import torch
     import torch.nn.functional as F
 
-    from mer_model.config import load_params
+    from components.settings import CATALOGUE, load_catalogue
     from mer_model.training.folds import loso_folds
 
-    entry = load_params(REPO / "params.yaml").benchmark.models[MAIN]
+    entry = load_catalogue(REPO / CATALOGUE).models[MAIN]
     size, batch = int(entry.kwargs["img_size"]), int(entry.train["batch_size"])
     fold = next(f for f in loso_folds(store.index) if f.name == fold_name)
     n = len(store.sample_ids(fold.train_subjects))
@@ -108,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fold", default="casme2/sub17", help="the LOSO fold (its test subject)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from mer_model.config import load_params
+    from components.settings import CATALOGUE, load_catalogue
     from mer_model.training.folds import loso_folds
 
-    size = int(load_params(REPO / "params.yaml").benchmark.models[MAIN].kwargs["img_size"])
+    size = int(load_catalogue(REPO / CATALOGUE).models[MAIN].kwargs["img_size"])
     with tempfile.TemporaryDirectory(prefix="mer-fold-cost-") as tmp:
         full = prepare(args.root, args.au_sheet if args.au_sheet.is_file() else None, Path(tmp) / "224", 224)
         small = prepare(args.root, args.au_sheet if args.au_sheet.is_file() else None, Path(tmp) / "small", size)

@@ -4,12 +4,12 @@ Three parts, each on the device the run has (named in the output):
 
 1. train-step time of every registered model at its paper configuration and batch (benchmarks/models.py's
    PAPER_BATCH), float32 vs bfloat16 autocast + channels-last (what `train.amp` selects on a bf16 GPU);
-2. a 68-fold LOSO of STSTNet and HTNet-small (recipes: params.yaml `benchmark.models`) on synthetic
+2. a 68-fold LOSO of STSTNet and HTNet-small (recipes: benchmarks/catalogue.yaml `benchmark.models`) on synthetic
    composite-shaped data (68 subjects of 3..10 clips of 28x28 flow maps + five points, 442 clips like the MEGC2019
    composite), one fold at a time vs one fold-batched group (`train_fold_group`, device-resident data). The per-fold
    side trains `--per-fold-folds` folds and extrapolates x68 (said in the table); it runs in ONE process, so it is a
    lower bound of one Ray task per fold, which adds a worker start, imports and a data load per fold;
-3. HTNet's paper recipe (params.yaml `benchmark.models.htnet-paper`: batch 256, 800 epochs): `--htnet-epochs`
+3. HTNet's paper recipe (the catalogue's `benchmark.models.htnet-paper`: batch 256, 800 epochs): `--htnet-epochs`
    epochs of one fold timed and extrapolated to 800 epochs, and to the 68 folds one after another on this GPU.
 
     python benchmarks/gpu.py                      # on a GPU machine: <= 8 min on one H200; writes results/gpu/
@@ -249,7 +249,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/gpu", help="folder for gpu.json and gpu.md")
-    parser.add_argument("--params", default="params.yaml", help="recipes: benchmark.models of this file")
+    parser.add_argument("--catalogue", default="benchmarks/catalogue.yaml", help="recipes: its benchmark.models")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny CPU form (seconds): small configs, 4 subjects")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model and precision")
     parser.add_argument("--per-fold-folds", type=int, default=8, help="folds trained one at a time (then x68)")
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from mer_model.config import load_params
+    from components.settings import load_catalogue
     from mer_model.io import atomic_write, write_json
     from mer_model.models import list_models
     from mer_model.training.data import SampleStore
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("no CUDA device: run on a GPU machine, or --cpu-smoke for the tiny CPU form")
     else:
         device = torch.device("cuda")
-    recipes = {k: v.model_dump() for k, v in load_params(args.params).benchmark.models.items()}
+    recipes = {k: v.model_dump() for k, v in load_catalogue(args.catalogue).models.items()}
     report: dict[str, Any] = {"device": device_name(device), "torch": torch.__version__, "cpu_smoke": smoke,
                               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                               "command": " ".join(["python benchmarks/gpu.py", *(argv or sys.argv[1:])])}

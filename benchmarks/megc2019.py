@@ -1,7 +1,7 @@
 """The MEGC2019 composite benchmark: the models under the honest protocols, through `mer benchmark` (ingest ->
 preprocess -> Ray Tune LOSO driver -> MLflow), then the table is printed.
 
-    python benchmarks/megc2019.py                 # CPU: the *-cpu recipes of params.yaml, protocols inner + fixed
+    python benchmarks/megc2019.py                 # CPU: the *-cpu recipes of the catalogue, inner + fixed
     python benchmarks/megc2019.py --full          # GPU: every entry with its recipe (HTNet paper: 139.6M parameters,
                                                   #   800 epochs per fold), every protocol incl. the leaky oracle
     python benchmarks/megc2019.py --root /data/megc2019-full --au-sheets casme2=... samm=...
@@ -42,7 +42,7 @@ def main() -> int:
     parser.add_argument("--au-sheets", nargs="+",
                         default=[f"casme2={SHARED / 'annotations' / 'CASME2-coding-20140508.xlsx'}"])
     parser.add_argument("--out", default=str(REPO / "results" / "megc2019"))
-    parser.add_argument("--full", action="store_true", help="params.yaml recipes, every model and protocol (GPU)")
+    parser.add_argument("--full", action="store_true", help="every catalogue recipe, model and protocol (GPU)")
     parser.add_argument("--models", nargs="+", default=CPU_MODELS, help="benchmark.models entries (CPU run)")
     parser.add_argument("--protocol", nargs="+", default=CPU_PROTOCOLS, help="protocols (CPU run)")
     parser.add_argument("--repeats", type=int, default=1,
@@ -54,7 +54,7 @@ def main() -> int:
     from pipelines.cli import main as mer
 
     argv = ["benchmark", "megc2019", "--root", args.root, "--out", args.out, "--params", str(REPO / "params.yaml"),
-            "--au-sheets", *args.au_sheets, "-S", f"tune.repeats={args.repeats}",
+            "--catalogue", str(REPO / "benchmarks" / "catalogue.yaml"), "--au-sheets", *args.au_sheets, "-S", f"tune.repeats={args.repeats}",
             *[x for s in args.overrides for x in ("-S", s)]]
     # One invocation per model: each merges its rows into results.csv as it finishes, so an interrupted run keeps
     # the finished models (and a re-run resumes the stored folds of the interrupted one).

@@ -106,7 +106,7 @@ def main() -> int:
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="extra params override")
     args = parser.parse_args()
 
-    from mer_model.config import load_params
+    from components.settings import load_params
     from mer_model.io import atomic_write
     from mer_model.training.results import read_results
     from pipelines.cli import main as mer

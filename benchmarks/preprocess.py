@@ -33,7 +33,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from mer_model.config import PreprocessConfig, load_params
+from components.settings import load_params
+from mer_model.config import PreprocessConfig
 from mer_model.preprocess import face as facelib
 from mer_model.preprocess.cache import process_row
 from mer_model.preprocess.flow import compute_flow, tvl1

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mer_model.config import Params, load_params, parse_override
+from components.settings import Params, load_params
+from mer_model.config import parse_override
 from mer_model.errors import ConfigError, user_error
 
 
@@ -24,8 +25,11 @@ def add_params_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def params_from_args(args: argparse.Namespace) -> Params:
+    """params.yaml (`--params`) with the `-S` overrides, less those of sections a command keeps in its own file
+    (`settings_elsewhere`: `mer benchmark`'s catalogue)."""
+    elsewhere = getattr(args, "settings_elsewhere", ())
     overrides = dict(parse_override(text) for text in args.overrides)
-    return load_params(args.params, overrides)
+    return load_params(args.params, {k: v for k, v in overrides.items() if k.split(".", 1)[0] not in elsewhere})
 
 
 def run_command(prog: str, function: Callable[..., Any], args: argparse.Namespace, with_args: bool = False) -> int:

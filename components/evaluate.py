@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from components.report import results_report, tracked_run
-from mer_model.config import Params
+from components.settings import Params
 from mer_model.io import write_json
 from mer_model.reporting.artifacts import write_artifacts
 from mer_model.training.metrics import flat_metrics

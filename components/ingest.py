@@ -15,7 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from mer_model.config import DataConfig, Params
+from components.settings import Params
+from mer_model.config import DataConfig
 from mer_model.data import DATASETS, apply_class_set, check_table, get_class_set, load_annotations, validate_table
 from mer_model.errors import DataError
 from mer_model.io import write_csv, write_json

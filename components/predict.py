@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mer_model.config import Params
+from components.settings import Params
 from mer_model.errors import ConfigError, NonFiniteError, SampleError
 
 log = logging.getLogger(__name__)

@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from components.common import check_output_dir
-from mer_model.config import Params, PreprocessConfig
+from components.settings import Params
+from mer_model.config import PreprocessConfig
 from mer_model.data.schema import read_table
 from mer_model.errors import DataError
 from mer_model.io import read_json
 from mer_model.preprocess.cache import Cache, failed_result, process_row
 from mer_model.preprocess.modalities import requested
 from components.ray_session import connect_ray
+from components.settings import Params
 
 log = logging.getLogger(__name__)
 

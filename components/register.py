@@ -12,7 +12,6 @@ import logging
 from typing import Any
 
 from components.tracking import make_tracker, redact, tracking_uri
-from mer_model.config import Params
 from mer_model.errors import ConfigError
 from mer_model.io import write_json
 from mer_model.training.results import read_summary

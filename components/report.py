@@ -23,7 +23,6 @@ import pandas as pd
 
 from components.common import check_output_dir
 from components.tracking import Tracker, make_tracker, redact, tracking_uri
-from mer_model.config import Params
 from mer_model.errors import ConfigError
 from mer_model.reporting import comparison_table, paired_table, write_comparison_report, write_experiment_report
 from mer_model.training.protocols import run_label

@@ -6,7 +6,8 @@ import logging
 import time
 from pathlib import Path
 
-from mer_model.config import Params, SynthConfig
+from components.settings import Params
+from mer_model.config import SynthConfig
 
 log = logging.getLogger(__name__)
 

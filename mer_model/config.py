@@ -1,8 +1,11 @@
-"""Typed, validated configuration: `params.yaml` is loaded once into these objects.
+"""Typed, validated configuration of the library: the sections of `params.yaml` that library code reads (synth,
+data, preprocess, model, train; the interval settings of mer_model.training.stats) and the generic loaders.
 
-One place defines every knob of the platform. DVC stages depend on sections of params.yaml (`params:` in dvc.yaml),
-so a training parameter never invalidates the preprocessing cache. Validation errors name the offending key
-(e.g. `params.yaml: train.protocol: Input should be 'fixed', 'inner' or 'oracle'`).
+The platform's own sections (tune, tracking, evaluate, the search seed) are defined with the platform, in
+components/settings.py, whose `Params` extends `LibraryParams`: params.yaml is validated once, by that model, with the
+loaders below. DVC stages depend on sections of params.yaml (`params:` in dvc.yaml), so a training parameter never
+invalidates the preprocessing cache. Validation errors name the offending key (e.g. `params.yaml: train.protocol:
+Input should be 'fixed', 'inner' or 'oracle'`).
 
 Every numeric setting has the range in which it means something, checked at load: a count is not negative, a
 fraction lies in [0, 1], and sizes, epochs and rates have upper bounds far above any sensible value but below the
@@ -16,10 +19,10 @@ import copy
 import difflib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
 from mer_model.errors import ConfigError
@@ -221,94 +224,6 @@ class TrainConfig(_Section):
     seed: int = Field(0, ge=0)
 
 
-class SearchParam(_Section):
-    """One dimension of the hyperparameter search space."""
-
-    type: Literal["loguniform", "uniform", "int", "choice"]
-    low: float | None = None
-    high: float | None = None
-    values: list[Any] | None = None
-
-    @model_validator(mode="after")
-    def _complete(self) -> SearchParam:
-        if self.type == "choice":
-            if not self.values:
-                raise PydanticCustomError("search_param", "a choice needs a non-empty list of values")
-        elif self.low is None or self.high is None or self.low >= self.high:
-            raise PydanticCustomError("search_param", "needs low < high")
-        elif self.type == "loguniform" and self.low <= 0:
-            raise PydanticCustomError("search_param", "loguniform needs low > 0")
-        return self
-
-    def candidates(self) -> list[Any]:
-        """Values the search may sample at its bounds (every choice), to validate the key with at load."""
-        if self.type == "choice":
-            return list(self.values or [])
-        if self.type == "int":
-            return [int(self.low or 0), int(self.high or 0)]
-        return [self.low, self.high]
-
-
-class TuneConfig(_Section):
-    """Ray Tune: LOSO folds as Ray tasks, Optuna search scored on inner validation only."""
-
-    # search trials; 0 = no search, evaluate the configured hyperparameters
-    num_samples: int = Field(0, ge=0, le=100_000)
-    search_space: dict[str, SearchParam] = Field(default_factory=dict)  # keys like "train.lr", "model.kwargs.dim"
-    search_folds: int = Field(3, ge=1, le=100_000)  # LOSO folds whose INNER validation score is a trial's objective
-    metric: str = "uf1"
-    max_concurrent_trials: int = Field(2, ge=1, le=10_000)
-    fold_cpus: float = Field(1, gt=0, le=1024)
-    fold_gpus: float = Field(0, ge=0, le=64)  # fractional: several small folds share one GPU
-    # Fold tasks (groups of fold_group_size folds) one trial has in flight at once; 0 = no cap: every fold task is
-    # submitted and Ray runs as many as the cluster holds at each moment (the pending ones are autoscaler demand).
-    folds_per_trial: int = Field(0, ge=0, le=100_000)
-    # Seconds the driver waits for a Ray node that can hold one fold (fold_cpus and fold_gpus on one node) before it
-    # fails with one line; each node that joins meanwhile (an autoscaler bringing up workers) restarts the clock. On
-    # a command's private local Ray (no address), which cannot grow, it fails at once.
-    fold_node_wait_s: float = Field(600, gt=0, le=7 * 86_400)
-    # Folds one Ray task trains: > 1 trains them as one stacked model with torch.func for models that declare
-    # `fold_batching` (mer_model.training.fold_batch; e.g. 68 STSTNet folds on one GPU in one process), one after
-    # another in the same process otherwise. Each fold is still stored under its own key.
-    fold_group_size: int = Field(1, ge=1, le=10_000)
-    max_retries: int = Field(2, ge=0, le=100)  # a fold whose worker died is retried by Ray
-    storage_path: str = "runs/tune"  # local dir or s3://bucket/prefix; experiment state survives the head node
-    results: str = "runs/results"  # local: summary.json + pooled predictions of the chosen config (the DVC output)
-    experiment: str | None = None  # None = derived from dataset x model x protocol
-    ray_address: str | None = None
-    final_model: bool = True  # train on all subjects with the chosen config and register it
-    # Seed repeats: > 1 = the evaluation runs this many times as independent runs, repeat r with train.seed =
-    # mer_model.training.repeats.repeat_seed(train.seed, r) (repeat 0 keeps train.seed: it is the single run), as
-    # concurrent Tune trials whose fold tasks are all submitted together; summary.json, MLflow and `mer benchmark`
-    # report the mean and sd over repeats beside the single run's metrics. Costs `repeats` x the evaluation.
-    repeats: int = Field(1, ge=1, le=100)
-    # Nested search: the search runs once per evaluation fold, on that fold's TRAINING subjects only (its
-    # `search_folds` folds drawn from them by train.split), and each fold is trained and tested with its own choice,
-    # so no subject a recipe is scored on took part in choosing it. Costs folds x num_samples x search_folds fold
-    # trainings. No final model: the nested run estimates the search procedure, not one configuration.
-    nested: bool = False
-
-    @model_validator(mode="after")
-    def _search_needs_a_space(self) -> TuneConfig:
-        if self.num_samples > 0 and not self.search_space:
-            raise PydanticCustomError("search_space", "num_samples > 0 needs a non-empty search_space")
-        if self.nested and self.num_samples == 0:
-            raise PydanticCustomError("nested", "nested: true needs a search (num_samples > 0)")
-        return self
-
-
-class TrackingConfig(_Section):
-    """MLflow: an embedded SQLite store by default; MLFLOW_TRACKING_URI overrides `uri`. `backend: none` tracks
-    nothing (no server, no model logging): the results in tune.results are still complete."""
-
-    backend: Literal["mlflow", "none"] = "mlflow"
-    uri: str = "sqlite:///mlflow.db"
-    artifact_location: str | None = None
-    experiment: str = "mer"
-    registered_model: str = "mer-model"
-    registered_info: str = "runs/registered.json"  # written by `mer register`: model name, version, source run
-
-
 class IntervalConfig(_Section):
     """Subject-bootstrap confidence intervals and paired comparisons (mer_model.training.stats)."""
 
@@ -320,90 +235,22 @@ class IntervalConfig(_Section):
     confidence: float = Field(0.95, gt=0.5, lt=1)
 
 
-class EvaluateConfig(_Section):
-    metrics: str = "metrics.json"
-    plots: str = "plots"
-    report: str = "reports"
-    intervals: IntervalConfig = Field(default_factory=IntervalConfig)
+class LibraryParams(_Section):
+    """The sections of params.yaml the library reads (each function is given its section, never the whole). The
+    platform's settings model (components/settings.py `Params`) extends this with its own sections; the generic
+    loaders below validate with whichever model they are given."""
 
-
-class BenchmarkModel(_Section):
-    """One model of `mer benchmark`: a registered model and configuration plus its training recipe."""
-
-    name: str
-    config: str = "small"
-    kwargs: dict[str, Any] = Field(default_factory=dict)  # model.kwargs
-    faces: dict[str, Any] = Field(default_factory=dict)  # extra model.kwargs used only when the cache has apex crops
-    # preprocess.face_size for this entry's face crops (its network's input size: resized once at preprocessing, not
-    # every batch); None = preprocess.face_size. Models benchmarked together share the largest.
-    face_size: int | None = Field(None, ge=16, le=2048)
-    train: dict[str, Any] = Field(default_factory=dict)  # overrides of the train section (epochs, lr, batch_size, ..)
-    label: str = ""  # name in the tables; "" = the key
-
-
-class BenchmarkConfig(_Section):
-    """`mer benchmark`: LOSO of several models x protocols through ingest -> preprocess -> the LOSO driver."""
-
-    work: str = "runs/benchmark"  # per collection: ingested table, preprocessed cache, Tune/fold state, run results
-    out: str = "results"  # tables under <out>/<collection>/ (results.md, results.csv, results.png)
-    models: dict[str, BenchmarkModel] = Field(default_factory=dict)
-    default_models: list[str] = Field(default_factory=list)  # [] = every entry of `models`
-    protocols: list[Protocol] = Field(default_factory=lambda: ["fixed", "inner", "oracle"])
-    # `fixed` trains for the epoch count `inner` (run first) supports on validation subjects: the best epoch of its
-    # fold-averaged validation UF1 (protocols.retrain_epochs), chosen without looking at a test fold; false = the
-    # model's configured epochs.
-    fixed_epochs_from_inner: bool = True
-    cpus: int = Field(0, ge=0, le=4096)  # local Ray CPUs; 0 = all (tune.ray_address set = use that cluster)
-    # The row every honest row is compared with (paired difference over the same samples, per protocol): the first of
-    # these entries the table has; [] = no comparison.
-    baseline: list[str] = Field(default_factory=list)
-
-
-class Params(_Section):
-    """The whole of params.yaml."""
-
-    seed: int = Field(0, ge=0)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    tune: TuneConfig = Field(default_factory=TuneConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
 
-    @model_validator(mode="after")
-    def _check_search_space(self) -> Params:
-        """Every `tune.search_space` key names a model or training parameter that accepts the values the search may
-        sample, checked at load (not inside each trial after Ray and the tracker started). Only `model.*` and
-        `train.*` may be searched: a fold's stored result is keyed by those sections (folds.fold_fingerprint), and
-        the phase sets `train.protocol` / `train.split` itself."""
-        sections: dict[str, type[_Section]] = {"model": ModelConfig, "train": TrainConfig}
-        for key, spec in self.tune.search_space.items():
-            where = f"tune.search_space.{key}"
-            section, _, rest = key.partition(".")
-            if section not in sections or not rest:
-                raise PydanticCustomError("search_space", "{where}: only model.* and train.* parameters can be "
-                                          "searched", {"where": where})
-            if key in ("train.protocol", "train.split"):
-                raise PydanticCustomError("search_space", "{where}: set by the experiment phase, not searchable",
-                                          {"where": where})
-            for value in spec.candidates():
-                tree = getattr(self, section).model_dump(mode="json", by_alias=True)
-                try:
-                    set_dotted(tree, rest, value)
-                    sections[section].model_validate(tree)
-                except ConfigError as err:
-                    raise PydanticCustomError("search_space", "{where}: {detail}",
-                                              {"where": where, "detail": str(err)}) from None
-                except ValidationError as err:
-                    first = err.errors()[0]
-                    detail = ("no such parameter" if first["type"] == "extra_forbidden"
-                              else f"value {value!r}: {first['msg']}")
-                    raise PydanticCustomError("search_space", "{where}: {detail}",
-                                              {"where": where, "detail": detail}) from None
-        return self
+
+# What the platform's settings (components/settings.py) are built from: the same section base (unknown keys are
+# errors).
+Section = _Section
+P = TypeVar("P", bound=BaseModel)
 
 
 def _shown(value: Any) -> str:
@@ -413,10 +260,10 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _close_key(loc: tuple[Any, ...]) -> str | None:
-    """For an unknown key: the known key of the same section it most resembles (`train.epoch` -> `train.epochs`),
-    when the section is a fixed set of fields."""
-    model: Any = Params
+def _close_key(root: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """For an unknown key: the known key of the same section of `root` it most resembles (`train.epoch` ->
+    `train.epochs`), when the section is a fixed set of fields."""
+    model: Any = root
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
@@ -427,7 +274,8 @@ def _close_key(loc: tuple[Any, ...]) -> str | None:
     return ".".join([*map(str, loc[:-1]), match[0]]) if match else None
 
 
-def _format_validation_error(source: str, err: ValidationError, overrides: Mapping[str, Any] | None = None) -> str:
+def _format_validation_error(root: type[BaseModel], source: str, err: ValidationError,
+                             overrides: Mapping[str, Any] | None = None) -> str:
     """One line for the first error: `source: key: message (did you mean KEY; got VALUE; set by the override
     KEY=VALUE) (and N more: KEYS)` -- the suggestion for an unknown key, the value when pydantic has one, the override
     when the key is (or lies under) one of `overrides`."""
@@ -435,7 +283,7 @@ def _format_validation_error(source: str, err: ValidationError, overrides: Mappi
     first = errors[0]
     key = ".".join(str(p) for p in first["loc"])
     detail = []
-    if first["type"] == "extra_forbidden" and (close := _close_key(tuple(first["loc"]))):
+    if first["type"] == "extra_forbidden" and (close := _close_key(root, tuple(first["loc"]))):
         detail.append(f"did you mean {close}")
     if first["type"] != "missing" and not isinstance(first.get("input"), Mapping):
         detail.append(f"got {_shown(first.get('input'))}")
@@ -450,17 +298,19 @@ def _format_validation_error(source: str, err: ValidationError, overrides: Mappi
     return f"{source}: {key}: {first['msg']}{note}{more}" if key else f"{source}: {first['msg']}{note}{more}"
 
 
-def parse_params(raw: dict[str, Any], source: str = "params", overrides: Mapping[str, Any] | None = None) -> Params:
-    """Validate a params mapping; a ConfigError names the first bad key, its value, and the override that set it
-    (`overrides`, dotted keys) if one did."""
+def parse_params(model: type[P], raw: Mapping[str, Any] | None, source: str = "params",
+                 overrides: Mapping[str, Any] | None = None) -> P:
+    """Validate a params mapping with `model` (the platform's `Params`, or any settings model built from `_Section`s);
+    a ConfigError names the first bad key, its value, and the override that set it (`overrides`, dotted keys) if one
+    did."""
     try:
-        return Params.model_validate(raw or {})
+        return model.model_validate(raw or {})
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(source, err, overrides)) from None
+        raise ConfigError(_format_validation_error(model, source, err, overrides)) from None
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
-    """Load and validate params.yaml, applying dotted overrides such as {"train.epochs": 3}."""
+def load_params(model: type[P], path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> P:
+    """Load a settings file and validate it with `model`, applying dotted overrides such as {"train.epochs": 3}."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: parameters file not found")
@@ -474,17 +324,23 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         raise ConfigError(f"{path}: empty parameters file (write `{{}}` to run with every default)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return with_overrides(raw, overrides or {}, str(path))
+    return with_overrides(raw, overrides or {}, str(path), model)
 
 
-def with_overrides(base: Params | Mapping[str, Any], overrides: Mapping[str, Any], source: str) -> Params:
-    """`base` (Params or a params mapping) with dotted `overrides` applied ({"train.lr": 1e-3}), re-validated: the
-    one way every stage derives a configuration from another. A bad key or value is a ConfigError naming `source`."""
-    tree = (base.model_dump(mode="json", by_alias=True) if isinstance(base, Params)
-            else copy.deepcopy(dict(base)))
+def with_overrides(base: P | Mapping[str, Any], overrides: Mapping[str, Any], source: str,
+                   model: type[P] | None = None) -> P:
+    """`base` (a settings object, or a mapping validated with `model`) with dotted `overrides` applied
+    ({"train.lr": 1e-3}), re-validated: the one way every stage derives a configuration from another. `model`
+    defaults to the type of `base`. A bad key or value is a ConfigError naming `source`."""
+    if isinstance(base, BaseModel):
+        tree, model = base.model_dump(mode="json", by_alias=True), model or type(base)
+    elif model is None:
+        raise TypeError("with_overrides: a mapping needs the settings model to validate it with")
+    else:
+        tree = copy.deepcopy(dict(base))
     for key, value in overrides.items():
         set_dotted(tree, key, value)
-    return parse_params(tree, source, overrides)
+    return parse_params(model, tree, source, overrides)
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

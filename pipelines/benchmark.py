@@ -1,16 +1,18 @@
 """`mer benchmark`: LOSO of several models x protocols on a real collection, through the platform's own stages.
 
     mer benchmark megc2019 --root PATH [--models KEY ...] [--protocol fixed inner oracle] [--epochs N]
-                           [--au-sheets casme2=PATH samm=PATH] [--out DIR]
+                           [--au-sheets casme2=PATH samm=PATH] [--out DIR] [--catalogue FILE] [-S KEY=VALUE ...]
 
 Why it is built this way: a benchmark number must come from the code users run, so the collection goes through
 `ingest` -> `preprocess` -> the experiment driver (`pipelines.engine.driver.run_tune`, folds as Ray tasks,
 tracked parent/trial/fold runs) once per (model, protocol): this module is a loop over models x protocols that chooses
 the settings and collects one row per run from the driver's typed results; the tables and the chart are rendered by
-`mer_model.reporting.benchmark`. Models come from `params.benchmark.models` (recipes set a priori or chosen by
-`mer tune` on inner validation subjects, never tuned on a test fold). What the data cannot feed is switched off and
-said so: FPF without apex face crops, AUs without a coding sheet; what the collection has is read from its ingested
-annotation table (`data_capabilities`), so the crops of an entry's `faces` variant are preprocessed on the first run.
+`mer_model.reporting.benchmark`. Models come from the benchmark's own catalogue, benchmarks/catalogue.yaml
+(`benchmark.models`: recipes set a priori or chosen by `mer tune` on inner validation subjects, never tuned on a test
+fold; not run-time parameters, so not in params.yaml: each run's params are params.yaml with its entry's recipe).
+What the data cannot feed is switched off and said so: FPF without apex face crops, AUs without a coding sheet; what
+the collection has is read from its ingested annotation table (`data_capabilities`), so the crops of an entry's
+`faces` variant are preprocessed on the first run.
 Rows are flagged `leaky` when the protocol is `oracle` (test-fold epoch selection) or the model reads annotated AUs
 (the verdict stored with each run's result). Every row carries subject-bootstrap intervals, and every honest row its
 paired difference to the baseline row of its protocol (`benchmark.baseline`; interval + permutation p-value,
@@ -41,9 +43,18 @@ import pandas as pd
 from components.ingest import ingest
 from components.preprocess import preprocess
 from components.ray_session import connect_ray
+from components.settings import (
+    CATALOGUE,
+    BenchmarkConfig,
+    BenchmarkModel,
+    Params,
+    load_catalogue,
+    load_params,
+    with_overrides,
+)
 from components.tracking import git_commit
 from mer_model.batch_keys import BATCH_KEYS, Geometry
-from mer_model.config import BenchmarkModel, IntervalConfig, Params, with_overrides
+from mer_model.config import IntervalConfig, parse_override
 from mer_model.errors import ConfigError, DataError
 from mer_model.reporting.benchmark import DATASETS, SCORES, write_outputs
 from mer_model.data import read_table
@@ -65,13 +76,14 @@ REPO = Path(__file__).resolve().parents[1]
 # Settings
 
 
-def base_params(params: Params, collection: str, root: Path, au_sheets: Mapping[str, str]) -> Params:
-    """params with the data/preprocess/tracking sections pointed at this collection under benchmark.work."""
+def base_params(params: Params, cfg: BenchmarkConfig, collection: str, root: Path,
+                au_sheets: Mapping[str, str]) -> Params:
+    """params with the data/preprocess/tracking sections pointed at this collection under `cfg.work`."""
     if collection not in COLLECTIONS:
         raise ConfigError(f"benchmark: unknown collection {collection!r} (known: {', '.join(COLLECTIONS)})")
     if not root.is_dir():
         raise DataError("--root: directory not found", file=str(root))
-    work = Path(params.benchmark.work) / collection
+    work = Path(cfg.work) / collection
     return with_overrides(params, {
         "data.source": collection, "data.root": str(root.resolve()), "data.class_set": COLLECTIONS[collection],
         "data.annotation": None, "data.au_sheets": {k: str(Path(v).expanduser().resolve()) for k, v in au_sheets.items()},
@@ -81,17 +93,18 @@ def base_params(params: Params, collection: str, root: Path, au_sheets: Mapping[
     }, "benchmark settings")
 
 
-def with_models_inputs(base: Params, keys: Sequence[str],
+def with_models_inputs(base: Params, models: Mapping[str, BenchmarkModel], keys: Sequence[str],
                        kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> Params:
-    """`base` with `preprocess.modalities` = what the benchmarked models read together (plus any set explicitly) and
-    `preprocess.face_size` = the largest `face_size` of the entries that read face crops (where any sets one):
-    the collection is preprocessed once for all of them, so a model reading more than the default model (HTNet's
-    `points5`, MOL's 128 px sequences) finds its inputs. `kwargs`: each entry's model kwargs as adapted to the data
-    (`adapt_entry`: with its `faces` variant where the collection has apex crops), default the entry's own."""
+    """`base` with `preprocess.modalities` = what the benchmarked models (`keys` of `models`) read together (plus any
+    set explicitly) and `preprocess.face_size` = the largest `face_size` of the entries that read face crops (where
+    any sets one): the collection is preprocessed once for all of them, so a model reading more than the default
+    model (HTNet's `points5`, MOL's 128 px sequences) finds its inputs. `kwargs`: each entry's model kwargs as
+    adapted to the data (`adapt_entry`: with its `faces` variant where the collection has apex crops), default the
+    entry's own."""
     needed = set(base.preprocess.modalities)
     face_sizes: list[int] = []
     for key in keys:
-        entry = base.benchmark.models[key]
+        entry = models[key]
         reads = model_modalities(entry.name, entry.config, **(kwargs or {}).get(key, entry.kwargs))
         needed.update(reads)
         if entry.face_size and any(BATCH_KEYS[m].geometry is Geometry.IMAGE for m in reads):
@@ -101,22 +114,21 @@ def with_models_inputs(base: Params, keys: Sequence[str],
                           "benchmark models' inputs")
 
 
-def results_dir(base: Params, key: str, protocol: str, collection: str) -> Path:
+def results_dir(cfg: BenchmarkConfig, key: str, protocol: str, collection: str) -> Path:
     """Where the run of entry `key` under `protocol` leaves its results (tune.results)."""
-    return Path(base.benchmark.work) / collection / "results" / f"{key}-{protocol}"
+    return Path(cfg.work) / collection / "results" / f"{key}-{protocol}"
 
 
-def run_params(base: Params, key: str, entry: BenchmarkModel, kwargs: Mapping[str, Any], protocol: str,
-               epochs: int | None, collection: str) -> Params:
+def run_params(base: Params, cfg: BenchmarkConfig, key: str, entry: BenchmarkModel, kwargs: Mapping[str, Any],
+               protocol: str, epochs: int | None, collection: str) -> Params:
     """Params of one run: the entry's model and recipe, the protocol, its own experiment and results dir."""
-    work = Path(base.benchmark.work) / collection
     return with_overrides(base, {
         "model": {"name": entry.name, "config": entry.config, "kwargs": dict(kwargs)},
         **{f"train.{name}": value for name, value in entry.train.items()},
         **({"train.epochs": epochs} if epochs is not None else {}),
         "train.protocol": protocol,
         "tune.experiment": f"benchmark-{collection}-{key}-{protocol}",
-        "tune.results": str(results_dir(base, key, protocol, collection)),
+        "tune.results": str(results_dir(cfg, key, protocol, collection)),
     }, f"benchmark.models.{key}")
 
 
@@ -325,8 +337,7 @@ def parameter_count(name: str, config: str, kwargs: Mapping[str, Any], num_class
 # The whole benchmark
 
 
-def select_models(params: Params, requested: Sequence[str] | None) -> list[str]:
-    cfg = params.benchmark
+def select_models(cfg: BenchmarkConfig, requested: Sequence[str] | None) -> list[str]:
     keys = list(requested or cfg.default_models or cfg.models)
     unknown = [k for k in keys if k not in cfg.models]
     if unknown:
@@ -343,22 +354,23 @@ def order_protocols(protocols: Sequence[str], fixed_from_inner: bool) -> list[st
     return ordered
 
 
-def benchmark(params: Params, collection: str, root: Path, models: Sequence[str] | None = None,
+def benchmark(params: Params, cfg: BenchmarkConfig, collection: str, root: Path, models: Sequence[str] | None = None,
               protocols: Sequence[str] | None = None, epochs: int | None = None,
               au_sheets: Mapping[str, str] | None = None, out: Path | None = None,
               command: str = "") -> pd.DataFrame:
-    """Ingest + preprocess `root`, run the driver for every model x protocol, write the tables; returns all rows."""
+    """Ingest + preprocess `root`, run the driver for every model x protocol of the catalogue `cfg` (run-time
+    settings from `params`), write the tables; returns all rows."""
     from mer_model.training.data import SampleStore  # torch
 
-    base = base_params(params, collection, root, au_sheets or {})
-    keys = select_models(base, models)
-    chosen = order_protocols(protocols or base.benchmark.protocols, base.benchmark.fixed_epochs_from_inner)
-    out = out or Path(base.benchmark.out) / collection
-    connect_ray(base.tune.ray_address, base.benchmark.cpus)
+    base = base_params(params, cfg, collection, root, au_sheets or {})
+    keys = select_models(cfg, models)
+    chosen = order_protocols(protocols or cfg.protocols, cfg.fixed_epochs_from_inner)
+    out = out or Path(cfg.out) / collection
+    connect_ray(base.tune.ray_address, cfg.cpus)
     ingest(base)
     caps = data_capabilities(read_table(base.data.ingested))  # what the collection has, before preprocessing
-    adapted = {key: adapt_entry(key, base.benchmark.models[key], caps) for key in keys}
-    base = with_models_inputs(base, keys, {key: a[0] for key, a in adapted.items()})
+    adapted = {key: adapt_entry(key, cfg.models[key], caps) for key in keys}
+    base = with_models_inputs(base, cfg.models, keys, {key: a[0] for key, a in adapted.items()})
     manifest = preprocess(base)
     store = SampleStore.open(base.preprocess.out)
     coverage = store.coverage()  # samples of the collection the models train and are scored on (the engine's store)
@@ -367,7 +379,7 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
              caps["au_coded"] or "none")
     rows: list[dict[str, Any]] = []
     for key in keys:
-        entry = base.benchmark.models[key]
+        entry = cfg.models[key]
         kwargs, shown, notes = adapted[key]
         notes = notes + preprocessing_notes(manifest, model_modalities(entry.name, entry.config, **kwargs))
         parameters = parameter_count(entry.name, entry.config, kwargs, store.num_classes)
@@ -378,20 +390,20 @@ def benchmark(params: Params, collection: str, root: Path, models: Sequence[str]
             if protocol == "fixed" and inner_epoch is not None:
                 run_epochs = inner_epoch
                 run_notes.append(f"fixed epochs = best epoch of the fold-averaged inner validation UF1 ({inner_epoch})")
-            run = run_params(base, key, entry, kwargs, protocol, run_epochs, collection)
+            run = run_params(base, cfg, key, entry, kwargs, protocol, run_epochs, collection)
             log.info("benchmark: %s under %s (%d epochs)", key, protocol, run.train.epochs)
             summary, predictions, folds, wall = run_one(run)
             row = result_row(key, entry, run, parameters, shown, run_notes, predictions, folds, wall, summary,
                              command)
             row["coverage"] = f"{coverage['usable']}/{coverage['total']}"
             rows.append(row)
-            if protocol == "inner" and base.benchmark.fixed_epochs_from_inner and folds:
+            if protocol == "inner" and cfg.fixed_epochs_from_inner and folds:
                 inner_epoch = retrain_epochs(folds)
             log.info("benchmark: %s %s: UF1 %.4f UAR %.4f acc %.4f (%.0f s)", key, protocol, row["uf1"], row["uar"],
                      row["accuracy"], wall)
-    table = merge_rows(out / "results.csv", pd.DataFrame(rows), list(base.benchmark.models))
-    table = baseline_differences(table, lambda key, protocol: results_dir(base, key, protocol, collection),
-                                 base.benchmark.baseline, base.evaluate.intervals)
+    table = merge_rows(out / "results.csv", pd.DataFrame(rows), list(cfg.models))
+    table = baseline_differences(table, lambda key, protocol: results_dir(cfg, key, protocol, collection),
+                                 cfg.baseline, base.evaluate.intervals)
     settings = {
         "collection": collection, "root": portable_path(str(root), f"<{collection} root>"), "samples": len(store.index),
         "subjects": len(store.subjects()), "per_dataset": caps["per_dataset"], "apex_crops": caps["faces"],
@@ -472,10 +484,18 @@ def merge_rows(path: Path, rows: pd.DataFrame, model_order: Sequence[str] = ()) 
 # CLI
 
 
+def catalogue_from_args(args: argparse.Namespace) -> BenchmarkConfig:
+    """The catalogue (`--catalogue`) with the `-S benchmark.*` overrides applied; every other key went to the
+    run-time params (`settings_elsewhere` below keeps them apart)."""
+    overrides = dict(parse_override(text) for text in args.overrides)
+    return load_catalogue(args.catalogue, {k: v for k, v in overrides.items() if k.split(".", 1)[0] == "benchmark"})
+
+
 def benchmark_command(params: Params, args: argparse.Namespace) -> int:
     """`mer benchmark COLLECTION --root PATH ...` (add_arguments)."""
-    table = benchmark(params, args.collection, Path(args.root).expanduser(), args.models, args.protocol, args.epochs,
-                      parse_au_sheets(args.au_sheets), Path(args.out) if args.out else None, command_line(args))
+    table = benchmark(params, catalogue_from_args(args), args.collection, Path(args.root).expanduser(), args.models,
+                      args.protocol, args.epochs, parse_au_sheets(args.au_sheets), Path(args.out) if args.out else None,
+                      command_line(args))
     log.info("benchmark results:\n%s", table[["label", "protocol", "leaky", *SCORES, "n_samples", "n_subjects",
                                                 "wall_s", "fold_s", "device"]].to_string(index=False))
     return 0
@@ -511,6 +531,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--epochs", str(args.epochs)]
     if args.out:
         parts += ["--out", path(args.out, "<out>")]
+    if Path(os.path.abspath(args.catalogue)) != REPO / CATALOGUE:  # another catalogue than the repository's
+        parts += ["--catalogue", path(args.catalogue, "<catalogue>")]
     for override in args.overrides:
         key, _, value = override.partition("=")
         parts += ["-S", f"{key}={portable_path(value, '<local path>')}"]
@@ -528,3 +550,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--au-sheets", nargs="+", default=[], metavar="DATASET=PATH",
                         help="AU coding sheets to join, e.g. casme2=CASME2-coding.xlsx samm=SAMM.xlsx")
     parser.add_argument("--out", help="directory of the tables (default: <benchmark.out>/<collection>)")
+    parser.add_argument("--catalogue", default=CATALOGUE,
+                        help=f"the benchmark's model catalogue (default: {CATALOGUE}; -S benchmark.KEY=VALUE "
+                        "overrides its keys)")
+    parser.set_defaults(settings_elsewhere=("benchmark",))  # -S benchmark.* is the catalogue's, not params.yaml's

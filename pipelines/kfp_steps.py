@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from mer_model.config import Params, load_params
+from components.settings import Params, load_params
 from mer_model.errors import ServiceError
 from mer_model.io import atomic_write, write_json
 from pipelines.ray_jobs import DASHBOARD_KEY, DEFAULT_TIMEOUT_S, RayJobs, submission_id

@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from components.common import add_params_arguments, run_command
-from mer_model.config import Params
+from components.settings import Params
 from mer_model.logging_utils import setup_logging
 from mer_model.training.results import ExperimentSummary
 from pipelines.engine.preflight import check_experiment

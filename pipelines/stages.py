@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from components import evaluate, ingest, predict, preprocess, register, report, synth
-from mer_model.config import Params
+from components.settings import Params
 from mer_model.registry import Registry
 from pipelines import benchmark, loso
 

@@ -152,7 +152,7 @@ def tiny_params(root: Path, data: Path | None = None, **overrides: Any) -> Path:
     With `data`, every path is absolute: the dataset stages under `data` (a set shared by the session's runs) and
     the run's outputs under `root`. Without, the paths stay the project's relative ones, for a chain of stages run
     in `root` (as a user runs `dvc repro`)."""
-    from mer_model.config import with_overrides
+    from components.settings import with_overrides
 
     paths: dict[str, Any] = {}
     if data is not None:
@@ -236,7 +236,7 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory, local_ray: None) -> Path
     from components.ingest import ingest
     from components.preprocess import preprocess
     from components.synth import synthesize
-    from mer_model.config import load_params
+    from components.settings import load_params
 
     root = tmp_path_factory.mktemp("tiny-build")
     # What every model the session's runs train reads: STSTNet the flow map, CVA-FPF with annotated AUs also `aus`.

@@ -15,8 +15,8 @@ import pytest
 from pipelines.benchmark import (adapt_entry, data_capabilities, order_protocols, parse_au_sheets, portable_path, run_params,
                                  with_models_inputs)
 from pipelines.cli import main
+from components.settings import BenchmarkModel, load_catalogue, load_params
 from components.tracking.base import git_commit
-from mer_model.config import BenchmarkModel, load_params
 from mer_model.errors import ConfigError, DataError
 from mer_model.reporting.benchmark import markdown_table, table_notes
 
@@ -81,7 +81,8 @@ def full_shape_composite(composite_dir: Path, annotations_dir: Path, tmp_path: P
     return root, tmp_path / "SAMM.xlsx"
 
 
-CPU_ENTRIES = [key for key in load_params(REPO / "params.yaml").benchmark.models if key.endswith("-cpu")]
+CATALOGUE = load_catalogue(REPO / "benchmarks" / "catalogue.yaml")
+CPU_ENTRIES = [key for key in CATALOGUE.models if key.endswith("-cpu")]
 
 
 @pytest.mark.usefixtures("local_ray")
@@ -97,7 +98,8 @@ def test_every_cpu_entry_runs_over_the_full_shape_composite(full_shape_composite
         "benchmark", "megc2019", "--root", str(root), "--models", *CPU_ENTRIES, "--protocol", "inner",
         "--epochs", "1", "--out", str(out), "--au-sheets",
         f"casme2={annotations_dir / 'CASME2-coding-20140508.xlsx'}", f"samm={samm_sheet}",
-        "--params", str(REPO / "params.yaml"), "-S", f"benchmark.work={tmp_path / 'work'}",
+        "--params", str(REPO / "params.yaml"), "--catalogue", str(REPO / "benchmarks" / "catalogue.yaml"),
+        "-S", f"benchmark.work={tmp_path / 'work'}",
         "-S", "tracking.backend=none", "-S", "benchmark.cpus=2", "-S", "tune.fold_group_size=3",
     ]
     assert main(argv) == 0
@@ -129,7 +131,7 @@ def test_benchmark_command_end_to_end(tiny_composite: Path, annotations_dir: Pat
         "benchmark", "megc2019", "--root", str(tiny_composite), "--models", "ststnet", "cva-fpf-flow-au",
         "--protocol", "oracle", "inner", "--epochs", "1", "--out", str(out),
         "--au-sheets", f"casme2={annotations_dir / 'CASME2-coding-20140508.xlsx'}",
-        "--params", str(REPO / "params.yaml"),
+        "--params", str(REPO / "params.yaml"), "--catalogue", str(REPO / "benchmarks" / "catalogue.yaml"),
         "-S", f"benchmark.work={tmp_path / 'work'}", "-S", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "-S", "benchmark.cpus=2", "-S", f"{small}.img_size=32", "-S", f"{small}.stage_channels=[8,8,8,8]",
         "-S", f"{small}.act_channels=8", "-S", f"{small}.fc_dim=16", "-S", f"{small}.fc2_dim=8",
@@ -212,8 +214,35 @@ def test_recorded_command_reads_path_arguments_from_the_working_directory(tmp_pa
     recorded = command_line(args)
     assert "--out '<out>'" in recorded and "--root '<megc2019 root>'" in recorded, recorded
     assert "benchmark.cpus=2" in recorded
+    assert "--catalogue '<catalogue>'" in recorded  # that folder has its own (or no) benchmarks/catalogue.yaml
     monkeypatch.chdir(REPO)
     assert "--out bench" in command_line(args)  # from the repository root: repository-relative, as typed
+    assert "--catalogue" not in command_line(args)  # the repository's catalogue, the default
+
+
+def test_benchmark_settings_split_the_overrides_between_params_and_the_catalogue(tmp_path: Path) -> None:
+    """`-S benchmark.*` sets the catalogue (benchmarks/catalogue.yaml), every other key params.yaml; the catalogue is
+    not a run-time param (params.yaml has no `benchmark` section), and its bad keys are one line naming its file."""
+    from components.common import params_from_args
+    from pipelines.benchmark import catalogue_from_args
+    from pipelines.cli import build_parser
+
+    def settings(*overrides: str) -> tuple:
+        args = build_parser().parse_args(
+            ["benchmark", "megc2019", "--root", "x", "--params", str(REPO / "params.yaml"), "--catalogue",
+             str(REPO / "benchmarks" / "catalogue.yaml"), *[x for o in overrides for x in ("-S", o)]])
+        return params_from_args(args), catalogue_from_args(args)
+
+    params, cfg = settings("benchmark.cpus=2", "train.epochs=3")
+    assert cfg.cpus == 2 and params.train.epochs == 3 and cfg.models == CATALOGUE.models
+    assert "benchmark" not in params.model_dump()
+    with pytest.raises(ConfigError, match=r"catalogue.yaml: benchmark.cpu: Extra inputs are not permitted \(did you "
+                                          r"mean benchmark.cpus; got 2; set by the override benchmark.cpu=2\)"):
+        settings("benchmark.cpu=2")
+    old = tmp_path / "params.yaml"  # a params.yaml from before the catalogue moved out
+    old.write_text((REPO / "params.yaml").read_text() + "benchmark: {cpus: 2}\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: benchmark: Extra inputs are not permitted"):
+        load_params(old)
 
 
 def test_adapt_entry_switches_off_what_the_data_lacks() -> None:
@@ -242,13 +271,13 @@ def test_capabilities_come_from_the_ingested_table_before_preprocessing() -> Non
                     "per_dataset": {"casme2": 2, "smic": 1}}
     assert data_capabilities(table.assign(apex_path=["a.jpg", "", ""]))["faces"] is False
     base = load_params(REPO / "params.yaml")
-    entry = base.benchmark.models["cva-fpf-flow-cpu"]
+    entry = CATALOGUE.models["cva-fpf-flow-cpu"]
     kwargs = {"cva-fpf-flow-cpu": adapt_entry("cva-fpf-flow-cpu", entry, caps)[0]}
-    inputs = with_models_inputs(base, ["cva-fpf-flow-cpu"], kwargs).preprocess
+    inputs = with_models_inputs(base, CATALOGUE.models, ["cva-fpf-flow-cpu"], kwargs).preprocess
     assert "apex224" in inputs.modalities
     # the crops cached at the network's input size (resized once, not every batch); a model without faces: no change
     assert inputs.face_size == entry.face_size == entry.kwargs["img_size"]
-    assert with_models_inputs(base, ["ststnet-cpu"]).preprocess.face_size == base.preprocess.face_size
+    assert with_models_inputs(base, CATALOGUE.models, ["ststnet-cpu"]).preprocess.face_size == base.preprocess.face_size
 
 
 def test_the_collection_is_preprocessed_for_every_benchmarked_model() -> None:
@@ -256,8 +285,8 @@ def test_the_collection_is_preprocessed_for_every_benchmarked_model() -> None:
     (the HTNet row of a run whose default model reads only flow28 + aus failed on a cache without points5)."""
     base = load_params(REPO / "params.yaml")
     assert base.preprocess.modalities == []
-    assert with_models_inputs(base, ["ststnet-cpu"]).preprocess.modalities == ["flow28"]
-    both = with_models_inputs(base, ["ststnet-cpu", "htnet-cpu", "cva-fpf-flow-au-cpu"])
+    assert with_models_inputs(base, CATALOGUE.models, ["ststnet-cpu"]).preprocess.modalities == ["flow28"]
+    both = with_models_inputs(base, CATALOGUE.models, ["ststnet-cpu", "htnet-cpu", "cva-fpf-flow-au-cpu"])
     assert both.preprocess.modalities == ["flow28", "points5", "aus"]
 
 
@@ -350,7 +379,7 @@ def test_recipe_searches_score_inner_validation_only_and_match_their_entry(recip
     """The committed search behind each searched CPU entry is valid, searches (num_samples > 0) under `inner` (trials
     scored on validation subjects, never a test fold), and trains the model its params.yaml entry names."""
     search = load_params(recipe)
-    entry = load_params(REPO / "params.yaml").benchmark.models[recipe.stem]
+    entry = CATALOGUE.models[recipe.stem]
     assert search.tune.num_samples > 0 and search.tune.search_space
     assert search.train.protocol == "inner"
     assert (search.model.name, search.model.config) == (entry.name, entry.config)
@@ -371,8 +400,8 @@ def test_recipe_search_trials_train_as_the_benchmark_run_does(recipe: Path) -> N
     entry's recipe): a search once ran without the flip TTA and weight average the benchmark evaluates with."""
     search = load_params(recipe)
     base = load_params(REPO / "params.yaml")
-    entry = base.benchmark.models[recipe.stem]
-    run = run_params(base, recipe.stem, entry, entry.kwargs, "inner", None, "megc2019")
+    entry = CATALOGUE.models[recipe.stem]
+    run = run_params(base, CATALOGUE, recipe.stem, entry, entry.kwargs, "inner", None, "megc2019")
     searched = {key.split(".", 1)[1] for key in search.tune.search_space if key.startswith("train.")}
     differs = {key: (getattr(search.train, key), value) for key, value in run.train.model_dump().items()
                if key not in searched | SEARCH_ONLY_TRAIN_KEYS and getattr(search.train, key) != value}

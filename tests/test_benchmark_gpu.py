@@ -26,8 +26,8 @@ def _load() -> ModuleType:
 def test_cpu_smoke_writes_every_part(tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     try:
-        report = _load().main(["--cpu-smoke", "--out", str(tmp_path), "--params",
-                               str(SCRIPT.parents[1] / "params.yaml")])
+        report = _load().main(["--cpu-smoke", "--out", str(tmp_path), "--catalogue",
+                               str(SCRIPT.parents[1] / "benchmarks" / "catalogue.yaml")])
     finally:
         torch.set_num_threads(threads)
     stored = json.loads((tmp_path / "gpu.json").read_text())

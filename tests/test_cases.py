@@ -15,7 +15,7 @@ import pytest
 from pipelines.cli import main
 from components.ingest import ingest, output_paths
 from components.preprocess import preprocess
-from mer_model.config import Params, parse_params
+from components.settings import Params, parse_params
 
 pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the session (tests/conftest.py)
 

@@ -179,7 +179,7 @@ def test_s3_storage_without_credentials_is_refused_before_anything_starts(projec
 
 
 def test_empty_mapping_is_every_default(project: Path) -> None:
-    from mer_model.config import Params, load_params
+    from components.settings import Params, load_params
 
     (project / "defaults.yaml").write_text("{}\n")
     assert load_params(project / "defaults.yaml") == Params()
@@ -191,7 +191,7 @@ def test_every_numeric_setting_has_a_range() -> None:
     from annotated_types import Ge, Gt, Le, Lt
     from pydantic import BaseModel
 
-    from mer_model.config import Params
+    from components.settings import Catalogue, Params
 
     def numeric(model: type[BaseModel], prefix: str = "") -> list[tuple[str, list]]:
         out = []
@@ -203,7 +203,7 @@ def test_every_numeric_setting_has_a_range() -> None:
                 out.append((key, field.metadata))
         return out
 
-    fields = numeric(Params)
+    fields = numeric(Params) + numeric(Catalogue, "(catalogue) ")
     assert len(fields) > 50
     unbounded = [k for k, meta in fields if not any(isinstance(m, (Ge, Gt)) for m in meta)
                  or (not k.endswith("seed") and not any(isinstance(m, (Le, Lt)) for m in meta))]

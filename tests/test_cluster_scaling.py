@@ -62,7 +62,7 @@ def test_loso_with_fold_gpus_grows_an_autoscaling_cluster_from_zero_gpu_workers(
     import ray
 
     from components.ray_session import connect_ray
-    from mer_model.config import load_params
+    from components.settings import load_params
     from mer_model.training.results import read_results
 
     path = tiny_params(tmp_path, tiny_data(tmp_path), **{

@@ -14,7 +14,7 @@ import pytest
 
 from pipelines.cli import main
 from components.ingest import ingest, output_paths
-from mer_model.config import parse_params
+from components.settings import parse_params
 from mer_model.data import apply_class_set, check_table, load_annotations, read_table
 from mer_model.data.loaders import subject_name
 from mer_model.errors import DataError

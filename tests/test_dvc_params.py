@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mer_model.config import Params, load_params
+from components.settings import Params, load_params
 from pipelines.stages import STAGES as DECLARED
 
 REPO = Path(__file__).resolve().parents[1]

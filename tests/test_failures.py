@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from components.common import check_output_dir
-from mer_model.config import parse_params
+from components.settings import parse_params
 from mer_model.data.schema import make_table
 from mer_model.errors import ConfigError
 from tests.test_preprocess import write_clip
@@ -97,8 +97,8 @@ def test_an_interrupt_unwinds_first_then_the_runs_end_killed(tmp_path: Path, mon
     import signal
 
     from components.tracking import Terminated
+    from components.settings import TrackingConfig
     from components.tracking.mlflow_tracker import MlflowTracker
-    from mer_model.config import TrackingConfig
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "test", "unknown")
@@ -127,8 +127,8 @@ def test_sigterm_inside_a_store_write_is_delivered_again_outside_it(tmp_path: Pa
     import time
 
     from components.tracking import Terminated
+    from components.settings import TrackingConfig
     from components.tracking.mlflow_tracker import MlflowTracker
-    from mer_model.config import TrackingConfig
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "test", "unknown")

@@ -226,7 +226,7 @@ def test_rayjob_runs_the_loso_driver_on_the_cluster() -> None:
     assert 0 < float(overrides["tune.fold_gpus"]) <= 1
     assert job.get("entrypointNumCpus", 0) == 0 and job.get("entrypointNumGpus", 0) == 0
     assert "entrypointResources" not in job
-    from mer_model.config import load_params
+    from components.settings import load_params
 
     params = load_params(REPO / "params.yaml", overrides)  # the overrides are valid keys and values
     assert params.tune.fold_gpus == float(overrides["tune.fold_gpus"])

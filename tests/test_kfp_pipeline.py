@@ -190,7 +190,7 @@ def _artifact(root: Path, rel: str, source: Path) -> str:
 def test_step_outputs_come_from_the_stage_declarations() -> None:
     """What a step's artifact carries: its entry's outputs, a local working state, and the outputs of a stage that
     is no step but writes what the step reads (the synthetic set, when ingest reads it)."""
-    from mer_model.config import load_params, with_overrides
+    from components.settings import load_params, with_overrides
     from pipelines.kfp_steps import step_outputs
     from pipelines.stages import STAGES
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mer_model.config import ModelConfig, TrainConfig, load_params
+from components.settings import load_params
+from mer_model.config import ModelConfig, TrainConfig
 from mer_model.models.registry import list_configs, list_models, model_io
 from mer_model.training.data import SampleStore
 from mer_model.training.trainer import fit_check

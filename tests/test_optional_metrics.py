@@ -21,7 +21,8 @@ import pandas as pd
 import pytest
 from test_training_data import CLASSES, write_cache
 
-from mer_model.config import BenchmarkModel, ModelConfig, TrainConfig, load_params
+from components.settings import BenchmarkConfig, BenchmarkModel, load_params
+from mer_model.config import ModelConfig, TrainConfig
 from mer_model.training.data import SampleStore
 from mer_model.training.folds import Fold, loso_folds
 from mer_model.training.metrics import OPTIONAL_METRICS, flat_metrics, mean_defined, pooled_metrics
@@ -210,7 +211,7 @@ def test_results_csv_row_averages_defined_figures_and_counts_the_folds(folds: di
     predictions = pd.concat([r.predictions for r in results], ignore_index=True)
     base = load_params(REPO / "params.yaml")
     entry = BenchmarkModel(name="cva_fpf", config="flow_small", kwargs=MODEL.kwargs)
-    params = run_params(base, "cva", entry, entry.kwargs, "inner", 1, "megc2019")
+    params = run_params(base, BenchmarkConfig(), "cva", entry, entry.kwargs, "inner", 1, "megc2019")
     failure = {"fold": "synthetic/s03", "error": "fold synthetic/s03: TypeError: unsupported operand"}
     summary = ExperimentSummary(experiment="e", protocol="inner", leaky=False, class_names=CLASSES,
                                 folds=len(summaries), failed_folds=[failure])

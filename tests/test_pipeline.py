@@ -21,7 +21,7 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from components.evaluate import write_metrics_and_report
     from components.register import register_final_model
-    from mer_model.config import load_params
+    from components.settings import load_params
     from pipelines.engine.driver import run_tune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -152,7 +152,7 @@ def test_a_search_that_chooses_annotated_aus_marks_every_output_leaky(tiny_root:
     record.)"""
     from components.evaluate import write_metrics_and_report
     from components.tracking import make_tracker
-    from mer_model.config import load_params
+    from components.settings import load_params
     from pipelines.engine.driver import run_tune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -209,8 +209,8 @@ def test_fold_progress_counts_folds_and_estimates_the_rest(caplog: pytest.LogCap
 
 
 def test_sqlite_uri_is_made_absolute_and_env_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from components.settings import TrackingConfig
     from components.tracking import tracking_uri
-    from mer_model.config import TrackingConfig
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -234,7 +234,7 @@ def test_leave_one_dataset_out_through_mer_tune_without_a_tracker(tiny_root: Pat
     dataset, inner validation subjects drawn from the training dataset only, results per held-out dataset, and
     evaluate + report working from tune.results alone (no tracking store exists)."""
     from components.evaluate import write_metrics_and_report
-    from mer_model.config import load_params
+    from components.settings import load_params
     from mer_model.training.results import read_results
     from pipelines.cli import main
 
@@ -265,8 +265,8 @@ def test_tune_callbacks_pickle_with_their_tracker_and_reconnect(tmp_path: Path,
     they must pickle after the tracker connected, and the copy must reach the same store."""
     import pickle
 
+    from components.settings import TrackingConfig
     from components.tracking.mlflow_tracker import MlflowTracker
-    from mer_model.config import TrackingConfig
     from pipelines.engine.callbacks import FoldProgress, RunInfo, TrackingCallback
     from pipelines.engine.trial import TrialContext
 
@@ -287,7 +287,7 @@ def test_tune_callbacks_pickle_with_their_tracker_and_reconnect(tmp_path: Path,
 
 
 def test_flip_tta_without_augmentation_is_warned_about() -> None:
-    from mer_model.config import parse_params
+    from components.settings import parse_params
     from pipelines.engine.preflight import setting_warnings
 
     def warnings(**train: object) -> list[str]:
@@ -311,7 +311,7 @@ def test_a_failed_fold_is_named_counted_and_never_pooled(tiny_root: Path, tmp_pa
     import pandas as pd
     from test_failures import _poison_entry
 
-    from mer_model.config import load_params
+    from components.settings import load_params
     from mer_model.training.data import SampleStore
     from pipelines.engine.driver import run_tune
 

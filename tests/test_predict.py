@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from conftest import mer_process
-from mer_model.config import Params, PreprocessConfig
+from components.settings import Params
+from mer_model.config import PreprocessConfig
 from mer_model.errors import SampleError
 from mer_model.inference import example_arrays, input_batch, open_clip, predict_proba
 from mer_model.models import create_model, save_checkpoint
@@ -243,8 +244,8 @@ def test_champion_alias_follows_honest_models_only(tmp_path: Path, monkeypatch: 
     """Registering a leaky model adds a version but leaves the `champion` alias where it was (on an honest one)."""
     import mlflow
 
+    from components.settings import TrackingConfig
     from components.tracking.mlflow_tracker import MlflowTracker
-    from mer_model.config import TrackingConfig
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # another test's mlflow.set_tracking_uri sets it
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

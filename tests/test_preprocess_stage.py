@@ -17,8 +17,9 @@ import pytest
 import yaml
 
 from components.preprocess import preprocess
+from components.settings import Params, parse_params
 from components.tracking.base import data_version
-from mer_model.config import ModelConfig, Params, parse_params
+from mer_model.config import ModelConfig
 from mer_model.data.schema import make_table
 from mer_model.errors import ConfigError, DataError
 from mer_model.preprocess.cache import params_hash

@@ -22,7 +22,8 @@ from test_models import make_batch
 from test_training_data import CLASSES
 
 from mer_model.batch_keys import BATCH_KEYS, Geometry, example_array
-from mer_model.config import BenchmarkModel, DataConfig, ModelConfig, PreprocessConfig, TrainConfig, parse_params
+from components.settings import BenchmarkModel, parse_params
+from mer_model.config import DataConfig, ModelConfig, PreprocessConfig, TrainConfig
 from mer_model.data import CLASS_SETS, COLUMNS, DATASETS, load_annotations
 from mer_model.errors import ConfigError, DataError
 from mer_model.inference import example_arrays, input_batch

@@ -25,7 +25,7 @@ def test_repeat_seeds_are_derived_and_key_their_own_folds() -> None:
     """Repeat 0 is the single run; other repeats get seeds of their own (never an ensemble member's), so their folds
     are stored under other keys; a nested evaluation's fold trains with its own choice and carries its own leak
     verdict."""
-    from mer_model.config import parse_params
+    from components.settings import parse_params
     from mer_model.errors import ConfigError
     from mer_model.training.folds import Fold
     from mer_model.training.repeats import repeat_seed, repeat_spread
@@ -90,7 +90,7 @@ def test_seed_repeats_run_as_parallel_work_and_reuse_stored_folds(tiny_root: Pat
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     from ray.util.state import list_tasks
 
-    from mer_model.config import load_params
+    from components.settings import load_params
     from pipelines.engine.driver import run_tune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -153,7 +153,7 @@ def test_seed_repeats_run_as_parallel_work_and_reuse_stored_folds(tiny_root: Pat
 @pytest.mark.slow
 def test_nested_search_chooses_per_fold_on_its_training_subjects_only(tiny_root: Path, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from mer_model.config import load_params
+    from components.settings import load_params
     from pipelines.engine.driver import run_tune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -89,8 +89,8 @@ def test_interrupted_and_killed_driver_resumes_without_recomputing_or_duplicatin
     from mlflow.tracking import MlflowClient
 
     from components.tracking import EXPERIMENT_KEY_TAG
+    from components.settings import TrackingConfig
     from components.tracking.mlflow_tracker import MlflowTracker
-    from mer_model.config import TrackingConfig
 
     # Folds one at a time (one trial at a time, one fold task per trial), so that each interrupt lands between two
     # of the 4 search folds (2 trials x 2 search folds) or the 4 evaluation folds.

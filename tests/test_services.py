@@ -175,8 +175,8 @@ def test_bare_postgresql_uri_uses_the_installed_driver(tracking_stack: TrackingS
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """`postgresql://` as users write it (SQLAlchemy would pick psycopg 3, not installed) reaches the database."""
     from components.tracking import tracking_uri
+    from components.settings import TrackingConfig
     from components.tracking.mlflow_tracker import MlflowTracker
-    from mer_model.config import TrackingConfig
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     pg = tracking_stack.postgres
@@ -209,8 +209,8 @@ def test_tracking_uri_with_credentials_reaches_the_server(tracking_stack: Tracki
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """`http://user:pw@host:port`, which MLflow's client sends as basic auth, passes the reachability check (it was
     refused as "not reachable (Name or service not known)"); the credentials appear nowhere in what is said."""
+    from components.settings import TrackingConfig
     from components.tracking.mlflow_tracker import MlflowTracker
-    from mer_model.config import TrackingConfig
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = tracking_stack.uri.replace("http://", "http://mer-user:p%40ss@")
@@ -220,8 +220,8 @@ def test_tracking_uri_with_credentials_reaches_the_server(tracking_stack: Tracki
 
 _OPEN_STORE = """
 import sys
+from components.settings import TrackingConfig
 from components.tracking.mlflow_tracker import MlflowTracker
-from mer_model.config import TrackingConfig
 tracker = MlflowTracker(TrackingConfig(uri=sys.argv[1], experiment="mer"), "test", "unknown")
 tracker.check()
 run, _ = tracker.open_run(sys.argv[2], "run", {})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from components.settings import TrackingConfig
 from components.tracking.base import (
     CHAMPION_ALIAS,
     EXPERIMENT_KEY_TAG,
@@ -29,7 +30,6 @@ from components.tracking.base import (
     run_params,
     tracking_uri,
 )
-from mer_model.config import TrackingConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

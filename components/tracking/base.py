@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import pandas as pd
 import yaml
 
-from mer_model.config import Params, TrackingConfig
+from components.settings import Params, TrackingConfig
 from mer_model.errors import ConfigError
 from mer_model.io import atomic_write
 

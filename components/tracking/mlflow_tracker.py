@@ -43,6 +43,7 @@ from mlflow.utils.mlflow_tags import (
 )
 from requests.exceptions import RequestException
 
+from components.settings import TrackingConfig
 from components.tracking.base import (
     CHAMPION_ALIAS,
     EXPERIMENT_KEY_TAG,
@@ -58,7 +59,6 @@ from components.tracking.base import (
     tracking_uri,
 )
 from components.tracking.pyfunc import log_pyfunc_model
-from mer_model.config import TrackingConfig
 from mer_model.errors import (
     FULL_DISK,
     SQLITE_FULL,

@@ -38,8 +38,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import get_model_info, infer_signature
 
 import mer_model
+from components.settings import Params
 from components.tracking.base import check_tracking_server, redact, tracking_uri
-from mer_model.config import Params, PreprocessConfig, set_dotted
+from mer_model.config import PreprocessConfig, set_dotted
 from mer_model.data.labels import get_class_set
 from mer_model.errors import ConfigError
 from mer_model.inference import class_names_for, example_arrays

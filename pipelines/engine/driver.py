@@ -36,6 +36,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from components.ray_session import connect_ray
+from components.settings import Params
 from components.tracking import (
     EXPERIMENT_KEY_TAG,
     FINAL_MODEL_TAG,
@@ -48,7 +49,7 @@ from components.tracking import (
     git_commit,
     make_tracker,
 )
-from mer_model.config import ModelConfig, Params, PreprocessConfig
+from mer_model.config import ModelConfig, PreprocessConfig
 from mer_model.errors import NonFiniteError, ServiceError, StorageError
 from mer_model.io import write_json
 from mer_model.logging_utils import one_line_user_errors

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from components.common import check_output_dir
-from mer_model.config import Params
+from components.settings import Params
 from mer_model.errors import ConfigError
 from mer_model.io import digest
 from mer_model.preprocess.cache import require_index

@@ -21,7 +21,7 @@ import ray
 from ray import tune
 from ray.autoscaler.sdk import request_resources
 
-from mer_model.config import Params, SearchParam, with_overrides
+from components.settings import Params, SearchParam, with_overrides
 from mer_model.errors import ConfigError
 from mer_model.training.folds import Fold, fold_fingerprint
 from mer_model.training.protocols import is_leaky
@@ -251,7 +251,7 @@ def search_folds(folds: list[Fold], count: int) -> list[Fold]:
 
 
 def tune_domain(name: str, spec: SearchParam) -> Any:
-    """A Tune search domain for one `tune.search_space` entry (validated at load: mer_model.config.SearchParam)."""
+    """A Tune search domain for one `tune.search_space` entry (validated at load: components.settings.SearchParam)."""
     if spec.type == "choice":
         return tune.choice(spec.values)
     assert spec.low is not None and spec.high is not None, f"tune.search_space.{name} was not validated"
