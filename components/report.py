@@ -22,7 +22,8 @@ from pathlib import Path
 import pandas as pd
 
 from components.common import check_output_dir
-from components.tracking import Tracker, make_tracker, redact, tracking_uri
+from components.settings import Params
+from components.tracking import TRACKERS, Tracker, make_tracker, redact, tracking_uri
 from mer_model.errors import ConfigError
 from mer_model.reporting import comparison_table, paired_table, write_comparison_report, write_experiment_report
 from mer_model.training.protocols import run_label
@@ -36,7 +37,7 @@ def tracked_run(params: Params, summary: ExperimentSummary) -> Tracker | None:
     """The tracker holding the experiment's parent run, which the report is attached to, or None when untracked;
     checked BEFORE anything is written, so a run missing from the store (another tracking.uri, a reset store) is one
     line and leaves no metrics.json or report behind that the tracker would not have."""
-    if not summary.parent_run_id or params.tracking.backend == "none":
+    if not summary.parent_run_id or not TRACKERS[params.tracking.backend].keeps_runs:
         return None
     tracker = make_tracker(params.tracking, "mer report")
     tracker.check()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
@@ -25,6 +25,7 @@ from mer_model.config import (
     Protocol,
     Section,
     TrainConfig,
+    registered,
     set_dotted,
 )
 from mer_model.errors import ConfigError
@@ -106,11 +107,20 @@ class TuneConfig(Section):
         return self
 
 
-class TrackingConfig(Section):
-    """MLflow: an embedded SQLite store by default; MLFLOW_TRACKING_URI overrides `uri`. `backend: none` tracks
-    nothing (no server, no model logging): the results in tune.results are still complete."""
+def _tracker_names() -> list[str]:
+    """The registered trackers (components.tracking.TRACKERS), imported when a backend name is validated (the
+    tracking package imports pandas; a tracker's own module, MLflow's, only when it is chosen)."""
+    from components.tracking import TRACKERS
 
-    backend: Literal["mlflow", "none"] = "mlflow"
+    return TRACKERS.names()
+
+
+class TrackingConfig(Section):
+    """MLflow: an embedded SQLite store by default; MLFLOW_TRACKING_URI overrides `uri`. `backend` is a registered
+    tracker (components.tracking.TRACKERS): `none` tracks nothing (no server, no model logging), the results in
+    tune.results are still complete."""
+
+    backend: Annotated[str, registered(_tracker_names)] = "mlflow"
     uri: str = "sqlite:///mlflow.db"
     artifact_location: str | None = None
     experiment: str = "mer"

@@ -248,8 +248,9 @@ class LibraryParams(_Section):
 
 
 # What the platform's settings (components/settings.py) are built from: the same section base (unknown keys are
-# errors).
+# errors) and the same check of a name against a registry.
 Section = _Section
+registered = _registered
 P = TypeVar("P", bound=BaseModel)
 
 

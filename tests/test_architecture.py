@@ -233,13 +233,16 @@ def test_dependencies_are_declared_runtime_apart_from_test_and_all_pinned() -> N
 
 def test_importing_the_configuration_loads_no_loader_and_no_pandas() -> None:
     """params.yaml's schema is imported by every command and worker: the dataset loaders and splits (pandas) load
-    when a name is validated, not with the module."""
+    when a name is validated, not with the module; validating `tracking.backend` against the tracker registry
+    imports no tracker's client (MLflow: seconds) until one is built."""
     import subprocess
     import sys
 
     code = ("import sys, mer_model.config; "
             "print(sorted(m for m in ('pandas', 'mer_model.data.loaders', 'mer_model.training.splits') "
-            "if m in sys.modules))")
+            "if m in sys.modules)); "
+            "from components.settings import load_params; load_params('params.yaml'); "
+            "print(sorted(m for m in ('mlflow', 'components.tracking.mlflow_tracker') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          check=True).stdout
-    assert out.strip() == "[]", out
+    assert out.splitlines() == ["[]", "[]"], out

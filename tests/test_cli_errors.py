@@ -65,6 +65,10 @@ CASES = {
     "two bad values": (["tune", "-S", "train.ema_decay=-0.1", "-S", "train.lr=-1"],
                        "train.lr: Input should be greater than 0 (got -1; set by the override train.lr=-1) "
                        "(and 1 more: train.ema_decay)"),
+    # A platform section (components/settings.py) is validated like a library one; the tracker names are the registry's.
+    "unknown tracker": (["register", "-S", "tracking.backend=wandb"],
+                        "params.yaml: tracking.backend: Input should be 'mlflow' or 'none' (got wandb; set by the "
+                        "override tracking.backend=wandb)"),
     "malformed override": (["evaluate", "-S", "train.epochs"], "override 'train.epochs': expected key=value"),
     "missing params file": (["ingest", "--params", "missing.yaml"], "missing.yaml: parameters file not found"),
     "missing data root": (["ingest", "-S", "data.source=casme2", "-S", "data.root=nowhere"],

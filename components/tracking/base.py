@@ -3,9 +3,9 @@
 The engine writes its complete results to `tune.results` whatever the tracker; a tracker MIRRORS them (runs, params,
 per-epoch metrics, artifacts, the dataset, the final model) for browsing and the model registry. Implementations:
 `mlflow` (components/tracking/mlflow_tracker.py: the only place MLflow is imported, with the pyfunc in pyfunc.py) and
-`none` (NullTracker below). `tracking.backend` selects one (`make_tracker`). A new tracker is one module with a
-Tracker subclass, its branch in `make_tracker` (components/tracking/__init__.py) and its name in the
-`tracking.backend` choices (mer_model/config.py).
+`none` (NullTracker below). `tracking.backend` names one of the registered trackers (`TRACKERS`,
+components/tracking/__init__.py: a new tracker is one entry there, its Tracker subclass in its own module when it
+imports a heavy client); `make_tracker` builds it.
 
 Runs are identified by a unique key (experiment key + kind + identity), so a restarted driver finds the runs of the
 killed one instead of duplicating them. Trackers must pickle (Tune callbacks that hold one are pickled into the
@@ -31,14 +31,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pandas as pd
 import yaml
 
-from components.settings import Params, TrackingConfig
 from mer_model.errors import ConfigError
 from mer_model.io import atomic_write
+
+if TYPE_CHECKING:  # the settings validate `tracking.backend` against this package's registry
+    from components.settings import Params, TrackingConfig
 
 log = logging.getLogger(__name__)
 

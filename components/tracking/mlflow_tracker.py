@@ -26,7 +26,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import mlflow
 import pandas as pd
@@ -43,7 +43,6 @@ from mlflow.utils.mlflow_tags import (
 )
 from requests.exceptions import RequestException
 
-from components.settings import TrackingConfig
 from components.tracking.base import (
     CHAMPION_ALIAS,
     EXPERIMENT_KEY_TAG,
@@ -71,6 +70,9 @@ from mer_model.errors import (
 from mer_model.io import atomic_write
 from mer_model.logging_utils import one_line_user_errors
 from mer_model.training.metrics import defined
+
+if TYPE_CHECKING:  # the settings validate `tracking.backend` against this package's registry
+    from components.settings import TrackingConfig
 
 log = logging.getLogger(__name__)
 

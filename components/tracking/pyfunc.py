@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
@@ -38,7 +38,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import get_model_info, infer_signature
 
 import mer_model
-from components.settings import Params
 from components.tracking.base import check_tracking_server, redact, tracking_uri
 from mer_model.config import PreprocessConfig, set_dotted
 from mer_model.data.labels import get_class_set
@@ -47,6 +46,9 @@ from mer_model.inference import class_names_for, example_arrays
 from mer_model.io import write_json
 from mer_model.models import load_checkpoint, save_checkpoint
 from mer_model.training.protocols import reads_annotated_aus
+
+if TYPE_CHECKING:  # the settings validate `tracking.backend` against this package's registry
+    from components.settings import Params
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,7 @@ from components.tracking import (
     EXPERIMENT_KEY_TAG,
     FINAL_MODEL_TAG,
     KIND_TAG,
+    TRACKERS,
     DatasetInfo,
     Terminated,
     Tracker,
@@ -324,6 +325,7 @@ def run_tune(params: Params, source: str = "mer tune") -> ExperimentSummary:
                 log.warning("tune.final_model: tracking.backend %s stores no model; no final model trained",
                             params.tracking.backend)
 
+            keeps_runs = TRACKERS[params.tracking.backend].keeps_runs
             summary = ExperimentSummary(
                 experiment=name, experiment_key=experiment_key, protocol=protocol, split=params.train.split,
                 leaky=leaky, leak_reasons=reasons if leaky else [],
@@ -336,8 +338,8 @@ def run_tune(params: Params, source: str = "mer tune") -> ExperimentSummary:
                         "best_inner_score": best_inner, "trials": trials, "nested": cfg.nested}
                 if cfg.num_samples > 0 else {},
                 chosen_per_fold=per_fold, repeats=spread,
-                tracking_experiment=params.tracking.experiment if params.tracking.backend != "none" else None,
-                parent_run_id=parent if params.tracking.backend != "none" else None, model_uri=model_uri)
+                tracking_experiment=params.tracking.experiment if keeps_runs else None,
+                parent_run_id=parent if keeps_runs else None, model_uri=model_uri)
             out = write_results(cfg.results, Results(summary, predictions, summaries))
             tracker.end_run(parent, "FINISHED")
             log.info("%s: UF1 %.4f UAR %.4f accuracy %.4f (%s) -> %s", name, metrics["uf1"], metrics["uar"],
