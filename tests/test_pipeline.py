@@ -22,6 +22,7 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     from components.evaluate import write_metrics_and_report
     from components.register import register_final_model
     from components.settings import load_params
+    from components.tracking import OPERATIONAL
     from pipelines.engine.driver import run_tune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -62,6 +63,7 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
                                                    "preprocess.num_workers", "train.num_workers"))}
     assert {"train.lr", "train.seed", "data.class_set", "preprocess.flow.tau", "tune.search_space.train.lr.high",
             "evaluate.intervals.resamples"} <= logged, sorted(logged)
+    assert not logged & OPERATIONAL and {"train.protocol", "train.split"} <= logged  # components.tracking
     assert parent.data.tags["protocol"] == "fixed" and parent.data.tags["leaky"] == "false"
     assert parent.data.metrics["uf1"] == pytest.approx(summary.metrics["uf1"])
     client, _ = mlflow_client(tmp_path)
@@ -217,6 +219,24 @@ def test_sqlite_uri_is_made_absolute_and_env_wins(monkeypatch: pytest.MonkeyPatc
     assert tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert tracking_uri(TrackingConfig()) == "http://mlflow:5000"
+
+
+def test_a_run_logs_what_determines_its_result_and_compares_on_it() -> None:
+    """components.tracking: the logged params are the DETERMINING sections less OPERATIONAL (every OPERATIONAL key a
+    real setting of those sections, so a renamed key cannot silently be logged again); the comparison of runs uses the
+    logged `model.*` / `train.*` less the protocol and split (rows of their own)."""
+    from components.settings import Params
+    from components.tracking import COMPARED_APART, DETERMINING, OPERATIONAL, flatten, run_params
+    from components.tracking.base import comparable_settings
+
+    params = Params()
+    every = flatten(params.model_dump(mode="json", by_alias=True))
+    determining = {k for k in every if k.startswith(tuple(f"{d}." for d in DETERMINING)) or k in DETERMINING}
+    assert (OPERATIONAL | COMPARED_APART) <= determining
+    logged = run_params(params.model_copy(update={"data": params.data.model_copy(update={"source": "casme2"})}))
+    assert set(logged) == determining - OPERATIONAL
+    compared = comparable_settings(logged)
+    assert set(compared) == {k for k in logged if k.startswith(("model.", "train."))} - COMPARED_APART
 
 
 def test_params_never_carry_credentials() -> None:

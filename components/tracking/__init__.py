@@ -18,10 +18,13 @@ from typing import TYPE_CHECKING
 
 from components.tracking.base import (
     CHAMPION_ALIAS,
+    COMPARED_APART,
+    DETERMINING,
     EXPERIMENT_KEY_TAG,
     FINAL_MODEL_TAG,
     KEY_TAG,
     KIND_TAG,
+    OPERATIONAL,
     DatasetInfo,
     NullTracker,
     Registration,
@@ -44,8 +47,8 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[2]
 
 __all__ = [
-    "CHAMPION_ALIAS", "EXPERIMENT_KEY_TAG", "FINAL_MODEL_TAG", "KEY_TAG",
-    "KIND_TAG", "DatasetInfo", "NullTracker", "Registration", "Terminated", "Tracker",
+    "CHAMPION_ALIAS", "COMPARED_APART", "DETERMINING", "EXPERIMENT_KEY_TAG", "FINAL_MODEL_TAG", "KEY_TAG",
+    "KIND_TAG", "OPERATIONAL", "DatasetInfo", "NullTracker", "Registration", "Terminated", "Tracker",
     "check_tracking_server", "config_hash", "data_version", "flatten", "git_commit", "make_tracker", "redact",
     "run_params", "tracking_uri", "TRACKERS", "TrackerEntry",
 ]

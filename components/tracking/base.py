@@ -378,23 +378,25 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-# Settings that do not change a run's numbers (where and how fast it ran): left out of what makes runs comparable.
-OPERATIONAL = frozenset({"train.device", "train.num_workers", "train.checkpoint_every", "train.device_data",
-                         "train.device_data_mb", "train.protocol", "train.split"})
 # The settings that determine a run's result, the ones its MLflow runs log (the column picker and `mer report
 # --compare` see nothing else): the data and how it was preprocessed, the model, its training, the search that chose
-# it, the intervals of its metrics, the seed (`synth` only for synthetic data). Where it runs, where its files go, the
-# tracker and the benchmark's catalogue change none of its numbers.
+# it, the intervals of its metrics, the search's seed (`synth` only for synthetic data), less OPERATIONAL. Where it
+# runs, where its files go, the tracker and the benchmark's catalogue change none of its numbers.
 DETERMINING = ("seed", "data", "preprocess", "model", "train", "tune.num_samples", "tune.search_space",
                "tune.search_folds", "tune.metric", "tune.repeats", "tune.nested", "evaluate.intervals")
-# file locations, worker counts, where it ran (each fold records its device)
-_NOT_DETERMINING = ("data.ingested", "preprocess.out", "preprocess.num_workers", "train.device", "train.num_workers",
-                    "train.checkpoint_every")
+# The keys inside those sections that change none of a run's numbers: where its files go, worker counts, where and
+# how it ran (each fold records its device; device-resident data draws what the CPU path draws, equal within
+# interpolation tolerance), how often it checkpoints. Neither logged nor compared between runs.
+OPERATIONAL = frozenset({"data.ingested", "preprocess.out", "preprocess.num_workers", "preprocess.ray_address",
+                         "train.device", "train.device_data", "train.device_data_mb", "train.num_workers",
+                         "train.checkpoint_every"})
+# Logged, but compared on their own (`mer report --compare` puts each protocol and split in its own rows).
+COMPARED_APART = frozenset({"train.protocol", "train.split"})
 
 
 def run_params(params: Params, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """The parameters logged on every run: the resolved settings that determine its result (DETERMINING), flattened,
-    plus `extra`."""
+    """The parameters logged on every run: the resolved settings that determine its result (DETERMINING less
+    OPERATIONAL), flattened, plus `extra`."""
     tree = params.model_dump(mode="json", by_alias=True)
     chosen: dict[str, Any] = {}
     for key in (*DETERMINING, *(("synth",) if params.data.source == "synthetic" else ())):
@@ -403,14 +405,15 @@ def run_params(params: Params, extra: Mapping[str, Any] | None = None) -> dict[s
             node = node[part]
         chosen[key] = node
     logged = flatten(chosen)
-    return {k: v for k, v in logged.items() if not k.startswith(_NOT_DETERMINING)} | flatten(dict(extra or {}))
+    return {k: v for k, v in logged.items() if k not in OPERATIONAL} | flatten(dict(extra or {}))
 
 
 def comparable_settings(logged: Mapping[str, str]) -> dict[str, str]:
     """The `model.*` and `train.*` settings that trained a parent run's result, from its logged params: params.yaml's
     values (what the parent logs) with a search's `chosen.<key>` applied, in `flatten`'s text form; operational
-    settings (OPERATIONAL) and the protocol and split (compared on their own) left out."""
-    settings = {k: v for k, v in logged.items() if k.startswith(("model.", "train.")) and k not in OPERATIONAL}
+    settings (OPERATIONAL) and the protocol and split (COMPARED_APART) left out."""
+    settings = {k: v for k, v in logged.items()
+                if k.startswith(("model.", "train.")) and k not in OPERATIONAL | COMPARED_APART}
     for key, value in logged.items():
         if key.startswith("chosen."):
             decoded = json.loads(value)
