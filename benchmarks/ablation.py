@@ -50,7 +50,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
 def ablation_catalogue(catalogue_path: Path, work: Path, ensemble: int) -> Path:
     """The benchmark's catalogue with benchmark.models replaced by the variants of BASE_ENTRY (`ensemble` members per
     fold), written under `work`."""
-    from mer_model.io import atomic_write
+    from mer.model.io import atomic_write
 
     catalogue = yaml.safe_load(catalogue_path.read_text())
     base = catalogue["benchmark"]["models"][BASE_ENTRY]
@@ -91,9 +91,9 @@ def main() -> int:
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="extra params override")
     args = parser.parse_args()
 
-    from mer_model.io import atomic_write
-    from pipelines.benchmark import portable_path
-    from pipelines.cli import main as mer
+    from mer.model.io import atomic_write
+    from mer.pipelines.benchmark import portable_path
+    from mer.pipelines.cli import main as mer
 
     has_faces = (Path(args.root) / FACE_CROPS).is_dir()
     runnable = [k for k, (_, _, faces) in VARIANTS.items() if has_faces or not faces]

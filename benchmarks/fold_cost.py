@@ -38,11 +38,11 @@ def prepare(root: Path, au_sheet: Path | None, work: Path, face_size: int) -> An
     """The composite ingested and preprocessed (flow28, apex224 at `face_size`, aus) under `work`, by the stage's own
     per-sample function and cache writer in this process (no Ray, so no lock: only reading a map and a crop per
     sample): a SampleStore."""
-    from components.ingest import ingest
-    from components.settings import load_params, with_overrides
-    from mer_model.data import read_table
-    from mer_model.preprocess.cache import Cache, process_row
-    from mer_model.training.data import SampleStore
+    from mer.components.ingest import ingest
+    from mer.components.settings import load_params, with_overrides
+    from mer.model.data import read_table
+    from mer.model.preprocess.cache import Cache, process_row
+    from mer.model.training.data import SampleStore
 
     params = with_overrides(load_params(REPO / "params.yaml"), {
         "data.source": "megc2019", "data.root": str(root), "data.class_set": "megc2019_3",
@@ -63,10 +63,10 @@ def per_epoch(store: Any, fold_name: str, key: str, faces: bool, epochs: int) ->
     """(median seconds per epoch after the first, the recipe's epochs, its ensemble members) of one fold."""
     import torch
 
-    from components.settings import CATALOGUE, load_catalogue
-    from mer_model.config import ModelConfig, TrainConfig
-    from mer_model.training.folds import loso_folds
-    from mer_model.training.trainer import FoldSpec, train_fold
+    from mer.components.settings import CATALOGUE, load_catalogue
+    from mer.model.config import ModelConfig, TrainConfig
+    from mer.model.training.folds import loso_folds
+    from mer.model.training.trainer import FoldSpec, train_fold
 
     entry = load_catalogue(REPO / CATALOGUE).models[key]
     kwargs = {**entry.kwargs, **(entry.faces if faces else {})}
@@ -85,8 +85,8 @@ def resize_cost(store: Any, fold_name: str) -> tuple[float, int]:
     import torch
     import torch.nn.functional as F
 
-    from components.settings import CATALOGUE, load_catalogue
-    from mer_model.training.folds import loso_folds
+    from mer.components.settings import CATALOGUE, load_catalogue
+    from mer.model.training.folds import loso_folds
 
     entry = load_catalogue(REPO / CATALOGUE).models[MAIN]
     size, batch = int(entry.kwargs["img_size"]), int(entry.train["batch_size"])
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fold", default="casme2/sub17", help="the LOSO fold (its test subject)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from components.settings import CATALOGUE, load_catalogue
-    from mer_model.training.folds import loso_folds
+    from mer.components.settings import CATALOGUE, load_catalogue
+    from mer.model.training.folds import loso_folds
 
     size = int(load_catalogue(REPO / CATALOGUE).models[MAIN].kwargs["img_size"])
     with tempfile.TemporaryDirectory(prefix="mer-fold-cost-") as tmp:

@@ -56,9 +56,9 @@ def random_batch(keys: tuple[str, ...], batch: int, classes: int, device: Any) -
     """A batch of random arrays with the cache shapes and dtypes of the batch-key spec, converted like training data."""
     import torch
 
-    from mer_model.batch_keys import BATCH_KEYS, example_array
-    from mer_model.config import PreprocessConfig
-    from mer_model.training.data import batch_tensor
+    from mer.model.batch_keys import BATCH_KEYS, example_array
+    from mer.model.config import PreprocessConfig
+    from mer.model.training.data import batch_tensor
 
     rng = np.random.default_rng(0)
     cfg = PreprocessConfig()
@@ -84,8 +84,8 @@ def step_time(name: str, config: str, batch: int, mixed: bool, device: Any, step
     fp16) autocast + channels-last, else float32 in the default layout."""
     import torch
 
-    from mer_model.models import count_parameters, create_model, prepare_for_device, to_device_batch
-    from mer_model.training.trainer import mixed_precision
+    from mer.model.models import count_parameters, create_model, prepare_for_device, to_device_batch
+    from mer.model.training.trainer import mixed_precision
 
     torch.manual_seed(0)
     classes = 3 if name in ("htnet", "ststnet") else 5
@@ -122,9 +122,9 @@ def step_time(name: str, config: str, batch: int, mixed: bool, device: Any, step
 def write_composite_like(root: Path, subjects: int, seed: int = 0) -> Path:
     """A preprocessed cache shaped like the MEGC2019 composite (flow28 + points5, 3 classes), written through the
     library's cache writer: `subjects` subjects of 3..10 clips, a class-specific block in u so the folds learn."""
-    from mer_model.config import PreprocessConfig
-    from mer_model.data.schema import make_table
-    from mer_model.preprocess.cache import Cache, EntryResult, SampleResult, encode_npz
+    from mer.model.config import PreprocessConfig
+    from mer.model.data.schema import make_table
+    from mer.model.preprocess.cache import Cache, EntryResult, SampleResult, encode_npz
 
     rng = np.random.default_rng(seed)
     records, results = [], []
@@ -159,10 +159,10 @@ def loso_time(store: Any, recipe: dict[str, Any], device: Any, per_fold_folds: i
     extrapolated) and as one fold-batched group (measured), with the pooled accuracies of what was trained."""
     import pandas as pd
 
-    from mer_model.config import ModelConfig, TrainConfig
-    from mer_model.training.folds import loso_folds
-    from mer_model.training.metrics import pooled_metrics
-    from mer_model.training.trainer import FoldSpec, train_fold, train_fold_group
+    from mer.model.config import ModelConfig, TrainConfig
+    from mer.model.training.folds import loso_folds
+    from mer.model.training.metrics import pooled_metrics
+    from mer.model.training.trainer import FoldSpec, train_fold, train_fold_group
 
     train = {**recipe.get("train", {}), "device": device.type, "protocol": "fixed"}
     if epochs is not None:
@@ -199,9 +199,9 @@ def loso_time(store: Any, recipe: dict[str, Any], device: Any, per_fold_folds: i
 def htnet_recipe_time(store: Any, recipe: dict[str, Any], device: Any, epochs: int, config: str | None
                       ) -> dict[str, Any]:
     """One fold of HTNet's paper recipe for `epochs` epochs, extrapolated to the recipe's epochs and 68 folds."""
-    from mer_model.config import ModelConfig, TrainConfig
-    from mer_model.training.folds import loso_folds
-    from mer_model.training.trainer import FoldSpec, train_fold
+    from mer.model.config import ModelConfig, TrainConfig
+    from mer.model.training.folds import loso_folds
+    from mer.model.training.trainer import FoldSpec, train_fold
 
     full_epochs = recipe["train"]["epochs"]
     cfg = TrainConfig(**{**recipe["train"], "epochs": epochs, "device": device.type, "protocol": "fixed"})
@@ -259,10 +259,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from components.settings import load_catalogue
-    from mer_model.io import atomic_write, write_json
-    from mer_model.models import list_models
-    from mer_model.training.data import SampleStore
+    from mer.components.settings import load_catalogue
+    from mer.model.io import atomic_write, write_json
+    from mer.model.models import list_models
+    from mer.model.training.data import SampleStore
 
     smoke = args.cpu_smoke
     if smoke:

@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from mer_model.config import TrainConfig
-    from mer_model.models import count_parameters, create_model
-    from mer_model.training.trainer import make_optimizer
+    from mer.model.config import TrainConfig
+    from mer.model.models import count_parameters, create_model
+    from mer.model.training.trainer import make_optimizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     models: dict[str, Any] = {"ours": ours}
     if args.authors is not None:
         models["authors"] = authors_model(args.authors).train()
-    # Ours: the trainer's optimizer for the recipe (mer_model.training.trainer.make_optimizer); theirs: their
+    # Ours: the trainer's optimizer for the recipe (mer.model.training.trainer.make_optimizer); theirs: their
     # main_HTNet.py's torch.optim.Adam(model.parameters(), lr=learning_rate).
     optimizers = {"ours": make_optimizer(ours.parameters(), TrainConfig(optimizer="adam", lr=5e-5))}
     if "authors" in models:

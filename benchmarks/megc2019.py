@@ -51,7 +51,7 @@ def main() -> int:
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="extra params override")
     args = parser.parse_args()
 
-    from pipelines.cli import main as mer
+    from mer.pipelines.cli import main as mer
 
     argv = ["benchmark", "megc2019", "--root", args.root, "--out", args.out, "--params", str(REPO / "params.yaml"),
             "--catalogue", str(REPO / "benchmarks" / "catalogue.yaml"), "--au-sheets", *args.au_sheets, "-S", f"tune.repeats={args.repeats}",

@@ -49,7 +49,7 @@ def _batch(keys: tuple[str, ...], b: int, classes: int, frames: int, num_aus: in
 def _measure(name: str, config: str, batch_size: int, steps: int, device_name: str, threads: int) -> dict[str, Any]:
     import torch
 
-    from mer_model.models import autocast_dtype, count_parameters, create_model, prepare_for_device, to_device_batch
+    from mer.model.models import autocast_dtype, count_parameters, create_model, prepare_for_device, to_device_batch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ configuration is then evaluated on every fold (`inner` protocol), so the subject
 Nested: the same command with `tune.nested: true` (docs/experiments.md, "Nested search"): every outer fold runs the
 search on its own training subjects only, then trains its choice and predicts its test subjects. Both predict every
 sample of the collection on the same folds, so the difference nested - plain is paired: its subject-bootstrap interval
-and permutation p-value (mer_model.training.stats) say whether the plain estimate is measurably optimistic.
+and permutation p-value (mer.model.training.stats) say whether the plain estimate is measurably optimistic.
 
 Writes `--out` (results/nested/): results.md (the two estimates with 95% intervals, the paired difference, each outer
 fold's choice) and results.json. Cost on two idle cores: printed at the end; runs/recipes/<recipe>/ keeps the Tune
@@ -34,7 +34,7 @@ log = logging.getLogger("benchmarks.nested")
 
 def estimate(results: Any, intervals: Any) -> dict[str, Any]:
     """Pooled UF1 / UAR / accuracy of a run's results with their subject-bootstrap intervals."""
-    from mer_model.training.metrics import flat_metrics
+    from mer.model.training.metrics import flat_metrics
 
     flat, _ = flat_metrics(results.predictions, results.summary.class_names, intervals)
     return {k: {"value": flat[k], "ci_low": flat.get(f"{k}_ci_low"), "ci_high": flat.get(f"{k}_ci_high")}
@@ -43,7 +43,7 @@ def estimate(results: Any, intervals: Any) -> dict[str, Any]:
 
 def report(recipe: str, plain: Any, nested: Any, intervals: Any, minutes: dict[str, float]) -> dict[str, Any]:
     """results.json's content: both estimates, the paired difference nested - plain, and what each search chose."""
-    from mer_model.training.stats import paired_difference
+    from mer.model.training.stats import paired_difference
 
     difference = paired_difference(nested.predictions, plain.predictions, plain.summary.class_names, intervals,
                                    names=("nested", "plain"))
@@ -58,7 +58,7 @@ def report(recipe: str, plain: Any, nested: Any, intervals: Any, minutes: dict[s
 
 
 def markdown(result: dict[str, Any], command: str) -> str:
-    from mer_model.training.stats import NOT_DISTINGUISHABLE, format_difference, format_interval, verdict
+    from mer.model.training.stats import NOT_DISTINGUISHABLE, format_difference, format_interval, verdict
 
     def cell(estimate: dict[str, Any]) -> str:
         return format_interval(estimate["value"], estimate["ci_low"], estimate["ci_high"])
@@ -106,10 +106,10 @@ def main() -> int:
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="extra params override")
     args = parser.parse_args()
 
-    from components.settings import load_params
-    from mer_model.io import atomic_write
-    from mer_model.training.results import read_results
-    from pipelines.cli import main as mer
+    from mer.components.settings import load_params
+    from mer.model.io import atomic_write
+    from mer.model.training.results import read_results
+    from mer.pipelines.cli import main as mer
 
     params = load_params(REPO / args.recipe if not Path(args.recipe).is_absolute() else Path(args.recipe))
     stem = Path(args.recipe).stem

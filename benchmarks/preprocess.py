@@ -33,12 +33,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from components.settings import load_params
-from mer_model.config import PreprocessConfig
-from mer_model.preprocess import face as facelib
-from mer_model.preprocess.cache import process_row
-from mer_model.preprocess.flow import compute_flow, tvl1
-from mer_model.preprocess.sample import sampled_frames
+from mer.components.settings import load_params
+from mer.model.config import PreprocessConfig
+from mer.model.preprocess import face as facelib
+from mer.model.preprocess.cache import process_row
+from mer.model.preprocess.flow import compute_flow, tvl1
+from mer.model.preprocess.sample import sampled_frames
 
 SHARED_CLIP = Path(os.environ.get("MER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "casme2-clip"
 
@@ -151,12 +151,12 @@ def _timed_row(row: dict[str, Any], cfg: PreprocessConfig, modalities: tuple[str
 
 def demo(params_path: str, workers: int) -> None:
     """Before/after of the per-modality cache on the demo's synthetic clips (module docstring)."""
-    from components.ingest import ingest
-    from components.preprocess import preprocess
-    from components.synth import synthesize
-    from mer_model.config import set_dotted
-    from mer_model.data import read_table
-    from mer_model.preprocess.modalities import MODALITIES, requested
+    from mer.components.ingest import ingest
+    from mer.components.preprocess import preprocess
+    from mer.components.synth import synthesize
+    from mer.model.config import set_dotted
+    from mer.model.data import read_table
+    from mer.model.preprocess.modalities import MODALITIES, requested
 
     params = load_params(params_path)
     with tempfile.TemporaryDirectory() as tmp:

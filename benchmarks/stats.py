@@ -1,4 +1,4 @@
-"""Cost and stability of the subject-bootstrap intervals and paired tests (mer_model.training.stats).
+"""Cost and stability of the subject-bootstrap intervals and paired tests (mer.model.training.stats).
 
     python benchmarks/stats.py [--subjects 68] [--samples 442] [--resamples 500 1000 2000 4000 8000] [--seeds 20]
 
@@ -25,8 +25,8 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import numpy as np  # noqa: E402 - after the thread settings
 import pandas as pd  # noqa: E402
 
-from mer_model.config import IntervalConfig  # noqa: E402
-from mer_model.training.stats import metric_intervals, paired_difference  # noqa: E402
+from mer.model.config import IntervalConfig  # noqa: E402
+from mer.model.training.stats import metric_intervals, paired_difference  # noqa: E402
 
 CLASSES = ["negative", "positive", "surprise"]
 

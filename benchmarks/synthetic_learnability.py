@@ -46,8 +46,8 @@ def main() -> None:
     import dlib
     import face_recognition_models
 
-    from mer_model.config import SynthConfig
-    from mer_model.data import synthetic as synth
+    from mer.model.config import SynthConfig
+    from mer.model.data import synthetic as synth
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = SynthConfig(out=tmp, subjects=args.subjects, clips_per_subject=args.clips, image_size=args.size,

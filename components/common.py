@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from components.settings import Params, load_params
-from mer_model.config import parse_override
-from mer_model.errors import ConfigError, user_error
+from mer.components.settings import Params, load_params
+from mer.model.config import parse_override
+from mer.model.errors import ConfigError, user_error
 
 
 def add_params_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,10 +33,10 @@ def params_from_args(args: argparse.Namespace) -> Params:
 
 
 def run_command(prog: str, function: Callable[..., Any], args: argparse.Namespace, with_args: bool = False) -> int:
-    """Run a command the way every `mer` subcommand (and `python -m pipelines.loso`) runs: the params of `--params`
+    """Run a command the way every `mer` subcommand (and `python -m mer.pipelines.loso`) runs: the params of `--params`
     with the `-S` overrides, then `function(params)` (exit code 0), or `function(params, args)` for a command with
     options of its own (`with_args`; its return value is the exit code). A user error raised anywhere inside, also
-    within a Ray task, a Tune callback or a tracker call (mer_model.errors.user_error), is one line `PROG: error: ...`
+    within a Ray task, a Tune callback or a tracker call (mer.model.errors.user_error), is one line `PROG: error: ...`
     on stderr without a traceback and exit code 2; an interrupt is exit code 130."""
     try:
         params = params_from_args(args)

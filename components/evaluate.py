@@ -1,10 +1,10 @@
 """The `evaluate` step: the tune stage's results -> metrics.json and plot files for `dvc metrics` / `dvc plots`, and
 the HTML experiment report (`mer report`'s, written by the same function) under `evaluate.report`.
 
-It reads only `tune.results` (mer_model.training.results), so the DVC stage depends on nothing DVC does not track.
-The evaluation files come from `mer_model.reporting.artifacts`, the function the engine uses for what it logs to the
+It reads only `tune.results` (mer.model.training.results), so the DVC stage depends on nothing DVC does not track.
+The evaluation files come from `mer.model.reporting.artifacts`, the function the engine uses for what it logs to the
 tracker, so a number in metrics.json and the same number in the MLflow UI come from one computation. Metric names are
-the same for every model (mer_model.training.metrics.METRICS; per dataset `<dataset>/uf1`, ...), each of UF1, UAR
+the same for every model (mer.model.training.metrics.METRICS; per dataset `<dataset>/uf1`, ...), each of UF1, UAR
 and accuracy with its subject-bootstrap interval (`uf1_ci_low`, `uf1_ci_high`, ...; `evaluate.intervals`, the seed
 fixed, so they equal summary.json's and the MLflow parent run's); with `tune.repeats` > 1, the spread over the
 repeats' seeds beside them (`repeats`, `uf1_repeat_mean`, `uf1_repeat_sd`, ...; repeats.spread_columns).
@@ -16,14 +16,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from components.report import results_report, tracked_run
-from components.settings import Params
-from mer_model.io import write_json
-from mer_model.reporting.artifacts import write_artifacts
-from mer_model.training.metrics import flat_metrics
-from mer_model.training.protocols import run_label
-from mer_model.training.repeats import spread_columns
-from mer_model.training.results import read_results
+from mer.components.report import results_report, tracked_run
+from mer.components.settings import Params
+from mer.model.io import write_json
+from mer.model.reporting.artifacts import write_artifacts
+from mer.model.training.metrics import flat_metrics
+from mer.model.training.protocols import run_label
+from mer.model.training.repeats import spread_columns
+from mer.model.training.results import read_results
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """`mer ingest`: the dataset named in params.data -> the unified annotation table, its exclusions and a summary.
 
 Outputs (beside params.data.ingested, e.g. data/ingested/annotations.csv):
-* `annotations.csv` -- the labelled table (mer_model.data.schema), read back with `mer_model.data.read_table`;
+* `annotations.csv` -- the labelled table (mer.model.data.schema), read back with `mer.model.data.read_table`;
 * `annotations.exclusions.csv` -- every row left out, with `stage` (class_set/disk), `reason` and `detail`;
 * `annotations.summary.json` -- counts per dataset, class, exclusion reason and warning.
-Each is written atomically (`mer_model.io`): an interrupted ingest leaves the previous files, never half of one.
+Each is written atomically (`mer.model.io`): an interrupted ingest leaves the previous files, never half of one.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Any
 
 import pandas as pd
 
-from components.settings import Params
-from mer_model.config import DataConfig
-from mer_model.data import DATASETS, apply_class_set, check_table, get_class_set, load_annotations, validate_table
-from mer_model.errors import DataError
-from mer_model.io import write_csv, write_json
+from mer.components.settings import Params
+from mer.model.config import DataConfig
+from mer.model.data import DATASETS, apply_class_set, check_table, get_class_set, load_annotations, validate_table
+from mer.model.errors import DataError
+from mer.model.io import write_csv, write_json
 
 log = logging.getLogger(__name__)
 

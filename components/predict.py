@@ -2,7 +2,7 @@
 
     mer predict --model models:/mer-model@champion path/to/clip_frames/ video.mp4 [--onset N --apex N] [--json]
 
-Each clip goes through the preprocessing of training (`mer_model.inference`) with the preprocessing parameters the
+Each clip goes through the preprocessing of training (`mer.model.inference`) with the preprocessing parameters the
 model was trained with. A clip that cannot be used (missing, empty folder, corrupt frame, undecodable video, no face)
 is reported with its name and the others continue; the exit code is 1 when any clip failed. Key frames not given are
 chosen by the documented default (onset = first frame, apex = largest flow magnitude from the onset) and reported.
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from components.settings import Params
-from mer_model.errors import ConfigError, NonFiniteError, SampleError
+from mer.components.settings import Params
+from mer.model.errors import ConfigError, NonFiniteError, SampleError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def predict_clips(loaded: Any, clips: Sequence[str], onset: int | None = None, apex: int | None = None,
                   offset: int | None = None, aus: str = "") -> list[dict[str, Any]]:
     """One result dict per clip: `status` ok (key frames, probabilities, predicted class) or failed (`error`)."""
-    from mer_model.inference import default_key_frames, input_batch, open_clip, predict_proba, preprocess_clip  # torch
+    from mer.model.inference import default_key_frames, input_batch, open_clip, predict_proba, preprocess_clip  # torch
 
     if "aus" in loaded.model.inputs and not aus:
         raise ConfigError("--aus: this model reads the clip's annotated AUs (au_mode=annotated); give them, e.g. "
@@ -76,7 +76,7 @@ def format_text(results: Sequence[dict[str, Any]]) -> str:
 
 def predict_command(params: Params, args: argparse.Namespace) -> int:
     """`mer predict` (add_arguments); exit code 1 when any clip failed."""
-    from components.tracking.pyfunc import load_for_inference  # mlflow + torch
+    from mer.components.tracking.pyfunc import load_for_inference  # mlflow + torch
 
     loaded = load_for_inference(args.model, params)
     log.info("model %s (%s): %s, classes %s", args.model, loaded.source, type(loaded.model).__name__,

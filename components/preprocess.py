@@ -2,8 +2,8 @@
 
 Only the modalities asked for are computed (`preprocess.modalities`, by default what `model` reads: its inputs and
 loss targets, from the model registry), and of those only what the cache lacks or whose inputs changed
-(`mer_model.preprocess.cache`). Each sample with anything to compute is one single-threaded Ray task
-(`mer_model.preprocess.process_row`), so throughput scales with the CPUs Ray has: local Ray by default
+(`mer.model.preprocess.cache`). Each sample with anything to compute is one single-threaded Ray task
+(`mer.model.preprocess.process_row`), so throughput scales with the CPUs Ray has: local Ray by default
 (`preprocess.num_workers` CPUs, 0 = all), or a cluster with `preprocess.ray_address` (then the data root and the
 cache directory must be on storage every node sees; workers return the npz bytes and only the driver writes).
 
@@ -23,16 +23,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from components.common import check_output_dir
-from components.settings import Params
-from mer_model.config import PreprocessConfig
-from mer_model.data.schema import read_table
-from mer_model.errors import DataError
-from mer_model.io import read_json
-from mer_model.preprocess.cache import Cache, failed_result, process_row
-from mer_model.preprocess.modalities import requested
-from components.ray_session import connect_ray
-from components.settings import Params
+from mer.components.common import check_output_dir
+from mer.components.settings import Params
+from mer.model.config import PreprocessConfig
+from mer.model.data.schema import read_table
+from mer.model.errors import DataError
+from mer.model.io import read_json
+from mer.model.preprocess.cache import Cache, failed_result, process_row
+from mer.model.preprocess.modalities import requested
+from mer.components.ray_session import connect_ray
+from mer.components.settings import Params
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from mer_model.errors import ServiceError
+from mer.model.errors import ServiceError
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Registration is idempotent: a version already registered from the same source run is reused, so `dvc repro` after an
 interruption does not create a second version of the same model. The version carries the experiment's protocol and
-`leaky` flag as tags, and the registry alias `champion` is moved only to honest models (mer_model.training.protocols
+`leaky` flag as tags, and the registry alias `champion` is moved only to honest models (mer.model.training.protocols
 .is_leaky), so an oracle-selected model is never mistaken for an honestly evaluated one.
 """
 
@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from components.tracking import make_tracker, redact, tracking_uri
-from mer_model.errors import ConfigError
-from mer_model.io import write_json
-from mer_model.training.results import read_summary
+from mer.components.tracking import make_tracker, redact, tracking_uri
+from mer.model.errors import ConfigError
+from mer.model.io import write_json
+from mer.model.training.results import read_summary
 
 log = logging.getLogger(__name__)
 

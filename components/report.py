@@ -8,7 +8,7 @@ The experiment report reads only the tune stage's outputs (`tune.results`: poole
 and every fold's history for the learning curves), writes HTML + PNGs, and attaches them to the experiment's parent
 run in the tracker under `report/`. The comparison reads every finished parent run of a tracked experiment (tags
 `model`, `dataset`, `protocol`, `split`, the stored `leaky` verdict; the settings that trained it; pooled metrics with
-their intervals), one row per set of comparable runs (mer_model.reporting.compare); `--runs` adds paired differences
+their intervals), one row per set of comparable runs (mer.model.reporting.compare); `--runs` adds paired differences
 from the runs' logged predictions.
 """
 
@@ -21,14 +21,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.common import check_output_dir
-from components.settings import Params
-from components.tracking import TRACKERS, Tracker, make_tracker, redact, tracking_uri
-from mer_model.errors import ConfigError
-from mer_model.reporting import comparison_table, paired_table, write_comparison_report, write_experiment_report
-from mer_model.training.protocols import run_label
-from mer_model.training.repeats import spread_columns
-from mer_model.training.results import ExperimentSummary, Results, read_results
+from mer.components.common import check_output_dir
+from mer.components.settings import Params
+from mer.components.tracking import TRACKERS, Tracker, make_tracker, redact, tracking_uri
+from mer.model.errors import ConfigError
+from mer.model.reporting import comparison_table, paired_table, write_comparison_report, write_experiment_report
+from mer.model.training.protocols import run_label
+from mer.model.training.repeats import spread_columns
+from mer.model.training.results import ExperimentSummary, Results, read_results
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from mer_model import config
-from mer_model.config import (
+from mer.model import config
+from mer.model.config import (
     IntervalConfig,
     LibraryParams,
     ModelConfig,
@@ -28,7 +28,7 @@ from mer_model.config import (
     registered,
     set_dotted,
 )
-from mer_model.errors import ConfigError
+from mer.model.errors import ConfigError
 
 
 class SearchParam(Section):
@@ -78,7 +78,7 @@ class TuneConfig(Section):
     # a command's private local Ray (no address), which cannot grow, it fails at once.
     fold_node_wait_s: float = Field(600, gt=0, le=7 * 86_400)
     # Folds one Ray task trains: > 1 trains them as one stacked model with torch.func for models that declare
-    # `fold_batching` (mer_model.training.fold_batch; e.g. 68 STSTNet folds on one GPU in one process), one after
+    # `fold_batching` (mer.model.training.fold_batch; e.g. 68 STSTNet folds on one GPU in one process), one after
     # another in the same process otherwise. Each fold is still stored under its own key.
     fold_group_size: int = Field(1, ge=1, le=10_000)
     max_retries: int = Field(2, ge=0, le=100)  # a fold whose worker died is retried by Ray
@@ -88,7 +88,7 @@ class TuneConfig(Section):
     ray_address: str | None = None
     final_model: bool = True  # train on all subjects with the chosen config and register it
     # Seed repeats: > 1 = the evaluation runs this many times as independent runs, repeat r with train.seed =
-    # mer_model.training.repeats.repeat_seed(train.seed, r) (repeat 0 keeps train.seed: it is the single run), as
+    # mer.model.training.repeats.repeat_seed(train.seed, r) (repeat 0 keeps train.seed: it is the single run), as
     # concurrent Tune trials whose fold tasks are all submitted together; summary.json, MLflow and `mer benchmark`
     # report the mean and sd over repeats beside the single run's metrics. Costs `repeats` x the evaluation.
     repeats: int = Field(1, ge=1, le=100)
@@ -108,16 +108,16 @@ class TuneConfig(Section):
 
 
 def _tracker_names() -> list[str]:
-    """The registered trackers (components.tracking.TRACKERS), imported when a backend name is validated (the
+    """The registered trackers (mer.components.tracking.TRACKERS), imported when a backend name is validated (the
     tracking package imports pandas; a tracker's own module, MLflow's, only when it is chosen)."""
-    from components.tracking import TRACKERS
+    from mer.components.tracking import TRACKERS
 
     return TRACKERS.names()
 
 
 class TrackingConfig(Section):
     """MLflow: an embedded SQLite store by default; MLFLOW_TRACKING_URI overrides `uri`. `backend` is a registered
-    tracker (components.tracking.TRACKERS): `none` tracks nothing (no server, no model logging), the results in
+    tracker (mer.components.tracking.TRACKERS): `none` tracks nothing (no server, no model logging), the results in
     tune.results are still complete."""
 
     backend: Annotated[str, registered(_tracker_names)] = "mlflow"
@@ -180,7 +180,7 @@ class Params(LibraryParams):
 
 def parse_params(raw: Mapping[str, Any] | None, source: str = "params",
                  overrides: Mapping[str, Any] | None = None) -> Params:
-    """A params mapping validated as the whole of params.yaml (mer_model.config.parse_params with `Params`)."""
+    """A params mapping validated as the whole of params.yaml (mer.model.config.parse_params with `Params`)."""
     return config.parse_params(Params, raw, source, overrides)
 
 
@@ -190,7 +190,7 @@ def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] |
 
 
 def with_overrides(base: Params | Mapping[str, Any], overrides: Mapping[str, Any], source: str) -> Params:
-    """`base` with dotted `overrides` applied, re-validated as the whole of params.yaml (mer_model.config)."""
+    """`base` with dotted `overrides` applied, re-validated as the whole of params.yaml (mer.model.config)."""
     return config.with_overrides(base, overrides, source, Params)
 
 

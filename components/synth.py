@@ -6,15 +6,15 @@ import logging
 import time
 from pathlib import Path
 
-from components.settings import Params
-from mer_model.config import SynthConfig
+from mer.components.settings import Params
+from mer.model.config import SynthConfig
 
 log = logging.getLogger(__name__)
 
 
 def synthesize(cfg: SynthConfig) -> Path:
     """Generate the dataset into cfg.out unless a manifest says the same configuration is already there."""
-    from mer_model.data.synthetic import is_up_to_date, write_dataset
+    from mer.model.data.synthetic import is_up_to_date, write_dataset
 
     root = Path(cfg.out)
     if is_up_to_date(cfg, root):

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mer_model.data.aus import AU_LIST
-from mer_model.registry import Registry
+from mer.model.data.aus import AU_LIST
+from mer.model.registry import Registry
 
 if TYPE_CHECKING:  # config.py validates modalities against this registry: no import back at run time
-    from mer_model.config import PreprocessConfig
+    from mer.model.config import PreprocessConfig
 
 
 class Geometry(Enum):

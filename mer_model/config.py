@@ -1,5 +1,5 @@
 """Typed, validated configuration of the library: the sections of `params.yaml` that library code reads (synth,
-data, preprocess, model, train; the interval settings of mer_model.training.stats) and the generic loaders.
+data, preprocess, model, train; the interval settings of mer.model.training.stats) and the generic loaders.
 
 The platform's own sections (tune, tracking, evaluate, the search seed) are defined with the platform, in
 components/settings.py, whose `Params` extends `LibraryParams`: params.yaml is validated once, by that model, with the
@@ -25,8 +25,8 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
-from mer_model.errors import ConfigError
-from mer_model.training.protocols import PROTOCOLS
+from mer.model.errors import ConfigError
+from mer.model.training.protocols import PROTOCOLS
 
 
 def _registered(names: Callable[[], list[str]]) -> AfterValidator:
@@ -45,40 +45,40 @@ def _registered(names: Callable[[], list[str]]) -> AfterValidator:
 
 def _dataset_names() -> list[str]:
     """The registered datasets, imported when a dataset name is validated (they import pandas and every loader: not
-    a cost of `import mer_model.config`)."""
-    from mer_model.data.loaders import DATASETS
+    a cost of `import mer.model.config`)."""
+    from mer.model.data.loaders import DATASETS
 
     return DATASETS.names()
 
 
 def _split_names() -> list[str]:
     """The registered splits, imported when a split name is validated (pandas)."""
-    from mer_model.training.splits import SPLITS
+    from mer.model.training.splits import SPLITS
 
     return SPLITS.names()
 
 
 def _class_set_names() -> list[str]:
     """The registered class sets, imported when a class-set name is validated (pandas)."""
-    from mer_model.data.labels import CLASS_SETS
+    from mer.model.data.labels import CLASS_SETS
 
     return CLASS_SETS.names()
 
 
 def _batch_key_names() -> list[str]:
-    """The batch keys (mer_model.batch_keys), imported when a modality is validated (numpy and the AU list)."""
-    from mer_model.batch_keys import BATCH_KEYS
+    """The batch keys (mer.model.batch_keys), imported when a modality is validated (numpy and the AU list)."""
+    from mer.model.batch_keys import BATCH_KEYS
 
     return BATCH_KEYS.names()
 
 
-DatasetName = Annotated[str, _registered(_dataset_names)]  # mer_model.data.loaders
-Protocol = Annotated[str, _registered(PROTOCOLS.names)]  # mer_model.training.protocols
-SplitName = Annotated[str, _registered(_split_names)]  # mer_model.training.splits
-ClassSetName = Annotated[str, _registered(_class_set_names)]  # mer_model.data.labels
+DatasetName = Annotated[str, _registered(_dataset_names)]  # mer.model.data.loaders
+Protocol = Annotated[str, _registered(PROTOCOLS.names)]  # mer.model.training.protocols
+SplitName = Annotated[str, _registered(_split_names)]  # mer.model.training.splits
+ClassSetName = Annotated[str, _registered(_class_set_names)]  # mer.model.data.labels
 # The arrays of the preprocessed cache, one cache entry each: the batch keys (docs/architecture.md, "Preprocessed
 # cache").
-Modality = Annotated[str, _registered(_batch_key_names)]  # mer_model.batch_keys
+Modality = Annotated[str, _registered(_batch_key_names)]  # mer.model.batch_keys
 
 
 class _Section(BaseModel):
@@ -171,7 +171,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, le=10)
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
-    # Learning-rate schedule over the epochs of a run, stepped once per epoch (mer_model.training.trainer.lr_factor):
+    # Learning-rate schedule over the epochs of a run, stepped once per epoch (mer.model.training.trainer.lr_factor):
     # constant; cosine annealing to 0 at the last epoch; exponential decay by `lr_gamma` per epoch (MMNet's recipe,
     # gamma 0.987). `warmup_epochs` ramp linearly up to `lr` first.
     # Recompute every BatchNorm layer's population statistics over the (non-augmented) training set, with the final
@@ -195,12 +195,12 @@ class TrainConfig(_Section):
     # already draws, so the mirror is in the training distribution. It cuts the variance of the larger networks' test
     # predictions (5-fold subject CV on the MEGC2019 composite: docs/results.md "How the settings were chosen").
     tta: Literal["none", "flip"] = "none"
-    # Weight averaging (mer_model.training.trainer.WeightAverage): > 0 = every evaluated or kept epoch uses an
+    # Weight averaging (mer.model.training.trainer.WeightAverage): > 0 = every evaluated or kept epoch uses an
     # exponential moving average of the weights, this decay per optimiser step (timm's warm-up; 0.9 ~ the last 10
     # steps). Steadies the snapshot `inner` keeps from the high learning-rate phase; `fixed` after an annealed schedule
     # is unchanged. 0 = off.
     ema_decay: float = Field(0.0, ge=0, lt=1)
-    # Seed ensemble (mer_model.training.trainer.train_fold): > 1 = every fold trains this many members, each as the
+    # Seed ensemble (mer.model.training.trainer.train_fold): > 1 = every fold trains this many members, each as the
     # single model of its own seed would be trained -- under `inner` with its own validation subjects drawn from the
     # fold's training subjects and its own kept epoch -- and the test subject is predicted with the mean of their class
     # probabilities. Costs `ensemble` x the fold's training time. It cuts the variance of the larger networks (5-fold
@@ -209,12 +209,12 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, le=10_000)  # epochs; 0 = no intermediate checkpoints
     device: str = "auto"
     # Mixed precision on CUDA only (CPU runs stay float32): bfloat16 autocast where the GPU supports it, else float16
-    # with a GradScaler (mer_model.models.checkpoint.autocast_dtype).
+    # with a GradScaler (mer.model.models.checkpoint.autocast_dtype).
     amp: bool = True
     # cuDNN autotuning: faster convolutions, but the algorithm (and so the last bits of every number) may change from
     # run to run. Off = deterministic cuDNN, reproducible folds (the default).
     cudnn_benchmark: bool = False
-    # Device-resident data (mer_model.training.data.DeviceArrays): the samples' arrays stacked once on the training
+    # Device-resident data (mer.model.training.data.DeviceArrays): the samples' arrays stacked once on the training
     # device, batches gathered and augmented there (affine_grid/grid_sample; the same draws as the CPU path, equal
     # within interpolation tolerance). auto = on CUDA when they fit `device_data_mb`; on = wherever they fit (CPU
     # too); off = the CPU reference path (per-sample OpenCV warps, collate, host-to-device copy).
@@ -225,7 +225,7 @@ class TrainConfig(_Section):
 
 
 class IntervalConfig(_Section):
-    """Subject-bootstrap confidence intervals and paired comparisons (mer_model.training.stats)."""
+    """Subject-bootstrap confidence intervals and paired comparisons (mer.model.training.stats)."""
 
     # Resamples of the bootstrap and of the permutation test. benchmarks/stats.py, 68 subjects / 442 samples, 20 seeds:
     # every bound within 0.0038 of its median at 8000 (0.0058 at 4000, 0.0075 at 2000); 0.22 s per table row on

@@ -55,7 +55,7 @@ class SampleError(MerError):
 
 class StorageError(MerError):
     """A file the platform writes could not be written: the disk (or quota) is full. The message names the file or
-    the store; nothing half-written is left (writes are atomic, `mer_model.io.atomic_write`)."""
+    the store; nothing half-written is left (writes are atomic, `mer.model.io.atomic_write`)."""
 
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)

@@ -1,7 +1,7 @@
 """Inference on a new clip: a folder of frames or a video -> the cache arrays of training -> class probabilities.
 
 Why it is built on the preprocessing library: a model only means something on inputs made exactly like its training
-inputs, so a new clip is turned into an annotation-like row and handed to `mer_model.preprocess.preprocess_sample`
+inputs, so a new clip is turned into an annotation-like row and handed to `mer.model.preprocess.preprocess_sample`
 (alignment, TV-L1 flow and strain, crops, landmarks) with the preprocessing parameters the model was trained with.
 
 Frame numbers: in a folder whose image files share one name pattern (`img46.jpg`, `001.png`, `006_00123.jpg`) the
@@ -11,7 +11,7 @@ numbered 1..T in decoding order.
 Key frames, when not given (`default_key_frames`): onset = the first frame, offset = the last frame, apex = the frame
 whose TV-L1 flow FROM THE ONSET has the largest mean magnitude, computed on the aligned grey face (alignment from the
 onset frame's landmarks, as in preprocessing) at `APEX_SEARCH_SIZE` px -- the rule of
-`mer_model.preprocess.keyframes`, which preprocessing also applies to dataset rows whose apex or offset the sheet
+`mer.model.preprocess.keyframes`, which preprocessing also applies to dataset rows whose apex or offset the sheet
 does not give.
 """
 
@@ -28,15 +28,15 @@ import cv2
 import numpy as np
 import torch
 
-from mer_model.batch_keys import BATCH_KEYS, example_array
-from mer_model.config import PreprocessConfig
-from mer_model.errors import DataError, NonFiniteError, SampleError
-from mer_model.preprocess import face as facelib
-from mer_model.preprocess import MODALITIES, preprocess_sample
-from mer_model.preprocess.keyframes import APEX_SEARCH_SIZE, apex_by_motion
-from mer_model.preprocess.sample import check_frames, read_image
-from mer_model.training.augment import tta_forward
-from mer_model.training.data import to_tensor
+from mer.model.batch_keys import BATCH_KEYS, example_array
+from mer.model.config import PreprocessConfig
+from mer.model.errors import DataError, NonFiniteError, SampleError
+from mer.model.preprocess import face as facelib
+from mer.model.preprocess import MODALITIES, preprocess_sample
+from mer.model.preprocess.keyframes import APEX_SEARCH_SIZE, apex_by_motion
+from mer.model.preprocess.sample import check_frames, read_image
+from mer.model.training.augment import tta_forward
+from mer.model.training.data import to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def predict_proba(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> 
 
 
 def example_arrays(inputs: Sequence[str], cfg: PreprocessConfig) -> dict[str, np.ndarray]:
-    """Zero arrays with the cache shapes and dtypes of `inputs` under `cfg` (mer_model.batch_keys): the model
+    """Zero arrays with the cache shapes and dtypes of `inputs` under `cfg` (mer.model.batch_keys): the model
     signature's example, so that the served model documents what a request must contain."""
     unknown = [k for k in inputs if k not in BATCH_KEYS]
     if unknown:

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 import pandas as pd
 
-from mer_model.errors import FULL_DISK, DataError, StorageError
+from mer.model.errors import FULL_DISK, DataError, StorageError
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:

@@ -10,10 +10,10 @@ import logging
 import os
 import sys
 
-from mer_model.errors import user_error
+from mer.model.errors import user_error
 
-# The platform's top-level packages (and `mer`, the CLI's logger).
-PLATFORM_LOGGERS = ("mer", "mer_model", "components", "pipelines", "benchmarks", "__main__")
+# The platform's loggers: `mer` (the installed code's import root, and the CLI's own logger) and the scripts'.
+PLATFORM_LOGGERS = ("mer", "benchmarks", "__main__")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -36,7 +36,7 @@ def setup_logging(verbose: bool = False) -> None:
 
 class OneLineUserErrors(logging.Filter):
     """Ray Tune and MLflow's database store log a failure they then raise with a traceback. Where it is a user error
-    (a full disk, a dead service: `mer_model.errors.user_error`), the command ends with that error in one line, so
+    (a full disk, a dead service: `mer.model.errors.user_error`), the command ends with that error in one line, so
     the record is cut to one line too; a bug keeps its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:

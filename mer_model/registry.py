@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from mer_model.errors import ConfigError
+from mer.model.errors import ConfigError
 
 E = TypeVar("E")
 

@@ -4,10 +4,10 @@
                            [--au-sheets casme2=PATH samm=PATH] [--out DIR] [--catalogue FILE] [-S KEY=VALUE ...]
 
 Why it is built this way: a benchmark number must come from the code users run, so the collection goes through
-`ingest` -> `preprocess` -> the experiment driver (`pipelines.engine.driver.run_tune`, folds as Ray tasks,
+`ingest` -> `preprocess` -> the experiment driver (`mer.pipelines.engine.driver.run_tune`, folds as Ray tasks,
 tracked parent/trial/fold runs) once per (model, protocol): this module is a loop over models x protocols that chooses
 the settings and collects one row per run from the driver's typed results; the tables and the chart are rendered by
-`mer_model.reporting.benchmark`. Models come from the benchmark's own catalogue, benchmarks/catalogue.yaml
+`mer.model.reporting.benchmark`. Models come from the benchmark's own catalogue, benchmarks/catalogue.yaml
 (`benchmark.models`: recipes set a priori or chosen by `mer tune` on inner validation subjects, never tuned on a test
 fold; not run-time parameters, so not in params.yaml: each run's params are params.yaml with its entry's recipe).
 What the data cannot feed is switched off and said so: FPF without apex face crops, AUs without a coding sheet; what
@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.ingest import ingest
-from components.preprocess import preprocess
-from components.ray_session import connect_ray
-from components.settings import (
+from mer.components.ingest import ingest
+from mer.components.preprocess import preprocess
+from mer.components.ray_session import connect_ray
+from mer.components.settings import (
     CATALOGUE,
     BenchmarkConfig,
     BenchmarkModel,
@@ -52,18 +52,18 @@ from components.settings import (
     load_params,
     with_overrides,
 )
-from components.tracking import git_commit
-from mer_model.batch_keys import BATCH_KEYS, Geometry
-from mer_model.config import IntervalConfig, parse_override
-from mer_model.errors import ConfigError, DataError
-from mer_model.reporting.benchmark import DATASETS, SCORES, write_outputs
-from mer_model.data import read_table
-from mer_model.training.metrics import OPTIONAL_METRICS, defined, mean_defined, pooled_metrics
-from mer_model.training.protocols import PROTOCOLS, get_protocol, retrain_epochs
-from mer_model.training.repeats import SPREAD_METRICS, spread_columns
-from mer_model.training.results import ExperimentSummary, FoldSummary, Results, read_results
-from mer_model.training.stats import PAIRED_METRICS, metric_intervals, paired_columns, paired_difference
-from mer_model.preprocess.modalities import MODALITIES, model_modalities
+from mer.components.tracking import git_commit
+from mer.model.batch_keys import BATCH_KEYS, Geometry
+from mer.model.config import IntervalConfig, parse_override
+from mer.model.errors import ConfigError, DataError
+from mer.model.reporting.benchmark import DATASETS, SCORES, write_outputs
+from mer.model.data import read_table
+from mer.model.training.metrics import OPTIONAL_METRICS, defined, mean_defined, pooled_metrics
+from mer.model.training.protocols import PROTOCOLS, get_protocol, retrain_epochs
+from mer.model.training.repeats import SPREAD_METRICS, spread_columns
+from mer.model.training.results import ExperimentSummary, FoldSummary, Results, read_results
+from mer.model.training.stats import PAIRED_METRICS, metric_intervals, paired_columns, paired_difference
+from mer.model.preprocess.modalities import MODALITIES, model_modalities
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +202,8 @@ def adapt_entry(key: str, entry: BenchmarkModel, caps: Mapping[str, Any]
     capability it needs), never by its name: the entry's `faces` variant is used where the data has what the
     inputs it switches on need, and every optional input still on whose capability the data lacks is switched
     off, each with a note."""
-    from mer_model.models import resolve_kwargs
-    from mer_model.models.registry import get_entry
+    from mer.model.models import resolve_kwargs
+    from mer.model.models.registry import get_entry
 
     options = get_entry(entry.name).options
 
@@ -249,7 +249,7 @@ def adapt_entry(key: str, entry: BenchmarkModel, caps: Mapping[str, Any]
 def run_one(params: Params) -> tuple[ExperimentSummary, pd.DataFrame, list[FoldSummary], float]:
     """(summary, pooled predictions, fold summaries, wall seconds) of one run of the driver, read back from its
     typed results in `tune.results`."""
-    from pipelines.engine.driver import run_tune  # Ray Tune: imported when a benchmark runs, not for --help
+    from mer.pipelines.engine.driver import run_tune  # Ray Tune: imported when a benchmark runs, not for --help
 
     start = time.perf_counter()
     run_tune(params, source="mer benchmark")
@@ -328,7 +328,7 @@ def preprocessing_notes(manifest: Mapping[str, Any], reads: Sequence[str]) -> li
 
 def parameter_count(name: str, config: str, kwargs: Mapping[str, Any], num_classes: int) -> int:
     """Parameters of the network as configured (built once, then dropped)."""
-    from mer_model.models import count_parameters, create_model  # torch + timm
+    from mer.model.models import count_parameters, create_model  # torch + timm
 
     return count_parameters(create_model(name, config, num_classes=num_classes, **kwargs))
 
@@ -360,7 +360,7 @@ def benchmark(params: Params, cfg: BenchmarkConfig, collection: str, root: Path,
               command: str = "") -> pd.DataFrame:
     """Ingest + preprocess `root`, run the driver for every model x protocol of the catalogue `cfg` (run-time
     settings from `params`), write the tables; returns all rows."""
-    from mer_model.training.data import SampleStore  # torch
+    from mer.model.training.data import SampleStore  # torch
 
     base = base_params(params, cfg, collection, root, au_sheets or {})
     keys = select_models(cfg, models)

@@ -1,5 +1,5 @@
 """The single `mer` entry point: one subcommand per stage of pipelines/stages.py (STAGES), each run by the one
-generic runner (components.common.run_command: params, overrides, a user error as one line and exit code 2).
+generic runner (mer.components.common.run_command: params, overrides, a user error as one line and exit code 2).
 
 Nothing imports this module: it sits on top of every layer. Stage functions defer heavy imports (torch, Ray Tune,
 MLflow) until they run, so that `mer --help` stays fast.
@@ -12,9 +12,9 @@ import sys
 import textwrap
 from importlib import metadata
 
-from components.common import add_params_arguments, run_command
-from mer_model.logging_utils import setup_logging
-from pipelines.stages import STAGES, StageEntry
+from mer.components.common import add_params_arguments, run_command
+from mer.model.logging_utils import setup_logging
+from mer.pipelines.stages import STAGES, StageEntry
 
 
 def _version() -> str:

@@ -27,7 +27,7 @@ as Ray advises, pipelines/ray_jobs.py), `ray_job_timeout_s` (how long a step wai
 Each step declares its CPU and memory requests (its KubeflowStep): the pods only drive or submit; the folds and the
 per-clip work run on the Ray cluster.
 
-    python -m pipelines.kfp_pipeline --output infra/kubeflow/mer_pipeline.yaml     # `make pipeline-yaml`
+    python -m mer.pipelines.kfp_pipeline --output infra/kubeflow/mer_pipeline.yaml     # `make pipeline-yaml`
 """
 
 # No `from __future__ import annotations`: kfp reads the component signatures' annotations as real types.
@@ -40,8 +40,8 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
-from pipelines.ray_jobs import DEFAULT_TIMEOUT_S
-from pipelines.stages import StageEntry, kubeflow_steps, upstream
+from mer.pipelines.ray_jobs import DEFAULT_TIMEOUT_S
+from mer.pipelines.stages import StageEntry, kubeflow_steps, upstream
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ SHARED_SUBPATH = "kfp"
 SHARED_MOUNT = "/mnt/mer-shared"
 
 # A component's source, as KFP embeds it in the spec (a lightweight component: the image already holds kfp and the
-# project, so KFP installs nothing at run time). Every step's body is the same: pipelines.kfp_steps.run_component.
+# project, so KFP installs nothing at run time). Every step's body is the same: mer.pipelines.kfp_steps.run_component.
 _SOURCE = """def {name}({signature}):
     values = dict(locals())
-    from pipelines.kfp_steps import run_component
+    from mer.pipelines.kfp_steps import run_component
 
     run_component({name!r}, values)
 """

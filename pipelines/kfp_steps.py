@@ -30,11 +30,11 @@ from typing import Any
 
 import yaml
 
-from components.settings import Params, load_params
-from mer_model.errors import ServiceError
-from mer_model.io import atomic_write, write_json
-from pipelines.ray_jobs import DASHBOARD_KEY, DEFAULT_TIMEOUT_S, RayJobs, submission_id
-from pipelines.stages import STAGES, PathKey, companions, upstream
+from mer.components.settings import Params, load_params
+from mer.model.errors import ServiceError
+from mer.model.io import atomic_write, write_json
+from mer.pipelines.ray_jobs import DASHBOARD_KEY, DEFAULT_TIMEOUT_S, RayJobs, submission_id
+from mer.pipelines.stages import STAGES, PathKey, companions, upstream
 
 log = logging.getLogger(__name__)
 

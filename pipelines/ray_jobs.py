@@ -22,8 +22,8 @@ import logging
 import time
 from typing import Any
 
-from components.ray_session import check_ray_address
-from mer_model.errors import ServiceError
+from mer.components.ray_session import check_ray_address
+from mer.model.errors import ServiceError
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The stage graph, declared once: every `mer` command is a `StageEntry` on the `STAGES` registry
-(mer_model.registry), in the order the pipeline runs them -- its function, the params.yaml settings that determine
+(mer.model.registry), in the order the pipeline runs them -- its function, the params.yaml settings that determine
 its outputs, the paths it reads and writes (params keys), its CLI options, and how Kubeflow runs it.
 
-Derived from the entries: the `mer` subcommands (pipelines/cli.py, one generic runner: components.common.run_command),
+Derived from the entries: the `mer` subcommands (pipelines/cli.py, one generic runner: mer.components.common.run_command),
 the Kubeflow components, their wiring, caching and resources (pipelines/kfp_pipeline.py) and what each step does in
 its pod and carries on (pipelines/kfp_steps.py). dvc.yaml, which DVC reads itself, is checked against the entries
 (tests/test_dvc_params.py: each DVC stage's cmd, params, data deps, outputs and code).
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from components import evaluate, ingest, predict, preprocess, register, report, synth
-from components.settings import Params
-from mer_model.registry import Registry
-from pipelines import benchmark, loso
+from mer.components import evaluate, ingest, predict, preprocess, register, report, synth
+from mer.components.settings import Params
+from mer.model.registry import Registry
+from mer.pipelines import benchmark, loso
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,11 @@ _declare("ingest", ingest.ingest, "read a dataset's native layout into the unifi
 _declare("preprocess", preprocess.preprocess, "align faces, TV-L1 flow, strain, landmarks -> per-modality cache",
          params=("preprocess", "data.source", "data.strict", "data.root", "data.ingested", "model"),
          inputs=(PathKey("data.ingested", folder=True),), outputs=("preprocess.out",), dvc="preprocess",
-         kubeflow=KubeflowStep("preprocessed", "2", "4G", cached=True, ray_job="python -m pipelines.cli preprocess"))
+         kubeflow=KubeflowStep("preprocessed", "2", "4G", cached=True, ray_job="python -m mer.pipelines.cli preprocess"))
 _declare("tune", loso.tune, "training + Optuna search on Ray Tune (loso | subject_5fold | lodo folds), tracked",
          params=("seed", "model", "train", "tune", "data", "tracking", "evaluate.intervals"),
          inputs=("preprocess.out",), outputs=("tune.results",), state=("tune.storage_path",), dvc="tune",
-         kubeflow=KubeflowStep("tuned", "1", "4G", kind="Model", ray_job="python -m pipelines.loso"))
+         kubeflow=KubeflowStep("tuned", "1", "4G", kind="Model", ray_job="python -m mer.pipelines.loso"))
 _declare("evaluate", evaluate.write_metrics_and_report,
          "pooled metrics -> metrics.json, plots/ (dvc) and the HTML report",
          params=("evaluate", "tracking"), inputs=("tune.results",),

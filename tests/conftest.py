@@ -49,7 +49,7 @@ def mer_process(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None,
                 timeout: float = 300) -> subprocess.CompletedProcess:
     """The `mer` command as a user runs it, a process of its own; `env` replaces the environment (default: this
     one, one OMP thread)."""
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mer.pipelines.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env if env is not None else {**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -57,7 +57,7 @@ def mer_process(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None,
 def mer(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
     """`mer ARGS` through the CLI's `main` in this process (faster than `mer_process`), in `cwd`, with `env` added:
     its exit code and stderr."""
-    from pipelines.cli import main
+    from mer.pipelines.cli import main
 
     def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> CliResult:
         monkeypatch.chdir(cwd)
@@ -86,7 +86,7 @@ def one_torch_thread() -> Iterator[None]:
 def store(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A SampleStore of 5 subjects x 6 synthetic samples with every cache array (tests/test_training_data.py
     `write_cache`), for the training-loop tests."""
-    from mer_model.training.data import SampleStore
+    from mer.model.training.data import SampleStore
     from test_training_data import write_cache
 
     return SampleStore.open(write_cache(tmp_path_factory.mktemp("cache"), subjects=5, per_subject=6))
@@ -152,7 +152,7 @@ def tiny_params(root: Path, data: Path | None = None, **overrides: Any) -> Path:
     With `data`, every path is absolute: the dataset stages under `data` (a set shared by the session's runs) and
     the run's outputs under `root`. Without, the paths stay the project's relative ones, for a chain of stages run
     in `root` (as a user runs `dvc repro`)."""
-    from components.settings import with_overrides
+    from mer.components.settings import with_overrides
 
     paths: dict[str, Any] = {}
     if data is not None:
@@ -198,7 +198,7 @@ def local_ray(session_ray: LocalRay) -> Iterator[None]:
     """This process joined to the session's Ray (what the in-process tests and components use)."""
     import ray
 
-    from components.ray_session import connect_ray
+    from mer.components.ray_session import connect_ray
 
     connect_ray(session_ray.address)
     yield
@@ -233,10 +233,10 @@ def tracking_stack() -> Iterator[TrackingStack]:
 def tiny_root(tmp_path_factory: pytest.TempPathFactory, local_ray: None) -> Path:
     """A directory whose sibling `tiny-data/` (`tiny_data`) holds the synthesized, ingested and preprocessed tiny
     set."""
-    from components.ingest import ingest
-    from components.preprocess import preprocess
-    from components.synth import synthesize
-    from components.settings import load_params
+    from mer.components.ingest import ingest
+    from mer.components.preprocess import preprocess
+    from mer.components.synth import synthesize
+    from mer.components.settings import load_params
 
     root = tmp_path_factory.mktemp("tiny-build")
     # What every model the session's runs train reads: STSTNet the flow map, CVA-FPF with annotated AUs also `aus`.

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.ray_session import LOCAL_RAY_ENV, LocalRay, free_port, start_local_ray
+from mer.components.ray_session import LOCAL_RAY_ENV, LocalRay, free_port, start_local_ray
 
 PG_BIN = Path(os.environ.get("MER_PG_BIN", "/usr/lib/postgresql/15/bin"))
 VENV_BIN = Path(sys.executable).parent
@@ -212,13 +212,13 @@ def mlflow_server(backend_store_uri: str, artifacts_destination: str, env: dict[
 
 
 # Every process that joins the tests' Ray (the test process, drivers, `ray job submit`) needs the head's auth mode
-# (components.ray_session.LOCAL_RAY_ENV), so the tests export these variables for the whole session.
+# (mer.components.ray_session.LOCAL_RAY_ENV), so the tests export these variables for the whole session.
 RAY_TEST_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **LOCAL_RAY_ENV}
 
 
 @contextlib.contextmanager
 def ray_head(num_cpus: int = 2, timeout: float = 180, autoscaling: dict[str, Any] | None = None) -> Iterator[LocalRay]:
-    """The platform's private local Ray head (components.ray_session.start_local_ray) with a job server, ended on
+    """The platform's private local Ray head (mer.components.ray_session.start_local_ray) with a job server, ended on
     exit. Workers and job drivers inherit the head's environment: the venv's `python` first on PATH (a job's
     entrypoint is run by name), one thread each, so that two folds fit two cores.
 

@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("mer_model", "components", "pipelines")
-CLI = "pipelines.cli"
-LAYERS = {"mer_model": 0, "components": 1, "pipelines": 2}
+# Folder -> import name: the installed code has one import root, `mer` (setup.py).
+PACKAGES = {"mer_model": "mer.model", "components": "mer.components", "pipelines": "mer.pipelines"}
+CLI = "mer.pipelines.cli"
+LAYERS = {"mer.model": 0, "mer.components": 1, "mer.pipelines": 2}
 # Third-party packages slow or heavy enough to import on first use only (each takes seconds on the CI machine).
 HEAVY = {"torch", "torchvision", "ray", "mlflow", "kfp", "dlib", "cv2", "timm", "sklearn", "matplotlib", "boto3",
          "pyarrow", "optuna", "tqdm", "openpyxl", "skimage", "face_recognition_models", "scipy", "pandas"}
-NOT_IN_LIBRARY = {"ray", "mlflow", "dvc", "kfp", "components", "pipelines"}
+NOT_IN_LIBRARY = {"ray", "mlflow", "dvc", "kfp", "mer.components", "mer.pipelines"}
 
 
 @dataclass
@@ -37,7 +38,13 @@ class Module:
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(REPO).with_suffix("").parts)
+    parts[0] = PACKAGES[parts[0]]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _package(name: str) -> str | None:
+    """The project package (`mer.model`, `mer.components`, `mer.pipelines`) a dotted module name lies in, if any."""
+    return next((p for p in PACKAGES.values() if name == p or name.startswith(p + ".")), None)
 
 
 def _targets(node: ast.Import | ast.ImportFrom, modules: set[str], package: str) -> list[str]:
@@ -52,7 +59,7 @@ def _targets(node: ast.Import | ast.ImportFrom, modules: set[str], package: str)
     out = []
     for name in names:
         root = name.split(".")[0]
-        if root in PACKAGES:
+        if _package(name):
             while name not in modules and "." in name:
                 name = name.rsplit(".", 1)[0]
             out.append(name)
@@ -94,15 +101,15 @@ MODULES = scan()
 
 
 def _layer(name: str) -> int:
-    return 3 if name == CLI else LAYERS[name.split(".")[0]]
+    return 3 if name == CLI else LAYERS[_package(name)]
 
 
 def _project(targets: set[str] | dict[str, int]) -> list[str]:
-    return [t for t in targets if t.split(".")[0] in PACKAGES]
+    return [t for t in targets if _package(t)]
 
 
 def _with_packages(targets: list[str]) -> set[str]:
-    """The modules an import runs: each target and its parent packages (importing `mer_model.data.aus` runs
+    """The modules an import runs: each target and its parent packages (importing `mer.model.data.aus` runs
     `mer_model/data/__init__.py`, which imports every loader and pandas)."""
     return {".".join(t.split(".")[:i]) for t in targets for i in range(1, t.count(".") + 2)}
 
@@ -123,12 +130,13 @@ def heavy_modules() -> set[str]:
 
 def test_the_scan_sees_the_layers() -> None:
     """Guards the test itself: the walk finds modules of every layer and the edges between them."""
-    assert {CLI, "pipelines.engine.driver", "components.evaluate", "mer_model.config"} <= set(MODULES)
-    assert "pipelines.stages" in MODULES[CLI].top and "components.evaluate" in MODULES["pipelines.stages"].top
-    assert "mer_model.training.results" in MODULES["components.evaluate"].top
-    assert "pipelines.engine.driver" in MODULES["pipelines.loso"].deferred
-    assert "ray" in MODULES["pipelines.engine.tasks"].top
-    assert "pipelines.engine.driver" in heavy_modules() and "mer_model.config" not in heavy_modules()
+    assert {CLI, "mer.pipelines.engine.driver", "mer.components.evaluate", "mer.model.config"} <= set(MODULES)
+    assert "mer.pipelines.stages" in MODULES[CLI].top
+    assert "mer.components.evaluate" in MODULES["mer.pipelines.stages"].top
+    assert "mer.model.training.results" in MODULES["mer.components.evaluate"].top
+    assert "mer.pipelines.engine.driver" in MODULES["mer.pipelines.loso"].deferred
+    assert "ray" in MODULES["mer.pipelines.engine.tasks"].top
+    assert "mer.pipelines.engine.driver" in heavy_modules() and "mer.model.config" not in heavy_modules()
 
 
 def test_no_upward_import_and_nothing_imports_the_cli() -> None:
@@ -177,24 +185,24 @@ def test_function_level_imports_are_of_heavy_modules_only() -> None:
     assert light == []
 
 
-@pytest.mark.parametrize("package", ["mer_model"])
+@pytest.mark.parametrize("package", ["mer.model"])
 def test_the_library_imports_no_orchestration(package: str) -> None:
-    found = [f"{m.name} -> {t}" for m in MODULES.values() if m.name.split(".")[0] == package
-             for t in m.top | set(m.deferred) if t.split(".")[0] in NOT_IN_LIBRARY]
+    found = [f"{m.name} -> {t}" for m in MODULES.values() if _package(m.name) == package
+             for t in m.top | set(m.deferred) if (_package(t) or t.split(".")[0]) in NOT_IN_LIBRARY]
     assert found == []
 
 
 def test_mlflow_is_imported_only_by_the_tracking_package() -> None:
     found = [m.name for m in MODULES.values() if "mlflow" in m.top | set(m.deferred)
-             and not m.name.startswith("components.tracking")]
+             and not m.name.startswith("mer.components.tracking")]
     assert found == []
 
 
 def test_every_stage_is_a_command_and_no_module_builds_its_own() -> None:
     """Each declared stage is reachable from `mer` (a step nobody can run is dead code), and subcommands come from
     the stage declarations only (pipelines/stages.py): no module adds a subparser of its own beside them."""
-    from pipelines.cli import build_parser
-    from pipelines.stages import STAGES
+    from mer.pipelines.cli import build_parser
+    from mer.pipelines.stages import STAGES
 
     commands = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them there
     assert list(commands) == STAGES.names()
@@ -238,11 +246,24 @@ def test_importing_the_configuration_loads_no_loader_and_no_pandas() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, mer_model.config; "
-            "print(sorted(m for m in ('pandas', 'mer_model.data.loaders', 'mer_model.training.splits') "
+    code = ("import sys, mer.model.config; "
+            "print(sorted(m for m in ('pandas', 'mer.model.data.loaders', 'mer.model.training.splits') "
             "if m in sys.modules)); "
-            "from components.settings import load_params; load_params('params.yaml'); "
-            "print(sorted(m for m in ('mlflow', 'components.tracking.mlflow_tracker') if m in sys.modules))")
+            "from mer.components.settings import load_params; load_params('params.yaml'); "
+            "print(sorted(m for m in ('mlflow', 'mer.components.tracking.mlflow_tracker') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          check=True).stdout
     assert out.splitlines() == ["[]", "[]"], out
+
+
+def test_the_installed_code_has_one_import_root() -> None:
+    """Every project module is imported under `mer` (a bare `components` or `pipelines` would collide with any other
+    package of that name, and would import only from the checkout's root), and the install maps each import name to
+    its folder."""
+    import importlib.util
+
+    bare = [f"{m.name} -> {t}" for m in MODULES.values() for t in m.top | set(m.deferred) if t in PACKAGES]
+    assert bare == []
+    for folder, name in PACKAGES.items():
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and Path(spec.origin).parent == REPO / folder, name

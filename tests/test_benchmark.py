@@ -12,13 +12,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipelines.benchmark import (adapt_entry, data_capabilities, order_protocols, parse_au_sheets, portable_path, run_params,
+from mer.pipelines.benchmark import (adapt_entry, data_capabilities, order_protocols, parse_au_sheets, portable_path, run_params,
                                  with_models_inputs)
-from pipelines.cli import main
-from components.settings import BenchmarkModel, load_catalogue, load_params
-from components.tracking.base import git_commit
-from mer_model.errors import ConfigError, DataError
-from mer_model.reporting.benchmark import markdown_table, table_notes
+from mer.pipelines.cli import main
+from mer.components.settings import BenchmarkModel, load_catalogue, load_params
+from mer.components.tracking.base import git_commit
+from mer.model.errors import ConfigError, DataError
+from mer.model.reporting.benchmark import markdown_table, table_notes
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECTS = {("casme2", "sub02"), ("casme2", "sub19"), ("smic", "s14"), ("smic", "s08")}
@@ -171,7 +171,7 @@ def test_benchmark_command_end_to_end(tiny_composite: Path, annotations_dir: Pat
 
     # Run again: every fold is found stored, so the invocation is short, but `fold_s` still reports the folds' own
     # training time (the rows' compute, not the resuming command's).
-    driver_log, said = logging.getLogger("pipelines.engine.driver"), []
+    driver_log, said = logging.getLogger("mer.pipelines.engine.driver"), []
     handler = logging.Handler()  # on the driver's logger: the CLI's logging setup replaces the root handlers
     handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
     driver_log.addHandler(handler)
@@ -205,8 +205,8 @@ def test_recorded_command_reads_path_arguments_from_the_working_directory(tmp_pa
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """`--out bench` typed in a scratch folder is that folder's `bench`, not the repository's: recorded as the
     placeholder (outside the repository's parent), like the absolute paths given beside it."""
-    from pipelines.benchmark import command_line
-    from pipelines.cli import build_parser
+    from mer.pipelines.benchmark import command_line
+    from mer.pipelines.cli import build_parser
 
     args = build_parser().parse_args(["benchmark", "megc2019", "--root", "composite", "--out", "bench",
                                     "-S", "benchmark.cpus=2"])
@@ -223,9 +223,9 @@ def test_recorded_command_reads_path_arguments_from_the_working_directory(tmp_pa
 def test_benchmark_settings_split_the_overrides_between_params_and_the_catalogue(tmp_path: Path) -> None:
     """`-S benchmark.*` sets the catalogue (benchmarks/catalogue.yaml), every other key params.yaml; the catalogue is
     not a run-time param (params.yaml has no `benchmark` section), and its bad keys are one line naming its file."""
-    from components.common import params_from_args
-    from pipelines.benchmark import catalogue_from_args
-    from pipelines.cli import build_parser
+    from mer.components.common import params_from_args
+    from mer.pipelines.benchmark import catalogue_from_args
+    from mer.pipelines.cli import build_parser
 
     def settings(*overrides: str) -> tuple:
         args = build_parser().parse_args(
@@ -317,7 +317,7 @@ def test_results_md_marks_seed_ensembles_and_reads_tables_without_the_column() -
 
 
 def _results(directory: Path, predictions: pd.DataFrame) -> None:
-    from mer_model.training.results import ExperimentSummary, Results, write_results
+    from mer.model.training.results import ExperimentSummary, Results, write_results
 
     write_results(directory, Results(ExperimentSummary(experiment="x", protocol="inner", leaky=False,
                                                        class_names=["a", "b", "c"]), predictions, []))
@@ -328,8 +328,8 @@ def test_honest_rows_get_their_paired_difference_to_the_baseline(tmp_path: Path)
     leaky row and the baseline itself get none; a row over other samples is said in its notes, not compared."""
     import numpy as np
 
-    from mer_model.config import IntervalConfig
-    from pipelines.benchmark import baseline_differences
+    from mer.model.config import IntervalConfig
+    from mer.pipelines.benchmark import baseline_differences
 
     rng = np.random.default_rng(0)
     subjects = np.repeat([f"casme2/s{i}" for i in range(20)], 8)

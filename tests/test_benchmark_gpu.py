@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from mer_model.models import list_models
+from mer.model.models import list_models
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 

@@ -12,10 +12,10 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from pipelines.cli import main
-from components.ingest import ingest, output_paths
-from components.preprocess import preprocess
-from components.settings import Params, parse_params
+from mer.pipelines.cli import main
+from mer.components.ingest import ingest, output_paths
+from mer.components.preprocess import preprocess
+from mer.components.settings import Params, parse_params
 
 pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the session (tests/conftest.py)
 

@@ -2,7 +2,7 @@
 wrong and where (file, row, key or path).
 
 The cases run the CLI's `main` in this process (the same parser, dispatch and error printing as the `mer` script);
-the process itself (entry point, exit status, stderr) is checked by real `python -m pipelines.cli` subprocesses for
+the process itself (entry point, exit status, stderr) is checked by real `python -m mer.pipelines.cli` subprocesses for
 a user error and for usage errors."""
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def test_s3_storage_without_credentials_is_refused_before_anything_starts(projec
 
 
 def test_empty_mapping_is_every_default(project: Path) -> None:
-    from components.settings import Params, load_params
+    from mer.components.settings import Params, load_params
 
     (project / "defaults.yaml").write_text("{}\n")
     assert load_params(project / "defaults.yaml") == Params()
@@ -195,7 +195,7 @@ def test_every_numeric_setting_has_a_range() -> None:
     from annotated_types import Ge, Gt, Le, Lt
     from pydantic import BaseModel
 
-    from components.settings import Catalogue, Params
+    from mer.components.settings import Catalogue, Params
 
     def numeric(model: type[BaseModel], prefix: str = "") -> list[tuple[str, list]]:
         out = []
@@ -219,7 +219,7 @@ def test_every_subcommand_describes_itself_and_mer_has_a_version(capsys: pytest.
     installed version."""
     from importlib import metadata
 
-    from pipelines.cli import build_parser, main
+    from mer.pipelines.cli import build_parser, main
 
     commands = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them there
     assert {"synth", "ingest", "preprocess", "tune", "evaluate", "register", "report", "predict", "benchmark"} <= set(

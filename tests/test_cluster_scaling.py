@@ -61,9 +61,9 @@ def test_loso_with_fold_gpus_grows_an_autoscaling_cluster_from_zero_gpu_workers(
     what is tested is the scheduling, not GPU arithmetic."""
     import ray
 
-    from components.ray_session import connect_ray
-    from components.settings import load_params
-    from mer_model.training.results import read_results
+    from mer.components.ray_session import connect_ray
+    from mer.components.settings import load_params
+    from mer.model.training.results import read_results
 
     path = tiny_params(tmp_path, tiny_data(tmp_path), **{
         "tune.fold_cpus": 0.5, "tune.fold_gpus": 0.5, "tune.final_model": False, "tracking.backend": "none",
@@ -78,7 +78,7 @@ def test_loso_with_fold_gpus_grows_an_autoscaling_cluster_from_zero_gpu_workers(
             env.pop("MLFLOW_TRACKING_URI", None)
             start = time.monotonic()
             with log.open("wb") as out:
-                run = subprocess.run([sys.executable, "-m", "pipelines.loso", "--params", str(path)], cwd=REPO,
+                run = subprocess.run([sys.executable, "-m", "mer.pipelines.loso", "--params", str(path)], cwd=REPO,
                                      env=env, stdout=out, stderr=subprocess.STDOUT, timeout=240)
             assert run.returncode == 0, log.read_text(errors="replace")[-6000:]
             gpu_nodes = _gpu_nodes()
@@ -107,7 +107,7 @@ def test_a_fold_no_node_can_hold_fails_in_one_line(tiny_root: Path, tmp_path: Pa
     """tune.fold_gpus: 1 on the session's CPU-only Ray, with tune.fold_node_wait_s short: no node can hold a fold
     and none joins, so `mer tune` exits 2 with one line naming the settings and what the cluster has (instead of
     folds pending forever)."""
-    from pipelines.cli import main
+    from mer.pipelines.cli import main
 
     path = tiny_params(tmp_path, tiny_data(tmp_path), **{"tune.fold_gpus": 1, "tune.fold_node_wait_s": 3,
                                                          "tracking.backend": "none"})
@@ -123,8 +123,8 @@ def test_a_fold_no_node_can_hold_fails_in_one_line(tiny_root: Path, tmp_path: Pa
     assert 3 <= took < 60, took
 
     # A Ray that cannot grow (the private local head a `mer` command starts without an address) is said at once.
-    from mer_model.errors import ConfigError
-    from pipelines.engine.trial import wait_for_fold_node
+    from mer.model.errors import ConfigError
+    from mer.pipelines.engine.trial import wait_for_fold_node
 
     start = time.monotonic()
     with pytest.raises(ConfigError, match="1 GPU on one node .* 0 GPU in all.*local Ray cannot grow"):

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mer_model.data.aus import AU_LIST, aus_from_string, aus_to_string, parse_aus, to_multi_hot
-from mer_model.errors import DataError
+from mer.model.data.aus import AU_LIST, aus_from_string, aus_to_string, parse_aus, to_multi_hot
+from mer.model.errors import DataError
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components.ingest import ingest, output_paths, register
-from components.settings import parse_params
-from mer_model.data import check_table, load_annotations, read_table
-from mer_model.errors import DataError
+from mer.components.ingest import ingest, output_paths, register
+from mer.components.settings import parse_params
+from mer.model.data import check_table, load_annotations, read_table
+from mer.model.errors import DataError
 from test_data_loaders import CASME2_HEADER, blank_frames, write_sheet
 
 

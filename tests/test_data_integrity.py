@@ -12,12 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.cli import main
-from components.ingest import ingest, output_paths
-from components.settings import parse_params
-from mer_model.data import apply_class_set, check_table, load_annotations, read_table
-from mer_model.data.loaders import subject_name
-from mer_model.errors import DataError
+from mer.pipelines.cli import main
+from mer.components.ingest import ingest, output_paths
+from mer.components.settings import parse_params
+from mer.model.data import apply_class_set, check_table, load_annotations, read_table
+from mer.model.data.loaders import subject_name
+from mer.model.errors import DataError
 from test_data_loaders import CASME2_HEADER, blank_frames, write_sheet
 
 CASME3_HEADER = ["Subject", "Filename", "Onset", "Apex", "Offset", "AU", "Objective class", "emotion"]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mer_model.data import CLASS_SETS, apply_class_set, load_annotations
-from mer_model.errors import ConfigError, DataError
+from mer.model.data import CLASS_SETS, apply_class_set, load_annotations
+from mer.model.errors import ConfigError, DataError
 
 SHEETS = {"casme2": "CASME2-coding-20140508.xlsx", "samm": "SAMM.xlsx", "smic": "smic_apex.xlsx",
           "casme3": "casme3_table.xlsx"}

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mer_model.data import frame_file, load_annotations, validate_table
-from mer_model.errors import ConfigError, DataError
+from mer.model.data import frame_file, load_annotations, validate_table
+from mer.model.errors import ConfigError, DataError
 
 CASME2_SHEET = "CASME2-coding-20140508.xlsx"
 
@@ -151,7 +151,7 @@ def test_smic_frames_below_sheet_path(tmp_path: Path) -> None:
 def test_smic_label_contradicting_clip_name(tmp_path: Path) -> None:
     """The clip name's code is a second coding of the label: a contradiction is excluded by the class set with
     both named (an error under strict), like the composite's label against its joined coding sheet."""
-    from mer_model.data import apply_class_set
+    from mer.model.data import apply_class_set
 
     write_sheet(tmp_path / "smic_apex.xlsx", [["subject", "clip", "label", "onset_frame", "apex_frame"],
                                               [1, "s1_po_01", 0, 5, 6], [1, "s1_ne_02", 0, 5, 6]])

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO, fill_disk_when, mer_process, tiny_data, tiny_params
 
 pytestmark = pytest.mark.slow
-DISK_MIB = 101  # just above the 100 MiB every output check asks for (components.common.MIN_FREE_MB)
+DISK_MIB = 101  # just above the 100 MiB every output check asks for (mer.components.common.MIN_FREE_MB)
 DEADLINE_S = 300
 
 
@@ -29,7 +29,7 @@ def _error_line(stderr: str) -> str:
 
 
 def _half_written(root: Path) -> list[Path]:
-    """Temporary files of interrupted atomic writes (`mer_model.io.atomic_write`), and empty outputs of the platform
+    """Temporary files of interrupted atomic writes (`mer.model.io.atomic_write`), and empty outputs of the platform
     (Ray Tune's own trial logs under <experiment>/<phase>/ are Tune's: it writes them in place)."""
     return [p for p in root.rglob("*") if p.is_file() and not {"search", "evaluate"} & set(p.parts) and (
         p.name.endswith(".tmp") or (p.suffix in (".csv", ".json", ".npz", ".pt") and p.stat().st_size == 0))]
@@ -51,7 +51,7 @@ def test_a_disk_that_fills_during_preprocess(tiny_root: Path, tmp_path: Path, sm
 
 def _tune(params: Path, log: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "tune", "--params", str(params)], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "mer.pipelines.cli", "tune", "--params", str(params)], cwd=REPO,
                             env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=log.open("w"), text=True)
 

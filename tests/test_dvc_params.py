@@ -10,7 +10,7 @@ deps/outs, e.g. `${tune.results}`). A key read but not declared is a silent no-o
 left every stage "didn't change" and the new experiment was never created.
 
 What a stage reads is found in its code deps (the .py files and packages under components/ and pipelines/ listed in
-its `deps`): attribute chains `params.<section>[.<key>]` on the validated Params (components.settings), and the sections
+its `deps`): attribute chains `params.<section>[.<key>]` on the validated Params (mer.components.settings), and the sections
 a `params.model_dump(include={...})` hashes into a key. (A whole-config dump that is only logged, or handed to a trial
 that reads its own sections, is not counted.) The library (mer_model/) is given sections, never the whole Params."""
 
@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.settings import Params, load_params
-from pipelines.stages import STAGES as DECLARED
+from mer.components.settings import Params, load_params
+from mer.pipelines.stages import STAGES as DECLARED
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]

@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components.common import check_output_dir
-from components.settings import parse_params
-from mer_model.data.schema import make_table
-from mer_model.errors import ConfigError
+from mer.components.common import check_output_dir
+from mer.components.settings import parse_params
+from mer.model.data.schema import make_table
+from mer.model.errors import ConfigError
 from tests.test_preprocess import write_clip
 from tests.test_preprocess_stage import CHEAP
 
@@ -31,7 +31,7 @@ def test_corrupt_image_and_empty_clip_fail_by_id_and_the_run_completes(tmp_path:
     """Bytes that are no image at all, and a clip folder emptied after ingest: each sample fails with its id and the
     file, the good one is cached, and the manifest counts both. (This is the stage's own loop without Ray; the Ray
     stage itself, with missing and truncated frames, is covered by test_preprocess_stage.)"""
-    from mer_model.preprocess import Cache, process_row
+    from mer.model.preprocess import Cache, process_row
 
     root = tmp_path / "data"
     for subject in ("sub01", "sub02", "sub03"):
@@ -70,7 +70,7 @@ def test_output_dir_check_fails_up_front_naming_the_key(tmp_path: Path) -> None:
 def test_an_interrupted_preprocessing_run_keeps_what_it_finished(tmp_path: Path) -> None:
     """A run killed after some samples (no `finish`: no index.csv, no manifest) loses nothing it finished: the
     entries were journalled as they arrived and the next run reuses them."""
-    from mer_model.preprocess import Cache, process_row
+    from mer.model.preprocess import Cache, process_row
 
     root = tmp_path / "data"
     for subject in ("sub01", "sub02"):
@@ -96,9 +96,9 @@ def test_an_interrupt_unwinds_first_then_the_runs_end_killed(tmp_path: Path, mon
     import os
     import signal
 
-    from components.tracking import Terminated
-    from components.settings import TrackingConfig
-    from components.tracking.mlflow_tracker import MlflowTracker
+    from mer.components.tracking import Terminated
+    from mer.components.settings import TrackingConfig
+    from mer.components.tracking.mlflow_tracker import MlflowTracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "test", "unknown")
@@ -126,9 +126,9 @@ def test_sigterm_inside_a_store_write_is_delivered_again_outside_it(tmp_path: Pa
     import sys
     import time
 
-    from components.tracking import Terminated
-    from components.settings import TrackingConfig
-    from components.tracking.mlflow_tracker import MlflowTracker
+    from mer.components.tracking import Terminated
+    from mer.components.settings import TrackingConfig
+    from mer.components.tracking.mlflow_tracker import MlflowTracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "test", "unknown")
@@ -158,7 +158,7 @@ def test_truncated_or_edited_results_are_refused_naming_the_file(tmp_path: Path,
     and nothing is written."""
     from test_report import CLASSES, _predictions
 
-    from mer_model.training.results import ExperimentSummary, FoldSummary, Results, read_results, write_results
+    from mer.model.training.results import ExperimentSummary, FoldSummary, Results, read_results, write_results
 
     results = tmp_path / "results"
     predictions = _predictions()
@@ -194,8 +194,8 @@ def test_a_stored_fold_whose_predictions_changed_is_trained_again(tmp_path: Path
     again), with a warning naming the file."""
     from test_report import CLASSES, _predictions
 
-    from mer_model.training.results import FoldSummary
-    from pipelines.engine.storage import FoldStorage
+    from mer.model.training.results import FoldSummary
+    from mer.pipelines.engine.storage import FoldStorage
 
     storage = FoldStorage(str(tmp_path / "folds"))
     summary = FoldSummary(key="k1", fold="casme2/s1", protocol="fixed", leaky=False, selected_epoch=1,
@@ -215,8 +215,8 @@ def _poison_entry(cache: Path, sample_id: str, modality: str, arrays: dict | Non
     hand edit leaves: only the values tell), or the file cut short (the record left as it was)."""
     import numpy as np
 
-    from mer_model.io import digest
-    from mer_model.preprocess.cache import encode_npz, entry_file
+    from mer.model.io import digest
+    from mer.model.preprocess.cache import encode_npz, entry_file
 
     path = cache / entry_file(sample_id, modality)
     if truncate:
@@ -234,7 +234,7 @@ def _poison_entry(cache: Path, sample_id: str, modality: str, arrays: dict | Non
 def test_a_nan_cache_entry_is_recomputed_not_reused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Before: `mer preprocess` kept a NaN entry (with a matching digest) as "reused". Now the values are checked
     too, and the entry is recomputed with a warning naming its file."""
-    from mer_model.preprocess import Cache, process_row
+    from mer.model.preprocess import Cache, process_row
 
     root = tmp_path / "data"
     write_clip(root / "sub01" / "EP01")

@@ -1,4 +1,4 @@
-"""Fold-batched training (the trainer's loop over F > 1 folds, mer_model.training.fold_batch) against one fold at a
+"""Fold-batched training (the trainer's loop over F > 1 folds, mer.model.training.fold_batch) against one fold at a
 time (the same loop, F = 1).
 
 Tolerances: the batched path runs the same arithmetic on stacked tensors (vmap), with the same initialisation, data
@@ -20,14 +20,14 @@ import pandas as pd
 import pytest
 from test_training_data import CLASSES, write_cache
 
-from mer_model.config import ModelConfig, TrainConfig
-from mer_model.errors import ConfigError, NonFiniteError
-from mer_model.models.registry import get_entry, list_models
-from mer_model.training.data import SampleStore
-from mer_model.training import trainer
-from mer_model.training.folds import Fold, loso_folds
-from mer_model.training.metrics import pooled_metrics
-from mer_model.training.trainer import FoldSpec, stack_folds, train_fold, train_fold_group
+from mer.model.config import ModelConfig, TrainConfig
+from mer.model.errors import ConfigError, NonFiniteError
+from mer.model.models.registry import get_entry, list_models
+from mer.model.training.data import SampleStore
+from mer.model.training import trainer
+from mer.model.training.folds import Fold, loso_folds
+from mer.model.training.metrics import pooled_metrics
+from mer.model.training.trainer import FoldSpec, stack_folds, train_fold, train_fold_group
 
 PROBS = [f"prob_{k}" for k in range(3)]
 
@@ -125,7 +125,7 @@ def test_a_seed_ensemble_group_trains_fold_by_fold(store: SampleStore) -> None:
 def test_the_search_scores_a_seed_ensemble_by_its_mean_probabilities(store: SampleStore) -> None:
     """A search's UF1 objective is the fold's `val_score` (for an ensemble: the members' mean probabilities on the
     validation subjects), other metrics the validation figure of the (member-averaged) selected epoch."""
-    from pipelines.engine.trial import inner_score
+    from mer.pipelines.engine.trial import inner_score
 
     (spec,) = _specs(loso_folds(store.index)[1:2], protocol="inner", ensemble=2)
     summary = train_fold(spec, store).summary("key", False, "loso")
@@ -136,11 +136,11 @@ def test_the_search_scores_a_seed_ensemble_by_its_mean_probabilities(store: Samp
 def test_fold_task_logs_name_the_ensemble_member(caplog: pytest.LogCaptureFixture) -> None:
     from types import SimpleNamespace
 
-    from pipelines.engine.tasks import _epoch_logger
+    from mer.pipelines.engine.tasks import _epoch_logger
 
     job = SimpleNamespace(fold=SimpleNamespace(name="s01"), key="k", train={"epochs": 3})
     log = _epoch_logger(job, None, None)
-    with caplog.at_level("DEBUG", logger="pipelines.engine.tasks"):
+    with caplog.at_level("DEBUG", logger="mer.pipelines.engine.tasks"):
         log(3, {"epoch": 3, "train_loss": 0.5})
         log(3, {"epoch": 3, "member": 2, "train_loss": 0.4})
     assert [r.getMessage() for r in caplog.records if r.levelname == "DEBUG"] == [
@@ -151,7 +151,7 @@ def test_a_fold_task_trains_its_unfinished_folds_as_one_group(store: SampleStore
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's fold task (called directly, without Ray): a stored fold is read back, the others are trained
     as one batched group, and each is stored under its own key."""
-    from pipelines.engine import tasks
+    from mer.pipelines.engine import tasks
 
     spec = _specs(loso_folds(store.index)[:3])[0]
     jobs = [tasks.FoldJob(key=f"key{i}", fold=fold, model=spec.model.model_dump(mode="json"),
@@ -209,8 +209,8 @@ def test_a_fold_whose_outputs_become_non_finite_fails_alone(tmp_path: Path, grou
     from test_failures import _poison_entry
     from test_training_data import write_cache
 
-    from pipelines.engine import tasks
-    from pipelines.engine.callbacks import failed_folds, stored_folds
+    from mer.pipelines.engine import tasks
+    from mer.pipelines.engine.callbacks import failed_folds, stored_folds
 
     monkeypatch.setattr(tasks, "_LOGGING_SET", True)  # a Ray worker's logging set-up would replace pytest's capture
     root = write_cache(tmp_path / "cache", subjects=4, per_subject=2)

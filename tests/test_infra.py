@@ -144,7 +144,7 @@ def test_project_containers_use_the_project_image() -> None:
     ours = {i for i in images if "mer-platform" in i}
     assert ours == {PROJECT_IMAGE}
     assert images - ours <= {"postgres:15", "quay.io/minio/minio:latest", "quay.io/minio/mc:latest"}
-    kfp_pipeline = importlib.import_module("pipelines.kfp_pipeline")
+    kfp_pipeline = importlib.import_module("mer.pipelines.kfp_pipeline")
     assert kfp_pipeline.DEFAULT_IMAGE == PROJECT_IMAGE
 
 
@@ -217,16 +217,16 @@ def test_rayjob_runs_the_loso_driver_on_the_cluster() -> None:
     job = by_kind("RayJob")[0]["spec"]
     assert job["clusterSelector"] == {"ray.io/cluster": by_kind("RayCluster")[0]["metadata"]["name"]}
     command = job["entrypoint"].split()
-    assert command[:5] == ["python", "-m", "pipelines.loso", "--params", "params.yaml"]
+    assert command[:5] == ["python", "-m", "mer.pipelines.loso", "--params", "params.yaml"]
     assert job["shutdownAfterJobFinishes"] is False  # the selected cluster is shared, not owned by the job
-    assert importlib.util.find_spec("pipelines.loso") is not None, "the RayJob entrypoint module is missing"
+    assert importlib.util.find_spec("mer.pipelines.loso") is not None, "the RayJob entrypoint module is missing"
     # The folds ask for GPUs (a fraction: several small folds share one), the driver for nothing (it stays on the
     # head, whose num-cpus is 0).
     overrides = dict(arg.split("=", 1) for flag, arg in zip(command[5::2], command[6::2]) if flag == "-S")
     assert 0 < float(overrides["tune.fold_gpus"]) <= 1
     assert job.get("entrypointNumCpus", 0) == 0 and job.get("entrypointNumGpus", 0) == 0
     assert "entrypointResources" not in job
-    from components.settings import load_params
+    from mer.components.settings import load_params
 
     params = load_params(REPO / "params.yaml", overrides)  # the overrides are valid keys and values
     assert params.tune.fold_gpus == float(overrides["tune.fold_gpus"])

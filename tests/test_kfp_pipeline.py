@@ -31,7 +31,7 @@ def test_compiled_pipeline_is_current(tmp_path: Path) -> None:
     """`make pipeline-yaml` was run after the last change to the pipeline (or to kfp)."""
     fresh = tmp_path / "mer_pipeline.yaml"
     env = {k: v for k, v in os.environ.items() if k != "MER_IMAGE"}
-    subprocess.run([sys.executable, "-m", "pipelines.kfp_pipeline", "--output", str(fresh)], cwd=REPO, env=env,
+    subprocess.run([sys.executable, "-m", "mer.pipelines.kfp_pipeline", "--output", str(fresh)], cwd=REPO, env=env,
                    check=True, capture_output=True, timeout=120)
     assert fresh.read_text() == COMPILED.read_text(), "infra/kubeflow/mer_pipeline.yaml is stale: make pipeline-yaml"
 
@@ -43,7 +43,7 @@ def test_compiled_pipeline_is_a_valid_pipeline_spec() -> None:
     from google.protobuf import json_format
     from kfp.pipeline_spec import pipeline_spec_pb2
 
-    from pipelines.kfp_pipeline import DEFAULT_IMAGE, SHARED_MOUNT, SHARED_SUBPATH, SHARED_VOLUME
+    from mer.pipelines.kfp_pipeline import DEFAULT_IMAGE, SHARED_MOUNT, SHARED_SUBPATH, SHARED_VOLUME
 
     doc, platform = list(yaml.safe_load_all(COMPILED.read_text()))
     spec = json_format.ParseDict(doc, pipeline_spec_pb2.PipelineSpec())  # unknown fields raise
@@ -102,8 +102,8 @@ def test_pipeline_runs_locally_against_the_tracking_stack(tmp_path: Path, monkey
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobSubmissionClient
 
-    from mer_model.inference import example_arrays
-    from pipelines.kfp_pipeline import mer_pipeline
+    from mer.model.inference import example_arrays
+    from mer.pipelines.kfp_pipeline import mer_pipeline
 
     for key in [k for k in os.environ if k.startswith(("AWS_", "MLFLOW_S3"))] + ["MLFLOW_TRACKING_URI"]:
         monkeypatch.delenv(key, raising=False)
@@ -179,7 +179,7 @@ def test_pipeline_runs_locally_against_the_tracking_stack(tmp_path: Path, monkey
 
 def _artifact(root: Path, rel: str, source: Path) -> str:
     """An upstream step's output artifact as the pipeline hands it on: `rel` (linked to `source`) + paths.json."""
-    from pipelines.kfp_steps import PATHS_FILE
+    from mer.pipelines.kfp_steps import PATHS_FILE
 
     (root / rel).parent.mkdir(parents=True)
     (root / rel).symlink_to(source)
@@ -190,9 +190,9 @@ def _artifact(root: Path, rel: str, source: Path) -> str:
 def test_step_outputs_come_from_the_stage_declarations() -> None:
     """What a step's artifact carries: its entry's outputs, a local working state, and the outputs of a stage that
     is no step but writes what the step reads (the synthetic set, when ingest reads it)."""
-    from components.settings import load_params, with_overrides
-    from pipelines.kfp_steps import step_outputs
-    from pipelines.stages import STAGES
+    from mer.components.settings import load_params, with_overrides
+    from mer.pipelines.kfp_steps import step_outputs
+    from mer.pipelines.stages import STAGES
 
     params = load_params(REPO / "params.yaml")
     assert params.data.root == params.synth.out
@@ -208,8 +208,8 @@ def test_step_outputs_come_from_the_stage_declarations() -> None:
 
 def test_tune_step_names_an_unreachable_job_server(tmp_path: Path) -> None:
     """`ray_dashboard` is checked first, within seconds, and the one line names the pipeline parameter."""
-    from mer_model.errors import ServiceError
-    from pipelines.kfp_steps import run_step
+    from mer.model.errors import ServiceError
+    from mer.pipelines.kfp_steps import run_step
 
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
@@ -224,7 +224,7 @@ def test_tune_step_names_an_unreachable_job_server(tmp_path: Path) -> None:
 
 
 def test_ray_job_submission_id_is_per_run_and_experiment() -> None:
-    from pipelines.ray_jobs import submission_id
+    from mer.pipelines.ray_jobs import submission_id
 
     experiment = {"model": {"name": "ststnet"}, "train": {"epochs": 2}}
     assert submission_id("run-1", experiment) == submission_id("run-1", json.loads(json.dumps(experiment)))
@@ -237,7 +237,7 @@ def test_ray_job_submission_id_is_per_run_and_experiment() -> None:
 def test_tune_step_runs_the_driver_as_a_ray_job(tiny_root: Path, session_ray: LocalRay,
                                                 tracking_stack: TrackingStack, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """The tune step given `ray_dashboard` submits `python -m pipelines.loso` to the session's job server, copies
+    """The tune step given `ray_dashboard` submits `python -m mer.pipelines.loso` to the session's job server, copies
     the job's log into its own, and takes the results into its output artifact; the same step again (a KFP retry:
     same run id) submits no second job and hands on the same results; a job that fails is one line naming it.
 
@@ -248,8 +248,8 @@ def test_tune_step_runs_the_driver_as_a_ray_job(tiny_root: Path, session_ray: Lo
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobSubmissionClient
 
-    from mer_model.errors import ServiceError
-    from pipelines.kfp_steps import run_step
+    from mer.model.errors import ServiceError
+    from mer.pipelines.kfp_steps import run_step
 
     # The step's temp dir is where the job works: on a cluster a volume the head shares, here this machine's disk.
     shared = tmp_path / "shared"
@@ -270,10 +270,10 @@ def test_tune_step_runs_the_driver_as_a_ray_job(tiny_root: Path, session_ray: Lo
 
     step = dict(params_file=str(params), overrides={}, tracking_uri=tracking_stack.uri, ray_address="",
                 inputs=[ingested, preprocessed], ray_dashboard=session_ray.dashboard, ray_job_timeout_s=400)
-    with caplog.at_level(logging.INFO, logger="pipelines.ray_jobs"):
+    with caplog.at_level(logging.INFO, logger="mer.pipelines.ray_jobs"):
         run_step("tune", "job-test", output=str(tmp_path / "tuned"), **step)
     (job,) = submitted("job-test")
-    assert job.status.value == "SUCCEEDED" and job.entrypoint.endswith("python -m pipelines.loso --params params.yaml")
+    assert job.status.value == "SUCCEEDED" and job.entrypoint.endswith("python -m mer.pipelines.loso --params params.yaml")
     copied_log = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"[{job.submission_id}]")]
     # Progress without a terminal (the job's log): 0/N when the phase starts, then one line per finished fold,
     # done/total with an ETA.
@@ -305,7 +305,7 @@ def test_tune_step_runs_the_driver_as_a_ray_job(tiny_root: Path, session_ray: Lo
     assert all("oracle (leaky)" in r.info.run_name for r in runs)
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipelines.kfp_steps"):
+    with caplog.at_level(logging.INFO, logger="mer.pipelines.kfp_steps"):
         run_step("tune", "job-test", output=str(tmp_path / "tuned-again"), **step)
     (again,) = submitted("job-test")
     assert (again.submission_id, again.start_time) == (job.submission_id, job.start_time)
@@ -319,7 +319,7 @@ def test_tune_step_runs_the_driver_as_a_ray_job(tiny_root: Path, session_ray: Lo
     message = str(err.value)
     assert failed.status.value == "FAILED" and "\n" not in message
     assert message.startswith(f"Ray job {failed.submission_id} FAILED") and "exit code 2" in message
-    assert "last log line: pipelines.loso: error: " in message and "no index.csv" in message
+    assert "last log line: mer.pipelines.loso: error: " in message and "no index.csv" in message
     # Retried after the failure: the same job id submitted again (the failed record replaced), still one job.
     with pytest.raises(ServiceError, match="FAILED"):
         run_step("tune", "job-fail", output=str(tmp_path / "failed-again"), **{**step, "inputs": [ingested]})

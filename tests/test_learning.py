@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.settings import load_params
-from mer_model.config import ModelConfig, TrainConfig
-from mer_model.models.registry import list_configs, list_models, model_io
-from mer_model.training.data import SampleStore
-from mer_model.training.trainer import fit_check
+from mer.components.settings import load_params
+from mer.model.config import ModelConfig, TrainConfig
+from mer.model.models.registry import list_configs, list_models, model_io
+from mer.model.training.data import SampleStore
+from mer.model.training.trainer import fit_check
 
 from conftest import tiny_params
 
@@ -46,8 +46,8 @@ FIT_UF1 = 0.9
 def composite_subset(composite_dir: Path, annotations_dir: Path, tmp_path_factory: pytest.TempPathFactory,
                      local_ray: None) -> tuple[SampleStore, list[str]]:
     """The composite's maps (+ CASME II AUs from the coding sheet) and a fixed draw of 8 CASME II samples per class."""
-    from components.ingest import ingest
-    from components.preprocess import preprocess
+    from mer.components.ingest import ingest
+    from mer.components.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("learning-composite")
     params = load_params(tiny_params(
@@ -68,9 +68,9 @@ def composite_subset(composite_dir: Path, annotations_dir: Path, tmp_path_factor
 @pytest.fixture(scope="module")
 def synthetic_subset(tmp_path_factory: pytest.TempPathFactory, local_ray: None) -> tuple[SampleStore, list[str]]:
     """24 synthetic clips (8 subjects x 3) with every frame-based modality, at the tiny set's coarse settings."""
-    from components.ingest import ingest
-    from components.preprocess import preprocess
-    from components.synth import synthesize
+    from mer.components.ingest import ingest
+    from mer.components.preprocess import preprocess
+    from mer.components.synth import synthesize
 
     root = tmp_path_factory.mktemp("learning-synthetic")
     params = load_params(tiny_params(

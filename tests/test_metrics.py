@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from mer_model.training.metrics import au_f1, classification_metrics, flow_epe, landmark_nme, pooled_metrics
+from mer.model.training.metrics import au_f1, classification_metrics, flow_epe, landmark_nme, pooled_metrics
 
 NAMES = ["neg", "pos", "sur"]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mer_model.errors import ConfigError, DataError
-from mer_model.models import (
+from mer.model.errors import ConfigError, DataError
+from mer.model.models import (
     autocast_dtype,
     count_parameters,
     create_model,
@@ -22,10 +22,10 @@ from mer_model.models import (
     save_checkpoint,
     to_device_batch,
 )
-from mer_model.models.htnet import tile_regions
-from mer_model.models.cva_fpf import UNUSED_AUTHOR_PARAMETERS as SWIN_UNUSED
-from mer_model.models.mmnet import UNUSED_AUTHOR_PARAMETERS
-from mer_model.models.mol import CCC, landmark_l1_loss
+from mer.model.models.htnet import tile_regions
+from mer.model.models.cva_fpf import UNUSED_AUTHOR_PARAMETERS as SWIN_UNUSED
+from mer.model.models.mmnet import UNUSED_AUTHOR_PARAMETERS
+from mer.model.models.mol import CCC, landmark_l1_loss
 
 torch.set_num_threads(2)
 NUM_AUS = 21
@@ -370,8 +370,8 @@ def test_flip_tta_averages_the_probabilities_of_the_two_views(name: str, tmp_pat
     """train.tta="flip": predictions are the mean class probabilities of the batch and its mirror image, through
     `tta_forward` and `predict_proba` alike; the model's own forward stays one view; the mode survives a
     checkpoint."""
-    from mer_model.inference import predict_proba
-    from mer_model.training.augment import mirror_batch, tta_forward
+    from mer.model.inference import predict_proba
+    from mer.model.training.augment import mirror_batch, tta_forward
 
     torch.manual_seed(0)
     model = create_model(name, "small", num_classes=3).eval()
@@ -440,7 +440,7 @@ def test_htnet_attention_computes_scaled_dot_product_attention() -> None:
     the formulation it replaced, for every attention module of the paper-shaped small network (float tolerance)."""
     import torch.nn.functional as F
 
-    from mer_model.models.htnet import _ConvAttention
+    from mer.model.models.htnet import _ConvAttention
 
     torch.manual_seed(0)
     model = create_model("htnet", "small", num_classes=3).eval()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mer_model.models import create_model
+from mer.model.models import create_model
 
 
 def test_classification_loss_uses_class_weights() -> None:

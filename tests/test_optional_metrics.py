@@ -21,13 +21,13 @@ import pandas as pd
 import pytest
 from test_training_data import CLASSES, write_cache
 
-from components.settings import BenchmarkConfig, BenchmarkModel, load_params
-from mer_model.config import ModelConfig, TrainConfig
-from mer_model.training.data import SampleStore
-from mer_model.training.folds import Fold, loso_folds
-from mer_model.training.metrics import OPTIONAL_METRICS, flat_metrics, mean_defined, pooled_metrics
-from mer_model.training.results import ExperimentSummary, FoldResult, Results
-from mer_model.training.trainer import FoldSpec, _mean_extra, train_fold, train_fold_group
+from mer.components.settings import BenchmarkConfig, BenchmarkModel, load_params
+from mer.model.config import ModelConfig, TrainConfig
+from mer.model.training.data import SampleStore
+from mer.model.training.folds import Fold, loso_folds
+from mer.model.training.metrics import OPTIONAL_METRICS, flat_metrics, mean_defined, pooled_metrics
+from mer.model.training.results import ExperimentSummary, FoldResult, Results
+from mer.model.training.trainer import FoldSpec, _mean_extra, train_fold, train_fold_group
 
 REPO = Path(__file__).resolve().parents[1]
 # The kinds of test subject that leave an optional figure undefined (subjects of the cache below).
@@ -158,9 +158,9 @@ class RecordingTracker:
 def test_the_tracker_logs_only_defined_figures(folds: dict, path: str, scenario: str, tmp_path: Path) -> None:
     """The fold run's metrics: the engine hands undefined ones over as None, and the MLflow tracker drops None and
     NaN (absent in the UI, never 0); defined ones, AU F1 and per-class recall included, are logged."""
-    from components.tracking.mlflow_tracker import MlflowTracker
-    from pipelines.engine.callbacks import TrackingCallback
-    from pipelines.engine.storage import FoldStorage
+    from mer.components.tracking.mlflow_tracker import MlflowTracker
+    from mer.pipelines.engine.callbacks import TrackingCallback
+    from mer.pipelines.engine.storage import FoldStorage
 
     result = folds[path, scenario]
     FoldStorage(str(tmp_path)).save(result.summary("key", False, "loso"), result.predictions)
@@ -184,7 +184,7 @@ def test_the_tracker_logs_only_defined_figures(folds: dict, path: str, scenario:
 
 
 def test_the_html_report_and_the_comparison_keep_undefined_figures_absent(folds: dict, tmp_path: Path) -> None:
-    from mer_model.reporting import comparison_table, write_experiment_report
+    from mer.model.reporting import comparison_table, write_experiment_report
 
     results = [r for (path, _), r in folds.items() if path == "ensemble"]
     predictions = pd.concat([r.predictions for r in results], ignore_index=True)
@@ -203,8 +203,8 @@ def test_the_html_report_and_the_comparison_keep_undefined_figures_absent(folds:
 def test_results_csv_row_averages_defined_figures_and_counts_the_folds(folds: dict, tmp_path: Path) -> None:
     """The benchmark row: optional figures are the mean over the folds that define them, with that count; a fold that
     failed is named in the notes and the row says how many folds it covers; results.csv leaves absent cells empty."""
-    from mer_model.reporting.benchmark import write_outputs
-    from pipelines.benchmark import result_row, run_params
+    from mer.model.reporting.benchmark import write_outputs
+    from mer.pipelines.benchmark import result_row, run_params
 
     results = [r for (path, _), r in folds.items() if path == "single"]
     summaries = [r.summary("k", False, "loso") for r in results]
@@ -236,10 +236,10 @@ def test_a_failed_fold_task_is_one_line_per_fold_and_the_other_folds_are_kept(tm
     storage for the driver; a fold it had stored is kept."""
     import ray
 
-    from pipelines.engine.callbacks import failed_folds
-    from pipelines.engine.storage import FoldStorage
-    from pipelines.engine.tasks import FoldFailure, FoldJob
-    from pipelines.engine.trial import group_outcomes
+    from mer.pipelines.engine.callbacks import failed_folds
+    from mer.pipelines.engine.storage import FoldStorage
+    from mer.pipelines.engine.tasks import FoldFailure, FoldJob
+    from mer.pipelines.engine.trial import group_outcomes
 
     storage = str(tmp_path / "folds")
     jobs = [FoldJob(key=f"k{i}", fold=Fold(f"s{i}", ("a",), (f"s{i}",)), model={}, train={}, leaky=False,

@@ -19,11 +19,11 @@ from conftest import mlflow_client, runs_by_kind, tiny_data, tiny_params
 @pytest.mark.slow
 def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from components.evaluate import write_metrics_and_report
-    from components.register import register_final_model
-    from components.settings import load_params
-    from components.tracking import OPERATIONAL
-    from pipelines.engine.driver import run_tune
+    from mer.components.evaluate import write_metrics_and_report
+    from mer.components.register import register_final_model
+    from mer.components.settings import load_params
+    from mer.components.tracking import OPERATIONAL
+    from mer.pipelines.engine.driver import run_tune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
@@ -63,7 +63,7 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
                                                    "preprocess.num_workers", "train.num_workers"))}
     assert {"train.lr", "train.seed", "data.class_set", "preprocess.flow.tau", "tune.search_space.train.lr.high",
             "evaluate.intervals.resamples"} <= logged, sorted(logged)
-    assert not logged & OPERATIONAL and {"train.protocol", "train.split"} <= logged  # components.tracking
+    assert not logged & OPERATIONAL and {"train.protocol", "train.split"} <= logged  # mer.components.tracking
     assert parent.data.tags["protocol"] == "fixed" and parent.data.tags["leaky"] == "false"
     assert parent.data.metrics["uf1"] == pytest.approx(summary.metrics["uf1"])
     client, _ = mlflow_client(tmp_path)
@@ -100,7 +100,7 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
     import mlflow.data
     from mlflow.models import get_model_info
 
-    from components.tracking.pyfunc import load_for_inference
+    from mer.components.tracking.pyfunc import load_for_inference
 
     registered = f"models:/{params.tracking.registered_model}/1"
     flavors = get_model_info(registered).flavors
@@ -134,7 +134,7 @@ def test_search_evaluate_register_logs_the_run_hierarchy(tiny_root: Path, tmp_pa
 
 @pytest.mark.slow
 def test_parent_run_names_say_the_protocol_once_and_the_ensemble_size() -> None:
-    from pipelines.engine.driver import parent_run_name
+    from mer.pipelines.engine.driver import parent_run_name
 
     assert parent_run_name("synthetic-ststnet-fixed", "fixed", False, "e889274d99") == \
         "synthetic-ststnet-fixed [e889274d]"
@@ -152,10 +152,10 @@ def test_a_search_that_chooses_annotated_aus_marks_every_output_leaky(tiny_root:
     folds, summary.json with its reason, metrics.json, the report, the comparison. A model fed the annotated AUs is
     leaky under an honest protocol too. (Trained as a 2-seed ensemble, whose members' seeds and epochs the fold runs
     record.)"""
-    from components.evaluate import write_metrics_and_report
-    from components.tracking import make_tracker
-    from components.settings import load_params
-    from pipelines.engine.driver import run_tune
+    from mer.components.evaluate import write_metrics_and_report
+    from mer.components.tracking import make_tracker
+    from mer.components.settings import load_params
+    from mer.pipelines.engine.driver import run_tune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
@@ -194,9 +194,9 @@ def test_a_search_that_chooses_annotated_aus_marks_every_output_leaky(tiny_root:
 
 
 def test_fold_progress_counts_folds_and_estimates_the_rest(caplog: pytest.LogCaptureFixture) -> None:
-    from pipelines.engine.callbacks import FoldProgress
+    from mer.pipelines.engine.callbacks import FoldProgress
 
-    caplog.set_level(logging.INFO, logger="pipelines.engine.callbacks")
+    caplog.set_level(logging.INFO, logger="mer.pipelines.engine.callbacks")
     progress = FoldProgress("search", 6, interactive=False)
     progress.setup(stop=None, num_samples=1, total_num_samples=1)  # Tune calls it when the phase starts
     progress.on_trial_result(0, [], None, {"objective": 0.5})  # not a fold result: not counted
@@ -211,8 +211,8 @@ def test_fold_progress_counts_folds_and_estimates_the_rest(caplog: pytest.LogCap
 
 
 def test_sqlite_uri_is_made_absolute_and_env_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from components.settings import TrackingConfig
-    from components.tracking import tracking_uri
+    from mer.components.settings import TrackingConfig
+    from mer.components.tracking import tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -222,12 +222,12 @@ def test_sqlite_uri_is_made_absolute_and_env_wins(monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_run_logs_what_determines_its_result_and_compares_on_it() -> None:
-    """components.tracking: the logged params are the DETERMINING sections less OPERATIONAL (every OPERATIONAL key a
+    """mer.components.tracking: the logged params are the DETERMINING sections less OPERATIONAL (every OPERATIONAL key a
     real setting of those sections, so a renamed key cannot silently be logged again); the comparison of runs uses the
     logged `model.*` / `train.*` less the protocol and split (rows of their own)."""
-    from components.settings import Params
-    from components.tracking import COMPARED_APART, DETERMINING, OPERATIONAL, flatten, run_params
-    from components.tracking.base import comparable_settings
+    from mer.components.settings import Params
+    from mer.components.tracking import COMPARED_APART, DETERMINING, OPERATIONAL, flatten, run_params
+    from mer.components.tracking.base import comparable_settings
 
     params = Params()
     every = flatten(params.model_dump(mode="json", by_alias=True))
@@ -240,7 +240,7 @@ def test_a_run_logs_what_determines_its_result_and_compares_on_it() -> None:
 
 
 def test_params_never_carry_credentials() -> None:
-    from components.tracking import flatten
+    from mer.components.tracking import flatten
 
     flat = flatten({"tracking": {"uri": "postgresql://mer:hunter2@db:5432/mlflow"},
                     "s3": {"secret_access_key": "abc", "endpoint": "http://minio:9000"}})
@@ -253,10 +253,10 @@ def test_leave_one_dataset_out_through_mer_tune_without_a_tracker(tiny_root: Pat
     """`mer tune` with train.split=lodo on the tiny two-dataset set, tracking.backend none: one fold per source
     dataset, inner validation subjects drawn from the training dataset only, results per held-out dataset, and
     evaluate + report working from tune.results alone (no tracking store exists)."""
-    from components.evaluate import write_metrics_and_report
-    from components.settings import load_params
-    from mer_model.training.results import read_results
-    from pipelines.cli import main
+    from mer.components.evaluate import write_metrics_and_report
+    from mer.components.settings import load_params
+    from mer.model.training.results import read_results
+    from mer.pipelines.cli import main
 
     path = tiny_params(tmp_path, tiny_data(tmp_path), **{"train.split": "lodo", "train.protocol": "inner",
                                                          "tracking.backend": "none"})
@@ -285,10 +285,10 @@ def test_tune_callbacks_pickle_with_their_tracker_and_reconnect(tmp_path: Path,
     they must pickle after the tracker connected, and the copy must reach the same store."""
     import pickle
 
-    from components.settings import TrackingConfig
-    from components.tracking.mlflow_tracker import MlflowTracker
-    from pipelines.engine.callbacks import FoldProgress, RunInfo, TrackingCallback
-    from pipelines.engine.trial import TrialContext
+    from mer.components.settings import TrackingConfig
+    from mer.components.tracking.mlflow_tracker import MlflowTracker
+    from mer.pipelines.engine.callbacks import FoldProgress, RunInfo, TrackingCallback
+    from mer.pipelines.engine.trial import TrialContext
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # another test's mlflow.set_tracking_uri sets it
     tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "test", "unknown")
@@ -307,8 +307,8 @@ def test_tune_callbacks_pickle_with_their_tracker_and_reconnect(tmp_path: Path,
 
 
 def test_flip_tta_without_augmentation_is_warned_about() -> None:
-    from components.settings import parse_params
-    from pipelines.engine.preflight import setting_warnings
+    from mer.components.settings import parse_params
+    from mer.pipelines.engine.preflight import setting_warnings
 
     def warnings(**train: object) -> list[str]:
         return setting_warnings(parse_params({"train": train}))
@@ -331,9 +331,9 @@ def test_a_failed_fold_is_named_counted_and_never_pooled(tiny_root: Path, tmp_pa
     import pandas as pd
     from test_failures import _poison_entry
 
-    from components.settings import load_params
-    from mer_model.training.data import SampleStore
-    from pipelines.engine.driver import run_tune
+    from mer.components.settings import load_params
+    from mer.model.training.data import SampleStore
+    from mer.pipelines.engine.driver import run_tune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cache = shutil.copytree(tiny_data(tmp_path) / "preprocessed", tmp_path / "cache")
@@ -365,14 +365,14 @@ def test_a_long_fold_logs_epoch_progress_at_a_bounded_rate(monkeypatch: pytest.M
                                                            caplog: pytest.LogCaptureFixture) -> None:
     """Inside a fold (a Ray worker, forwarded to the driver's console): "fold X: epoch e/E" at most every
     EPOCH_PROGRESS_S seconds, so a long fold is not silent and a short one adds no line."""
-    from mer_model.training.folds import Fold
-    from pipelines.engine import tasks
+    from mer.model.training.folds import Fold
+    from mer.pipelines.engine import tasks
 
     clock = iter([0.0, 10.0, 31.0, 40.0, 62.0])  # the logger's start, then one reading per epoch
     monkeypatch.setattr(tasks.time, "monotonic", lambda: next(clock))
     job = tasks.FoldJob(key="k", fold=Fold("sub01", ("sub02",), ("sub01",)), model={}, train={"epochs": 4},
                         leaky=False, cache_dir="", storage="")
-    caplog.set_level(logging.INFO, logger="pipelines.engine.tasks")
+    caplog.set_level(logging.INFO, logger="mer.pipelines.engine.tasks")
     on_epoch = tasks._epoch_logger(job, None, None)  # noqa: SLF001 - no storage: no checkpoint to push
     for epoch in range(1, 5):
         on_epoch(epoch, {"epoch": epoch, "train_loss": 1.0 / epoch})

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from conftest import mer_process
-from components.settings import Params
-from mer_model.config import PreprocessConfig
-from mer_model.errors import SampleError
-from mer_model.inference import example_arrays, input_batch, open_clip, predict_proba
-from mer_model.models import create_model, save_checkpoint
+from mer.components.settings import Params
+from mer.model.config import PreprocessConfig
+from mer.model.errors import SampleError
+from mer.model.inference import example_arrays, input_batch, open_clip, predict_proba
+from mer.model.models import create_model, save_checkpoint
 from tests.servers import LOOPBACK, VENV_BIN, _spawn, free_port, stop, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,8 +122,8 @@ def test_predict_cli_on_real_frames_and_video(tmp_path: Path, casme2_clip_dir: P
 
 
 def test_given_key_frames_are_used_and_checked(casme2_clip_dir: Path, tmp_path: Path) -> None:
-    from components.predict import predict_clips
-    from components.tracking.pyfunc import load_for_inference
+    from mer.components.predict import predict_clips
+    from mer.components.tracking.pyfunc import load_for_inference
 
     loaded = load_for_inference(str(_checkpoint(tmp_path / "model.pt")), Params())
     [ok] = predict_clips(loaded, [str(casme2_clip_dir)], onset=2, apex=6)
@@ -154,7 +154,7 @@ def test_pyfunc_registry_uris_and_mlflow_serve(tmp_path: Path, caplog: pytest.Lo
     venv, nor its checkout), answers an {"inputs": ...} request with the same probabilities as the model itself."""
     import mlflow
 
-    from components.tracking.pyfunc import load_for_inference, log_pyfunc_model
+    from mer.components.tracking.pyfunc import load_for_inference, log_pyfunc_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -165,7 +165,7 @@ def test_pyfunc_registry_uris_and_mlflow_serve(tmp_path: Path, caplog: pytest.Lo
         info = log_pyfunc_model(model, CLASSES, PreprocessConfig(), name="model", registered_model_name="mer-model")
     assert not [r for r in caplog.records if "pickle" in r.getMessage().lower()]  # models from code, no pickle
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "downloaded")))
-    assert (local / "code" / "mer_model" / "models" / "__init__.py").is_file()
+    assert (local / "code" / "mer" / "model" / "models" / "__init__.py").is_file()
     requirements = (local / "requirements.txt").read_text().split()
     assert any(r.startswith("torch==") for r in requirements) and not any("mer" in r for r in requirements)
     arrays = {k: np.random.default_rng(0).random((2, *v.shape)).astype(np.float32)
@@ -182,7 +182,7 @@ def test_pyfunc_registry_uris_and_mlflow_serve(tmp_path: Path, caplog: pytest.Lo
     fresh = fresh_environment(local / "requirements.txt", tmp_path / "fresh-env")
     away = tmp_path / "elsewhere"  # a working directory outside the checkout: nothing of the project on sys.path
     away.mkdir()
-    probe = subprocess.run([str(fresh / "python"), "-c", "import mer_model"], cwd=away, capture_output=True,
+    probe = subprocess.run([str(fresh / "python"), "-c", "import mer.model"], cwd=away, capture_output=True,
                            timeout=60)
     assert probe.returncode != 0, "the fresh environment must not see this project"
     port = free_port()
@@ -209,8 +209,8 @@ def test_pyfunc_registry_uris_and_mlflow_serve(tmp_path: Path, caplog: pytest.Lo
 
 
 def test_unknown_model_uri_is_one_clear_error(tmp_path: Path) -> None:
-    from components.tracking.pyfunc import load_for_inference
-    from mer_model.errors import ConfigError
+    from mer.components.tracking.pyfunc import load_for_inference
+    from mer.model.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no such checkpoint file"):
         load_for_inference(str(tmp_path / "nope.pt"), Params())
@@ -220,9 +220,9 @@ def test_plain_pytorch_model_takes_names_and_preprocessing_from_its_run(tmp_path
     """A plain `mlflow.pytorch` model (what the LOSO driver logged before it logged the pyfunc): class names and
     preprocessing come from the run's params."""
     import mlflow
-    from components.tracking import run_params
-    from components.tracking.mlflow_tracker import MlflowTracker
-    from components.tracking.pyfunc import load_for_inference
+    from mer.components.tracking import run_params
+    from mer.components.tracking.mlflow_tracker import MlflowTracker
+    from mer.components.tracking.pyfunc import load_for_inference
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -244,8 +244,8 @@ def test_champion_alias_follows_honest_models_only(tmp_path: Path, monkeypatch: 
     """Registering a leaky model adds a version but leaves the `champion` alias where it was (on an honest one)."""
     import mlflow
 
-    from components.settings import TrackingConfig
-    from components.tracking.mlflow_tracker import MlflowTracker
+    from mer.components.settings import TrackingConfig
+    from mer.components.tracking.mlflow_tracker import MlflowTracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # another test's mlflow.set_tracking_uri sets it
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -288,7 +288,7 @@ def _model_dir(tmp_path: Path) -> Path:
     code is the served model's, the library is this checkout's)."""
     import mlflow
 
-    from components.tracking.pyfunc import CHECKPOINT_ARTIFACT, INFO_ARTIFACT, SERVED_MODEL_CODE, model_info
+    from mer.components.tracking.pyfunc import CHECKPOINT_ARTIFACT, INFO_ARTIFACT, SERVED_MODEL_CODE, model_info
 
     work = tmp_path / "parts"
     checkpoint = _checkpoint(work / "model.pt")
@@ -343,7 +343,7 @@ def test_damaged_models_are_one_line_naming_the_file(tmp_path: Path, mer) -> Non
 
 def test_non_finite_outputs_are_no_prediction(tmp_path: Path) -> None:
     """Finite weights, an input holding inf: the outputs are NaN, and argmax would still have named a class."""
-    from mer_model.errors import NonFiniteError
+    from mer.model.errors import NonFiniteError
 
     model = create_model("htnet", "small", num_classes=len(CLASSES)).eval()
     arrays = {k: v[None] for k, v in example_arrays(model.inputs, PreprocessConfig()).items()}
@@ -362,7 +362,7 @@ def test_a_truncated_video_or_a_mixed_folder_is_refused_naming_the_clip(tmp_path
     clip (mer predict reports it failed and goes on with the others)."""
     from PIL import Image
 
-    from mer_model.inference import default_key_frames
+    from mer.model.inference import default_key_frames
 
     rng = np.random.default_rng(0)
     writer = cv2.VideoWriter(str(tmp_path / "whole.avi"), cv2.VideoWriter_fourcc(*"FFV1"), 30, (64, 48))

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import skimage.data
 
-from mer_model.config import FlowConfig, PreprocessConfig
-from mer_model.data.aus import AU_LIST
-from mer_model.errors import SampleError
-from mer_model.preprocess import face as facelib
-from mer_model.preprocess.cache import SampleResult, process_row
-from mer_model.preprocess.flow import compute_flow, flow_map, read_flow_png, tvl1
-from mer_model.preprocess.sample import preprocess_sample, read_image, sampled_frames
+from mer.model.config import FlowConfig, PreprocessConfig
+from mer.model.data.aus import AU_LIST
+from mer.model.errors import SampleError
+from mer.model.preprocess import face as facelib
+from mer.model.preprocess.cache import SampleResult, process_row
+from mer.model.preprocess.flow import compute_flow, flow_map, read_flow_png, tvl1
+from mer.model.preprocess.sample import preprocess_sample, read_image, sampled_frames
 
 # Small sizes and few TV-L1 iterations: these tests are about behaviour, not flow quality.
 CHEAP = PreprocessConfig(
@@ -230,7 +230,7 @@ def test_good_clip_cheap_config(clip: Path) -> None:
 def test_only_the_requested_modalities_are_computed(clip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """flow28 pays for the onset->apex flow only: no 128 px flows, no per-frame landmarks, no frames beyond the
     onset and apex decoded."""
-    import mer_model.preprocess.sample as sample_module
+    import mer.model.preprocess.sample as sample_module
 
     flows, reads = [], []
     real_flow, real_read = sample_module.compute_flow, sample_module.read_image

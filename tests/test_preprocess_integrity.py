@@ -10,12 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
-from mer_model.config import PreprocessConfig, SynthConfig
-from mer_model.data.synthetic import iter_clips
-from mer_model.errors import DataError, SampleError
-from mer_model.inference import default_key_frames, open_clip
-from mer_model.preprocess import face as facelib
-from mer_model.preprocess.sample import preprocess_sample
+from mer.model.config import PreprocessConfig, SynthConfig
+from mer.model.data.synthetic import iter_clips
+from mer.model.errors import DataError, SampleError
+from mer.model.inference import default_key_frames, open_clip
+from mer.model.preprocess import face as facelib
+from mer.model.preprocess.sample import preprocess_sample
 from tests.test_preprocess import CHEAP, astronaut_face, make_row
 
 FRAME_MODALITIES = ("flow28", "points5", "onset224", "apex224", "frames128", "landmarks68", "flows128")
@@ -192,8 +192,8 @@ def test_composite_apex_crops_become_apex224_and_a_missed_face_gets_the_template
 
 def _cache_composite(root: Path, cache_dir: Path, modalities: tuple[str, ...]):
     """ingest-like load of a composite, then the library's own cache writer (the stage's loop without Ray)."""
-    from mer_model.data import apply_class_set, load_annotations
-    from mer_model.preprocess.cache import Cache, process_row
+    from mer.model.data import apply_class_set, load_annotations
+    from mer.model.preprocess.cache import Cache, process_row
 
     table, _ = apply_class_set(load_annotations("megc2019", root), "megc2019_3")
     cfg = PreprocessConfig()
@@ -210,9 +210,9 @@ def test_fpf_runs_on_the_composites_apex_crops(tmp_path: Path) -> None:
     landmarks still feeds a flow model completely, and HTNet (points5) is told why it cannot use it."""
     import torch
 
-    from mer_model.models import create_model
-    from mer_model.preprocess.modalities import model_modalities
-    from mer_model.training.data import SampleStore
+    from mer.model.models import create_model
+    from mer.model.preprocess.modalities import model_modalities
+    from mer.model.training.data import SampleStore
     from test_data_integrity import COMPOSITE_ROWS, write_composite
 
     root = write_composite(tmp_path / "composite")

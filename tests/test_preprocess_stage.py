@@ -16,14 +16,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from components.preprocess import preprocess
-from components.settings import Params, parse_params
-from components.tracking.base import data_version
-from mer_model.config import ModelConfig
-from mer_model.data.schema import make_table
-from mer_model.errors import ConfigError, DataError
-from mer_model.preprocess.cache import params_hash
-from pipelines.cli import main
+from mer.components.preprocess import preprocess
+from mer.components.settings import Params, parse_params
+from mer.components.tracking.base import data_version
+from mer.model.config import ModelConfig
+from mer.model.data.schema import make_table
+from mer.model.errors import ConfigError, DataError
+from mer.model.preprocess.cache import params_hash
+from mer.pipelines.cli import main
 from tests.test_preprocess import write_clip
 
 ray = pytest.importorskip("ray")

@@ -53,14 +53,14 @@ def test_ray_job_submit_uploads_the_repository_and_a_bad_input_is_one_line(tiny_
     runtime_env = json.dumps({"excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1"}})
     submit = _submit(
         [str(venv_bin / "ray"), "job", "submit", "--address", session_ray.dashboard, "--working-dir", ".",
-         "--runtime-env-json", runtime_env, "--", "python", "-m", "pipelines.loso", "--params", str(params)], env)
+         "--runtime-env-json", runtime_env, "--", "python", "-m", "mer.pipelines.loso", "--params", str(params)], env)
     output = submit.stdout + submit.stderr
     assert submit.returncode != 0 and "failed" in output.lower(), output[-6000:]
     # One error line (the CLI prints the job's log, then again in the failure's status message), no traceback.
     errors = {line for line in output.splitlines() if ": error: " in line or "Traceback" in line}
     assert len(errors) == 1, output[-6000:]
     (error,) = errors
-    assert error.startswith("pipelines.loso: error: ") and "no index.csv" in error and "exit code 2" in output, error
+    assert error.startswith("mer.pipelines.loso: error: ") and "no index.csv" in error and "exit code 2" in output, error
 
     # The job ran an uploaded copy of the repository (a package in the cluster's storage), not this checkout.
     jobs = JobSubmissionClient(session_ray.dashboard)

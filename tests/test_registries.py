@@ -1,4 +1,4 @@
-"""Registry-driven checks: every registry (mer_model.registry.all_registries(), the platform's included) refuses a
+"""Registry-driven checks: every registry (mer.model.registry.all_registries(), the platform's included) refuses a
 duplicate name naming both places, names its setting for an unknown name and has its row in docs/architecture.md's
 "Where to add X: one file" table; every registered model, dataset, epoch-selection protocol, split scheme, class set
 and batch key is covered by iterating its registry (as timm does over `list_models()`), with its consumers driven
@@ -21,21 +21,21 @@ import torch
 from test_models import make_batch
 from test_training_data import CLASSES
 
-from mer_model.batch_keys import BATCH_KEYS, Geometry, example_array
-from components.settings import BenchmarkModel, parse_params
-from mer_model.config import DataConfig, ModelConfig, PreprocessConfig, TrainConfig
-from mer_model.data import CLASS_SETS, COLUMNS, DATASETS, load_annotations
-from mer_model.errors import ConfigError, DataError
-from mer_model.inference import example_arrays, input_batch
-from mer_model.models import create_model, list_configs, list_models, model_io, resolve_kwargs
-from mer_model.models.registry import get_entry
-from mer_model.preprocess.sample import COMPOSITE_BUILDERS, FRAME_BUILDERS
-from mer_model.registry import DuplicateNameError, Registry, all_registries
-from mer_model.training import augment
-from mer_model.training.data import SampleStore, to_tensor
-from mer_model.training.protocols import PROTOCOLS, get_protocol, is_leaky, retrain_epochs
-from mer_model.training.splits import SPLITS, make_folds
-from mer_model.training.trainer import FoldSpec, train_fold
+from mer.model.batch_keys import BATCH_KEYS, Geometry, example_array
+from mer.components.settings import BenchmarkModel, parse_params
+from mer.model.config import DataConfig, ModelConfig, PreprocessConfig, TrainConfig
+from mer.model.data import CLASS_SETS, COLUMNS, DATASETS, load_annotations
+from mer.model.errors import ConfigError, DataError
+from mer.model.inference import example_arrays, input_batch
+from mer.model.models import create_model, list_configs, list_models, model_io, resolve_kwargs
+from mer.model.models.registry import get_entry
+from mer.model.preprocess.sample import COMPOSITE_BUILDERS, FRAME_BUILDERS
+from mer.model.registry import DuplicateNameError, Registry, all_registries
+from mer.model.training import augment
+from mer.model.training.data import SampleStore, to_tensor
+from mer.model.training.protocols import PROTOCOLS, get_protocol, is_leaky, retrain_epochs
+from mer.model.training.splits import SPLITS, make_folds
+from mer.model.training.trainer import FoldSpec, train_fold
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,7 +54,7 @@ def _import_every_registry() -> list[Registry]:
                           for stmt in tree.body for node in ast.walk(stmt)
                           if not isinstance(stmt, (ast.FunctionDef, ast.ClassDef)))
             if creates:
-                parts = path.relative_to(REPO).with_suffix("").parts
+                parts = ["mer", package.removeprefix("mer_"), *path.relative_to(REPO / package).with_suffix("").parts]
                 importlib.import_module(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     return [r for r in all_registries() if not r.where_to_add.startswith("tests/")]
 
@@ -144,7 +144,7 @@ def test_every_model_option_really_switches_an_input(name: str) -> None:
 def test_the_benchmark_adapts_every_model_from_its_entry(name: str, caplog: pytest.LogCaptureFixture) -> None:
     """`adapt_entry` knows no model: data without any capability switches every declared option off (each named in a
     note), data with every capability leaves the configuration as it is."""
-    from pipelines.benchmark import CAPABILITIES, adapt_entry
+    from mer.pipelines.benchmark import CAPABILITIES, adapt_entry
 
     entry = BenchmarkModel(name=name, config="paper")
     options = get_entry(name).options
@@ -178,14 +178,14 @@ def test_every_dataset_is_a_valid_source_and_ingest_passes_exactly_its_options(
         source: str, caplog: pytest.LogCaptureFixture) -> None:
     """`data.source` accepts it; ingest hands the loader the options its entry accepts and names, in a warning,
     each option set that only other datasets accept; what it provides are table columns."""
-    from components.ingest import loader_options
+    from mer.components.ingest import loader_options
 
     assert parse_params({"data": {"source": source}}).data.source == source
     entry = DATASETS.get(source)
     assert entry.provides <= set(COLUMNS)
     offered = {o for e in DATASETS.entries() for o in e.options}
     data = DataConfig(source=source, **{o: {"casme2": "sheet.xlsx"} for o in offered})
-    with caplog.at_level(logging.WARNING, logger="components.ingest"):
+    with caplog.at_level(logging.WARNING, logger="mer.components.ingest"):
         options = loader_options(data)
     assert set(options) == set(entry.options)
     for option in offered - set(entry.options):
@@ -335,10 +335,10 @@ def test_a_new_protocol_is_ordered_and_shown_by_every_table_from_the_registry(re
                                                                                tmp_path: Path) -> None:
     """The display order of protocols is the registry's (no consumer lists fixed/inner/oracle again): a fourth
     protocol sorts after the others in results.csv and the comparison table and gets its own bars in results.png."""
-    from mer_model.reporting.benchmark import plot_results
-    from mer_model.reporting.compare import comparison_table
-    from mer_model.training import protocols
-    from pipelines.benchmark import merge_rows
+    from mer.model.reporting.benchmark import plot_results
+    from mer.model.reporting.compare import comparison_table
+    from mer.model.training import protocols
+    from mer.pipelines.benchmark import merge_rows
 
     PROTOCOLS.add("patience", protocols.Inner())  # registered last
     request.addfinalizer(lambda: PROTOCOLS.remove("patience"))

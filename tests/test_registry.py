@@ -1,11 +1,11 @@
-"""The one registry mechanism (mer_model.registry) every axis is built on: order, duplicates, unknown names."""
+"""The one registry mechanism (mer.model.registry) every axis is built on: order, duplicates, unknown names."""
 
 from __future__ import annotations
 
 import pytest
 
-from mer_model.errors import ConfigError
-from mer_model.registry import DuplicateNameError, Registry, all_registries
+from mer.model.errors import ConfigError
+from mer.model.registry import DuplicateNameError, Registry, all_registries
 
 
 def _register_from_another_line(registry: Registry, name: str) -> None:

@@ -25,12 +25,12 @@ def test_repeat_seeds_are_derived_and_key_their_own_folds() -> None:
     """Repeat 0 is the single run; other repeats get seeds of their own (never an ensemble member's), so their folds
     are stored under other keys; a nested evaluation's fold trains with its own choice and carries its own leak
     verdict."""
-    from components.settings import parse_params
-    from mer_model.errors import ConfigError
-    from mer_model.training.folds import Fold
-    from mer_model.training.repeats import repeat_seed, repeat_spread
-    from mer_model.training.trainer import member_seed
-    from pipelines.engine.trial import REPEAT_KEY, TrialContext
+    from mer.components.settings import parse_params
+    from mer.model.errors import ConfigError
+    from mer.model.training.folds import Fold
+    from mer.model.training.repeats import repeat_seed, repeat_spread
+    from mer.model.training.trainer import member_seed
+    from mer.pipelines.engine.trial import REPEAT_KEY, TrialContext
 
     assert repeat_seed(7, 0) == 7 and len({repeat_seed(7, r) for r in range(5)}) == 5
     assert repeat_seed(7, 1) != member_seed(7, 1) and repeat_seed(7, 1) == repeat_seed(7, 1)
@@ -57,8 +57,8 @@ def test_repeat_seeds_are_derived_and_key_their_own_folds() -> None:
 def test_nested_searcher_hands_out_trials_round_robin_and_survives_a_restore(tmp_path: Path) -> None:
     from ray import tune
 
-    from pipelines.engine.nested import NestedSearch, best_per_fold
-    from pipelines.engine.trial import OBJECTIVE, OUTER_KEY
+    from mer.pipelines.engine.nested import NestedSearch, best_per_fold
+    from mer.pipelines.engine.trial import OBJECTIVE, OUTER_KEY
 
     searcher = NestedSearch(["a", "b"], num_samples=2, seed=0)
     assert searcher.set_search_properties(OBJECTIVE, "max", {"train.lr": tune.loguniform(1e-4, 1e-2)})
@@ -90,8 +90,8 @@ def test_seed_repeats_run_as_parallel_work_and_reuse_stored_folds(tiny_root: Pat
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     from ray.util.state import list_tasks
 
-    from components.settings import load_params
-    from pipelines.engine.driver import run_tune
+    from mer.components.settings import load_params
+    from mer.pipelines.engine.driver import run_tune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{"tune.repeats": 2, "tune.final_model": False,
@@ -130,7 +130,7 @@ def test_seed_repeats_run_as_parallel_work_and_reuse_stored_folds(tiny_root: Pat
 
     # The evaluate stage's outputs carry the spread beside the single run's figures: metrics.json (dvc metrics show)
     # and the HTML report.
-    from components.evaluate import write_metrics_and_report
+    from mer.components.evaluate import write_metrics_and_report
 
     metrics = write_metrics_and_report(params)
     assert json.loads(Path(params.evaluate.metrics).read_text())["uf1_repeat_sd"] == pytest.approx(spread["uf1_sd"])
@@ -140,7 +140,7 @@ def test_seed_repeats_run_as_parallel_work_and_reuse_stored_folds(tiny_root: Pat
 
     # A third repeat (untracked, to save time): the first two repeats' folds are read back from storage (unchanged),
     # only the new one trains.
-    caplog.set_level(logging.INFO, logger="pipelines.engine.driver")
+    caplog.set_level(logging.INFO, logger="mer.pipelines.engine.driver")
     more = run_tune(load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{
         "tune.repeats": 3, "tune.final_model": False, "train.epochs": 1, "tracking.backend": "none"})))
     assert "evaluate: 8 of 12 folds found stored" in caplog.text
@@ -153,8 +153,8 @@ def test_seed_repeats_run_as_parallel_work_and_reuse_stored_folds(tiny_root: Pat
 @pytest.mark.slow
 def test_nested_search_chooses_per_fold_on_its_training_subjects_only(tiny_root: Path, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from components.settings import load_params
-    from pipelines.engine.driver import run_tune
+    from mer.components.settings import load_params
+    from mer.pipelines.engine.driver import run_tune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = load_params(tiny_params(tmp_path, tiny_data(tmp_path), **{

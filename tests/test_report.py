@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from conftest import CliResult
-from mer_model.reporting import comparison_table, write_comparison_report, write_experiment_report
-from mer_model.training.metrics import pooled_metrics
+from mer.model.reporting import comparison_table, write_comparison_report, write_experiment_report
+from mer.model.training.metrics import pooled_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["negative", "positive", "surprise"]
@@ -115,9 +115,9 @@ def test_comparison_never_merges_unlike_runs_and_says_what_differs(tmp_path: Pat
 
 
 def test_paired_comparison_of_a_loso_and_a_5fold_run_and_refusal_of_other_samples(tmp_path: Path) -> None:
-    from mer_model.config import IntervalConfig
-    from mer_model.errors import DataError
-    from mer_model.reporting import paired_table
+    from mer.model.config import IntervalConfig
+    from mer.model.errors import DataError
+    from mer.model.reporting import paired_table
 
     cfg = IntervalConfig(resamples=300)
     loso, fold5 = _predictions(0), _predictions(0)
@@ -142,8 +142,8 @@ def test_mer_report_cli_single_and_compare(tmp_path: Path, mer: Callable[..., Cl
     `mer report` (reads only tune.results; attaches the report to the parent run) and `mer report --compare`."""
     from mlflow.tracking import MlflowClient
 
-    from components.tracking import EXPERIMENT_KEY_TAG, KIND_TAG
-    from mer_model.training.results import ExperimentSummary, FoldSummary, Results, write_results
+    from mer.components.tracking import EXPERIMENT_KEY_TAG, KIND_TAG
+    from mer.model.training.results import ExperimentSummary, FoldSummary, Results, write_results
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -221,7 +221,7 @@ def test_evaluate_refuses_a_parent_run_missing_from_the_store_before_writing(tmp
     """tune.results naming a parent run the tracking store does not hold (another tracking.uri, a reset store): one
     line naming the store and the run, exit 2, checked BEFORE anything is written (metrics.json was written first,
     then the report's attachment failed with a traceback)."""
-    from mer_model.training.results import ExperimentSummary, Results, write_results
+    from mer.model.training.results import ExperimentSummary, Results, write_results
 
     missing = "f" * 32
     results = write_results(tmp_path / "results", Results(ExperimentSummary(

@@ -34,7 +34,7 @@ def _start(params: Path, log: Path) -> subprocess.Popen:
     process group; with credentials in its environment that must never be written anywhere."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": KEY_ID}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "pipelines.loso", "-v", "--params", str(params)], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "mer.pipelines.loso", "-v", "--params", str(params)], cwd=REPO, env=env,
                             stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -88,9 +88,9 @@ def test_interrupted_and_killed_driver_resumes_without_recomputing_or_duplicatin
     runs are marked FAILED by the next start. Finished folds are never recomputed, MLflow runs never duplicated."""
     from mlflow.tracking import MlflowClient
 
-    from components.tracking import EXPERIMENT_KEY_TAG
-    from components.settings import TrackingConfig
-    from components.tracking.mlflow_tracker import MlflowTracker
+    from mer.components.tracking import EXPERIMENT_KEY_TAG
+    from mer.components.settings import TrackingConfig
+    from mer.components.tracking.mlflow_tracker import MlflowTracker
 
     # Folds one at a time (one trial at a time, one fold task per trial), so that each interrupt lands between two
     # of the 4 search folds (2 trials x 2 search folds) or the 4 evaluation folds.

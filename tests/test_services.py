@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from conftest import REPO, TrackingStack, mer_process, tiny_data, tiny_params
-from mer_model.errors import ServiceError
+from mer.model.errors import ServiceError
 from tests.servers import free_port
 
 BOUND_S = 180  # generous for a busy 2-core machine; the failure modes fixed here took minutes or hung
@@ -69,7 +69,7 @@ def test_two_mer_commands_start_their_own_local_ray_at_once(tiny_root: Path, tmp
             (tmp_path / name).mkdir()
             params = tiny_params(tmp_path / name, tiny_data(tmp_path),
                                  **{"preprocess.out": str(tmp_path / name / "preprocessed")})
-            commands.append(subprocess.Popen([sys.executable, "-m", "pipelines.cli", "preprocess", "--params",
+            commands.append(subprocess.Popen([sys.executable, "-m", "mer.pipelines.cli", "preprocess", "--params",
                                               str(params)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                              stderr=subprocess.PIPE, text=True))
         results = []
@@ -97,7 +97,7 @@ def test_two_mer_commands_start_their_own_local_ray_at_once(tiny_root: Path, tmp
 def test_ray_address_refusing_the_auth_token_is_one_line(tiny_root: Path, tmp_path: Path) -> None:
     """A cluster with token authentication joined without its token (Ray's C++ client retries with a warning per
     second, then Python raises a bare ConnectionError): one line naming RAY_ADDRESS and the auth mode, rc 2."""
-    from components.ray_session import start_local_ray
+    from mer.components.ray_session import start_local_ray
 
     head = start_local_ray(1, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)})
     try:
@@ -119,7 +119,7 @@ def test_ray_address_refusing_the_auth_token_is_one_line(tiny_root: Path, tmp_pa
 def test_local_ray_start_failure_is_one_line() -> None:
     """`ray start` exiting, or a head not up within the bound (a machine too busy), is one ServiceError line naming
     local Ray, and nothing it started is left running."""
-    from components.ray_session import start_local_ray
+    from mer.components.ray_session import start_local_ray
 
     for kwargs, expected in (({"num_cpus": -1}, "local Ray: `ray start` exited with"),
                              ({"timeout": 0.5}, "local Ray: not started within 0.5 s")):
@@ -133,7 +133,7 @@ def test_local_ray_start_failure_is_one_line() -> None:
 def test_a_local_ray_start_ray_gave_up_on_a_busy_machine_is_tried_once_more(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray waits a fixed 30 s for the head's raylet and then `ray start` exits (seen with three Ray heads starting at
     once on two cores): that one failure is tried again; any other failure, or the same one twice, is raised."""
-    from components import ray_session
+    from mer.components import ray_session
 
     busy = ServiceError(f"local Ray: `ray start` exited with 1 (Exception: The current node {ray_session.BUSY_START}.)")
     outcomes: list[Any] = [busy, "head"]
@@ -159,7 +159,7 @@ def test_tracking_server_down_is_one_line_naming_the_uri(tiny_root: Path, tmp_pa
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """`mer tune` (before Ray or any run starts) and `mer predict` with a registry URI, the server not running."""
-    from pipelines.cli import main
+    from mer.pipelines.cli import main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     down = f"http://127.0.0.1:{free_port()}"
@@ -174,9 +174,9 @@ def test_tracking_server_down_is_one_line_naming_the_uri(tiny_root: Path, tmp_pa
 def test_bare_postgresql_uri_uses_the_installed_driver(tracking_stack: TrackingStack,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """`postgresql://` as users write it (SQLAlchemy would pick psycopg 3, not installed) reaches the database."""
-    from components.tracking import tracking_uri
-    from components.settings import TrackingConfig
-    from components.tracking.mlflow_tracker import MlflowTracker
+    from mer.components.tracking import tracking_uri
+    from mer.components.settings import TrackingConfig
+    from mer.components.tracking.mlflow_tracker import MlflowTracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     pg = tracking_stack.postgres
@@ -209,8 +209,8 @@ def test_tracking_uri_with_credentials_reaches_the_server(tracking_stack: Tracki
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """`http://user:pw@host:port`, which MLflow's client sends as basic auth, passes the reachability check (it was
     refused as "not reachable (Name or service not known)"); the credentials appear nowhere in what is said."""
-    from components.settings import TrackingConfig
-    from components.tracking.mlflow_tracker import MlflowTracker
+    from mer.components.settings import TrackingConfig
+    from mer.components.tracking.mlflow_tracker import MlflowTracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = tracking_stack.uri.replace("http://", "http://mer-user:p%40ss@")
@@ -220,8 +220,8 @@ def test_tracking_uri_with_credentials_reaches_the_server(tracking_stack: Tracki
 
 _OPEN_STORE = """
 import sys
-from components.settings import TrackingConfig
-from components.tracking.mlflow_tracker import MlflowTracker
+from mer.components.settings import TrackingConfig
+from mer.components.tracking.mlflow_tracker import MlflowTracker
 tracker = MlflowTracker(TrackingConfig(uri=sys.argv[1], experiment="mer"), "test", "unknown")
 tracker.check()
 run, _ = tracker.open_run(sys.argv[2], "run", {})
@@ -264,7 +264,7 @@ def test_artifact_store_dying_mid_run_is_one_line_and_no_run_stays_running(tiny_
         params = tiny_params(tmp_path, tiny_data(tmp_path), **{"tracking.uri": uri, "tune.folds_per_trial": 1})
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
         log = tmp_path / "tune.log"
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "tune", "--params", str(params)], cwd=REPO,
+        proc = subprocess.Popen([sys.executable, "-m", "mer.pipelines.cli", "tune", "--params", str(params)], cwd=REPO,
                                 env={**env, "OMP_NUM_THREADS": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"},
                                 stdout=subprocess.DEVNULL, stderr=log.open("w"))
         try:

@@ -1,4 +1,4 @@
-"""Subject-bootstrap intervals and paired comparisons (mer_model.training.stats): agreement with the pooled metrics,
+"""Subject-bootstrap intervals and paired comparisons (mer.model.training.stats): agreement with the pooled metrics,
 determinism, refusal of unlike runs, and that a real difference is found while no difference is not."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mer_model.config import IntervalConfig
-from mer_model.errors import DataError, MerError
-from mer_model.training.metrics import classification_metrics, flat_metrics
-from mer_model.training.stats import (
+from mer.model.config import IntervalConfig
+from mer.model.errors import DataError, MerError
+from mer.model.training.metrics import classification_metrics, flat_metrics
+from mer.model.training.stats import (
     NOT_DISTINGUISHABLE,
     confusion_scores,
     format_difference,

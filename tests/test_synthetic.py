@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.synth import synthesize
-from mer_model.config import SynthConfig
-from mer_model.data import synthetic as synth
-from mer_model.errors import ConfigError
+from mer.components.synth import synthesize
+from mer.model.config import SynthConfig
+from mer.model.data import synthetic as synth
+from mer.model.errors import ConfigError
 
 SMALL = dict(subjects=3, clips_per_subject=3, image_size=128, min_frames=10, max_frames=14)
 
@@ -161,7 +161,7 @@ def test_apex_alone_is_ambiguous_but_onset_to_apex_motion_is_learnable() -> None
 
 
 def test_the_casme2_loader_reads_the_layout(dataset: Path) -> None:
-    from mer_model.data import load_annotations
+    from mer.model.data import load_annotations
 
     table = load_annotations("synthetic", dataset)
     assert len(table) == 9

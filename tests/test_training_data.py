@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-from mer_model.errors import ConfigError, DataError
-from mer_model.training import augment
-from mer_model.training.data import SampleStore
+from mer.model.errors import ConfigError, DataError
+from mer.model.training import augment
+from mer.model.training.data import SampleStore
 
 CLASSES = ["negative", "positive", "surprise"]
 N_AUS = 21
@@ -41,9 +41,9 @@ def write_cache(root: Path, subjects: int = 4, per_subject: int = 6, seed: int =
     library's own cache writer; `failed` samples of subject `bad` failed every modality; subjects in `uncoded`
     have no AU coding (`au_coded` 0), subjects in `silent` are coded but show no AU (all-zero vectors), subjects in
     `one_class` have every sample in class 0."""
-    from mer_model.config import PreprocessConfig
-    from mer_model.data.schema import make_table
-    from mer_model.preprocess.cache import Cache, EntryResult, SampleResult, encode_npz, failed_result
+    from mer.model.config import PreprocessConfig
+    from mer.model.data.schema import make_table
+    from mer.model.preprocess.cache import Cache, EntryResult, SampleResult, encode_npz, failed_result
 
     rng = np.random.default_rng(seed)
     modalities = ("flow28", "points5", "aus") + (IMAGE_MODALITIES if images else ())
@@ -180,8 +180,8 @@ def test_corrupt_or_non_finite_entry_is_named_not_trained_on(tmp_path: Path) -> 
         store.arrays(sid, ("flow28",))
 
     nan = np.full((3, 28, 28), np.nan, np.float32)
-    from mer_model.io import digest
-    from mer_model.preprocess.cache import encode_npz
+    from mer.model.io import digest
+    from mer.model.preprocess.cache import encode_npz
 
     data = encode_npz({"flow28": nan})  # a NaN array recorded as if it were valid: still refused on load
     path.write_bytes(data)
@@ -306,7 +306,7 @@ def test_device_arrays_serve_the_reference_batches(tmp_path: Path) -> None:
     points and landmarks are the same matrix products."""
     from torch.utils.data import default_collate
 
-    from mer_model.training.data import DeviceArrays
+    from mer.model.training.data import DeviceArrays
 
     store = SampleStore.open(write_cache(tmp_path / "cache", subjects=2, per_subject=2, images=True))
     ids = store.sample_ids(store.subjects())

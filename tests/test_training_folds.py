@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from mer_model.errors import ConfigError
-from mer_model.training.folds import Fold, inner_split, loso_folds
+from mer.model.errors import ConfigError
+from mer.model.training.folds import Fold, inner_split, loso_folds
 
 
 def _index() -> pd.DataFrame:

@@ -19,13 +19,13 @@ import pytest
 import torch
 from test_training_data import CLASSES, write_cache
 
-from mer_model.config import ModelConfig, TrainConfig
-from mer_model.errors import ConfigError, NonFiniteError
-from mer_model.training import trainer
-from mer_model.training.data import SampleStore
-from mer_model.training.folds import loso_folds
-from mer_model.training.metrics import pooled_metrics
-from mer_model.training.trainer import FoldSpec, class_weights, train_final, train_fold
+from mer.model.config import ModelConfig, TrainConfig
+from mer.model.errors import ConfigError, NonFiniteError
+from mer.model.training import trainer
+from mer.model.training.data import SampleStore
+from mer.model.training.folds import loso_folds
+from mer.model.training.metrics import pooled_metrics
+from mer.model.training.trainer import FoldSpec, class_weights, train_final, train_fold
 
 MODEL = ModelConfig(name="ststnet", config="small")
 
@@ -163,8 +163,8 @@ def test_seed_ensemble_of_one_is_the_single_model(store: SampleStore) -> None:
 _KILLED_FOLD = """
 import sys, time
 sys.path[:0] = sys.argv[3:]
-from mer_model.training.data import SampleStore
-from mer_model.training.trainer import train_fold
+from mer.model.training.data import SampleStore
+from mer.model.training.trainer import train_fold
 from test_training_trainer import _spec
 store = SampleStore.open(sys.argv[1])
 train_fold(_spec(store, epochs=6, checkpoint_every=1), store, callback=lambda epoch, metrics: time.sleep(1),
@@ -192,7 +192,7 @@ def test_a_fold_whose_process_is_killed_resumes_and_says_from_which_epoch(
     assert 1 <= saved < 6
     spec = _spec(store, epochs=6, checkpoint_every=1)
     epochs_run: list[int] = []
-    with caplog.at_level("WARNING", logger="mer_model.training.trainer"):
+    with caplog.at_level("WARNING", logger="mer.model.training.trainer"):
         resumed = train_fold(spec, store, callback=lambda e, m: epochs_run.append(e), checkpoint_dir=ckpt)
     assert f"fold {spec.fold.name} resumed from epoch {saved} " in caplog.text
     assert epochs_run == list(range(saved + 1, 7)) and [h["epoch"] for h in resumed.history] == list(range(1, 7))

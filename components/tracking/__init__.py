@@ -1,6 +1,6 @@
 """Experiment tracking behind one small interface (`Tracker`, components/tracking/base.py).
 
-The trackers are a registry (`TRACKERS`, the project's one mechanism mer_model.registry.Registry): each entry is a
+The trackers are a registry (`TRACKERS`, the project's one mechanism mer.model.registry.Registry): each entry is a
 factory that builds the Tracker from the `tracking` section, registered below. `tracking.backend` names one, and is
 validated against these names (components/settings.py) without importing any tracker's own module: `mlflow` (every
 MLflow import of the platform lives in this package: mlflow_tracker.py and the pyfunc model, pyfunc.py) is imported
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from components.tracking.base import (
+from mer.components.tracking.base import (
     CHAMPION_ALIAS,
     COMPARED_APART,
     DETERMINING,
@@ -39,10 +39,10 @@ from components.tracking.base import (
     run_params,
     tracking_uri,
 )
-from mer_model.registry import Registry
+from mer.model.registry import Registry
 
 if TYPE_CHECKING:
-    from components.settings import TrackingConfig
+    from mer.components.settings import TrackingConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,7 +69,7 @@ TRACKERS: Registry[TrackerEntry] = Registry("tracker", "tracking.backend", "comp
 
 
 def _mlflow(cfg: TrackingConfig, source: str) -> Tracker:
-    from components.tracking.mlflow_tracker import MlflowTracker  # mlflow: seconds to import, only when chosen
+    from mer.components.tracking.mlflow_tracker import MlflowTracker  # mlflow: seconds to import, only when chosen
 
     return MlflowTracker(cfg, source, git_commit(REPO))
 

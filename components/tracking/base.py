@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pandas as pd
 import yaml
 
-from mer_model.errors import ConfigError
-from mer_model.io import atomic_write
+from mer.model.errors import ConfigError
+from mer.model.io import atomic_write
 
 if TYPE_CHECKING:  # the settings validate `tracking.backend` against this package's registry
-    from components.settings import Params, TrackingConfig
+    from mer.components.settings import Params, TrackingConfig
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from mlflow.utils.mlflow_tags import (
 )
 from requests.exceptions import RequestException
 
-from components.tracking.base import (
+from mer.components.tracking.base import (
     CHAMPION_ALIAS,
     EXPERIMENT_KEY_TAG,
     KEY_TAG,
@@ -57,8 +57,8 @@ from components.tracking.base import (
     redact,
     tracking_uri,
 )
-from components.tracking.pyfunc import log_pyfunc_model
-from mer_model.errors import (
+from mer.components.tracking.pyfunc import log_pyfunc_model
+from mer.model.errors import (
     FULL_DISK,
     SQLITE_FULL,
     ConfigError,
@@ -67,12 +67,12 @@ from mer_model.errors import (
     ServiceError,
     StorageError,
 )
-from mer_model.io import atomic_write
-from mer_model.logging_utils import one_line_user_errors
-from mer_model.training.metrics import defined
+from mer.model.io import atomic_write
+from mer.model.logging_utils import one_line_user_errors
+from mer.model.training.metrics import defined
 
 if TYPE_CHECKING:  # the settings validate `tracking.backend` against this package's registry
-    from components.settings import TrackingConfig
+    from mer.components.settings import TrackingConfig
 
 log = logging.getLogger(__name__)
 

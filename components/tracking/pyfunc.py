@@ -14,7 +14,7 @@ arrays such as `apex224` keep their 0-255 values): a request to `mlflow models s
 columns = class names.
 
 The model is logged as "models from code" (components/tracking/served_model.py, MLflow's documented way for a custom
-pyfunc: no pickled class) with the `mer_model` library in its code/ folder and the distributions that code imports,
+pyfunc: no pickled class) with the `mer.model` library in its code/ folder and the distributions that code imports,
 pinned, as its requirements: it loads in a fresh environment built from its requirements.txt alone
 (tests/test_pipeline.py builds one with uv from the local cache and predicts there).
 """
@@ -37,18 +37,18 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import get_model_info, infer_signature
 
-import mer_model
-from components.tracking.base import check_tracking_server, redact, tracking_uri
-from mer_model.config import PreprocessConfig, set_dotted
-from mer_model.data.labels import get_class_set
-from mer_model.errors import ConfigError
-from mer_model.inference import class_names_for, example_arrays
-from mer_model.io import write_json
-from mer_model.models import load_checkpoint, save_checkpoint
-from mer_model.training.protocols import reads_annotated_aus
+import mer.model
+from mer.components.tracking.base import check_tracking_server, redact, tracking_uri
+from mer.model.config import PreprocessConfig, set_dotted
+from mer.model.data.labels import get_class_set
+from mer.model.errors import ConfigError
+from mer.model.inference import class_names_for, example_arrays
+from mer.model.io import write_json
+from mer.model.models import load_checkpoint, save_checkpoint
+from mer.model.training.protocols import reads_annotated_aus
 
 if TYPE_CHECKING:  # the settings validate `tracking.backend` against this package's registry
-    from components.settings import Params
+    from mer.components.settings import Params
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,11 @@ def _requirements() -> list[str]:
 
 
 def _library_copy(tmp: Path) -> Path:
-    """The `mer_model` package without byte code, for the model's code/ folder."""
-    return Path(shutil.copytree(Path(mer_model.__file__).parent, tmp / "mer_model",
-                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc")))
+    """The library `mer.model` without byte code, for the model's code/ folder: `mer/model/...` (`mer` a namespace
+    package, as installed), so the served code imports it under the name it has everywhere."""
+    shutil.copytree(Path(mer.model.__file__).parent, tmp / "code" / "mer" / "model",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return tmp / "code" / "mer"
 
 
 def model_info(class_names: Sequence[str], preprocess: PreprocessConfig, leaky: bool) -> dict[str, Any]:
@@ -96,7 +98,7 @@ def log_pyfunc_model(model: Any, class_names: Sequence[str], preprocess: Preproc
                      leaky: bool = False, registered_model_name: str | None = None) -> Any:
     """Log `model` (built by `create_model`) as a pyfunc into the ACTIVE MLflow run; returns mlflow's ModelInfo
     (`.model_uri` loads it; with `registered_model_name` it is also registered as a new version). The signature and
-    the input example are the model's inputs in the cache layout (mer_model.batch_keys), one sample.
+    the input example are the model's inputs in the cache layout (mer.model.batch_keys), one sample.
 
     `leaky`: the results that chose this model used test labels (oracle protocol) or a model input that encodes them
     (annotated AUs); recorded so that a served prediction can be traced back to it."""
@@ -193,7 +195,7 @@ def _from_mlflow(uri: str, params: Params) -> LoadedModel:
 
 
 def _logged_preprocess(logged: Mapping[str, str]) -> PreprocessConfig | None:
-    """The `preprocess.*` run parameters (flattened by components.tracking.base.flatten) back as a PreprocessConfig."""
+    """The `preprocess.*` run parameters (flattened by mer.components.tracking.base.flatten) back as a PreprocessConfig."""
     tree: dict[str, Any] = {}
     for key, text in logged.items():
         if key.startswith("preprocess."):

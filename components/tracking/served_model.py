@@ -1,10 +1,10 @@
 """The served model's code, logged with it as MLflow "models from code" (https://mlflow.org/docs/latest/ml/model/
 models-from-code/): MLflow stores this file in the model and runs it when the model is loaded, and the project's
-library (`mer_model`, which this file imports) travels in the model's `code/` folder (`code_paths`), so a model
+library (`mer.model`, which this file imports) travels in the model's `code/` folder (`code_paths`), so a model
 logged here loads and predicts in any environment that has only the model's requirements.txt installed, with no
 checkout of this repository and no pickled class (components/tracking/pyfunc.py logs it).
 
-Imports only MLflow and `mer_model`: nothing else of the project is in the model.
+Imports only MLflow and `mer.model`: nothing else of the project is in the model.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import mlflow
 import pandas as pd
 from mlflow.models import set_model
 
-from mer_model.config import PreprocessConfig
-from mer_model.errors import DataError
-from mer_model.inference import class_names_for, input_batch, predict_proba
-from mer_model.io import read_json
-from mer_model.models import load_checkpoint
+from mer.model.config import PreprocessConfig
+from mer.model.errors import DataError
+from mer.model.inference import class_names_for, input_batch, predict_proba
+from mer.model.io import read_json
+from mer.model.models import load_checkpoint
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 INFO_ARTIFACT = "info"

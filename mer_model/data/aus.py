@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from mer_model.errors import DataError
+from mer.model.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import pandas as pd
 
-from mer_model.data.schema import SEVERAL_SAMPLES_PER_CLIP, duplicate_key
-from mer_model.errors import DataError
+from mer.model.data.schema import SEVERAL_SAMPLES_PER_CLIP, duplicate_key
+from mer.model.errors import DataError
 
 log = logging.getLogger(__name__)
 LOGGED_PER_REASON = 5  # rows logged individually per reason; the rest are counted (all are in the exclusions CSV)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mer_model.errors import DataError
-from mer_model.registry import Registry
+from mer.model.errors import DataError
+from mer.model.registry import Registry
 
 log = logging.getLogger(__name__)
 LOGGED_PER_REASON = 5  # rows logged individually per reason; all are in ingest's exclusions CSV

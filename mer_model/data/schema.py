@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mer_model.errors import DataError
+from mer.model.errors import DataError
 
 # column -> pandas dtype; "Int64" is pandas' nullable integer (a missing apex stays missing, never 0 or NaN-float).
 COLUMNS: dict[str, str] = {
@@ -61,7 +61,7 @@ SEVERAL_SAMPLES_PER_CLIP = frozenset({"casme3"})
 
 def duplicate_key(row: Any) -> tuple[Any, ...]:
     """What makes two rows the same sample: (subject, clip), plus the key frames where a clip holds several samples.
-    Subjects are already normalised by the loaders (`mer_model.data.loaders.subject_name`), so `01`, `1` and
+    Subjects are already normalised by the loaders (`mer.model.data.loaders.subject_name`), so `01`, `1` and
     `sub01` compare equal."""
     key: tuple[Any, ...] = (row.dataset, row.subject, row.clip)
     if row.dataset in SEVERAL_SAMPLES_PER_CLIP:

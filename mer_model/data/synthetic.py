@@ -44,9 +44,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mer_model.config import SynthConfig
-from mer_model.errors import ConfigError, DataError
-from mer_model.io import atomic_write
+from mer.model.config import SynthConfig
+from mer.model.errors import ConfigError, DataError
+from mer.model.io import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -7,15 +7,15 @@ mol, ststnet): adding a model is adding a module here.
 import importlib
 import pkgutil
 
-from mer_model.models.base import MERModel, count_parameters
-from mer_model.models.checkpoint import (
+from mer.model.models.base import MERModel, count_parameters
+from mer.model.models.checkpoint import (
     autocast_dtype,
     load_checkpoint,
     prepare_for_device,
     save_checkpoint,
     to_device_batch,
 )
-from mer_model.models.registry import (
+from mer.model.models.registry import (
     create_model,
     list_configs,
     list_models,

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mer_model.data.aus import AU_LIST
-from mer_model.errors import ConfigError, DataError
+from mer.model.data.aus import AU_LIST
+from mer.model.errors import ConfigError, DataError
 
 Batch = Mapping[str, Tensor]
 
@@ -27,7 +27,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class OptionalInput:
     """A part of a model that reads data not every collection has, switched by ONE constructor argument (timm's
     `PretrainedCfg` idea: the knowledge lives on the model, so no consumer names the argument). The benchmark
-    (pipelines.benchmark.adapt_entry) switches it off where the data lacks `needs`, from this record alone.
+    (mer.pipelines.benchmark.adapt_entry) switches it off where the data lacks `needs`, from this record alone.
 
     `label`: how notes name it ("FPF", "AUs"); `kwarg`: the argument; `off`: its value when the part reads nothing;
     `needs`: the data capability it reads (a key of the benchmark's `data_capabilities`: `faces` = an apex face crop
@@ -80,7 +80,7 @@ class MERModel(nn.Module):
     """Base of all models: batch-dict forward, declared inputs/targets, a loss returning its named parts.
 
     `tta` is how the model's predictions are made (train.tta, saved in checkpoints): "flip" = the mean class
-    probabilities of the batch and its mirror image (mer_model.training.augment.tta_forward, which every evaluation
+    probabilities of the batch and its mirror image (mer.model.training.augment.tta_forward, which every evaluation
     and `inference.predict_proba` call); forward itself always runs one view.
     """
 
@@ -90,7 +90,7 @@ class MERModel(nn.Module):
     #: channels-last memory layout speeds up its convolutions on GPU (see checkpoint.prepare_for_device).
     prefers_channels_last: ClassVar[bool] = False
     #: the folds of one configuration may be trained as one stacked model with torch.func (vmap over
-    #: functional_call; mer_model.training.fold_batch): no data-dependent Python control flow, no `.item()` in
+    #: functional_call; mer.model.training.fold_batch): no data-dependent Python control flow, no `.item()` in
     #: forward or loss, BatchNorm only with running statistics (stacked buffers).
     fold_batching: ClassVar[bool] = False
 

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mer_model.errors import MerError
-from mer_model.io import write_with
-from mer_model.models.base import MERModel
-from mer_model.models.registry import create_model
+from mer.model.errors import MerError
+from mer.model.io import write_with
+from mer.model.models.base import MERModel
+from mer.model.models.registry import create_model
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ motion="flow" runs it on flow-only data (the MEGC2019 composite): then position 
 
 from __future__ import annotations
 
-from mer_model.models.registry import register_model
-from mer_model.models.two_frame import TwoFrameNet
+from mer.model.models.registry import register_model
+from mer.model.models.two_frame import TwoFrameNet
 
 # The authors' Swin keeps timm's default 1000-class head, which their forward never calls: counting it turns the
 # FPF's 21,576,632 parameters into the 22,089,632 their code reports.

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mer_model.models.base import Batch, ChannelLayerNorm, MERModel, choice
-from mer_model.models.registry import register_model
+from mer.model.models.base import Batch, ChannelLayerNorm, MERModel, choice
+from mer.model.models.registry import register_model
 
 
 class _PreNorm(nn.Module):

@@ -7,8 +7,8 @@ and a mask layer that its forward never uses (3,590 parameters); counting them g
 
 from __future__ import annotations
 
-from mer_model.models.registry import register_model
-from mer_model.models.two_frame import TwoFrameNet
+from mer.model.models.registry import register_model
+from mer.model.models.two_frame import TwoFrameNet
 
 UNUSED_AUTHOR_PARAMETERS = 512 + (512 * 5 + 5) + (512 + 1)  # cls_token, head Linear(512,5), to_Mask Linear(512,1)
 

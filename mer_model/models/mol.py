@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mer_model.errors import ConfigError
-from mer_model.models.base import Batch, MERModel
-from mer_model.models.registry import register_model
+from mer.model.errors import ConfigError
+from mer.model.models.base import Batch, MERModel
+from mer.model.models.registry import register_model
 
 
 def _conv_bn(c_in: int, c_out: int, k: int, s: int, p: int) -> list[nn.Module]:

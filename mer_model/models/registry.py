@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from mer_model.errors import ConfigError
-from mer_model.models.base import MERModel, OptionalInput
-from mer_model.registry import Registry
+from mer.model.errors import ConfigError
+from mer.model.models.base import MERModel, OptionalInput
+from mer.model.registry import Registry
 
 M = TypeVar("M", bound=type[MERModel])
 

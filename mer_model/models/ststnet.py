@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mer_model.models.base import Batch, MERModel
-from mer_model.models.registry import register_model
+from mer.model.models.base import Batch, MERModel
+from mer.model.models.registry import register_model
 
 
 @register_model(

@@ -24,8 +24,8 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from mer_model.errors import ConfigError
-from mer_model.models.base import (Batch, MERModel, OptionalInput, choice, default_num_aus, imagenet_normalise,
+from mer.model.errors import ConfigError
+from mer.model.models.base import (Batch, MERModel, OptionalInput, choice, default_num_aus, imagenet_normalise,
                                    masked_au_bce)
 
 FACE_KEYS = ("onset224", "apex224")
@@ -304,7 +304,7 @@ class TwoFrameNet(MERModel):
         """The main branch's input (B,3,S,S): apex - onset of the normalised crops (the papers), or the flow map.
 
         The papers' difference image is 0 where nothing moves. A min-max normalised flow map (the MEGC2019 convention,
-        mer_model.preprocess.flow) puts zero motion at an arbitrary level per map and channel (u/v medians span about
+        mer.model.preprocess.flow) puts zero motion at an arbitrary level per map and channel (u/v medians span about
         40..200 of 255 across the composite); with flow_center="median" each channel's median -- the zero-motion
         level, since most of a face does not move in a micro-expression -- is subtracted, restoring that convention.
         """

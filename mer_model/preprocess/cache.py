@@ -13,7 +13,7 @@ that is read. An entry is reused while its `input_hash` (the parameters that sha
 annotation row: `modalities.input_hashes`) is unchanged and its file still has the size and SHA-256 recorded when it
 was written and decodes to finite arrays; anything else (a changed parameter, a truncated or edited file, NaN/inf
 values however they got there) is recomputed, with a warning naming the file. Files are written
-atomically (`mer_model.io`), so an interrupted run loses nothing it had finished.
+atomically (`mer.model.io`), so an interrupted run loses nothing it had finished.
 
 While results arrive, modalities.csv is rewritten every few seconds (`Cache.flush_every`), so an interrupted run loses
 at most that much finished work.
@@ -39,12 +39,12 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from mer_model.config import PreprocessConfig
-from mer_model.data.aus import AU_LIST
-from mer_model.errors import DataError
-from mer_model.io import atomic_write, digest, write_csv, write_json
-from mer_model.preprocess.modalities import MODALITIES, check_modalities, input_hashes, library_versions
-from mer_model.preprocess.sample import preprocess_sample
+from mer.model.config import PreprocessConfig
+from mer.model.data.aus import AU_LIST
+from mer.model.errors import DataError
+from mer.model.io import atomic_write, digest, write_csv, write_json
+from mer.model.preprocess.modalities import MODALITIES, check_modalities, input_hashes, library_versions
+from mer.model.preprocess.sample import preprocess_sample
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ class Cache:
         """Write modalities.csv, index.csv and manifest.json (in that order, each atomically) and delete files no
         entry refers to; returns the manifest with this invocation's `computed` / `reused` counts added. Those stay
         out of manifest.json: the file describes the cache's content, and the data version is a hash of it
-        (components.tracking.base.data_version), so a re-run that changes nothing must leave it byte-identical --
+        (mer.components.tracking.base.data_version), so a re-run that changes nothing must leave it byte-identical --
         else every stored fold of the experiments on it would be retrained."""
         modalities = check_modalities(modalities)
         ids = table["sample_id"].astype(str).tolist()

@@ -32,8 +32,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mer_model.config import FlowConfig
-from mer_model.errors import SampleError
+from mer.model.config import FlowConfig
+from mer.model.errors import SampleError
 
 
 def tvl1(cfg: FlowConfig) -> cv2.optflow.DualTVL1OpticalFlow:

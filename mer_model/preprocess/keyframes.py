@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mer_model.config import FlowConfig
-from mer_model.errors import SampleError
-from mer_model.preprocess.face import Alignment
-from mer_model.preprocess.flow import compute_flow, tvl1
+from mer.model.config import FlowConfig
+from mer.model.errors import SampleError
+from mer.model.preprocess.face import Alignment
+from mer.model.preprocess.flow import compute_flow, tvl1
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mer_model.batch_keys import BATCH_KEYS
-from mer_model.config import ModelConfig, PreprocessConfig
-from mer_model.data.aus import AU_LIST
-from mer_model.errors import ConfigError
+from mer.model.batch_keys import BATCH_KEYS
+from mer.model.config import ModelConfig, PreprocessConfig
+from mer.model.data.aus import AU_LIST
+from mer.model.errors import ConfigError
 
 MODALITIES: tuple[str, ...] = tuple(BATCH_KEYS.names())  # canonical order: the batch keys' registration order
 CACHE_FORMAT = 2  # bump when the entry layout changes: every entry is then recomputed
@@ -41,7 +41,7 @@ def check_modalities(keys: Iterable[str], what: str = "preprocess.modalities") -
 def model_modalities(name: str, config: str = "paper", **kwargs: Any) -> tuple[str, ...]:
     """The modalities one model configuration reads: its inputs and its loss targets (not `label`, which comes from
     the annotation table). Uses the registry's `model_io`, so no network is built."""
-    from mer_model.models.registry import model_io  # the registry imports torch: only when asked
+    from mer.model.models.registry import model_io  # the registry imports torch: only when asked
 
     inputs, targets = model_io(name, config, **kwargs)
     return check_modalities([k for k in (*inputs, *targets) if k != "label"], f"model {name}/{config} reads")

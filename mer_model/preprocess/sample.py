@@ -50,14 +50,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from mer_model.config import PreprocessConfig
-from mer_model.data.aus import AU_LIST, aus_from_string, to_multi_hot
-from mer_model.data.schema import SEVERAL_SAMPLES_PER_CLIP
-from mer_model.errors import MerError, SampleError
-from mer_model.preprocess import face as facelib
-from mer_model.preprocess.flow import check_flow_map, check_motion, compute_flow, flow_map, read_flow_png, tvl1
-from mer_model.preprocess.keyframes import apex_by_motion, present_frames
-from mer_model.preprocess.modalities import MODALITIES
+from mer.model.config import PreprocessConfig
+from mer.model.data.aus import AU_LIST, aus_from_string, to_multi_hot
+from mer.model.data.schema import SEVERAL_SAMPLES_PER_CLIP
+from mer.model.errors import MerError, SampleError
+from mer.model.preprocess import face as facelib
+from mer.model.preprocess.flow import check_flow_map, check_motion, compute_flow, flow_map, read_flow_png, tvl1
+from mer.model.preprocess.keyframes import apex_by_motion, present_frames
+from mer.model.preprocess.modalities import MODALITIES
 
 log = logging.getLogger(__name__)
 

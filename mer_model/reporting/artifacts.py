@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from mer_model.io import write_csv
-from mer_model.reporting import plots
-from mer_model.training.metrics import SCALARS, flat_metrics
+from mer.model.io import write_csv
+from mer.model.reporting import plots
+from mer.model.training.metrics import SCALARS, flat_metrics
 
 
 def write_artifacts(predictions: pd.DataFrame, class_names: Sequence[str], directory: Path, title: str = "",

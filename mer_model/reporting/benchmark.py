@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mer_model.io import atomic_write, write_csv, write_json, write_with
-from mer_model.reporting import plots
-from mer_model.training.metrics import METRICS
-from mer_model.training.protocols import PROTOCOLS, get_protocol
-from mer_model.training.stats import format_difference, format_interval
-from mer_model.training.repeats import SPREAD_METRICS
+from mer.model.io import atomic_write, write_csv, write_json, write_with
+from mer.model.reporting import plots
+from mer.model.training.metrics import METRICS
+from mer.model.training.protocols import PROTOCOLS, get_protocol
+from mer.model.training.stats import format_difference, format_interval
+from mer.model.training.repeats import SPREAD_METRICS
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ from typing import Any
 
 import pandas as pd
 
-from mer_model.config import IntervalConfig
-from mer_model.errors import ConfigError
-from mer_model.io import atomic_write, write_csv
-from mer_model.reporting import html
-from mer_model.training.protocols import PROTOCOLS
-from mer_model.training.stats import PAIRED_METRICS, format_difference, paired_difference, verdict
+from mer.model.config import IntervalConfig
+from mer.model.errors import ConfigError
+from mer.model.io import atomic_write, write_csv
+from mer.model.reporting import html
+from mer.model.training.protocols import PROTOCOLS
+from mer.model.training.stats import PAIRED_METRICS, format_difference, paired_difference, verdict
 
 DAGGER = "†"
 # What makes two runs comparable; runs equal in all of these are repeats of one experiment.

@@ -14,12 +14,12 @@ from typing import Any
 
 import pandas as pd
 
-from mer_model.io import atomic_write, write_csv
-from mer_model.reporting import html, plots
-from mer_model.config import IntervalConfig
-from mer_model.training.metrics import LABELS, SCALARS, pooled_metrics
-from mer_model.training.repeats import SPREAD_METRICS
-from mer_model.training.stats import INTERVAL_METRICS, metric_intervals
+from mer.model.io import atomic_write, write_csv
+from mer.model.reporting import html, plots
+from mer.model.config import IntervalConfig
+from mer.model.training.metrics import LABELS, SCALARS, pooled_metrics
+from mer.model.training.repeats import SPREAD_METRICS
+from mer.model.training.stats import INTERVAL_METRICS, metric_intervals
 
 log = logging.getLogger(__name__)
 

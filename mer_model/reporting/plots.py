@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mer_model.io import write_with
-from mer_model.training.metrics import LABELS
+from mer.model.io import write_with
+from mer.model.training.metrics import LABELS
 
 DPI = 110
 LEAKY_NOTE = "LEAKY: test labels used (oracle epoch / annotated AUs)"

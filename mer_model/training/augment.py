@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mer_model.batch_keys import BATCH_KEYS, Geometry
+from mer.model.batch_keys import BATCH_KEYS, Geometry
 
 REFERENCE_SIZE = 224  # the MMNet recipe is stated for 224 px crops
 MAX_ROTATION_DEG = 3.0
@@ -155,7 +155,7 @@ def _by_geometry(arrays: Mapping[str, Any], size_of: Callable[[Geometry, Any], t
 
 def apply(arrays: dict[str, np.ndarray], aug: Augmentation) -> dict[str, np.ndarray]:
     """Return augmented copies of the cache arrays of one sample, each moved by its geometric kind
-    (mer_model.batch_keys); keys without geometry (`aus`, ...) pass through."""
+    (mer.model.batch_keys); keys without geometry (`aus`, ...) pass through."""
     out = dict(arrays)
     images, points = _by_geometry(arrays, _spatial)
     for key, geometry in images:

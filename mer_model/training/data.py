@@ -22,12 +22,12 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from mer_model.batch_keys import BATCH_KEYS
-from mer_model.errors import DataError
-from mer_model.io import digest, read_json
-from mer_model.preprocess.cache import ENTRY_COLUMNS, coverage, decode_npz, nonfinite, require_index
-from mer_model.preprocess.modalities import check_modalities, stored_keys
-from mer_model.training import augment as aug_lib
+from mer.model.batch_keys import BATCH_KEYS
+from mer.model.errors import DataError
+from mer.model.io import digest, read_json
+from mer.model.preprocess.cache import ENTRY_COLUMNS, coverage, decode_npz, nonfinite, require_index
+from mer.model.preprocess.modalities import check_modalities, stored_keys
+from mer.model.training import augment as aug_lib
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class SampleStore:
     """Read access to a preprocessed cache: the samples usable for one experiment.
 
     A sample is usable when it has every modality the experiment reads (`keys`: a model's inputs and loss targets,
-    see `mer_model.preprocess.modalities.model_modalities`); without `keys`, when every modality its preprocessing
+    see `mer.model.preprocess.modalities.model_modalities`); without `keys`, when every modality its preprocessing
     run was asked for is ok (`status == ok`). `coverage()` says how many of the collection's samples that is.
     """
 
@@ -232,7 +232,7 @@ class SampleStore:
 
 
 def to_tensor(key: str, value: np.ndarray) -> torch.Tensor:
-    """Cache array -> batch tensor by the key's spec (mer_model.batch_keys): pixels to [0, 1] floats, HWC images to
+    """Cache array -> batch tensor by the key's spec (mer.model.batch_keys): pixels to [0, 1] floats, HWC images to
     CHW, everything else float32."""
     spec = BATCH_KEYS[key] if key in BATCH_KEYS else None  # label, au_coded: plain numbers
     if spec is not None and spec.pixels:

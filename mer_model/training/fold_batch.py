@@ -1,8 +1,8 @@
 """Fold batching: the model of a fold group trained as ONE stacked model (the F > 1 case of the training loop).
 
 A LOSO fold of a small MER model leaves a GPU idle most of the time, and one process per fold repeats the model
-build, the data load and the CUDA context 68 times. The training loop (mer_model.training.trainer) runs every fold of a
-group along one fold axis; for models that declare `fold_batching` (mer_model.models.base.MERModel) its model is a
+build, the data load and the CUDA context 68 times. The training loop (mer.model.training.trainer) runs every fold of a
+group along one fold axis; for models that declare `fold_batching` (mer.model.models.base.MERModel) its model is a
 `StackedModel` built with torch.func (https://pytorch.org/docs/stable/func.html, "model ensembling"):
 `stack_module_state` stacks the folds' parameters and buffers along a leading fold axis, `vmap(functional_call)` runs
 every fold's forward and loss in one call (BatchNorm running statistics are stacked buffers updated in place, dropout
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from mer_model.training.augment import tta_forward
+from mer.model.training.augment import tta_forward
 
 
 class StackedModel:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mer_model.errors import ConfigError
+from mer.model.errors import ConfigError
 
 # Candidate validation sets drawn by `inner_split`; the best-stratified one is kept.
 _SPLIT_CANDIDATES = 64

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mer_model.config import IntervalConfig
-from mer_model.training.stats import metric_intervals
+from mer.model.config import IntervalConfig
+from mer.model.training.stats import metric_intervals
 
 # The metric names of every model, stage and report (metrics.json, MLflow, tables): pooled over the folds.
 METRICS = ("uf1", "uar", "accuracy", "weighted_f1")

@@ -19,10 +19,10 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
-from mer_model.registry import Registry
+from mer.model.registry import Registry
 
 if TYPE_CHECKING:
-    from mer_model.training.results import FoldSummary
+    from mer.model.training.results import FoldSummary
 
 Watch = Literal["none", "val", "test"]
 
@@ -149,7 +149,7 @@ def reads_annotated_aus(model: Any) -> bool:
     """True when the model (a ModelConfig, its mapping, or a model built by `create_model`) takes the dataset's AU
     coding as an input; known from the registry without building the network. Unknown names raise ConfigError
     naming `model.*`."""
-    from mer_model.models import model_inputs  # torch + timm: only when a model is asked about
+    from mer.model.models import model_inputs  # torch + timm: only when a model is asked about
 
     name, config, kwargs = _model_fields(model)
     return "aus" in model_inputs(name, config, **kwargs)

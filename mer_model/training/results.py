@@ -27,14 +27,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mer_model.errors import DataError
-from mer_model.io import atomic_write, digest
+from mer.model.errors import DataError
+from mer.model.io import atomic_write, digest
 
 SUMMARY_FILE = "summary.json"
 PREDICTIONS_FILE = "predictions.csv"
 FOLDS_FILE = "folds.json"
 # A fold's resumable training state (model, optimizer, epoch) in its checkpoint directory: what a retried fold task
-# continues from (mer_model.training.trainer writes it, the engine's fold storage moves it).
+# continues from (mer.model.training.trainer writes it, the engine's fold storage moves it).
 CHECKPOINT_NAME = "last.pt"
 
 

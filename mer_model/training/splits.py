@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from mer_model.errors import ConfigError
-from mer_model.registry import Registry
-from mer_model.training.folds import Fold, loso_folds
+from mer.model.errors import ConfigError
+from mer.model.registry import Registry
+from mer.model.training.folds import Fold, loso_folds
 
 Split = Callable[[pd.DataFrame], list[Fold]]
 

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mer_model.config import IntervalConfig
-from mer_model.errors import DataError
+from mer.model.config import IntervalConfig
+from mer.model.errors import DataError
 
 INTERVAL_METRICS = ("uf1", "uar", "accuracy")  # metrics that get an interval (weighted F1 is not a field metric)
 PAIRED_METRICS = ("uf1", "uar")  # metrics of paired comparisons

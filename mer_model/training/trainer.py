@@ -4,9 +4,9 @@ ONE training loop serves every caller (the shape of torchvision's references' si
 precision and weight averaging as options): `_Loop` trains F >= 1 folds of one configuration along a fold axis and
 `_fit` is its epoch loop. One fold (`train_fold`, each seed-ensemble member, `train_final`, `fit_check`) is the F = 1
 case, with the model itself on its device; a fold group (`train_fold_group`, where `stack_folds` says so) is F > 1,
-with the folds' models stacked into one (mer_model.training.fold_batch). A change to training is made once.
+with the folds' models stacked into one (mer.model.training.fold_batch). A change to training is made once.
 
-Protocols (TrainConfig.protocol; each an EpochProtocol of mer_model.training.protocols that this module asks):
+Protocols (TrainConfig.protocol; each an EpochProtocol of mer.model.training.protocols that this module asks):
 
 * `fixed`  - train a fixed number of epochs; the test subject is predicted ONCE, with the last epoch's weights.
 * `inner`  - hold out some TRAINING subjects (subject-wise, never the test subject) as validation; select the epoch with
@@ -38,16 +38,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from mer_model.config import ModelConfig, TrainConfig
-from mer_model.errors import ConfigError, NonFiniteError
-from mer_model.io import write_with
-from mer_model.training.augment import tta_forward
-from mer_model.training.data import DeviceArrays, SampleDataset, SampleStore
-from mer_model.training.fold_batch import StackedModel
-from mer_model.training.folds import Fold, fold_fingerprint, inner_split
-from mer_model.training.metrics import au_f1, classification_metrics, flow_epe, landmark_nme, mean_defined
-from mer_model.training.protocols import get_protocol
-from mer_model.training.results import CHECKPOINT_NAME, FoldResult
+from mer.model.config import ModelConfig, TrainConfig
+from mer.model.errors import ConfigError, NonFiniteError
+from mer.model.io import write_with
+from mer.model.training.augment import tta_forward
+from mer.model.training.data import DeviceArrays, SampleDataset, SampleStore
+from mer.model.training.fold_batch import StackedModel
+from mer.model.training.folds import Fold, fold_fingerprint, inner_split
+from mer.model.training.metrics import au_f1, classification_metrics, flow_epe, landmark_nme, mean_defined
+from mer.model.training.protocols import get_protocol
+from mer.model.training.results import CHECKPOINT_NAME, FoldResult
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def resolve_device(name: str) -> torch.device:
 def build_model(model_cfg: ModelConfig, num_classes: int, tta: str = "none") -> nn.Module:
     """The registered model named by the config, predicting with test-time augmentation `tta` (train.tta) (imported
     here so the training core does not depend on every model's third-party code at import time)."""
-    from mer_model.models import create_model
+    from mer.model.models import create_model
 
     return create_model(model_cfg.name, model_cfg.config, num_classes=num_classes, **model_cfg.kwargs).set_tta(tta)
 
@@ -204,7 +204,7 @@ def mixed_precision(device: torch.device, amp: bool) -> tuple[torch.dtype | None
     stay float32 (their numbers must not change with the mixed-precision setting)."""
     if not amp or device.type != "cuda":
         return None, False
-    from mer_model.models.checkpoint import autocast_dtype
+    from mer.model.models.checkpoint import autocast_dtype
 
     dtype = autocast_dtype(device)
     return dtype, dtype == torch.float16
@@ -274,7 +274,7 @@ class _OneModel:
     so the loop's arithmetic is the plain model's."""
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
-        from mer_model.models.checkpoint import prepare_for_device, to_device_batch
+        from mer.model.models.checkpoint import prepare_for_device, to_device_batch
 
         self.module = prepare_for_device(model, device)
         self.to_device_batch = to_device_batch
@@ -702,7 +702,7 @@ def stack_folds(specs: Sequence[FoldSpec], requested: bool | None = None) -> boo
         return False
     if requested is not None:
         return requested
-    from mer_model.models.registry import get_entry
+    from mer.model.models.registry import get_entry
 
     return bool(getattr(get_entry(specs[0].model.name).cls, "fold_batching", False))
 

@@ -6,6 +6,6 @@
 * `callbacks` - Tune callbacks attached through RunConfig: the tracking mirror and the fold progress;
 * `driver`    - `run_tune(params)`: search -> evaluation -> final model -> `tune.results`.
 
-The tune stage (`pipelines.loso.tune`: `mer tune`, `python -m pipelines.loso` for `ray job submit`, the Kubeflow tune
+The tune stage (`mer.pipelines.loso.tune`: `mer tune`, `python -m mer.pipelines.loso` for `ray job submit`, the Kubeflow tune
 step) and `mer benchmark` call `driver.run_tune`.
 """

@@ -23,15 +23,15 @@ import pandas as pd
 from ray.tune import Callback
 from tqdm import tqdm
 
-from components.tracking import EXPERIMENT_KEY_TAG, KIND_TAG, Tracker
-from mer_model.io import write_csv
-from mer_model.reporting.artifacts import write_artifacts
-from mer_model.training.metrics import METRICS, OPTIONAL_METRICS, flat_metrics
-from mer_model.config import IntervalConfig
-from mer_model.training.protocols import result_verdict, run_label
-from mer_model.training.results import FoldSummary
-from pipelines.engine.storage import FoldStorage
-from pipelines.engine.trial import OBJECTIVE, OUTER_KEY, REPEAT_KEY, TrialContext
+from mer.components.tracking import EXPERIMENT_KEY_TAG, KIND_TAG, Tracker
+from mer.model.io import write_csv
+from mer.model.reporting.artifacts import write_artifacts
+from mer.model.training.metrics import METRICS, OPTIONAL_METRICS, flat_metrics
+from mer.model.config import IntervalConfig
+from mer.model.training.protocols import result_verdict, run_label
+from mer.model.training.results import FoldSummary
+from mer.pipelines.engine.storage import FoldStorage
+from mer.pipelines.engine.trial import OBJECTIVE, OUTER_KEY, REPEAT_KEY, TrialContext
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def leak_tags(protocol: str, leaky: bool) -> dict[str, str]:
 
 def log_pooled(tracker: Tracker, run: str, predictions: pd.DataFrame, class_names: list[str],
                title: str, leaky: bool, intervals: IntervalConfig | None = None) -> dict[str, Any]:
-    """Pooled metrics and the evaluation artifacts of a run (mer_model.reporting.artifacts); returns the metrics.
+    """Pooled metrics and the evaluation artifacts of a run (mer.model.reporting.artifacts); returns the metrics.
     With `intervals`, the subject-bootstrap bounds too (`uf1_ci_low`, ...: the parent run's, for the MLflow UI's
     compare view; search trials go without)."""
     flat, _ = flat_metrics(predictions, class_names, intervals)

@@ -7,7 +7,7 @@
 2. Evaluation: the chosen configuration (or params.yaml's, without a search; per fold, after a nested search) on every
    fold of `train.split` under `train.protocol` (fixed | inner | oracle; leaky ones tagged), `tune.repeats` times
    with derived seeds, all repeats in flight together; -> `tune.results` (summary.json, predictions.csv, folds.json:
-   mer_model.training.results). A fold that failed (its numbers became NaN/inf) is named, counted in summary.json's
+   mer.model.training.results). A fold that failed (its numbers became NaN/inf) is named, counted in summary.json's
    `failed_folds` and never pooled; the other folds complete.
 3. Final model (`tune.final_model`, with a tracker that stores models): trained on all subjects for the epoch count
    the evaluation supports (`retrain_epochs`: the best epoch of the fold-averaged validation UF1 under `inner`),
@@ -35,9 +35,9 @@ import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from components.ray_session import connect_ray
-from components.settings import Params
-from components.tracking import (
+from mer.components.ray_session import connect_ray
+from mer.components.settings import Params
+from mer.components.tracking import (
     EXPERIMENT_KEY_TAG,
     FINAL_MODEL_TAG,
     KIND_TAG,
@@ -50,18 +50,18 @@ from components.tracking import (
     git_commit,
     make_tracker,
 )
-from mer_model.config import ModelConfig, PreprocessConfig
-from mer_model.errors import NonFiniteError, ServiceError, StorageError
-from mer_model.io import write_json
-from mer_model.logging_utils import one_line_user_errors
-from mer_model.training.data import SampleStore
-from mer_model.training.folds import Fold
-from mer_model.training.metrics import flat_metrics
-from mer_model.training.protocols import leak_reasons, result_verdict, retrain_epochs, run_label
-from mer_model.training.repeats import repeat_spread, spread_columns
-from mer_model.training.results import ExperimentSummary, FoldSummary, Results, write_results
-from mer_model.training.splits import inner_folds, make_folds
-from pipelines.engine.callbacks import (
+from mer.model.config import ModelConfig, PreprocessConfig
+from mer.model.errors import NonFiniteError, ServiceError, StorageError
+from mer.model.io import write_json
+from mer.model.logging_utils import one_line_user_errors
+from mer.model.training.data import SampleStore
+from mer.model.training.folds import Fold
+from mer.model.training.metrics import flat_metrics
+from mer.model.training.protocols import leak_reasons, result_verdict, retrain_epochs, run_label
+from mer.model.training.repeats import repeat_spread, spread_columns
+from mer.model.training.results import ExperimentSummary, FoldSummary, Results, write_results
+from mer.model.training.splits import inner_folds, make_folds
+from mer.pipelines.engine.callbacks import (
     FoldProgress,
     RunInfo,
     TrackingCallback,
@@ -70,11 +70,11 @@ from pipelines.engine.callbacks import (
     log_pooled,
     stored_folds,
 )
-from pipelines.engine.nested import NestedSearch, best_per_fold
-from pipelines.engine.preflight import check_experiment, setting_warnings
-from pipelines.engine.storage import FoldStorage, experiment_lock
-from pipelines.engine.tasks import run_final
-from pipelines.engine.trial import (
+from mer.pipelines.engine.nested import NestedSearch, best_per_fold
+from mer.pipelines.engine.preflight import check_experiment, setting_warnings
+from mer.pipelines.engine.storage import FoldStorage, experiment_lock
+from mer.pipelines.engine.tasks import run_final
+from mer.pipelines.engine.trial import (
     OBJECTIVE,
     REPEAT_KEY,
     TrialContext,
@@ -415,7 +415,7 @@ def final_model(params: Params, resolved: Params, store: SampleStore, epochs: in
     log.info("final model: training %d epochs on all %d subjects", epochs, len(store.subjects()))
     task = ray.remote(run_final).options(num_cpus=params.tune.fold_cpus, num_gpus=params.tune.fold_gpus,
                                           max_retries=params.tune.max_retries)
-    # A NonFiniteError of the task reaches the user as its one line through mer_model.errors.user_error, which
+    # A NonFiniteError of the task reaches the user as its one line through mer.model.errors.user_error, which
     # looks behind Ray's wrapper like for every other task error.
     model, history = ray.get(task.remote(resolved.model.model_dump(mode="json"),
                                          resolved.train.model_dump(mode="json"), store.root.as_posix(), epochs,

@@ -18,8 +18,8 @@ from typing import Any
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from mer_model.errors import NonFiniteError
-from pipelines.engine.trial import OBJECTIVE, OUTER_KEY, best_trial
+from mer.model.errors import NonFiniteError
+from mer.pipelines.engine.trial import OBJECTIVE, OUTER_KEY, best_trial
 
 
 class NestedSearch(Searcher):

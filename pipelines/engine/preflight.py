@@ -1,7 +1,7 @@
 """What the driver checks before it starts anything (torch, Ray, the tracker): a configuration error costs `mer tune`
 about a second and one line, not a minute of imports and a Ray start.
 
-It imports neither Ray nor MLflow (torch only for the model registry): the tune stage (`pipelines.loso.tune`) calls it
+It imports neither Ray nor MLflow (torch only for the model registry): the tune stage (`mer.pipelines.loso.tune`) calls it
 before importing the driver, and `run_tune` calls it first too, for `mer benchmark`.
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components.common import check_output_dir
-from components.settings import Params
-from mer_model.errors import ConfigError
-from mer_model.io import digest
-from mer_model.preprocess.cache import require_index
+from mer.components.common import check_output_dir
+from mer.components.settings import Params
+from mer.model.errors import ConfigError
+from mer.model.io import digest
+from mer.model.preprocess.cache import require_index
 
 
 def check_experiment(params: Params) -> tuple[str, ...]:
@@ -29,7 +29,7 @@ def check_experiment(params: Params) -> tuple[str, ...]:
     elif cfg.storage_path.startswith("s3://"):
         check_s3_credentials(cfg.storage_path, "tune.storage_path")
     require_index(params.preprocess.out)
-    from mer_model.models import model_inputs  # torch
+    from mer.model.models import model_inputs  # torch
 
     inputs = model_inputs(params.model.name, params.model.config, **params.model.kwargs)
     check_cache(params.preprocess.out, inputs)
@@ -41,7 +41,7 @@ _VERIFIED: set[tuple[str, str, tuple[str, ...]]] = set()  # caches verified in t
 
 def check_cache(cache_dir: str, inputs: tuple[str, ...]) -> None:
     """Every usable sample has the arrays the model reads and their entries are intact (DataError naming the file)."""
-    from mer_model.training.data import SampleStore  # torch
+    from mer.model.training.data import SampleStore  # torch
 
     root = Path(cache_dir).resolve()
     entries = root / "modalities.csv"

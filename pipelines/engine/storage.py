@@ -22,9 +22,9 @@ from pathlib import Path
 import pandas as pd
 from pyarrow import fs as pafs
 
-from mer_model.errors import ServiceError
-from mer_model.io import atomic_write, digest
-from mer_model.training.results import CHECKPOINT_NAME, FoldSummary
+from mer.model.errors import ServiceError
+from mer.model.io import atomic_write, digest
+from mer.model.training.results import CHECKPOINT_NAME, FoldSummary
 
 log = logging.getLogger(__name__)
 

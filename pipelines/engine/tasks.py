@@ -1,7 +1,7 @@
 """The engine's Ray tasks. A fold task takes a LIST of fold jobs (a group of `tune.fold_group_size` folds of one
 configuration) and returns one stored FoldSummary (or FoldFailure) per fold, each under its own key. A fold whose
 result is already stored is read back, not trained. The folds left are trained as one stacked model
-(mer_model.training.fold_batch) where `trainer.stack_folds` says so (several folds of a model that declares
+(mer.model.training.fold_batch) where `trainer.stack_folds` says so (several folds of a model that declares
 `fold_batching`, no seed ensemble), else one after another, each stored as it finishes.
 
 A fold whose numbers become NaN/inf (NonFiniteError: a diverged loss, non-finite outputs) fails alone: it is returned
@@ -26,17 +26,17 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from mer_model.config import ModelConfig, TrainConfig
-from mer_model.errors import NonFiniteError
-from mer_model.logging_utils import PLATFORM_LOGGERS, setup_logging
-from mer_model.training.folds import Fold
-from mer_model.training.results import FoldSummary
-from pipelines.engine.storage import FoldStorage
+from mer.model.config import ModelConfig, TrainConfig
+from mer.model.errors import NonFiniteError
+from mer.model.logging_utils import PLATFORM_LOGGERS, setup_logging
+from mer.model.training.folds import Fold
+from mer.model.training.results import FoldSummary
+from mer.pipelines.engine.storage import FoldStorage
 
 if TYPE_CHECKING:
-    from mer_model.training.data import SampleStore
-    from mer_model.training.results import FoldResult
-    from mer_model.training.trainer import Callback, FoldSpec
+    from mer.model.training.data import SampleStore
+    from mer.model.training.results import FoldResult
+    from mer.model.training.trainer import Callback, FoldSpec
 
 # torch and the trainer are imported inside the task functions: this module is also imported by every Tune trial
 # actor (for FoldJob and fold_task), which only submits fold tasks and waits; importing torch there cost each trial
@@ -77,7 +77,7 @@ EPOCH_PROGRESS_S = 30.0  # a fold's epoch progress line at most this often
 
 def open_store(cache_dir: str) -> SampleStore:
     """One SampleStore per worker process and cache: Ray reuses workers, and the store keeps arrays in memory."""
-    from mer_model.training.data import SampleStore
+    from mer.model.training.data import SampleStore
 
     with _STORES_LOCK:
         if cache_dir not in _STORES:
@@ -93,7 +93,7 @@ def _set_threads(count: int) -> None:
 
 
 def _spec(job: FoldJob, store: SampleStore) -> FoldSpec:
-    from mer_model.training.trainer import FoldSpec
+    from mer.model.training.trainer import FoldSpec
 
     return FoldSpec(model=ModelConfig(**job.model), train=TrainConfig(**job.train), fold=job.fold,
                     class_names=store.class_names)
@@ -149,7 +149,7 @@ def _store(job: FoldJob, storage: FoldStorage, result: FoldResult) -> FoldSummar
 
 
 def _train(job: FoldJob, storage: FoldStorage) -> FoldSummary:
-    from mer_model.training.trainer import train_fold
+    from mer.model.training.trainer import train_fold
 
     _set_threads(job.torch_threads)
     _worker_logging()
@@ -195,7 +195,7 @@ def fail_fold(job: FoldJob, err: BaseException) -> FoldFailure:
 
 def _train_batched(jobs: Sequence[FoldJob]) -> list[FoldSummary]:
     """The folds of `jobs` as one stacked model; each result stored under its own key."""
-    from mer_model.training.trainer import train_fold_group
+    from mer.model.training.trainer import train_fold_group
 
     _set_threads(jobs[0].torch_threads)
     store = open_store(jobs[0].cache_dir)
@@ -209,7 +209,7 @@ def _train_batched(jobs: Sequence[FoldJob]) -> list[FoldSummary]:
 def run_folds(jobs: Sequence[FoldJob]) -> list[FoldSummary | FoldFailure]:
     """Train the folds of `jobs` (one configuration) whose results are not stored yet; returns every job's stored
     summary, or its FoldFailure, in order."""
-    from mer_model.training.trainer import stack_folds
+    from mer.model.training.trainer import stack_folds
 
     done: dict[str, FoldSummary | FoldFailure | None] = {
         job.key: FoldStorage(job.storage).summary(job.key) for job in jobs}
@@ -241,7 +241,7 @@ def fold_task(cpus: float, gpus: float, retries: int, strategy: Any = "DEFAULT",
 def run_final(model: dict[str, Any], train: dict[str, Any], cache_dir: str, epochs: int,
               torch_threads: int = 1) -> tuple[Any, list[dict[str, Any]]]:
     """Train the final model on every subject of the cache (a Ray task); returns (model on CPU, history)."""
-    from mer_model.training.trainer import train_final
+    from mer.model.training.trainer import train_final
 
     _set_threads(torch_threads)
     store = open_store(cache_dir)

@@ -21,14 +21,14 @@ import ray
 from ray import tune
 from ray.autoscaler.sdk import request_resources
 
-from components.settings import Params, SearchParam, with_overrides
-from mer_model.errors import ConfigError
-from mer_model.training.folds import Fold, fold_fingerprint
-from mer_model.training.protocols import is_leaky
-from mer_model.training.repeats import repeat_seed
-from mer_model.training.results import FoldSummary
-from pipelines.engine.storage import FoldStorage
-from pipelines.engine.tasks import FoldFailure, FoldJob, fail_fold, fold_task
+from mer.components.settings import Params, SearchParam, with_overrides
+from mer.model.errors import ConfigError
+from mer.model.training.folds import Fold, fold_fingerprint
+from mer.model.training.protocols import is_leaky
+from mer.model.training.repeats import repeat_seed
+from mer.model.training.results import FoldSummary
+from mer.pipelines.engine.storage import FoldStorage
+from mer.pipelines.engine.tasks import FoldFailure, FoldJob, fail_fold, fold_task
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def search_folds(folds: list[Fold], count: int) -> list[Fold]:
 
 
 def tune_domain(name: str, spec: SearchParam) -> Any:
-    """A Tune search domain for one `tune.search_space` entry (validated at load: components.settings.SearchParam)."""
+    """A Tune search domain for one `tune.search_space` entry (validated at load: mer.components.settings.SearchParam)."""
     if spec.type == "choice":
         return tune.choice(spec.values)
     assert spec.low is not None and spec.high is not None, f"tune.search_space.{name} was not validated"

@@ -1,7 +1,7 @@
 """Dataset loaders behind one call: `load_annotations(source, root, annotation=None, **options)`.
 
 Each loader reads a dataset in its native (as distributed) layout and returns the unified annotation table of
-`mer_model.data.schema`. Each module registers its datasets (`register_dataset`: a `DatasetEntry` with the loader,
+`mer.model.data.schema`. Each module registers its datasets (`register_dataset`: a `DatasetEntry` with the loader,
 the subject normaliser, the options it accepts and the columns it provides) on the `DATASETS` registry, and every
 module of this package is imported (pkgutil), so adding a dataset is adding a module here.
 
@@ -23,8 +23,8 @@ from typing import Any
 
 import pandas as pd
 
-from mer_model.errors import ConfigError
-from mer_model.registry import Registry
+from mer.model.errors import ConfigError
+from mer.model.registry import Registry
 
 Loader = Callable[..., pd.DataFrame]
 SubjectNormaliser = Callable[..., str]
@@ -40,7 +40,7 @@ class DatasetEntry:
       rows keep their source datasets' subjects);
     * `options`: the `data.*` settings the loader accepts beyond `frames` (e.g. `au_sheets` of the composite):
       ingest passes exactly these and warns, naming it, about one set for a dataset that does not accept it;
-    * `provides`: the optional table columns (mer_model.data.schema) the loader can fill, i.e. what the data can
+    * `provides`: the optional table columns (mer.model.data.schema) the loader can fill, i.e. what the data can
       feed (`frames_dir`: frame-based modalities; `flow_path`/`apex_path`: the composite's maps and crops;
       `aus`/`au_coded`: AU coding).
     """

@@ -14,10 +14,10 @@ from typing import Any
 
 import pandas as pd
 
-from mer_model.data.loaders import register_dataset
-from mer_model.data.loaders.common import FrameFinder, attach_frames, cell_text, find_annotation, finish, \
+from mer.model.data.loaders import register_dataset
+from mer.model.data.loaders.common import FrameFinder, attach_frames, cell_text, find_annotation, finish, \
     frame_number, read_sheet
-from mer_model.errors import DataError
+from mer.model.errors import DataError
 
 SUBFOLDERS = ("", "CASME2_RAW_selected", "CASME2-RAW", "CASME2_RAW", "Cropped", "CASME2_Cropped", "Cropped/Cropped")
 PREFIXES = ("img", "reg_img")

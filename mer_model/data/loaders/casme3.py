@@ -17,10 +17,10 @@ from typing import Any
 
 import pandas as pd
 
-from mer_model.data.loaders import register_dataset
-from mer_model.data.loaders.common import FrameFinder, attach_frames, cell_text, find_annotation, finish, \
+from mer.model.data.loaders import register_dataset
+from mer.model.data.loaders.common import FrameFinder, attach_frames, cell_text, find_annotation, finish, \
     frame_number, read_sheet
-from mer_model.errors import DataError
+from mer.model.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import pandas as pd
 
 from openpyxl.utils.exceptions import InvalidFileException
 
-from mer_model.data.aus import aus_to_string, parse_aus
-from mer_model.data.schema import make_table
-from mer_model.errors import DataError
+from mer.model.data.aus import aus_to_string, parse_aus
+from mer.model.data.schema import make_table
+from mer.model.errors import DataError
 
 log = logging.getLogger(__name__)
 

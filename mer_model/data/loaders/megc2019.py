@@ -10,7 +10,7 @@ composite carries no AUs: they are joined from the CASME II / SAMM coding sheets
 data.au_sheets), by normalised subject and clip, together with their onset/apex/offset and the sheet's own
 emotion (`coded_emotion`, `coded_source`), which the class set then checks against the composite's label.
 
-File names are built from the NORMALISED subject (`mer_model.data.loaders.subject_name`), never from the cell as
+File names are built from the NORMALISED subject (`mer.model.data.loaders.subject_name`), never from the cell as
 written, so a CSV that a spreadsheet re-saved (`006` -> `6`) finds the same maps.
 """
 
@@ -23,9 +23,9 @@ from typing import Any
 
 import pandas as pd
 
-from mer_model.data.loaders import DATASETS, register_dataset, smic, subject_name
-from mer_model.data.loaders.common import cell_text, find_annotation, finish, frame_number, read_sheet
-from mer_model.errors import ConfigError, DataError
+from mer.model.data.loaders import DATASETS, register_dataset, smic, subject_name
+from mer.model.data.loaders.common import cell_text, find_annotation, finish, frame_number, read_sheet
+from mer.model.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import pandas as pd
 
-from mer_model.data.loaders import register_dataset
-from mer_model.data.loaders.common import FrameFinder, attach_frames, cell_text, find_annotation, finish, \
+from mer.model.data.loaders import register_dataset
+from mer.model.data.loaders.common import FrameFinder, attach_frames, cell_text, find_annotation, finish, \
     frame_number, read_sheet
-from mer_model.errors import DataError
+from mer.model.errors import DataError
 
 SUBFOLDERS = ("", "HS", "SMIC_HS_E", "HS_long/SMIC_HS_E", "smic/HS_long/SMIC_HS_E")
 PATTERNS = ("smic_apex.xlsx", "smic*.xlsx", "smic*.csv", "SMIC*.xlsx", "SMIC*.csv")
