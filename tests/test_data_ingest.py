@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from mer.components.ingest import ingest, output_paths, register
+from mer.components.ingest import ingest, output_paths
 from mer.components.settings import parse_params
 from mer.model.data import check_table, load_annotations, read_table
 from mer.model.errors import DataError
+from mer.pipelines.cli import main
 from test_data_loaders import CASME2_HEADER, blank_frames, write_sheet
 
 
@@ -81,11 +81,8 @@ def test_ingest_composite_cli(composite_dir: Path, annotations_dir: Path, tmp_pa
     params_file = tmp_path / "params.yaml"
     params_file.write_text(f"data:\n  source: megc2019\n  root: {composite_dir}\n  class_set: megc2019_3\n"
                            f"  au_sheets: {{casme2: {annotations_dir / 'CASME2-coding-20140508.xlsx'}}}\n")
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
     out = tmp_path / "ingested" / "annotations.csv"
-    args = parser.parse_args(["ingest", "--params", str(params_file), "-S", f"data.ingested={out}"])
-    assert args.func(args) == 0
+    assert main(["ingest", "--params", str(params_file), "-S", f"data.ingested={out}"]) == 0
     summary = json.loads(out.with_name("annotations.summary.json").read_text())
     assert summary["ingested"] == 309 and summary["subjects"] == 40 and summary["excluded"] == {}
     assert summary["per_class"] == {"negative": 158, "positive": 83, "surprise": 68}
