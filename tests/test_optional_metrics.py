@@ -215,7 +215,7 @@ def test_results_csv_row_averages_defined_figures_and_counts_the_folds(folds: di
     failure = {"fold": "synthetic/s03", "error": "fold synthetic/s03: TypeError: unsupported operand"}
     summary = ExperimentSummary(experiment="e", protocol="inner", leaky=False, class_names=CLASSES,
                                 folds=len(summaries), failed_folds=[failure])
-    row = result_row("cva", entry, params, 10, "predicted", [], predictions, summaries, 1.0, summary)
+    row = result_row("cva", entry, params, 10, {"au": "predicted"}, [], predictions, summaries, 1.0, summary)
     defined = [s.test_metrics["au_f1"] for s in summaries if "au_f1" in s.test_metrics]
     assert row["folds"] == "3/4" and row["au_f1_folds"] == len(defined)
     assert row["au_f1"] == (pytest.approx(np.mean(defined)) if defined else None)
