@@ -92,10 +92,11 @@ def test_interrupted_and_killed_driver_resumes_without_recomputing_or_duplicatin
     from mer.components.settings import TrackingConfig
     from mer.components.tracking.mlflow_tracker import MlflowTracker
 
-    # Folds one at a time (one trial at a time, one fold task per trial), so that each interrupt lands between two
-    # of the 4 search folds (2 trials x 2 search folds) or the 4 evaluation folds.
+    # Folds one at a time (one trial at a time, one fold task per trial), long enough (60 epochs) that each interrupt
+    # lands between two of the 4 search folds (2 trials x 2 search folds) or the 4 evaluation folds (with 20, an idle
+    # machine finished every fold before the SIGKILL landed).
     params = tiny_params(tmp_path, tiny_data(tmp_path), **{
-        "train.epochs": 20, "tune.folds_per_trial": 1, "tune.max_concurrent_trials": 1, "tune.num_samples": 2,
+        "train.epochs": 60, "tune.folds_per_trial": 1, "tune.max_concurrent_trials": 1, "tune.num_samples": 2,
         "tune.search_folds": 2, "tune.search_space": {"train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}}})
     storage, summary = tmp_path / "runs" / "tune", tmp_path / "runs" / "results" / "summary.json"
     logs: list[Path] = []
