@@ -29,7 +29,7 @@ from mer.model.errors import ConfigError
 from mer.model.training.protocols import PROTOCOLS
 
 
-def _registered(names: Callable[[], list[str]]) -> AfterValidator:
+def registered(names: Callable[[], list[str]]) -> AfterValidator:
     """A name checked against a registry at validation time, worded like pydantic's literal error."""
 
     def check(value: str) -> str:
@@ -72,22 +72,23 @@ def _batch_key_names() -> list[str]:
     return BATCH_KEYS.names()
 
 
-DatasetName = Annotated[str, _registered(_dataset_names)]  # mer.model.data.loaders
-Protocol = Annotated[str, _registered(PROTOCOLS.names)]  # mer.model.training.protocols
-SplitName = Annotated[str, _registered(_split_names)]  # mer.model.training.splits
-ClassSetName = Annotated[str, _registered(_class_set_names)]  # mer.model.data.labels
+DatasetName = Annotated[str, registered(_dataset_names)]  # mer.model.data.loaders
+Protocol = Annotated[str, registered(PROTOCOLS.names)]  # mer.model.training.protocols
+SplitName = Annotated[str, registered(_split_names)]  # mer.model.training.splits
+ClassSetName = Annotated[str, registered(_class_set_names)]  # mer.model.data.labels
 # The arrays of the preprocessed cache, one cache entry each: the batch keys (docs/architecture.md, "Preprocessed
 # cache").
-Modality = Annotated[str, _registered(_batch_key_names)]  # mer.model.batch_keys
+Modality = Annotated[str, registered(_batch_key_names)]  # mer.model.batch_keys
 
 
-class _Section(BaseModel):
-    """Unknown keys are errors: a typo in params.yaml must not be silently ignored."""
+class Section(BaseModel):
+    """Unknown keys are errors: a typo in params.yaml must not be silently ignored. The platform's sections
+    (components/settings.py) are built on it too."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class SynthConfig(_Section):
+class SynthConfig(Section):
     """The embedded synthetic dataset (CASME II layout)."""
 
     out: str = "data/synthetic"
@@ -102,7 +103,7 @@ class SynthConfig(_Section):
     seed: int = Field(0, ge=0)
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """Which dataset to read and how to label it."""
 
     source: DatasetName = "synthetic"
@@ -114,7 +115,7 @@ class DataConfig(_Section):
     ingested: str = "data/ingested/annotations.csv"
 
 
-class FlowConfig(_Section):
+class FlowConfig(Section):
     """TV-L1 settings (cv2.optflow.DualTVL1OpticalFlow) and the 28x28 flow-map convention."""
 
     tau: float = Field(0.25, gt=0, le=1)
@@ -133,7 +134,7 @@ class FlowConfig(_Section):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class PreprocessConfig(_Section):
+class PreprocessConfig(Section):
     """Face alignment, crops, flow and landmarks; the cache every model reads."""
 
     out: str = "data/preprocessed"
@@ -151,7 +152,7 @@ class PreprocessConfig(_Section):
     ray_address: str | None = None  # None = local Ray; "auto" or ray://host:port for a cluster
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """Which registered model to build; `config` picks a named preset, `kwargs` overrides single arguments."""
 
     name: str = "cva_fpf"
@@ -159,7 +160,7 @@ class ModelConfig(_Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """The fold trainer and the evaluation protocol."""
 
     protocol: Protocol = "fixed"
@@ -224,7 +225,7 @@ class TrainConfig(_Section):
     seed: int = Field(0, ge=0)
 
 
-class IntervalConfig(_Section):
+class IntervalConfig(Section):
     """Subject-bootstrap confidence intervals and paired comparisons (mer.model.training.stats)."""
 
     # Resamples of the bootstrap and of the permutation test. benchmarks/stats.py, 68 subjects / 442 samples, 20 seeds:
@@ -235,7 +236,7 @@ class IntervalConfig(_Section):
     confidence: float = Field(0.95, gt=0.5, lt=1)
 
 
-class LibraryParams(_Section):
+class LibraryParams(Section):
     """The sections of params.yaml the library reads (each function is given its section, never the whole). The
     platform's settings model (components/settings.py `Params`) extends this with its own sections; the generic
     loaders below validate with whichever model they are given."""
@@ -247,10 +248,6 @@ class LibraryParams(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
-# What the platform's settings (components/settings.py) are built from: the same section base (unknown keys are
-# errors) and the same check of a name against a registry.
-Section = _Section
-registered = _registered
 P = TypeVar("P", bound=BaseModel)
 
 
@@ -301,7 +298,7 @@ def _format_validation_error(root: type[BaseModel], source: str, err: Validation
 
 def parse_params(model: type[P], raw: Mapping[str, Any] | None, source: str = "params",
                  overrides: Mapping[str, Any] | None = None) -> P:
-    """Validate a params mapping with `model` (the platform's `Params`, or any settings model built from `_Section`s);
+    """Validate a params mapping with `model` (the platform's `Params`, or any settings model built from `Section`s);
     a ConfigError names the first bad key, its value, and the override that set it (`overrides`, dotted keys) if one
     did."""
     try:
