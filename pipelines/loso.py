@@ -2,8 +2,8 @@
 chosen settings' pooled results under `tune.results` (pipelines/engine/driver.py `run_tune`).
 
 `tune` is its one entry point: `mer tune` (the DVC stage), the Kubeflow tune step (in its pod, or as this module's
-command in a Ray job) and `python -m mer.pipelines.loso`, the same command for `ray job submit`, where the `mer` script
-of the uploaded working directory is not installed:
+command in a Ray job) and `python -m mer.pipelines.loso`, the same command by module name for `ray job submit` (it
+needs the installed `mer` package, not the `mer` script on the job's PATH):
 
     python -m mer.pipelines.loso --params params.yaml [-S key=value ...]             # laptop: local Ray
     ray job submit --working-dir . -- python -m mer.pipelines.loso --params params.yaml  # cluster: the job's Ray
